@@ -1,0 +1,1 @@
+"""Everything that touches storage. Only this package imports fsspec."""

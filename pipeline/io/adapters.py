@@ -1,0 +1,173 @@
+"""Finding PEFT adapter folders under a source and reading their bytes.
+
+Only reads: the config file, the safetensors header (one range read, two for huge headers) and,
+for compute, just the tensor byte ranges a shard needs, coalesced per file and fetched
+concurrently where the filesystem supports it (s3fs `cat_ranges`).
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from pipeline import peft_format
+from pipeline.errors import PipelineError
+from pipeline.io.location import Location, storage_error
+from pipeline.io.safetensors_ranges import (
+    HEADER_PROBE_BYTES,
+    TensorInfo,
+    coalesce,
+    parse_full_header,
+    parse_header,
+)
+
+MANIFEST_SUFFIXES = (".txt", ".parquet")
+
+
+@dataclass(frozen=True)
+class FileStat:
+    size: int
+    tag: str  # ETag on S3, modification time locally: tells a changed upload from the same one
+
+
+@dataclass
+class AdapterRef:
+    """An adapter folder found by discovery. `files` maps file name -> stat, or is None when the
+    folder came from a manifest and has not been listed yet."""
+
+    task_id: str
+    location: Location
+    files: dict[str, FileStat] | None = None
+
+
+@dataclass
+class AdapterBytes:
+    """What a scan reads of one adapter: raw config bytes (None if absent), the tensor table."""
+
+    files: dict[str, FileStat]
+    config: bytes | None = None
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+
+def _stat(info: dict) -> FileStat:
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return FileStat(int(info.get("size") or 0), str(tag).strip('"'))
+
+
+def discover(source: Location) -> list[AdapterRef]:
+    """Every adapter folder under source (or listed by a manifest file), sorted by task id."""
+    fs = source.fs
+    try:
+        is_manifest = source.root.endswith(MANIFEST_SUFFIXES) and fs.isfile(source.root)
+        if is_manifest:
+            return _from_manifest(source)
+        listing = fs.find(source.root, detail=True)
+    except (OSError, ValueError) as exc:
+        raise storage_error("list source", source, exc) from None
+    folders: dict[str, dict[str, FileStat]] = {}
+    for path, info in listing.items():
+        folder, name = posixpath.split(path)
+        if name in peft_format.ADAPTER_FILES:
+            folders.setdefault(folder, {})[name] = _stat(info)
+    if not folders:
+        if not listing and not fs.exists(source.root):
+            raise PipelineError(f"source {source} does not exist")
+        raise PipelineError(f"no adapters found under {source} (no folder holds {peft_format.CONFIG_FILE} or weights)")
+    refs = [
+        AdapterRef(_task_id(source.root, folder), source.child(posixpath.relpath(folder, source.root)), files)
+        for folder, files in folders.items()
+    ]
+    return sorted(refs, key=lambda r: r.task_id)
+
+
+def _task_id(root: str, folder: str) -> str:
+    rel = posixpath.relpath(folder, root)
+    return posixpath.basename(folder) if rel == "." else rel
+
+
+def _from_manifest(manifest: Location) -> list[AdapterRef]:
+    """A text file (one adapter folder URI per line, # comments) or Parquet (column `uri`, optional
+    `task_id`). Task ids default to the folder's path relative to the manifest's folder."""
+    data = manifest.read_bytes()
+    if manifest.root.endswith(".parquet"):
+        table = pq.read_table(io.BytesIO(data))
+        if "uri" not in table.column_names:
+            raise PipelineError(f"manifest {manifest} has no 'uri' column (columns: {table.column_names})")
+        uris = table.column("uri").to_pylist()
+        ids = table.column("task_id").to_pylist() if "task_id" in table.column_names else [None] * len(uris)
+    else:
+        lines = (line.strip() for line in data.decode("utf-8", errors="replace").splitlines())
+        uris = [line for line in lines if line and not line.startswith("#")]
+        ids = [None] * len(uris)
+    if not uris:
+        raise PipelineError(f"manifest {manifest} lists no adapters")
+    base = posixpath.dirname(manifest.uri)
+    refs = []
+    for uri, task_id in zip(uris, ids):
+        uri = uri.rstrip("/")
+        if "://" not in uri and not uri.startswith("/"):
+            uri = posixpath.join(base, uri)
+        location = Location(uri, manifest.endpoint_url)
+        if task_id is None:
+            rel = posixpath.relpath(location.root, posixpath.dirname(manifest.root))
+            task_id = rel if not rel.startswith("..") else posixpath.basename(location.root)
+        refs.append(AdapterRef(str(task_id), location))
+    return sorted(refs, key=lambda r: (r.task_id, r.location.uri))
+
+
+def read_adapter(ref: AdapterRef) -> AdapterBytes:
+    """Config bytes and the safetensors header of one adapter. Raises AdapterError (quarantine)
+    for malformed headers; storage errors propagate as OSError."""
+    fs = ref.location.fs
+    files = ref.files
+    if files is None:
+        listing = fs.ls(ref.location.root, detail=True)
+        files = {posixpath.basename(i["name"]): _stat(i) for i in listing if i.get("type") != "directory"}
+        files = {name: stat for name, stat in files.items() if name in peft_format.ADAPTER_FILES}
+    result = AdapterBytes(files)
+    if peft_format.CONFIG_FILE in files:
+        result.config = fs.cat_file(ref.location.path(peft_format.CONFIG_FILE))
+    if peft_format.WEIGHTS_FILE in files:
+        result.tensors = read_tensor_table(ref.location.path(peft_format.WEIGHTS_FILE), files[peft_format.WEIGHTS_FILE].size, fs)
+    return result
+
+
+def read_tensor_table(path: str, size: int, fs) -> dict[str, TensorInfo]:
+    head = fs.cat_file(path, start=0, end=min(size, HEADER_PROBE_BYTES))
+    length, infos = parse_header(head, size)
+    if infos is None:
+        infos = parse_full_header(fs.cat_file(path, start=8, end=8 + length), size)
+    return infos
+
+
+def read_ranges(fs, requests: list[tuple[str, list[TensorInfo]]]) -> list[list[bytes]]:
+    """Bytes of the given tensors, per file in request order. Ranges of one file are coalesced and
+    all files are fetched in one `cat_ranges` call (concurrent on object stores)."""
+    paths, starts, ends, spans = [], [], [], []
+    for path, infos in requests:
+        merged = coalesce([(i.start, i.end) for i in infos])
+        spans.append(merged)
+        for start, end in merged:
+            paths.append(path)
+            starts.append(start)
+            ends.append(end)
+    blobs = fs.cat_ranges(paths, starts, ends, on_error="raise")
+    out: list[list[bytes]] = []
+    cursor = 0
+    for (path, infos), merged in zip(requests, spans):
+        chunks = list(zip(merged, blobs[cursor : cursor + len(merged)]))
+        cursor += len(merged)
+        out.append([_slice(chunks, info, path) for info in infos])
+    return out
+
+
+def _slice(chunks: list[tuple[tuple[int, int], bytes]], info: TensorInfo, path: str) -> memoryview:
+    for (start, end), blob in chunks:
+        if start <= info.start and info.end <= end:
+            if len(blob) != end - start:
+                raise OSError(f"short read of {path}: {len(blob)} of {end - start} bytes (file changed or truncated?)")
+            return memoryview(blob)[info.start - start : info.end - start]
+    raise AssertionError("range not covered by its coalesced chunks")

@@ -1,0 +1,116 @@
+"""A storage root (local path, file:// or s3:// URI) and the fsspec filesystem behind it.
+
+A Location is small and picklable, so Ray tasks receive it and open their own filesystem:
+credentials come from each process's environment (AWS variables, profile, instance role) and are
+never part of a task's arguments or of any message.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import re
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+
+from pipeline.errors import PipelineError
+
+_USERINFO_RE = re.compile(r"(?<=://)[^/@]+@")
+_QUERY_RE = re.compile(r"\?.*$")
+
+
+def redact(text: str) -> str:
+    """Strip user info and query strings (signatures, tokens) from any URI in text."""
+    return _QUERY_RE.sub("", _USERINFO_RE.sub("", text))
+
+
+@dataclass(frozen=True)
+class Location:
+    uri: str
+    endpoint_url: str | None = None
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return _filesystem(self.protocol, self.endpoint_url)
+
+    @property
+    def protocol(self) -> str:
+        return self.uri.split("://", 1)[0] if "://" in self.uri else "file"
+
+    @property
+    def root(self) -> str:
+        """The root as a path of its filesystem (no protocol), without a trailing slash."""
+        path = self.uri.split("://", 1)[1] if "://" in self.uri else self.uri
+        if self.protocol == "file":
+            path = os.path.abspath(path)
+        return path.rstrip("/") or "/"
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol == "file"
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def uri_of(self, path: str) -> str:
+        return path if self.is_local else f"{self.protocol}://{path}"
+
+    def child(self, *parts: str) -> Location:
+        return Location(self.uri_of(self.path(*parts)), self.endpoint_url)
+
+    def __str__(self) -> str:
+        return redact(self.uri)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.path(*parts))
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        path = self.path(*parts)
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self.fs.pipe_file(path, data)
+
+    def write_atomic(self, data: bytes, *parts: str) -> None:
+        """Replace an object so a reader sees the old bytes or the new, never a mix. A single S3
+        PUT is atomic; a local file is written beside and renamed over."""
+        if not self.is_local:
+            self.write_bytes(data, *parts)
+            return
+        path = self.path(*parts)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        self.write_bytes(data, tmp)
+        os.replace(tmp, path)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def remove(self, *parts: str) -> None:
+        path = self.path(*parts)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _filesystem(protocol: str, endpoint_url: str | None) -> fsspec.AbstractFileSystem:
+    options: dict = {}
+    if protocol in ("s3", "s3a"):
+        options = {"endpoint_url": endpoint_url} if endpoint_url else {}
+        # One retry policy for every request; s3fs maps S3 errors to builtin OSErrors.
+        options["config_kwargs"] = {"retries": {"max_attempts": 8, "mode": "adaptive"}}
+    try:
+        return fsspec.filesystem(protocol, **options)
+    except (ImportError, ValueError) as exc:
+        raise PipelineError(f"cannot open storage protocol {protocol!r}: {exc}") from None
+
+
+def storage_error(action: str, where: Location | str, exc: BaseException) -> PipelineError:
+    """A one-line error for a failed storage call, with no secrets in it."""
+    kind = {
+        FileNotFoundError: "not found",
+        PermissionError: "permission denied",
+    }.get(type(exc), exc.__class__.__name__)
+    detail = redact(str(exc)).splitlines()[0] if str(exc) else ""
+    return PipelineError(f"cannot {action} {redact(str(where))}: {kind}{': ' + detail if detail else ''}")

@@ -1,0 +1,160 @@
+"""The versioned store: layout, manifests, the LATEST pointer, and reads that fetch only what a
+caller needs. Format described in docs/store-format.md.
+
+    STORE/LATEST                                  {"version": ..., "format_version": ...}, written last
+    STORE/versions/<v>/manifest.json              parameters, modules, files with sizes and sha256
+    STORE/versions/<v>/basis/shard-NNNNN.safetensors
+    STORE/versions/<v>/loadings.parquet           one row per (task_id, module), sorted by task_id
+    STORE/versions/<v>/catalog.parquet            one row per adapter, quarantined ones too
+    STORE/versions/<v>/report.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from pipeline.errors import PipelineError
+from pipeline.io.location import Location, storage_error
+
+FORMAT_VERSION = 1
+POINTER = "LATEST"
+MANIFEST = "manifest.json"
+LOADINGS = "loadings.parquet"
+CATALOG = "catalog.parquet"
+REPORT = "report.json"
+LOADINGS_ROW_GROUP = 8192
+_VERSION_RE = re.compile(r"^v(\d{6})$")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {"bytes": self.bytes, "sha256": self.sha256}
+
+
+def basis_file(shard: str) -> str:
+    return f"basis/{shard}.safetensors"
+
+
+def basis_key(module: str, side: str, field: str) -> str:
+    return f"{module}.{side}.{field}"
+
+
+def encode_basis(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"format_version": str(FORMAT_VERSION)})
+
+
+class Store:
+    def __init__(self, location: Location):
+        self.location = location
+
+    def __str__(self) -> str:
+        return str(self.location)
+
+    # -- versions and the pointer -------------------------------------------------------------
+
+    def current_version(self) -> str | None:
+        try:
+            raw = self.location.read_bytes(POINTER)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise storage_error("read the store pointer of", self.location, exc) from None
+        pointer = json.loads(raw)
+        if pointer.get("format_version", 0) > FORMAT_VERSION:
+            raise PipelineError(
+                f"store {self} has format version {pointer['format_version']}; this lora-subspace reads up to {FORMAT_VERSION}"
+            )
+        return pointer["version"]
+
+    def require_version(self, version: str | None = None) -> str:
+        version = version or self.current_version()
+        if version is None:
+            raise PipelineError(f"no store at {self} (no {POINTER} pointer): run `lora-subspace compress` first")
+        return version
+
+    def versions(self) -> list[str]:
+        fs = self.location.fs
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(self.location.path("versions"), detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if _VERSION_RE.match(n))
+
+    def new_version(self) -> str:
+        self.location.fs.invalidate_cache()
+        existing = self.versions()
+        number = int(existing[-1][1:]) + 1 if existing else 1
+        return f"v{number:06d}"
+
+    def version_location(self, version: str) -> Location:
+        return self.location.child("versions", version)
+
+    def check_writable(self) -> None:
+        """Fail before any work if the store cannot be written; the probe object is removed."""
+        probe = f".write-probe-{hashlib.sha1(str(id(self)).encode()).hexdigest()[:8]}"
+        try:
+            self.location.write_bytes(b"", probe)
+            self.location.remove(probe)
+        except OSError as exc:
+            raise storage_error("write to store", self.location, exc) from None
+
+    def publish(self, version: str, manifest: dict) -> None:
+        """Write the manifest, then move the pointer: readers see the old version or the new."""
+        where = self.version_location(version)
+        where.write_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode(), MANIFEST)
+        pointer = {"version": version, "format_version": FORMAT_VERSION}
+        self.location.write_atomic(json.dumps(pointer).encode() + b"\n", POINTER)
+
+    def discard(self, version: str) -> None:
+        """Remove an unpublished version's objects (best effort: they are invisible anyway)."""
+        try:
+            self.version_location(version).remove()
+        except OSError:
+            pass
+
+    # -- writing a version's objects -------------------------------------------------------------
+
+    def write_object(self, version: str, name: str, data: bytes) -> FileEntry:
+        self.version_location(version).write_bytes(data, name)
+        return FileEntry(len(data), hashlib.sha256(data).hexdigest())
+
+    def write_table(self, version: str, name: str, table: pa.Table, row_group_size: int | None = None) -> FileEntry:
+        sink = io.BytesIO()
+        pq.write_table(table, sink, row_group_size=row_group_size, compression="zstd")
+        return self.write_object(version, name, sink.getvalue())
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def manifest(self, version: str | None = None) -> dict:
+        version = self.require_version(version)
+        try:
+            return json.loads(self.version_location(version).read_bytes(MANIFEST))
+        except FileNotFoundError:
+            raise PipelineError(f"version {version} of {self} has no manifest") from None
+
+    def read_basis(self, version: str, shard: str) -> dict[str, torch.Tensor]:
+        return load_safetensors(self.version_location(version).read_bytes(basis_file(shard)))
+
+    def read_table(self, version: str, name: str, task_ids: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:
+        """A Parquet table of a version; with task_ids, only those adapters' rows (row groups whose
+        statistics exclude them are not read)."""
+        where = self.version_location(version)
+        filters = [("task_id", "in", list(task_ids))] if task_ids is not None else None
+        try:
+            return pq.read_table(where.path(name), filesystem=where.fs, columns=columns, filters=filters)
+        except FileNotFoundError:
+            raise PipelineError(f"version {version} of {self} has no {name}") from None

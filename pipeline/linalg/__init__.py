@@ -1,0 +1,1 @@
+"""Pure torch math: no I/O, no Ray. Shapes are given in each docstring."""

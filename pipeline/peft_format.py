@@ -1,0 +1,61 @@
+"""PEFT LoRA file names, key names and config fields: the one place that knows them."""
+
+from __future__ import annotations
+
+import re
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, PICKLED_WEIGHTS_FILE)
+
+SIDES = ("A", "B")
+
+# base_model.model.<module>.lora_A[.<adapter_name>].weight, as vlora and peft name them.
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def parse_key(key: str) -> tuple[str, str] | None:
+    """(module, side) of a LoRA weight key, or None for keys that are not LoRA factors."""
+    match = _KEY_RE.match(key)
+    return (match["module"], match["side"]) if match else None
+
+
+def weight_key(module: str, side: str) -> str:
+    """The key `peft` writes and loads for one factor."""
+    return f"base_model.model.{module}.lora_{side}.weight"
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """Value of peft's `rank_pattern` / `alpha_pattern` for a module (peft's own matching rule)."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def module_rank(config: dict, module: str) -> int:
+    return int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+
+
+def module_scale(config: dict, module: str) -> float:
+    """The factor s in delta W = s * B @ A."""
+    rank = module_rank(config, module)
+    alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
+    return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+
+
+def minimal_config(ranks: dict[str, int], base_model: str | None) -> dict:
+    """A config for an adapter that came without one: scale 1, the ranks its shapes show."""
+    rank = max(ranks.values())
+    return {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "task_type": None,
+    }

@@ -1,0 +1,68 @@
+"""Ray fan-out: tasks with declared resources, retries for transient failures, results as they finish."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import ray
+from ray.exceptions import RayTaskError
+
+log = logging.getLogger(__name__)
+
+# Transient storage faults and lost workers are retried; a bug or bad input is not.
+MAX_RETRIES = 3
+
+
+class RayRunner:
+    """Joins the cluster at `address` (or RAY_ADDRESS); without one, starts an embedded local Ray."""
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None):
+        if not ray.is_initialized():
+            address = address or os.environ.get("RAY_ADDRESS")
+            local = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+            context = ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local)
+            self.dashboard_url = context.dashboard_url or None
+            self._started = True
+        else:
+            self.dashboard_url, self._started = None, False
+        resources = ray.cluster_resources()
+        self.has_gpus = resources.get("GPU", 0) > 0
+        self.num_cpus = int(resources.get("CPU", 1))
+
+    def map_unordered(self, fn, items, *, num_cpus=1, use_gpu=False, memory=None):
+        options = {"num_cpus": num_cpus, "max_retries": MAX_RETRIES, "retry_exceptions": [OSError]}
+        if use_gpu and self.has_gpus:
+            options["num_gpus"] = 1
+        if memory:
+            options["memory"] = memory
+        remote = _remote(fn).options(**options)
+        # A window of tasks in flight keeps the object store and the driver bounded.
+        window = max(2 * self.num_cpus, 4)
+        pending: dict = {}
+        queue = list(enumerate(items))
+        queue.reverse()
+        while queue or pending:
+            while queue and len(pending) < window:
+                index, item = queue.pop()
+                pending[remote.remote(item)] = index
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            index = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayTaskError as exc:
+                for other in pending:
+                    ray.cancel(other)
+                raise exc.as_instanceof_cause() from None
+            yield index, result
+
+    def shutdown(self) -> None:
+        if self._started:
+            ray.shutdown()
+
+
+@functools.lru_cache(maxsize=None)
+def _remote(fn):
+    return ray.remote(fn)

@@ -1,0 +1,81 @@
+"""Info: what a store version holds and how well it represents its adapters."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.compute as pc
+
+from pipeline.io.store import CATALOG, LOADINGS, MANIFEST, Store
+
+
+def describe(store: Store, version: str | None = None) -> dict:
+    version = store.require_version(version)
+    manifest = store.manifest(version)
+    manifest_bytes = len(store.version_location(version).read_bytes(MANIFEST))
+    errors = store.read_table(version, LOADINGS, columns=["task_id", "error"])
+    catalog = store.read_table(version, CATALOG, columns=["task_id", "status", "reason"])
+    per_adapter = _per_adapter(errors.column("task_id").to_pylist(), errors.column("error").to_numpy())
+    store_bytes = manifest_bytes + sum(f["bytes"] for f in manifest["files"].values())
+    modules = manifest["modules"]
+    quarantined = pc.equal(catalog.column("status"), "quarantined")
+    means = np.array([e["mean"] for e in per_adapter.values()])
+    return {
+        "store": str(store),
+        "version": version,
+        "parent": manifest["parent"],
+        "created": manifest["created"],
+        "current": version == store.current_version(),
+        "base_model": manifest.get("base_model"),
+        "parameters": manifest["parameters"],
+        "adapters": manifest["adapters"],
+        "quarantined": dict(zip(
+            catalog.filter(quarantined).column("task_id").to_pylist(),
+            catalog.filter(quarantined).column("reason").to_pylist(),
+        )),
+        "modules": len(modules),
+        "k": {m: [e["k_a"], e["k_b"]] for m, e in modules.items()},
+        "explained_variance": {m: [e["explained_variance_a"], e["explained_variance_b"]] for m, e in modules.items()},
+        "svd_routes": sorted({e["svd_route"] for e in modules.values()}),
+        "original_bytes": manifest["original_bytes"],
+        "store_bytes": store_bytes,
+        "compression_ratio": manifest["original_bytes"] / store_bytes,
+        "error": {
+            "mean": float(means.mean()),
+            "max": max(e["max"] for e in per_adapter.values()),
+            "worst": sorted(per_adapter, key=lambda t: -per_adapter[t]["mean"])[:5],
+        },
+        "per_adapter_error": per_adapter,
+    }
+
+
+def _per_adapter(task_ids: list[str], errors: np.ndarray) -> dict[str, dict[str, float]]:
+    """Mean and max over modules of the relative delta-W error, per adapter."""
+    grouped: dict[str, list[float]] = {}
+    for task_id, error in zip(task_ids, errors.tolist()):
+        grouped.setdefault(task_id, []).append(error)
+    return {t: {"mean": float(np.mean(v)), "max": float(np.max(v))} for t, v in grouped.items()}
+
+
+def format_info(info: dict) -> str:
+    ks = sorted({k for pair in info["k"].values() for k in pair})
+    ev = [v for pair in info["explained_variance"].values() for v in pair]
+    lines = [
+        f"store        {info['store']}",
+        f"version      {info['version']}{' (current)' if info['current'] else ''}, parent {info['parent'] or '-'}, created {info['created']}",
+        f"base model   {info['base_model'] or '-'}",
+        f"adapters     {info['adapters']['ok']} ok, {info['adapters']['quarantined']} quarantined",
+        f"modules      {info['modules']}, k per module {ks[0]}..{ks[-1]}" if len(ks) > 1 else f"modules      {info['modules']}, k = {ks[0]}",
+        f"explained    variance {min(ev):.3f}..{max(ev):.3f} (per module and side)",
+        f"bytes        {info['original_bytes']:,} original -> {info['store_bytes']:,} stored ({info['compression_ratio']:.1f}x)",
+        f"delta-W err  mean {info['error']['mean']:.4f}, max {info['error']['max']:.4f} (relative, ||dW - dW'|| / ||dW||)",
+        f"worst        {', '.join(info['error']['worst'])}",
+    ]
+    for task_id, reason in info["quarantined"].items():
+        lines.append(f"quarantined  {task_id}: {reason}")
+    return "\n".join(lines)
+
+
+def to_json(info: dict) -> str:
+    return json.dumps(info, indent=1, sort_keys=True)

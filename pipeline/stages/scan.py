@@ -1,0 +1,227 @@
+"""Scan: read each adapter's config and safetensors header, validate, and decide ok or quarantine.
+
+Per-adapter checks run in parallel tasks (`scan_batch`); checks against the rest of the collection
+(`check_collection`) run on the driver over the small scan records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pipeline import peft_format
+from pipeline.errors import AdapterError
+from pipeline.io.adapters import AdapterRef, read_adapter
+from pipeline.io.location import Location, redact
+from pipeline.io.safetensors_ranges import TensorInfo
+
+log = logging.getLogger(__name__)
+
+OK, QUARANTINED = "ok", "quarantined"
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]*(/[A-Za-z0-9_][A-Za-z0-9._=+-]*)*$")
+
+# Fields that must have these types when present; anything else in a config is kept as it is.
+_CONFIG_TYPES = {
+    "r": int,
+    "lora_alpha": (int, float),
+    "use_rslora": bool,
+    "rank_pattern": dict,
+    "alpha_pattern": dict,
+    "target_modules": (list, str),
+    "base_model_name_or_path": str,
+}
+
+
+@dataclass
+class ScannedAdapter:
+    """One adapter as the catalog knows it. `modules` maps module -> (lora_A info, lora_B info)."""
+
+    task_id: str
+    location: Location
+    status: str = OK
+    reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+    weights_bytes: int = 0
+    weights_tag: str = ""
+    config: dict | None = None
+    config_text: str = ""
+    modules: dict[str, tuple[TensorInfo, TensorInfo]] = field(default_factory=dict)
+    dtype: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    def quarantine(self, reason: str) -> None:
+        self.status, self.reason = QUARANTINED, reason
+
+    @property
+    def weights_path(self) -> str:
+        return self.location.path(peft_format.WEIGHTS_FILE)
+
+    @property
+    def rank(self) -> int:
+        return max((a.shape[0] for a, _ in self.modules.values()), default=0)
+
+    @property
+    def base_model(self) -> str | None:
+        return (self.config or {}).get("base_model_name_or_path")
+
+    def layout(self) -> tuple:
+        """What must agree across a collection: modules and their factor shapes."""
+        return tuple((m, a.shape, b.shape) for m, (a, b) in sorted(self.modules.items()))
+
+
+def scan_batch(refs: list[AdapterRef]) -> list[ScannedAdapter]:
+    return [scan_adapter(ref) for ref in refs]
+
+
+def scan_adapter(ref: AdapterRef) -> ScannedAdapter:
+    scanned = ScannedAdapter(ref.task_id, ref.location)
+    try:
+        _check_task_id(ref.task_id)
+        raw = read_adapter(ref)
+        weights = raw.files.get(peft_format.WEIGHTS_FILE)
+        if weights is None:
+            if peft_format.PICKLED_WEIGHTS_FILE in raw.files:
+                raise AdapterError(
+                    f"{peft_format.PICKLED_WEIGHTS_FILE} is a pickle and is never loaded (it can run code); "
+                    "re-save the adapter with safe_serialization=True"
+                )
+            raise AdapterError(f"missing {peft_format.WEIGHTS_FILE}")
+        scanned.weights_bytes, scanned.weights_tag = weights.size, weights.tag
+        scanned.config, scanned.config_text = _parse_config(raw.config, scanned.warnings)
+        scanned.modules, scanned.dtype = _factor_layout(raw.tensors)
+        _check_against_config(scanned)
+    except AdapterError as exc:
+        scanned.quarantine(str(exc))
+    except OSError as exc:
+        scanned.quarantine(f"unreadable: {redact(str(exc)) or exc.__class__.__name__}")
+    return scanned
+
+
+def _check_task_id(task_id: str) -> None:
+    if not _SAFE_ID.match(task_id) or ".." in task_id.split("/"):
+        raise AdapterError(f"task id {task_id!r} is not a safe relative path (letters, digits, ._=+- and /)")
+
+
+def _parse_config(raw: bytes | None, warnings: list[str]) -> tuple[dict | None, str]:
+    if raw is None:
+        warnings.append(f"no {peft_format.CONFIG_FILE}: rank read off the shapes, exported config assumes lora_alpha = r")
+        return None, ""
+    try:
+        text = raw.decode("utf-8")
+        config = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        warnings.append(f"{peft_format.CONFIG_FILE} is not valid JSON ({exc.__class__.__name__}): rank read off the shapes")
+        return None, ""
+    if not isinstance(config, dict):
+        warnings.append(f"{peft_format.CONFIG_FILE} is not a JSON object: rank read off the shapes")
+        return None, ""
+    for key, kind in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise AdapterError(f"config field {key!r} has type {type(value).__name__}, expected {_type_names(kind)}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise AdapterError("DoRA adapters carry magnitude vectors that a factor subspace cannot hold")
+    if "r" in config and config["r"] <= 0:
+        raise AdapterError(f"config r={config['r']} is not a positive rank")
+    return config, text
+
+
+def _type_names(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _factor_layout(tensors: dict[str, TensorInfo]) -> tuple[dict[str, tuple[TensorInfo, TensorInfo]], str]:
+    sides: dict[str, dict[str, TensorInfo]] = {}
+    foreign = []
+    for key, info in tensors.items():
+        parsed = peft_format.parse_key(key)
+        if parsed is None:
+            foreign.append(key)
+            continue
+        module, side = parsed
+        if side in sides.setdefault(module, {}):
+            raise AdapterError(f"module {module!r} has two lora_{side} tensors (several adapter names in one file?)")
+        sides[module][side] = info
+    if foreign:
+        raise AdapterError(
+            f"holds {len(foreign)} tensors that are not LoRA factors (e.g. {sorted(foreign)[0]!r}); "
+            "they would be lost by compression"
+        )
+    if not sides:
+        raise AdapterError(f"no LoRA factors in {peft_format.WEIGHTS_FILE}")
+    modules = {}
+    for module, pair in sorted(sides.items()):
+        missing = [s for s in peft_format.SIDES if s not in pair]
+        if missing:
+            raise AdapterError(f"module {module!r} has no lora_{missing[0]}")
+        a, b = pair["A"], pair["B"]
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1] or 0 in a.shape + b.shape:
+            raise AdapterError(f"module {module!r}: shapes lora_A {list(a.shape)} and lora_B {list(b.shape)} do not form a LoRA pair")
+        modules[module] = (a, b)
+    dtypes = {info.dtype for pair in modules.values() for info in pair}
+    if len(dtypes) > 1:
+        raise AdapterError(f"factors mix dtypes {sorted(dtypes)}")
+    return modules, dtypes.pop()
+
+
+def _check_against_config(scanned: ScannedAdapter) -> None:
+    config = scanned.config
+    if config is None:
+        return
+    if "r" not in config:
+        scanned.warnings.append("config has no 'r': rank read off the shapes")
+        return
+    for module, (a, _) in scanned.modules.items():
+        expected = peft_format.module_rank(config, module)
+        if a.shape[0] != expected:
+            raise AdapterError(f"module {module!r} has rank {a.shape[0]} but the config says r={expected}")
+
+
+def check_collection(adapters: list[ScannedAdapter]) -> None:
+    """Quarantine what disagrees with the collection (the most common value among good adapters):
+    duplicate task ids, base model, module set, factor shapes."""
+    first_uri: dict[str, str] = {}
+    for adapter in adapters:
+        if adapter.task_id in first_uri:
+            adapter.quarantine(f"duplicate task id (also at {redact(first_uri[adapter.task_id])})")
+        else:
+            first_uri[adapter.task_id] = adapter.location.uri
+    good = [a for a in adapters if a.ok]
+    bases = Counter(a.base_model for a in good if a.base_model)
+    if bases:
+        base = bases.most_common(1)[0][0]
+        for a in good:
+            if a.base_model and a.base_model != base:
+                a.quarantine(f"base model {a.base_model!r} differs from the collection's {base!r}")
+    good = [a for a in good if a.ok]
+    if not good:
+        return
+    layout = Counter(a.layout() for a in good).most_common(1)[0][0]
+    modules = {m for m, _, _ in layout}
+    shapes = {m: (sa, sb) for m, sa, sb in layout}
+    for a in good:
+        if a.layout() == layout:
+            continue
+        mine = set(a.modules)
+        if mine != modules:
+            missing, extra = sorted(modules - mine), sorted(mine - modules)
+            a.quarantine(
+                "module set differs from the collection's"
+                + (f"; missing {len(missing)} (e.g. {missing[0]!r})" if missing else "")
+                + (f"; extra {len(extra)} (e.g. {extra[0]!r})" if extra else "")
+            )
+            continue
+        module = next(m for m in sorted(mine) if (a.modules[m][0].shape, a.modules[m][1].shape) != shapes[m])
+        (ra, _), (rb, _) = a.modules[module][0].shape, shapes[module][0]
+        what = f"rank {ra} differs from the collection's rank {rb}" if ra != rb else "factor shapes differ from the collection's"
+        a.quarantine(f"module {module!r}: {what}")
