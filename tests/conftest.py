@@ -1,0 +1,87 @@
+"""Shared fixtures: one local Ray for the session, a moto S3 server on loopback, synthetic collections."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+# Dummy credentials before Ray starts, so its workers inherit them; nothing here reaches AWS.
+os.environ.update({
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+    "AWS_DEFAULT_REGION": "us-east-1",
+})
+os.environ.pop("AWS_PROFILE", None)
+
+DATA = Path(__file__).parent / "data"
+MINILM = DATA / "minilm-lora"
+
+
+@pytest.fixture(scope="session")
+def runner():
+    import ray
+
+    from pipeline.runners.ray_runner import RayRunner
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield RayRunner()
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture
+def bucket(s3_endpoint):
+    """A fresh bucket per test: no test sees another's objects or cached listings."""
+    import boto3
+
+    name = f"test-bucket-{next(_buckets)}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def minilm_copy(tmp_path) -> Path:
+    """The four real peft-trained adapters, copied so a test may damage them."""
+    target = tmp_path / "minilm"
+    shutil.copytree(MINILM, target, ignore=shutil.ignore_patterns("README.md"))
+    for path in target.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return target
+
+
+def make_collection(path: Path, n: int, **kwargs) -> list[str]:
+    """n synthetic float32 adapters (tiny preset) under path."""
+    from pipeline.io.location import Location
+    from pipeline.synthetic import generate
+
+    return generate(Location(str(path)), n, **kwargs)
+
+
+def run_cli(*args: str) -> int:
+    from pipeline.cli import main
+
+    return main([str(a) for a in args])

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from pipeline.linalg.decompose import (
+    centred_svd,
+    components_for_variance,
+    explained_variance,
+    project,
+    reconstruct,
+    sign_flip,
+)
+from pipeline.linalg.metrics import relative_product_error
+
+
+def _low_rank(n, d, rank, seed=0, noise=1e-3):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rank, generator=gen) @ torch.randn(rank, d, generator=gen) + noise * torch.randn(n, d, generator=gen)
+
+
+@pytest.mark.parametrize("route", ["gram", "covariance", "svd", "randomized"])
+@pytest.mark.parametrize("shape", [(40, 300), (300, 40)])
+def test_every_route_matches_torch_svd_on_the_centred_matrix(route, shape):
+    x = _low_rank(*shape, rank=8)
+    centred = x - x.mean(0)
+    _, s_ref, vh_ref = torch.linalg.svd(centred.double(), full_matrices=False)
+    dec = centred_svd(x, k=5, route=route)
+    torch.testing.assert_close(dec.singular_values.double(), s_ref[:5], rtol=1e-4, atol=1e-6)
+    # Same subspace: equal projectors (signs and rotations within ties do not matter).
+    projector = dec.components.T.double() @ dec.components.double()
+    torch.testing.assert_close(projector, vh_ref[:5].T @ vh_ref[:5], atol=1e-4, rtol=0)
+    torch.testing.assert_close(dec.mean, x.mean(0))
+
+
+def test_components_are_orthonormal_and_signs_deterministic():
+    x = _low_rank(30, 200, rank=6)
+    a, b = centred_svd(x, k=6, route="gram"), centred_svd(x, k=6, route="svd")
+    torch.testing.assert_close(a.components @ a.components.T, torch.eye(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.components, b.components, atol=1e-4, rtol=0)
+    assert torch.equal(sign_flip(-a.components), a.components)
+
+
+def test_total_variance_is_the_whole_spectrum():
+    x = _low_rank(20, 50, rank=20, noise=0)
+    dec = centred_svd(x)
+    assert dec.total_variance == pytest.approx(float((dec.singular_values.double() ** 2).sum()), rel=1e-5)
+    assert float(explained_variance(dec.singular_values, dec.total_variance)[-1]) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_variance_threshold_picks_the_fewest_components():
+    s = torch.tensor([3.0, 2.0, 1.0, 0.0])  # variances 9, 4, 1 of 14
+    assert components_for_variance(s, 14.0, 0.6) == 1
+    assert components_for_variance(s, 14.0, 0.9) == 2
+    assert components_for_variance(s, 14.0, 1.0) == 3
+    dec = centred_svd(_low_rank(30, 100, rank=10, noise=0), threshold=0.999999)
+    assert len(dec.singular_values) == 10  # every data direction, none of the null space
+
+
+def test_null_directions_are_dropped_and_reconstruction_is_exact_with_all_components():
+    x = _low_rank(6, 100, rank=6, noise=0)
+    dec = centred_svd(x, k=50)
+    assert dec.components.shape == (5, 100)  # rank of the centred 6-row matrix
+    torch.testing.assert_close(reconstruct(project(x, dec.components, dec.mean), dec.components, dec.mean), x, atol=1e-4, rtol=0)
+
+
+def test_product_error_equals_the_error_of_formed_products():
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(5, 4, 30, generator=gen), torch.randn(5, 20, 4, generator=gen)
+    a_hat, b_hat = a + 0.1 * torch.randn(a.shape, generator=gen), b + 0.1 * torch.randn(b.shape, generator=gen)
+    expected = torch.linalg.norm(b @ a - b_hat @ a_hat, dim=(1, 2)) / torch.linalg.norm(b @ a, dim=(1, 2))
+    torch.testing.assert_close(relative_product_error(a, b, a_hat, b_hat), expected, rtol=1e-4, atol=1e-6)
+    assert relative_product_error(a, b, a, b).abs().max() < 1e-6

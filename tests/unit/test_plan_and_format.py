@@ -1,0 +1,52 @@
+import pytest
+
+from pipeline import peft_format
+from pipeline.cli import parse_size
+from pipeline.stages.plan import plan_shards, shard_bytes
+
+
+def test_shards_cover_every_module_once_within_budget():
+    widths = {f"layers.{i}.{m}": 1000 for i in range(10) for m in ("q", "v")}
+    budget = shard_bytes(100, [1000] * 4)
+    shards = plan_shards(widths, 100, budget, parallelism=1)
+    assert sorted(m for s in shards for m in s.modules) == sorted(widths)
+    assert all(shard_bytes(100, [1000] * len(s.modules)) <= budget for s in shards)
+    assert [s.name for s in shards][:2] == ["shard-00000", "shard-00001"]
+
+
+def test_small_collections_still_spread_over_the_workers():
+    widths = {f"m{i}": 10 for i in range(8)}
+    assert len(plan_shards(widths, 4, 1 << 30, parallelism=4)) >= 4
+
+
+def test_a_module_over_budget_gets_a_shard_of_its_own():
+    shards = plan_shards({"big": 10**6, "small": 10}, 100, budget_bytes=1000, parallelism=1)
+    assert [s.modules for s in shards] == [("big",), ("small",)]
+
+
+@pytest.mark.parametrize(
+    "key, parsed",
+    [
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", ("model.layers.0.self_attn.q_proj", "A")),
+        ("base_model.model.encoder.layer.1.attention.self.value.lora_B.default.weight", ("encoder.layer.1.attention.self.value", "B")),
+        ("model.layers.0.q_proj.lora_B.weight", ("model.layers.0.q_proj", "B")),
+        ("base_model.model.classifier.weight", None),
+        ("base_model.model.x.lora_A.bias", None),
+    ],
+)
+def test_lora_keys_parse_as_peft_and_vlora_name_them(key, parsed):
+    assert peft_format.parse_key(key) == parsed
+
+
+def test_rank_and_alpha_patterns_follow_peft_matching():
+    config = {"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"layers.1.v_proj": 2}}
+    assert peft_format.module_rank(config, "model.layers.0.q_proj") == 4
+    assert peft_format.module_rank(config, "model.layers.0.v_proj") == 8
+    assert peft_format.module_scale(config, "model.layers.1.v_proj") == pytest.approx(2 / 8)
+    assert peft_format.module_scale({**config, "use_rslora": True}, "model.layers.0.v_proj") == pytest.approx(16 / 8**0.5)
+
+
+def test_sizes_parse_in_binary_units():
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("2G") == 2 * 2**30
+    assert parse_size("1000") == 1000

@@ -1,0 +1,68 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from pipeline.errors import AdapterError
+from pipeline.io.safetensors_ranges import coalesce, decode, parse_full_header, parse_header
+
+
+def _file(tensors):
+    return save(tensors)
+
+
+def _raw(header: dict, data: bytes = b"") -> bytes:
+    body = json.dumps(header).encode()
+    return struct.pack("<Q", len(body)) + body + data
+
+
+def test_header_gives_absolute_ranges_that_decode_to_the_tensors():
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    b = torch.ones(2, 3, dtype=torch.bfloat16)
+    blob = _file({"a": a, "b": b})
+    _, infos = parse_header(blob, len(blob))
+    assert infos["a"].shape == (3, 4) and infos["b"].dtype == "BF16"
+    for name, tensor in {"a": a, "b": b}.items():
+        info = infos[name]
+        assert torch.equal(decode(blob[info.start : info.end], info), tensor)
+
+
+def test_short_probe_asks_for_the_rest_of_a_long_header():
+    blob = _file({f"t{i}": torch.zeros(1) for i in range(50)})
+    length, infos = parse_header(blob[:64], len(blob))
+    assert infos is None
+    assert len(parse_full_header(blob[8 : 8 + length], len(blob))) == 50
+
+
+@pytest.mark.parametrize(
+    "blob, match",
+    [
+        (b"\x01\x02", "truncated"),
+        (struct.pack("<Q", 10**9) + b"{}", "header length 1000000000 does not fit"),
+        (struct.pack("<Q", 4) + b"{no}", "not valid JSON"),
+        (_raw({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8), "lie outside"),
+        (_raw({"t": {"dtype": "I4", "shape": [1], "data_offsets": [0, 1]}}, b"\0"), "unsupported dtype 'I4'"),
+        (_raw({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8), "needs 12 bytes"),
+        (_raw({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "bad shape"),
+        (
+            _raw({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                  "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
+            "overlap",
+        ),
+    ],
+)
+def test_malformed_files_are_refused_with_a_reason(blob, match):
+    with pytest.raises(AdapterError, match=match):
+        parse_header(blob, len(blob))
+
+
+def test_huge_declared_shape_is_refused_before_any_allocation():
+    blob = _raw({"t": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4]}}, b"\0" * 4)
+    with pytest.raises(AdapterError, match="needs 4000000000000 bytes"):
+        parse_header(blob, len(blob))
+
+
+def test_coalesce_merges_touching_and_near_ranges_only():
+    assert coalesce([(10, 20), (0, 10), (5000, 6000), (20, 30)], max_gap=100) == [(0, 30), (5000, 6000)]
