@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import re
+import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -105,7 +106,7 @@ class Store:
 
     def check_writable(self) -> None:
         """Fail before any work if the store cannot be written; the probe object is removed."""
-        probe = f".write-probe-{hashlib.sha1(str(id(self)).encode()).hexdigest()[:8]}"
+        probe = f".write-probe-{uuid.uuid4().hex}"
         try:
             self.location.write_bytes(b"", probe)
             self.location.remove(probe)

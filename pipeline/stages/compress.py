@@ -124,6 +124,9 @@ def _compute_shards(good, source, store, version, runner, options) -> list[Shard
     log.info("plan: %d adapters, %d modules in %d shards (largest needs ~%.0f MiB)", len(good), len(modules), len(shards), peak / 2**20)
     if peak > options.memory_budget:
         log.warning("one module alone needs ~%.0f MiB, over the %.0f MiB budget", peak / 2**20, options.memory_budget / 2**20)
+    # Declared to Ray so it does not pack more shards on a node than fit; never above the budget,
+    # so a single oversized module is still scheduled rather than left infeasible.
+    memory = min(peak, options.memory_budget)
 
     def task(shard, fixed_k=None):
         weights = [(a.weights_path, {m: a.modules[m] for m in shard.modules}) for a in good]
@@ -135,13 +138,13 @@ def _compute_shards(good, source, store, version, runner, options) -> list[Shard
     pending = list(shards)
     if options.rule.needs_first_module:
         # vlora's rule: k comes from the first module's lora_A, so that shard runs first.
-        for _, first in runner.map_unordered(compute_shard, [task(shards[0])], use_gpu=True, memory=peak):
+        for _, first in runner.map_unordered(compute_shard, [task(shards[0])], use_gpu=True, memory=memory):
             results[0], fixed_k = first, first.decided_k
         progress.advance()
         if first.nonfinite:
             return [first]
         pending = shards[1:]
-    for index, result in runner.map_unordered(compute_shard, [task(s, fixed_k) for s in pending], use_gpu=True, memory=peak):
+    for index, result in runner.map_unordered(compute_shard, [task(s, fixed_k) for s in pending], use_gpu=True, memory=memory):
         results[pending[index].index] = result
         progress.advance()
     progress.close()

@@ -28,7 +28,7 @@ def plan_shards(widths: dict[str, int], n_adapters: int, budget_bytes: int, para
     widths: module -> flattened width of lora_A plus lora_B (r * d_in + d_out * r).
     """
     modules = sorted(widths)
-    total = n_adapters * 4 * sum(widths.values())
+    total = shard_bytes(n_adapters, list(widths.values()))
     target = min(budget_bytes, max(total // max(parallelism, 1), 1))
     shards: list[list[str]] = [[]]
     for module in modules:

@@ -114,3 +114,31 @@ def test_user_errors_are_one_line_with_nonzero_exit(runner, tmp_path, capsys, ar
     assert err.startswith("lora-subspace: error: ") and message.format(tmp=tmp_path) in err
     assert "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "store" / "LATEST").exists()
+
+
+def test_sharding_does_not_change_the_result(runner, tmp_path):
+    """One in-process shard and Ray's several shards give the same bases and loadings."""
+    from pipeline.runners import SerialRunner
+    from pipeline.stages.compress import CompressOptions, compress
+    from pipeline.stages.compute import ComponentRule
+
+    make_collection(tmp_path / "src", 10)
+    source = Location(str(tmp_path / "src"))
+    stores = {}
+    for name, executor in (("serial", SerialRunner()), ("ray", runner)):
+        stores[name] = Store(Location(str(tmp_path / name)))
+        compress(source, stores[name], executor, CompressOptions(ComponentRule(components=4)))
+    serial, ray_store = stores["serial"], stores["ray"]
+    assert len({e["shard"] for e in serial.manifest()["modules"].values()}) == 1
+    assert len({e["shard"] for e in ray_store.manifest()["modules"].values()}) > 1
+
+    def bases(store):
+        merged = {}
+        for shard in {e["shard"] for e in store.manifest()["modules"].values()}:
+            merged.update(store.read_basis(store.current_version(), shard))
+        return merged
+
+    torch.testing.assert_close(bases(serial), bases(ray_store), atol=1e-5, rtol=1e-4)
+    loadings = [s.read_table(s.current_version(), "loadings.parquet").to_pydict() for s in (serial, ray_store)]
+    assert loadings[0]["task_id"] == loadings[1]["task_id"] and loadings[0]["module"] == loadings[1]["module"]
+    torch.testing.assert_close(torch.tensor(loadings[0]["a"]), torch.tensor(loadings[1]["a"]), atol=1e-5, rtol=1e-4)
