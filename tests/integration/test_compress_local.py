@@ -58,8 +58,8 @@ def test_store_layout_manifest_checksums_and_pointer(runner, tmp_path):
 
 def test_a_second_compress_is_a_new_version_with_its_parent(runner, tmp_path):
     make_collection(tmp_path / "src", 5)
-    for _ in range(2):
-        assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 2) == 0
+    for _ in range(2):  # file:// URIs work as plain paths do
+        assert run_cli("compress", f"file://{tmp_path}/src", "--out", f"file://{tmp_path}/store", "--components", 2) == 0
     store = Store(Location(str(tmp_path / "store")))
     assert store.current_version() == "v000002" and store.manifest()["parent"] == "v000001"
 
