@@ -7,7 +7,6 @@ Per-adapter checks run in parallel tasks (`scan_batch`); checks against the rest
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,7 +17,6 @@ from pipeline.io.adapters import AdapterRef, read_adapter
 from pipeline.io.location import Location, redact
 from pipeline.io.safetensors_ranges import TensorInfo
 
-log = logging.getLogger(__name__)
 
 OK, QUARANTINED = "ok", "quarantined"
 
