@@ -78,10 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(args.verbose)
     try:
         result = COMMANDS[args.command](args)
     except PipelineError as exc:
@@ -95,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=1, sort_keys=True, default=str))
     return 0
+
+
+def _configure_logging(verbose: bool) -> None:
+    """--verbose is debug for our loggers only: botocore's debug logs carry request headers,
+    credentials included, so other libraries stay at INFO."""
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO)
+    for name in ("pipeline", "lora-subspace"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _ray(args):

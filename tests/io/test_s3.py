@@ -19,16 +19,17 @@ def _upload(folder, endpoint, bucket, prefix):
     return s3
 
 
-def test_compress_info_export_on_s3(runner, s3_endpoint, bucket, tmp_path, capsys):
+def test_compress_info_export_on_s3(runner, s3_endpoint, bucket, tmp_path, capsys, caplog):
     ids = make_collection(tmp_path / "src", 8)
     s3 = _upload(tmp_path / "src", s3_endpoint, bucket, "adapters")
-    endpoint = ["--endpoint-url", s3_endpoint]
+    endpoint = ["--endpoint-url", s3_endpoint, "--verbose"]
     assert run_cli("compress", f"s3://{bucket}/adapters/", "--out", f"s3://{bucket}/subspace", "--components", 8, *endpoint) == 0
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="subspace/")["Contents"]}
     assert {"subspace/LATEST", "subspace/versions/v000001/manifest.json", "subspace/versions/v000001/loadings.parquet"} <= keys
-    capsys.readouterr()
+    printed = [capsys.readouterr()]
     assert run_cli("info", f"s3://{bucket}/subspace", "--json", *endpoint) == 0
-    info = json.loads(capsys.readouterr().out)
+    printed.append(capsys.readouterr())
+    info = json.loads(printed[-1].out)
     assert info["adapters"]["ok"] == 8 and info["error"]["max"] < 1e-3
 
     assert run_cli("export", f"s3://{bucket}/subspace", ids[2], "--out", tmp_path / "one", *endpoint) == 0
@@ -37,10 +38,11 @@ def test_compress_info_export_on_s3(runner, s3_endpoint, bucket, tmp_path, capsy
     assert run_cli("export", f"s3://{bucket}/subspace", "--all", "--out", f"s3://{bucket}/exported", *endpoint) == 0
     blob = s3.get_object(Bucket=bucket, Key=f"exported/{ids[5]}/adapter_model.safetensors")["Body"].read()
     torch.testing.assert_close(load(blob), load_file(str(tmp_path / "src" / ids[5] / "adapter_model.safetensors")), atol=1e-5, rtol=1e-4)
-    # No credential reaches anything the run wrote.
-    for key in keys:
-        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        assert b"testing-secret-key" not in body and b"testing-key-id" not in body
+    # No credential reaches anything the run wrote, printed or logged.
+    printed.append(capsys.readouterr())
+    texts = [caplog.text] + [p.out + p.err for p in printed]
+    texts += [s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode("latin-1") for key in keys]
+    assert not [t for t in texts if "testing-secret-key" in t or "testing-key-id" in t]
 
 
 def test_parquet_manifest_source_on_s3(runner, s3_endpoint, bucket, tmp_path):
