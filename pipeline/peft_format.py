@@ -38,13 +38,6 @@ def module_rank(config: dict, module: str) -> int:
     return int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
 
 
-def module_scale(config: dict, module: str) -> float:
-    """The factor s in delta W = s * B @ A."""
-    rank = module_rank(config, module)
-    alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
-    return alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
-
-
 def minimal_config(ranks: dict[str, int], base_model: str | None) -> dict:
     """A config for an adapter that came without one: scale 1, the ranks its shapes show."""
     rank = max(ranks.values())

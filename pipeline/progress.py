@@ -20,7 +20,7 @@ class Progress:
         self.done += count
         if self._bar is not None:
             self._bar.update(count)
-        elif self.done / max(self.total, 1) >= self._next_log:
+        elif self.done / max(self.total, 1) >= self._next_log or self.done == self.total:
             log.info("%s: %d/%d %s", self.stage, self.done, self.total, self.unit)
             self._next_log = self.done / max(self.total, 1) + 0.25
 

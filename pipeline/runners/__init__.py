@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 class Runner(Protocol):
     has_gpus: bool
+    num_cpus: int  # how many tasks run at once: the plan makes at least this many shards
 
     def map_unordered(
         self, fn: Callable[[Any], Any], items: list, *, num_cpus: float = 1, use_gpu: bool = False, memory: int | None = None
@@ -20,6 +21,7 @@ class Runner(Protocol):
 
 class SerialRunner:
     has_gpus = False
+    num_cpus = 1
 
     def map_unordered(self, fn, items, *, num_cpus=1, use_gpu=False, memory=None):
         for index, item in enumerate(items):

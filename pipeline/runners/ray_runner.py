@@ -24,9 +24,8 @@ class RayRunner:
             local = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
             context = ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local)
             self.dashboard_url = context.dashboard_url or None
-            self._started = True
         else:
-            self.dashboard_url, self._started = None, False
+            self.dashboard_url = None
         resources = ray.cluster_resources()
         self.has_gpus = resources.get("GPU", 0) > 0
         self.num_cpus = int(resources.get("CPU", 1))
@@ -57,10 +56,6 @@ class RayRunner:
                     ray.cancel(other)
                 raise exc.as_instanceof_cause() from None
             yield index, result
-
-    def shutdown(self) -> None:
-        if self._started:
-            ray.shutdown()
 
 
 @functools.lru_cache(maxsize=None)

@@ -119,7 +119,7 @@ def _compute_all(adapters, source, store, version, runner, options, seconds):
 def _compute_shards(good, source, store, version, runner, options) -> list[ShardResult]:
     modules = good[0].modules
     widths = {m: a.shape[0] * a.shape[1] + b.shape[0] * b.shape[1] for m, (a, b) in modules.items()}
-    shards = plan_shards(widths, len(good), options.memory_budget, getattr(runner, "num_cpus", 1))
+    shards = plan_shards(widths, len(good), options.memory_budget, runner.num_cpus)
     peak = largest_shard_bytes(shards, widths, len(good))
     log.info("plan: %d adapters, %d modules in %d shards (largest needs ~%.0f MiB)", len(good), len(modules), len(shards), peak / 2**20)
     if peak > options.memory_budget:

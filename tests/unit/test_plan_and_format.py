@@ -38,15 +38,27 @@ def test_lora_keys_parse_as_peft_and_vlora_name_them(key, parsed):
     assert peft_format.parse_key(key) == parsed
 
 
-def test_rank_and_alpha_patterns_follow_peft_matching():
-    config = {"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"layers.1.v_proj": 2}}
+def test_rank_pattern_follows_peft_matching():
+    config = {"r": 8, "rank_pattern": {"q_proj": 4, "layers.1.v_proj": 2}}
     assert peft_format.module_rank(config, "model.layers.0.q_proj") == 4
     assert peft_format.module_rank(config, "model.layers.0.v_proj") == 8
-    assert peft_format.module_scale(config, "model.layers.1.v_proj") == pytest.approx(2 / 8)
-    assert peft_format.module_scale({**config, "use_rslora": True}, "model.layers.0.v_proj") == pytest.approx(16 / 8**0.5)
+    assert peft_format.module_rank(config, "model.layers.1.v_proj") == 2
+    assert peft_format.module_rank(config, "model.layers.11.v_proj") == 8
 
 
 def test_sizes_parse_in_binary_units():
     assert parse_size("512MiB") == 512 * 2**20
     assert parse_size("2G") == 2 * 2**30
     assert parse_size("1000") == 1000
+
+
+def test_progress_without_a_terminal_logs_a_few_plain_lines(caplog):
+    from pipeline.progress import Progress
+
+    caplog.set_level("INFO", logger="pipeline.progress")
+    progress = Progress("compute", 8, "shards")
+    for _ in range(8):
+        progress.advance()
+    progress.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "compute: 1/8 shards" and lines[-1] == "compute: 8/8 shards" and len(lines) <= 5
