@@ -50,18 +50,41 @@ def build_parser() -> argparse.ArgumentParser:
     ray_options = argparse.ArgumentParser(add_help=False)
     ray_options.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     ray_options.add_argument("--num-cpus", type=_positive, help="CPUs of the embedded local Ray (default: all)")
+    writing = argparse.ArgumentParser(add_help=False)
+    writing.add_argument("--memory-budget", type=parse_size, default=parse_size("1GiB"), help="stacked bytes per shard task (default 1GiB)")
+    writing.add_argument("--strict", action="store_true", help="fail on any quarantined adapter")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", parents=[common, ray_options], help="build a new store version from a collection")
+    c = sub.add_parser("compress", parents=[common, ray_options, writing], help="build a new store version from a collection")
     c.add_argument("source", help="folder or manifest (.txt/.parquet) of PEFT adapters: path, file:// or s3://")
     c.add_argument("--out", required=True, help="store URI (path, file:// or s3://)")
     k = c.add_mutually_exclusive_group()
     k.add_argument("--components", type=_positive, help="components per module and side")
     k.add_argument("--variance-threshold", type=_fraction, default=0.6, help="explained variance to keep (default 0.6)")
     c.add_argument("--adaptive", action="store_true", help="choose k per module from the variance threshold")
-    c.add_argument("--memory-budget", type=parse_size, default=parse_size("1GiB"), help="stacked bytes per shard task (default 1GiB)")
     c.add_argument("--svd-route", default="auto", choices=["auto", "gram", "covariance", "svd", "randomized"])
-    c.add_argument("--strict", action="store_true", help="fail on any quarantined adapter")
+    c.add_argument("--chunk-size", type=_positive, help="adapters per step: the first chunk is compressed, the rest absorbed "
+                   "incrementally, each publishing a version (bounds memory whatever the collection's size)")
+
+    grow = argparse.ArgumentParser(add_help=False)
+    grow.add_argument("store", help="store URI (path, file:// or s3://)")
+    grow.add_argument("source", help="the collection, as given to compress: new and changed adapters are found in it")
+    grow.add_argument("--dry-run", action="store_true", help="print what would change and write nothing")
+    p = sub.add_parser("project", parents=[common, ray_options, grow, writing], help="add new adapters on the current basis (basis unchanged)")
+    p.add_argument("--max-error", type=float, help="flag new adapters above this delta-W error (default: twice the store's p95)")
+    r = sub.add_parser("rebase", parents=[common, ray_options, grow, writing], help="absorb new adapters into the basis")
+    r.add_argument("--full", action="store_true", help="recompute the basis over the stored adapters (rebuilt) and the new ones")
+    r.add_argument("--from-source", action="store_true", help="with --full: read every adapter from its original files")
+    r.add_argument("--chunk-size", type=_positive, help="absorb new adapters this many at a time, a version each")
+
+    v = sub.add_parser("versions", parents=[common], help="list a store's versions")
+    v.add_argument("store")
+    rb = sub.add_parser("rollback", parents=[common], help="point the store at an earlier version")
+    rb.add_argument("store")
+    rb.add_argument("version")
+    pr = sub.add_parser("prune", parents=[common], help="delete old versions")
+    pr.add_argument("store")
+    pr.add_argument("--keep", type=_positive, required=True, help="how many of the newest versions to keep")
 
     i = sub.add_parser("info", parents=[common], help="describe a store version")
     i.add_argument("store")
@@ -113,22 +136,101 @@ def _ray(args):
 
 
 def cmd_compress(args) -> dict:
-    from pipeline.stages.compress import CompressOptions, compress
+    from pipeline.stages.compress import compress
     from pipeline.stages.compute import ComponentRule
+    from pipeline.stages.version import Options
 
     rule = ComponentRule(args.components, args.variance_threshold, args.adaptive)
-    options = CompressOptions(rule, args.memory_budget, args.strict, args.svd_route)
+    options = Options(rule, args.memory_budget, args.strict, args.svd_route)
     source, store = Location(args.source, args.endpoint_url), Store(Location(args.out, args.endpoint_url))
-    summary = compress(source, store, _ray(args), options).to_dict()
+    summaries = [s.to_dict() for s in compress(source, store, _ray(args), options, args.chunk_size)]
     if not args.json:
+        for summary in summaries:
+            _print_summary(summary)
+    return {**summaries[-1], "versions": [s["version"] for s in summaries]}
+
+
+def _print_summary(s: dict) -> None:
+    e = s["error"]
+    print(
+        f"{s['version']} ({s['operation']}) published to {s['store']}: {s['adapters_ok']} adapters, "
+        f"{s['adapters_quarantined']} quarantined, {s['modules']} modules in {s['shards']} shards, "
+        f"delta-W error mean {e['mean']:.4f} max {e['max']:.4f}, {s['seconds']['total']:.1f}s"
+    )
+    if s["new_error"] and s["operation"] != "compress":
+        print(f"  new adapters: delta-W error mean {s['new_error']['mean']:.4f} max {s['new_error']['max']:.4f}")
+    for task_id, reason in s["quarantined"].items():
+        print(f"  quarantined {task_id}: {reason}")
+    for task_id, reason in s["kept_previous"].items():
+        print(f"  kept the earlier upload of {task_id}: the new one was quarantined ({reason})")
+    if s["flagged"]:
+        worst = ", ".join(f"{t} ({e:.3f})" for t, e in list(s["flagged"].items())[:5])
+        print(f"  {len(s['flagged'])} adapter(s) the basis represents badly: {worst}; run `lora-subspace rebase`")
+
+
+def _grow(args, operation: str, **flags) -> dict:
+    from pipeline.stages.rebase import grow
+    from pipeline.stages.version import Options
+
+    source, store = Location(args.source, args.endpoint_url), Store(Location(args.store, args.endpoint_url))
+    options = Options(memory_budget=args.memory_budget, strict=args.strict, max_error=getattr(args, "max_error", None))
+    result = grow(source, store, _ray(args), operation, options, dry_run=args.dry_run, **flags)
+    if not args.json:
+        d = result["diff"]
         print(
-            f"{summary['version']} published to {summary['store']}: {summary['adapters_ok']} adapters, "
-            f"{summary['adapters_quarantined']} quarantined, {summary['modules']} modules in {summary['shards']} shards, "
-            f"delta-W error mean {summary['error_mean']:.4f} max {summary['error_max']:.4f}, {summary['seconds']['total']:.1f}s"
+            f"{'would change' if args.dry_run else 'found'}: {len(d['added'])} new, {len(d['replaced'])} replaced, "
+            f"{len(d['pending'])} projected but not in the basis, {d['unchanged']} unchanged, {len(d['missing'])} no longer in the source (kept)"
         )
-        for task_id, reason in summary["quarantined"].items():
-            print(f"  quarantined {task_id}: {reason}")
-    return summary
+        if args.dry_run:
+            for kind in ("added", "replaced", "pending"):
+                for task_id in d[kind]:
+                    print(f"  {kind:8} {task_id}")
+        for summary in result["versions"]:
+            _print_summary(summary)
+        if not args.dry_run and not result["versions"]:
+            print(f"{store} is up to date: nothing written")
+    return result
+
+
+def cmd_project(args) -> dict:
+    return _grow(args, "project")
+
+
+def cmd_rebase(args) -> dict:
+    if args.from_source and not args.full:
+        raise PipelineError("--from-source needs --full")
+    if args.full and args.chunk_size:
+        raise PipelineError("--chunk-size is for the incremental re-base, not --full")
+    return _grow(args, "rebase", full=args.full, from_source=args.from_source, chunk_size=args.chunk_size)
+
+
+def cmd_versions(args) -> dict:
+    from pipeline.stages.history import format_versions, list_versions
+
+    rows = list_versions(Store(Location(args.store, args.endpoint_url)))
+    if not rows:
+        raise PipelineError(f"no published versions in {redact(args.store)}")
+    if not args.json:
+        print(format_versions(rows))
+    return {"versions": rows}
+
+
+def cmd_rollback(args) -> dict:
+    from pipeline.stages.history import rollback
+
+    result = rollback(Store(Location(args.store, args.endpoint_url)), args.version)
+    if not args.json:
+        print(f"{redact(args.store)} now points at {result['version']} (was {result['previous']})")
+    return result
+
+
+def cmd_prune(args) -> dict:
+    from pipeline.stages.history import prune
+
+    result = prune(Store(Location(args.store, args.endpoint_url)), args.keep)
+    if not args.json:
+        print(f"removed {len(result['removed'])} version(s) ({result['bytes_freed']:,} bytes); kept {', '.join(result['kept'])}")
+    return result
 
 
 def cmd_info(args) -> dict:
@@ -162,7 +264,10 @@ def cmd_export(args) -> dict:
     return {"version": version, "exported": len(written), "out": str(out)}
 
 
-COMMANDS = {"compress": cmd_compress, "info": cmd_info, "export": cmd_export}
+COMMANDS = {
+    "compress": cmd_compress, "project": cmd_project, "rebase": cmd_rebase, "info": cmd_info, "export": cmd_export,
+    "versions": cmd_versions, "rollback": cmd_rollback, "prune": cmd_prune,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

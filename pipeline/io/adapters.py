@@ -122,17 +122,30 @@ def read_adapter(ref: AdapterRef) -> AdapterBytes:
     """Config bytes and the safetensors header of one adapter. Raises AdapterError (quarantine)
     for malformed headers; storage errors propagate as OSError."""
     fs = ref.location.fs
-    files = ref.files
-    if files is None:
-        listing = fs.ls(ref.location.root, detail=True)
-        files = {posixpath.basename(i["name"]): _stat(i) for i in listing if i.get("type") != "directory"}
-        files = {name: stat for name, stat in files.items() if name in peft_format.ADAPTER_FILES}
+    files = ref.files if ref.files is not None else _list_files(ref)
     result = AdapterBytes(files)
     if peft_format.CONFIG_FILE in files:
         result.config = fs.cat_file(ref.location.path(peft_format.CONFIG_FILE))
     if peft_format.WEIGHTS_FILE in files:
         result.tensors = read_tensor_table(ref.location.path(peft_format.WEIGHTS_FILE), files[peft_format.WEIGHTS_FILE].size, fs)
     return result
+
+
+def _list_files(ref: AdapterRef) -> dict[str, FileStat]:
+    listing = ref.location.fs.ls(ref.location.root, detail=True)
+    files = {posixpath.basename(i["name"]): _stat(i) for i in listing if i.get("type") != "directory"}
+    return {name: stat for name, stat in files.items() if name in peft_format.ADAPTER_FILES}
+
+
+def list_adapter_files(refs: list[AdapterRef]) -> list[dict[str, FileStat]]:
+    """The adapter files of each folder with their size and tag ({} where the folder is gone)."""
+    out = []
+    for ref in refs:
+        try:
+            out.append(_list_files(ref))
+        except FileNotFoundError:
+            out.append({})
+    return out
 
 
 def read_tensor_table(path: str, size: int, fs) -> dict[str, TensorInfo]:

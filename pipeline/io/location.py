@@ -58,6 +58,10 @@ class Location:
     def uri_of(self, path: str) -> str:
         return path if self.is_local else f"{self.protocol}://{path}"
 
+    def relative(self, path: str) -> str:
+        """A path of this filesystem relative to the root."""
+        return posixpath.relpath(path, self.root)
+
     def child(self, *parts: str) -> Location:
         return Location(self.uri_of(self.path(*parts)), self.endpoint_url)
 
@@ -83,6 +87,18 @@ class Location:
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         self.write_bytes(data, tmp)
         os.replace(tmp, path)
+
+    def create_exclusive(self, data: bytes, *parts: str) -> None:
+        """Write an object only if none exists; FileExistsError otherwise. Atomic on S3 (a PUT with
+        If-None-Match: *) and locally (O_EXCL)."""
+        path = self.path(*parts)
+        if not self.is_local:
+            self.fs.pipe_file(path, data, mode="create")
+            return
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
 
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))

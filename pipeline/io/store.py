@@ -2,6 +2,7 @@
 caller needs. Format described in docs/store-format.md.
 
     STORE/LATEST                                  {"version": ..., "format_version": ...}, written last
+    STORE/LOCK                                    held by the one writer at work (created if absent)
     STORE/versions/<v>/manifest.json              parameters, modules, files with sizes and sha256
     STORE/versions/<v>/basis/shard-NNNNN.safetensors
     STORE/versions/<v>/loadings.parquet           one row per (task_id, module), sorted by task_id
@@ -11,10 +12,15 @@ caller needs. Format described in docs/store-format.md.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import getpass
 import hashlib
 import io
 import json
+import os
 import re
+import socket
 import uuid
 from dataclasses import dataclass
 
@@ -25,10 +31,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pipeline.errors import PipelineError
-from pipeline.io.location import Location, storage_error
+from pipeline.io.location import Location, redact, storage_error
 
 FORMAT_VERSION = 1
 POINTER = "LATEST"
+LOCK = "LOCK"
 MANIFEST = "manifest.json"
 LOADINGS = "loadings.parquet"
 CATALOG = "catalog.parquet"
@@ -48,6 +55,15 @@ class FileEntry:
 
 def basis_file(shard: str) -> str:
     return f"basis/{shard}.safetensors"
+
+
+def staging_file(shard: str) -> str:
+    return f"staging/loadings-{shard}.parquet"
+
+
+def version_path(version: str, name: str) -> str:
+    """A version's object as a path relative to the store root, as manifests list files."""
+    return f"versions/{version}/{name}"
 
 
 def basis_key(module: str, side: str, field: str) -> str:
@@ -114,11 +130,54 @@ class Store:
             raise storage_error("write to store", self.location, exc) from None
 
     def publish(self, version: str, manifest: dict) -> None:
-        """Write the manifest, then move the pointer: readers see the old version or the new."""
+        """Write the manifest, then move the pointer: readers see the old version or the new.
+        Refuses if the pointer moved since the work began (from manifest["parent"])."""
+        current = self.current_version()
+        if current != manifest["parent"]:
+            raise PipelineError(
+                f"store {self} moved to {current} while this run worked from {manifest['parent']}; nothing was published"
+            )
         where = self.version_location(version)
         where.write_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode(), MANIFEST)
+        self.set_pointer(version)
+
+    def set_pointer(self, version: str) -> None:
         pointer = {"version": version, "format_version": FORMAT_VERSION}
         self.location.write_atomic(json.dumps(pointer).encode() + b"\n", POINTER)
+
+    @contextlib.contextmanager
+    def lock(self, operation: str):
+        """Hold the store's writer lock: an object created only if absent (S3 conditional PUT with
+        If-None-Match, O_EXCL locally), so of two writers exactly one gets it. Removed on exit."""
+        holder = {
+            "operation": operation, "host": socket.gethostname(), "pid": os.getpid(), "user": getpass.getuser(),
+            "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex,
+        }
+        try:
+            self.location.create_exclusive(json.dumps(holder).encode(), LOCK)
+        except FileExistsError:
+            raise PipelineError(self._locked_message()) from None
+        except OSError as exc:
+            raise storage_error("lock store", self.location, exc) from None
+        try:
+            yield
+        finally:
+            try:
+                if json.loads(self.location.read_bytes(LOCK)).get("token") == holder["token"]:
+                    self.location.remove(LOCK)
+            except (OSError, ValueError):
+                pass
+
+    def _locked_message(self) -> str:
+        try:
+            holder = json.loads(self.location.read_bytes(LOCK))
+            who = f"{holder['operation']} by {holder['user']}@{holder['host']} pid {holder['pid']} since {holder['since']}"
+        except (OSError, ValueError, KeyError):
+            who = "another writer"
+        return (
+            f"store {self} is locked ({who}): another writer is at work. If none is (a crashed run), "
+            f"remove {redact(self.location.uri_of(self.location.path(LOCK)))} and retry"
+        )
 
     def discard(self, version: str) -> None:
         """Remove an unpublished version's objects (best effort: they are invisible anyway)."""
@@ -132,6 +191,16 @@ class Store:
     def write_object(self, version: str, name: str, data: bytes) -> FileEntry:
         self.version_location(version).write_bytes(data, name)
         return FileEntry(len(data), hashlib.sha256(data).hexdigest())
+
+    def published(self) -> list[dict]:
+        """Manifests of every published version, oldest first."""
+        found = []
+        for version in self.versions():
+            try:
+                found.append(json.loads(self.version_location(version).read_bytes(MANIFEST)))
+            except FileNotFoundError:
+                continue  # unpublished: a crashed or running write
+        return found
 
     def write_table(self, version: str, name: str, table: pa.Table, row_group_size: int | None = None) -> FileEntry:
         sink = io.BytesIO()
@@ -147,8 +216,9 @@ class Store:
         except FileNotFoundError:
             raise PipelineError(f"version {version} of {self} has no manifest") from None
 
-    def read_basis(self, version: str, shard: str) -> dict[str, torch.Tensor]:
-        return load_safetensors(self.version_location(version).read_bytes(basis_file(shard)))
+    def read_basis(self, path: str) -> dict[str, torch.Tensor]:
+        """A basis object by its store-relative path (a version may use its parent's)."""
+        return load_safetensors(self.location.read_bytes(path))
 
     def read_table(self, version: str, name: str, task_ids: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:
         """A Parquet table of a version; with task_ids, only those adapters' rows (row groups whose

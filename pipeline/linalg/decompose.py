@@ -24,13 +24,14 @@ EXACT_LIMIT = 8192
 class Decomposition:
     """components (k, D) orthonormal rows; singular_values (k,); mean (D,);
     total_variance = ||X - mean||_F^2 (all of the spectrum, for explained-variance ratios);
-    route: the SVD route taken."""
+    route: the SVD route taken; count: rows the decomposition has seen (for incremental updates)."""
 
     components: torch.Tensor
     singular_values: torch.Tensor
     mean: torch.Tensor
     total_variance: float
     route: str
+    count: int
 
 
 def choose_route(n: int, d: int, k: int | None) -> str:
@@ -69,11 +70,17 @@ def centred_svd(
     if route not in _ROUTES:
         raise ValueError(f"unknown SVD route {route!r} (expected auto or one of {sorted(_ROUTES)})")
     spectrum, directions = _ROUTES[route](centred, k, niter)
+    keep = components_to_keep(spectrum, total, k, threshold)
+    comps = sign_flip(directions(keep).to(torch.float32))
+    return Decomposition(comps, spectrum[:keep].to(torch.float32), mean.to(torch.float32), total, route, n)
+
+
+def components_to_keep(spectrum: torch.Tensor, total: float, k: int | None, threshold: float | None) -> int:
+    """At most k, none at rounding level, and with a threshold the fewest explaining it."""
     keep = _significant(spectrum, k)
     if threshold is not None:
         keep = min(keep, components_for_variance(spectrum, total, threshold))
-    comps = sign_flip(directions(keep).to(torch.float32))
-    return Decomposition(comps, spectrum[:keep].to(torch.float32), mean.to(torch.float32), total, route)
+    return keep
 
 
 # Each route returns the singular values it found (descending) and a function giving the

@@ -1,23 +1,48 @@
-"""Compute: one task per shard. Reads just the shard's tensor byte ranges from every adapter,
-stacks, finds each module's basis, writes the shard's basis object and returns the small results
-(loadings, errors, spectra summaries) to the driver."""
+"""Compute: one task per shard of modules. It finds each module's basis (a fresh SVD, an
+incremental update of the parent's, or the parent's as it is), writes the shard's basis object,
+and stages the shard's loadings for every adapter of the new version: the new adapters, projected
+from their files, and the parent's, moved to the new basis from their stored loadings.
+
+Only small summaries go back to the driver; what grows with the number of adapters is written to
+storage, in row batches.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from pipeline.io.adapters import read_ranges
 from pipeline.io.location import Location
 from pipeline.io.safetensors_ranges import TensorInfo, decode
-from pipeline.io.store import FileEntry, Store, basis_file, basis_key, encode_basis
-from pipeline.linalg.decompose import centred_svd, explained_variance, project, reconstruct
-from pipeline.linalg.metrics import relative_product_error
+from pipeline.io.store import FileEntry, Store, basis_file, basis_key, encode_basis, staging_file
+from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
+from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, project, reconstruct
+from pipeline.linalg.incremental import absorb, change_of_basis
+from pipeline.linalg.metrics import product_inner
 from pipeline.stages.plan import Shard
 
 READ_BATCH = 256  # adapters per cat_ranges call: bounds the raw bytes held at once
+MOVE_BATCH = 256  # parent rows rebuilt at once to measure how far the new basis moved them
+
+Mode = Literal["fit", "absorb", "project"]
+
+LOADINGS_SCHEMA = pa.schema([
+    ("task_id", pa.string()),
+    ("module", pa.string()),
+    ("a", pa.list_(pa.float32())),
+    ("b", pa.list_(pa.float32())),
+    ("error", pa.float32()),
+    ("norm", pa.float32()),
+])
+LOADINGS_KEYS = ["task_id", "module"]
 
 
 @dataclass(frozen=True)
@@ -34,15 +59,37 @@ class ComponentRule:
     def needs_first_module(self) -> bool:
         return self.components is None and not self.adaptive
 
+    def limits(self, fixed_k: int | None) -> tuple[int | None, float | None]:
+        """(k, threshold) for one module side, given the collection-wide k if decided."""
+        if self.components is not None:
+            return self.components, None
+        if self.adaptive or fixed_k is None:
+            return None, self.variance_threshold
+        return fixed_k, None
+
+
+@dataclass
+class Parent:
+    """The version a new one grows from: its basis objects (store-relative, per module), its
+    loadings table, and the task ids whose rows the new version replaces."""
+
+    basis: dict[str, str]
+    loadings: str
+    drop: frozenset[str] = frozenset()
+    refit: bool = False  # fit mode: the parent's reconstructed rows join the new SVD
+
 
 @dataclass
 class ShardTask:
     shard: Shard
+    mode: Mode
     rule: ComponentRule
-    source: Location  # whose filesystem reads the adapters
     store: Location
     version: str
-    weights: list[tuple[str, dict[str, tuple[TensorInfo, TensorInfo]]]]  # per adapter: path, module infos
+    source: Location | None  # whose filesystem reads the new adapters
+    new: list[tuple[str, str, dict[str, tuple[TensorInfo, TensorInfo]]]]  # task id, weights path, infos, sorted by id
+    shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]]  # module -> lora_A and lora_B shapes
+    parent: Parent | None = None
     fixed_k: int | None = None  # the collection-wide k, once the first module decided it
     route: str = "auto"
 
@@ -52,106 +99,256 @@ class ModuleResult:
     module: str
     a_shape: tuple[int, int]
     b_shape: tuple[int, int]
+    k_a: int
+    k_b: int
     explained_a: float
     explained_b: float
     route: str
-    loadings_a: torch.Tensor  # (N, k_a)
-    loadings_b: torch.Tensor  # (N, k_b)
-    errors: torch.Tensor  # (N,) relative delta-W error
-
-    @property
-    def k_a(self) -> int:
-        return self.loadings_a.shape[1]
-
-    @property
-    def k_b(self) -> int:
-        return self.loadings_b.shape[1]
+    count: int  # adapters the basis has seen
 
 
 @dataclass
 class ShardResult:
     shard: Shard
-    file: FileEntry | None = None
+    file: FileEntry | None = None  # the basis object written (None: the parent's is kept)
+    staged: FileEntry | None = None
     modules: list[ModuleResult] = field(default_factory=list)
-    nonfinite: dict[int, str] = field(default_factory=dict)  # adapter index -> reason
+    nonfinite: dict[int, str] = field(default_factory=dict)  # index into task.new -> reason
     decided_k: int | None = None
     bytes_read: int = 0
     requests: int = 0
+    stack_bytes: int = 0  # the factor stacks this task held: what grows with the rows it reads
     seconds: dict[str, float] = field(default_factory=dict)
 
 
 def compute_shard(task: ShardTask) -> ShardResult:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = ShardResult(task.shard)
-    started = time.perf_counter()
-    stacks = _read_stacks(task, result)
-    result.seconds["read"] = time.perf_counter() - started
+    store = Store(task.store)
+    clock = time.perf_counter()
+    stacks = _read_stacks(task, result) if task.new else {}
     if result.nonfinite:
         return result
-    started = time.perf_counter()
+    parents = _parent_bases(store, task) if task.parent else {}
+    if task.parent and task.parent.refit:
+        _add_parent_rows(store, task, parents, stacks, result)
+    result.seconds["read"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
     k = task.fixed_k
-    tensors: dict[str, torch.Tensor] = {}
+    bases: dict[tuple[str, str], Decomposition] = {}
+    new_rows: list[pa.Table] = []
     for module in task.shard.modules:
-        xa, xb = (x.to(device) for x in stacks.pop(module))
-        a_shape, b_shape = (tuple(i.shape) for i in task.weights[0][1][module])
-        side_results = []
-        for side, x in (("A", xa), ("B", xb)):
-            rule = task.rule
-            if rule.components is not None:
-                dec = centred_svd(x, k=rule.components, route=task.route)
-            elif rule.adaptive or k is None:
-                dec = centred_svd(x, threshold=rule.variance_threshold, route=task.route)
-                if not rule.adaptive:
-                    k = result.decided_k = max(len(dec.singular_values), 1)
+        shapes = task.shapes[module]
+        for side in "AB":
+            x = stacks[module]["AB".index(side)].to(device) if module in stacks else None
+            limit, threshold = task.rule.limits(k)
+            if task.mode == "project":
+                dec = parents[module, side]
+            elif task.mode == "absorb":
+                dec = absorb(_to(parents[module, side], device), x, limit, threshold)
             else:
-                dec = centred_svd(x, k=k, route=task.route)
-            for name, value in (("components", dec.components), ("singular_values", dec.singular_values), ("mean", dec.mean)):
-                tensors[basis_key(module, side, name)] = value.cpu()
-            side_results.append((dec, project(x, dec.components, dec.mean)))
-        (da, la), (db, lb) = side_results
-        n = xa.shape[0]
-        errors = relative_product_error(
-            xa.view(n, *a_shape), xb.view(n, *b_shape),
-            reconstruct(la, da.components, da.mean).view(n, *a_shape),
-            reconstruct(lb, db.components, db.mean).view(n, *b_shape),
-        )
+                dec = centred_svd(x, limit, threshold, task.route)
+            if task.rule.needs_first_module and k is None and task.mode != "project":
+                k = result.decided_k = max(len(dec.singular_values), 1)
+            bases[module, side] = _to(dec, "cpu")
+        a, b = bases[module, "A"], bases[module, "B"]
         result.modules.append(ModuleResult(
-            module, a_shape, b_shape,
-            _ratio(da), _ratio(db), da.route, la.cpu(), lb.cpu(), errors.cpu(),
+            module, *shapes, len(a.singular_values), len(b.singular_values),
+            _explained(a), _explained(b), a.route, a.count,
         ))
-    result.seconds["compute"] = time.perf_counter() - started
-    started = time.perf_counter()
-    result.file = Store(task.store).write_object(task.version, basis_file(task.shard.name), encode_basis(tensors))
-    result.seconds["write"] = time.perf_counter() - started
+        if task.new:
+            new_rows.append(_project_new(task, module, shapes, stacks.pop(module), a, b, device))
+    result.seconds["compute"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    if task.mode != "project":
+        tensors = {}
+        for (module, side), dec in bases.items():
+            for name, value in _basis_fields(dec).items():
+                tensors[basis_key(module, side, name)] = value
+        result.file = store.write_object(task.version, basis_file(task.shard.name), encode_basis(tensors))
+    streams: list = [_sorted_rows(new_rows)]
+    if task.parent:
+        streams.append(_moved_parent_rows(store, task, parents, bases))
+    where = store.version_location(task.version)
+    size, sha256, _ = write_tables(where, staging_file(task.shard.name), merge_sorted(streams, LOADINGS_KEYS), LOADINGS_SCHEMA)
+    result.staged = FileEntry(size, sha256)
+    result.seconds["write"] = time.perf_counter() - clock
     return result
 
 
-def _ratio(dec) -> float:
-    ratios = explained_variance(dec.singular_values, dec.total_variance)
-    return float(ratios[-1]) if len(ratios) else (1.0 if dec.total_variance == 0 else 0.0)
+# -- reading ---------------------------------------------------------------------------------
 
 
-def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(N, r*d_in) and (N, d_out*r) float32 stacks per module; non-finite rows are reported."""
+def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, list[torch.Tensor]]:
+    """[(N, r*d_in), (N, d_out*r)] float32 stacks per module; non-finite rows are reported."""
     fs = task.source.fs
-    n = len(task.weights)
-    first = task.weights[0][1]
-    stacks = {
-        m: (torch.empty(n, first[m][0].shape[0] * first[m][0].shape[1]), torch.empty(n, first[m][1].shape[0] * first[m][1].shape[1]))
-        for m in task.shard.modules
-    }
+    n = len(task.new)
+    first = task.new[0][2]
+    stacks = {m: [torch.empty(n, info.shape[0] * info.shape[1]) for info in first[m]] for m in task.shard.modules}
+    result.stack_bytes = sum(4 * x.numel() for pair in stacks.values() for x in pair)
     for begin in range(0, n, READ_BATCH):
-        batch = task.weights[begin : begin + READ_BATCH]
-        requests = [(path, [info for m in task.shard.modules for info in infos[m]]) for path, infos in batch]
+        batch = task.new[begin : begin + READ_BATCH]
+        requests = [(path, [info for m in task.shard.modules for info in infos[m]]) for _, path, infos in batch]
         blobs = read_ranges(fs, requests)
         result.requests += len(requests)
         for offset, (request, buffers) in enumerate(zip(requests, blobs)):
             row = begin + offset
             for position, (info, buffer) in enumerate(zip(request[1], buffers)):
-                module, side = task.shard.modules[position // 2], "AB"[position % 2]
+                module, side = task.shard.modules[position // 2], position % 2
                 values = decode(buffer, info).to(torch.float32).reshape(-1)
                 result.bytes_read += len(buffer)
                 if not torch.isfinite(values).all():
-                    result.nonfinite.setdefault(row, f"NaN or Inf in {module} lora_{side}")
-                stacks[module]["AB".index(side)][row] = values
+                    result.nonfinite.setdefault(row, f"NaN or Inf in {module} lora_{'AB'[side]}")
+                stacks[module][side][row] = values
     return stacks
+
+
+def _parent_bases(store: Store, task: ShardTask) -> dict[tuple[str, str], Decomposition]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted({task.parent.basis[m] for m in task.shard.modules}):
+        tensors.update(store.read_basis(path))
+    return {
+        (m, side): Decomposition(
+            tensors[basis_key(m, side, "components")], tensors[basis_key(m, side, "singular_values")],
+            tensors[basis_key(m, side, "mean")], float(tensors[basis_key(m, side, "total_variance")]), "stored",
+            int(tensors[basis_key(m, side, "count")]),
+        )
+        for m in task.shard.modules for side in "AB"
+    }
+
+
+def _parent_batches(store: Store, task: ShardTask) -> Iterator[pa.RecordBatch]:
+    """The parent's rows of this shard's modules, without the ones the new version replaces."""
+    modules = pa.array(task.shard.modules, pa.string())
+    for batch in without(read_batches(store.location, task.parent.loadings, LOADINGS_SCHEMA.names), set(task.parent.drop)):
+        yield batch.filter(pc.is_in(batch.column("module"), value_set=modules))
+
+
+def _add_parent_rows(store, task, parents, stacks, result) -> None:
+    """Full re-base from the store: the parent's adapters, rebuilt, join the new rows."""
+    rebuilt: dict[str, list[list[torch.Tensor]]] = {m: [[], []] for m in task.shard.modules}
+    for batch in _parent_batches(store, task):
+        for module, rows in _by_module(batch):
+            for side, column in enumerate("ab"):
+                dec = parents[module, "AB"[side]]
+                rebuilt[module][side].append(reconstruct(_loadings(rows, column), dec.components, dec.mean))
+    for module, sides in rebuilt.items():
+        old = [torch.cat(parts) if parts else None for parts in sides]
+        if module in stacks:
+            stacks[module] = [torch.cat([x, o]) if o is not None else x for x, o in zip(stacks[module], old)]
+        elif old[0] is not None:
+            stacks[module] = old
+    result.stack_bytes = sum(4 * x.numel() for pair in stacks.values() for x in pair)
+
+
+# -- loadings rows ---------------------------------------------------------------------------
+
+
+def _project_new(task, module, shapes, stack, a: Decomposition, b: Decomposition, device) -> pa.Table:
+    """Rows for the new adapters: loadings on the new basis, exact delta-W error, and ||B A||."""
+    n = len(task.new)
+    xa, xb = stack[0][:n].to(device), stack[1][:n].to(device)
+    la, lb = project(xa, a.components.to(device), a.mean.to(device)), project(xb, b.components.to(device), b.mean.to(device))
+    fa, fb = xa.view(n, *shapes[0]), xb.view(n, *shapes[1])
+    ra = reconstruct(la, a.components.to(device), a.mean.to(device)).view(n, *shapes[0])
+    rb = reconstruct(lb, b.components.to(device), b.mean.to(device)).view(n, *shapes[1])
+    norm2 = product_inner(fa, fb, fa, fb)
+    diff2 = (norm2 - 2 * product_inner(fa, fb, ra, rb) + product_inner(ra, rb, ra, rb)).clamp_min(0)
+    return _rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), _relative(diff2.sqrt(), norm2.sqrt()).cpu(), norm2.sqrt().cpu())
+
+
+def _moved_parent_rows(store, task, parents, bases) -> Iterator[pa.Table]:
+    """The parent's rows on the new basis. A stored row is the parent's reconstruction, so its
+    error can only be bounded: the parent's error plus how far the reconstruction moved."""
+    if task.mode == "project":
+        yield from (pa.Table.from_batches([b]) for b in _parent_batches(store, task))
+        return
+    moves = {key: change_of_basis(parents[key], bases[key]) for key in bases}
+    for batch in _parent_batches(store, task):
+        tables = []
+        for module, rows in _by_module(batch):
+            shapes = task.shapes[module]
+            old_a, old_b = _loadings(rows, "a"), _loadings(rows, "b")
+            new_a = old_a @ moves[module, "A"][0] + moves[module, "A"][1]
+            new_b = old_b @ moves[module, "B"][0] + moves[module, "B"][1]
+            drift = torch.cat([
+                _drift(old_a[i : i + MOVE_BATCH], old_b[i : i + MOVE_BATCH], new_a[i : i + MOVE_BATCH], new_b[i : i + MOVE_BATCH],
+                       parents[module, "A"], parents[module, "B"], bases[module, "A"], bases[module, "B"], shapes)
+                for i in range(0, len(old_a), MOVE_BATCH)
+            ])
+            norm = torch.from_numpy(rows.column("norm").to_numpy().astype(np.float64))
+            error = torch.from_numpy(rows.column("error").to_numpy().astype(np.float64)) + _relative(drift, norm)
+            tables.append(_rows(rows.column("task_id").to_pylist(), module, new_a, new_b, error, norm))
+        yield from _sorted_rows(tables)
+
+
+def _drift(old_a, old_b, new_a, new_b, pa_, pb_, na_, nb_, shapes) -> torch.Tensor:
+    """||B_old A_old - B_new A_new||_F of rebuilt factors, per row."""
+    n = len(old_a)
+    ao = reconstruct(old_a, pa_.components, pa_.mean).view(n, *shapes[0])
+    bo = reconstruct(old_b, pb_.components, pb_.mean).view(n, *shapes[1])
+    an = reconstruct(new_a, na_.components, na_.mean).view(n, *shapes[0])
+    bn = reconstruct(new_b, nb_.components, nb_.mean).view(n, *shapes[1])
+    return (product_inner(ao, bo, ao, bo) - 2 * product_inner(ao, bo, an, bn) + product_inner(an, bn, an, bn)).clamp_min(0).sqrt()
+
+
+def _relative(diff: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    return torch.where(norm > 0, diff / norm.clamp_min(1e-300), diff)
+
+
+def _rows(task_ids, module, la, lb, error, norm) -> pa.Table:
+    return pa.table({
+        "task_id": pa.array(task_ids, pa.string()),
+        "module": pa.array([module] * len(task_ids), pa.string()),
+        "a": _lists(la),
+        "b": _lists(lb),
+        "error": pa.array(error.numpy().astype(np.float32)),
+        "norm": pa.array(norm.numpy().astype(np.float32)),
+    })
+
+
+def _lists(values: torch.Tensor) -> pa.Array:
+    n, k = values.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32) if k else np.zeros(n + 1, np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.numpy().astype(np.float32).reshape(-1)))
+
+
+def _loadings(rows: pa.Table, column: str) -> torch.Tensor:
+    values = rows.column(column).combine_chunks()
+    width = len(values[0]) if len(values) else 0
+    return torch.from_numpy(values.flatten().to_numpy().astype(np.float32).reshape(len(values), width))
+
+
+def _by_module(batch) -> Iterator[tuple[str, pa.Table]]:
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    for module in pc.unique(table.column("module")).to_pylist():
+        yield module, table.filter(pc.equal(table.column("module"), module))
+
+
+def _sorted_rows(tables: list[pa.Table]) -> Iterator[pa.Table]:
+    if tables:
+        yield pa.concat_tables(tables).sort_by([(k, "ascending") for k in LOADINGS_KEYS])
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+
+def _to(dec: Decomposition, device) -> Decomposition:
+    return Decomposition(
+        dec.components.to(device), dec.singular_values.to(device), dec.mean.to(device), dec.total_variance, dec.route, dec.count
+    )
+
+
+def _basis_fields(dec: Decomposition) -> dict[str, torch.Tensor]:
+    return {
+        "components": dec.components, "singular_values": dec.singular_values, "mean": dec.mean,
+        "total_variance": torch.tensor([dec.total_variance], dtype=torch.float64),
+        "count": torch.tensor([dec.count], dtype=torch.int64),
+    }
+
+
+def _explained(dec: Decomposition) -> float:
+    ratios = explained_variance(dec.singular_values, dec.total_variance)
+    return float(ratios[-1]) if len(ratios) else (1.0 if dec.total_variance == 0 else 0.0)

@@ -71,7 +71,7 @@ class ScannedAdapter:
 
     def layout(self) -> tuple:
         """What must agree across a collection: modules and their factor shapes."""
-        return tuple((m, a.shape, b.shape) for m, (a, b) in sorted(self.modules.items()))
+        return tuple((m, tuple(a.shape), tuple(b.shape)) for m, (a, b) in sorted(self.modules.items()))
 
 
 def scan_batch(refs: list[AdapterRef]) -> list[ScannedAdapter]:
@@ -185,9 +185,10 @@ def _check_against_config(scanned: ScannedAdapter) -> None:
             raise AdapterError(f"module {module!r} has rank {a.shape[0]} but the config says r={expected}")
 
 
-def check_collection(adapters: list[ScannedAdapter]) -> None:
-    """Quarantine what disagrees with the collection (the most common value among good adapters):
-    duplicate task ids, base model, module set, factor shapes."""
+def check_collection(adapters: list[ScannedAdapter], reference: dict | None = None) -> None:
+    """Quarantine what disagrees with the collection (the most common value among good adapters,
+    or the store's manifest when `reference` is given): duplicate task ids, base model, module
+    set, factor shapes."""
     first_uri: dict[str, str] = {}
     for adapter in adapters:
         if adapter.task_id in first_uri:
@@ -196,6 +197,8 @@ def check_collection(adapters: list[ScannedAdapter]) -> None:
             first_uri[adapter.task_id] = adapter.location.uri
     good = [a for a in adapters if a.ok]
     bases = Counter(a.base_model for a in good if a.base_model)
+    if reference is not None:
+        bases = Counter([reference["base_model"]] if reference.get("base_model") else [])
     if bases:
         base = bases.most_common(1)[0][0]
         for a in good:
@@ -204,7 +207,10 @@ def check_collection(adapters: list[ScannedAdapter]) -> None:
     good = [a for a in good if a.ok]
     if not good:
         return
-    layout = Counter(a.layout() for a in good).most_common(1)[0][0]
+    if reference is not None:
+        layout = tuple((m, tuple(e["a_shape"]), tuple(e["b_shape"])) for m, e in sorted(reference["modules"].items()))
+    else:
+        layout = Counter(a.layout() for a in good).most_common(1)[0][0]
     modules = {m for m, _, _ in layout}
     shapes = {m: (sa, sb) for m, sa, sb in layout}
     for a in good:
@@ -219,7 +225,7 @@ def check_collection(adapters: list[ScannedAdapter]) -> None:
                 + (f"; extra {len(extra)} (e.g. {extra[0]!r})" if extra else "")
             )
             continue
-        module = next(m for m in sorted(mine) if (a.modules[m][0].shape, a.modules[m][1].shape) != shapes[m])
+        module = next(m for m in sorted(mine) if (tuple(a.modules[m][0].shape), tuple(a.modules[m][1].shape)) != shapes[m])
         (ra, _), (rb, _) = a.modules[module][0].shape, shapes[module][0]
         what = f"rank {ra} differs from the collection's rank {rb}" if ra != rb else "factor shapes differ from the collection's"
         a.quarantine(f"module {module!r}: {what}")

@@ -115,10 +115,10 @@ def test_each_bad_adapter_gets_its_reason_and_the_rest_compress(runner, tmp_path
         assert f"quarantined {name}: " in summary
     for name in WARNED:
         assert catalog[name]["status"] == "ok" and "rank read off the shapes" in catalog[name]["warnings"][0]
-    assert store.manifest()["adapters"] == {"ok": GOOD + len(WARNED), "quarantined": len(BAD)}
+    assert store.manifest()["adapters"] == {"ok": GOOD + len(WARNED), "quarantined": len(BAD), "in_basis": GOOD + len(WARNED)}
     # The quarantined NaN adapter never reached a basis: every stored tensor is finite.
-    for shard in {e["shard"] for e in store.manifest()["modules"].values()}:
-        assert all(torch.isfinite(t).all() for t in store.read_basis("v000001", shard).values())
+    for path in {e["basis"] for e in store.manifest()["modules"].values()}:
+        assert all(torch.isfinite(t).all() for t in store.read_basis(path).values())
     # An adapter without a config exports with a usable minimal one.
     assert run_cli("export", tmp_path / "store", "no-config", "--out", tmp_path / "nc") == 0
     config = json.loads((tmp_path / "nc" / "adapter_config.json").read_text())

@@ -22,7 +22,7 @@ def test_compress_info_export_round_trip_with_all_components(runner, tmp_path, c
     capsys.readouterr()
     assert run_cli("info", tmp_path / "store", "--json") == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["version"] == "v000001" and info["adapters"] == {"ok": 12, "quarantined": 0}
+    assert info["version"] == "v000001" and info["adapters"] == {"ok": 12, "quarantined": 0, "in_basis": 12}
     assert info["modules"] == 8 and info["error"]["max"] < 1e-3
     assert info["compression_ratio"] > 0 and info["store_bytes"] > 0
 
@@ -45,12 +45,13 @@ def test_store_layout_manifest_checksums_and_pointer(runner, tmp_path):
     root = tmp_path / "store" / "versions" / "v000001"
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["parent"] is None and manifest["parameters"]["components"] == 3
+    assert not (root / "staging").exists()
     for name, entry in manifest["files"].items():
-        data = (root / name).read_bytes()
+        data = (tmp_path / "store" / name).read_bytes()
         assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["bytes"], entry["sha256"])
     assert {e["k_a"] for e in manifest["modules"].values()} == {3}
     loadings = pq.read_table(root / "loadings.parquet")
-    assert loadings.num_rows == 6 * 8 and loadings.column_names == ["task_id", "module", "a", "b", "error"]
+    assert loadings.num_rows == 6 * 8 and loadings.column_names == ["task_id", "module", "a", "b", "error", "norm"]
     assert all(len(v) == 3 for v in loadings.column("a").to_pylist())
     catalog = pq.read_table(root / "catalog.parquet").to_pylist()
     assert [r["status"] for r in catalog] == ["ok"] * 6 and catalog[0]["lora_alpha"] == 16
@@ -119,23 +120,24 @@ def test_user_errors_are_one_line_with_nonzero_exit(runner, tmp_path, capsys, ar
 def test_sharding_does_not_change_the_result(runner, tmp_path):
     """One in-process shard and Ray's several shards give the same bases and loadings."""
     from pipeline.runners import SerialRunner
-    from pipeline.stages.compress import CompressOptions, compress
+    from pipeline.stages.compress import compress
     from pipeline.stages.compute import ComponentRule
+    from pipeline.stages.version import Options
 
     make_collection(tmp_path / "src", 10)
     source = Location(str(tmp_path / "src"))
     stores = {}
     for name, executor in (("serial", SerialRunner()), ("ray", runner)):
         stores[name] = Store(Location(str(tmp_path / name)))
-        compress(source, stores[name], executor, CompressOptions(ComponentRule(components=4)))
+        compress(source, stores[name], executor, Options(ComponentRule(components=4)))
     serial, ray_store = stores["serial"], stores["ray"]
-    assert len({e["shard"] for e in serial.manifest()["modules"].values()}) == 1
-    assert len({e["shard"] for e in ray_store.manifest()["modules"].values()}) > 1
+    assert len({e["basis"] for e in serial.manifest()["modules"].values()}) == 1
+    assert len({e["basis"] for e in ray_store.manifest()["modules"].values()}) > 1
 
     def bases(store):
         merged = {}
-        for shard in {e["shard"] for e in store.manifest()["modules"].values()}:
-            merged.update(store.read_basis(store.current_version(), shard))
+        for path in {e["basis"] for e in store.manifest()["modules"].values()}:
+            merged.update(store.read_basis(path))
         return merged
 
     torch.testing.assert_close(bases(serial), bases(ray_store), atol=1e-5, rtol=1e-4)

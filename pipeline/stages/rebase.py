@@ -1,0 +1,156 @@
+"""Growing a store after uploads: discovery against the current catalog, then `project` (new
+adapters on the current basis), `rebase` (the incremental update absorbs them) or `rebase --full`
+(one SVD over the stored adapters, rebuilt, or over their original files, plus the new ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from pipeline.errors import PipelineError
+from pipeline.io.adapters import AdapterRef, FileStat, discover, list_adapter_files
+from pipeline.io.location import Location
+from pipeline.io.store import CATALOG, Store
+from pipeline.peft_format import WEIGHTS_FILE
+from pipeline.runners import Runner
+from pipeline.stages.compress import chunks, scan
+from pipeline.stages.compute import ComponentRule
+from pipeline.stages.version import Change, Options, Summary, write_version
+
+log = logging.getLogger(__name__)
+
+STAT_BATCH = 64
+
+
+@dataclass
+class Diff:
+    """The source against the current version's catalog."""
+
+    added: list[AdapterRef]
+    replaced: list[AdapterRef]  # same task id, different weights file (size or ETag/mtime)
+    pending: list[AdapterRef]  # projected earlier, not yet absorbed into the basis
+    unchanged: int
+    missing: list[str]  # in the store, gone from the source: kept
+
+    def counts(self) -> dict[str, int]:
+        return {"added": len(self.added), "replaced": len(self.replaced), "pending": len(self.pending),
+                "unchanged": self.unchanged, "missing": len(self.missing)}
+
+    def to_dict(self) -> dict:
+        return {
+            "added": [r.task_id for r in self.added], "replaced": [r.task_id for r in self.replaced],
+            "pending": [r.task_id for r in self.pending], "unchanged": self.unchanged, "missing": self.missing,
+        }
+
+
+def diff(refs: list[AdapterRef], catalog: list[dict]) -> Diff:
+    known = {row["task_id"]: row for row in catalog}
+    seen = set()
+    added, replaced, pending, unchanged = [], [], [], 0
+    for ref in refs:
+        row = known.get(ref.task_id)
+        if row is None or ref.task_id in seen:
+            added.append(ref)  # a second ref with one id: scan quarantines it as a duplicate
+            continue
+        seen.add(ref.task_id)
+        weights = (ref.files or {}).get(WEIGHTS_FILE, FileStat(-1, ""))
+        if (weights.size, weights.tag) != (row["weights_bytes"], row["weights_tag"]):
+            replaced.append(ref)
+        elif row["status"] == "ok" and not row["in_basis"]:
+            pending.append(ref)
+        else:
+            unchanged += 1
+    missing = sorted(set(known) - seen)
+    return Diff(added, replaced, pending, unchanged, missing)
+
+
+def _with_files(refs: list[AdapterRef], runner: Runner) -> list[AdapterRef]:
+    """Refs from a manifest file carry no listing yet: list their folders in parallel."""
+    bare = [r for r in refs if r.files is None]
+    if not bare:
+        return refs
+    batches = [bare[i : i + STAT_BATCH] for i in range(0, len(bare), STAT_BATCH)]
+    for index, listed in runner.map_unordered(list_adapter_files, batches, num_cpus=0.5):
+        for ref, files in zip(batches[index], listed):
+            ref.files = files
+    return refs
+
+
+def grow(
+    source: Location,
+    store: Store,
+    runner: Runner,
+    operation: str,
+    options: Options,
+    *,
+    full: bool = False,
+    from_source: bool = False,
+    dry_run: bool = False,
+    chunk_size: int | None = None,
+) -> dict:
+    """project or rebase: returns {"diff": ..., "versions": [summaries]} (no versions for a dry
+    run or when nothing changed)."""
+    refs = _with_files(discover(source), runner)
+    if dry_run:
+        return {"diff": _diff(store, refs).to_dict(), "versions": []}
+    with store.lock(operation):
+        parent = store.require_version()
+        manifest = store.manifest(parent)
+        changes = _diff(store, refs)
+        if changes.missing:
+            log.info("%d adapter(s) in the store are no longer in the source; they stay", len(changes.missing))
+        options = dataclasses.replace(options, rule=_rule(manifest), route=manifest["parameters"]["svd_route"])
+        if from_source:
+            return {"diff": changes.to_dict(), "versions": [_from_source(source, store, runner, options, parent, refs, changes)]}
+        to_read = changes.added + changes.replaced + (changes.pending if operation == "rebase" else [])
+        if not to_read and not full:
+            log.info("%s is up to date with %s: nothing to do", store, source)
+            return {"diff": changes.to_dict(), "versions": []}
+        status = _status(store, parent)
+        summaries: list[Summary] = []
+        parts = chunks(sorted(to_read, key=lambda r: r.task_id), None if full else chunk_size)
+        for part in parts:
+            adapters = scan(part, runner, manifest, options.strict)
+            if operation == "project":
+                change = Change("project", "project", adapters, parent, manifest, status)
+            elif full:
+                change = Change("rebase-full", "fit", adapters, parent, manifest, status, refit=True)
+            else:
+                change = Change("rebase", "absorb", adapters, parent, manifest, status)
+            change.counts = changes.counts()
+            summaries.append(write_version(change, source, store, runner, options))
+            parent = summaries[-1].version
+            manifest = store.manifest(parent)
+            status = {**status, **{a.task_id: a.status for a in adapters}}
+    return {"diff": changes.to_dict(), "versions": [s.to_dict() for s in summaries]}
+
+
+def _diff(store: Store, refs: list[AdapterRef]) -> Diff:
+    version = store.require_version()
+    columns = ["task_id", "status", "weights_bytes", "weights_tag", "in_basis"]
+    return diff(refs, store.read_table(version, CATALOG, columns=columns).to_pylist())
+
+
+def _status(store: Store, version: str) -> dict[str, str]:
+    rows = store.read_table(version, CATALOG, columns=["task_id", "status"]).to_pylist()
+    return {row["task_id"]: row["status"] for row in rows}
+
+
+def _rule(manifest: dict) -> ComponentRule:
+    p = manifest["parameters"]
+    return ComponentRule(p["components"], p["variance_threshold"] or 0.6, p["adaptive"])
+
+
+def _from_source(source, store, runner, options, parent, refs, changes) -> dict:
+    """Recompute from the original files: the source's adapters, plus the store's adapters that
+    are no longer in the source, read from where the catalog says they came from."""
+    gone = set(changes.missing)
+    rows = store.read_table(parent, CATALOG, columns=["task_id", "uri", "status"]).to_pylist()
+    extra = [AdapterRef(r["task_id"], Location(r["uri"], source.endpoint_url)) for r in rows if r["task_id"] in gone and r["status"] == "ok"]
+    adapters = scan(refs + _with_files(extra, runner), runner, strict=options.strict)
+    if not any(a.ok for a in adapters):
+        raise PipelineError("rebase --full --from-source: no usable adapters")
+    change = Change("rebase-full", "fit", adapters, parent, None, counts=changes.counts())
+    return write_version(change, source, store, runner, options).to_dict()

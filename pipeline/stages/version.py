@@ -1,0 +1,383 @@
+"""Writing one new store version: compute every shard, merge what the shards staged into the
+version's tables, write the report and manifest, publish. Compress, project and rebase differ
+only in the Change they describe.
+
+The driver holds small things only: scan records of the adapters being read, one summary per
+shard, and a few floats per adapter for the error summary. Loadings and catalog rows stream from
+storage to storage in batches.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+from pipeline.io.location import Location, redact
+from pipeline.io.store import (
+    CATALOG, FORMAT_VERSION, LOADINGS, LOADINGS_ROW_GROUP, REPORT, Store, basis_file, staging_file, version_path,
+)
+from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
+from pipeline.progress import Progress
+from pipeline.runners import Runner
+from pipeline.stages.compute import LOADINGS_KEYS, LOADINGS_SCHEMA, ComponentRule, Mode, Parent, ShardResult, ShardTask, compute_shard
+from pipeline.stages.plan import Shard, largest_shard_bytes, plan_shards
+from pipeline.stages.scan import ScannedAdapter
+
+log = logging.getLogger(__name__)
+
+CATALOG_SCHEMA = pa.schema([
+    ("task_id", pa.string()),
+    ("uri", pa.string()),
+    ("status", pa.string()),
+    ("reason", pa.string()),
+    ("warnings", pa.list_(pa.string())),
+    ("weights_bytes", pa.int64()),
+    ("weights_tag", pa.string()),
+    ("rank", pa.int32()),
+    ("lora_alpha", pa.float64()),
+    ("use_rslora", pa.bool_()),
+    ("base_model", pa.string()),
+    ("dtype", pa.string()),
+    ("config_json", pa.string()),
+    ("in_basis", pa.bool_()),
+])
+
+
+@dataclass(frozen=True)
+class Options:
+    rule: ComponentRule = ComponentRule()
+    memory_budget: int = 1 << 30  # bytes of stacked factors per shard task
+    strict: bool = False
+    route: str = "auto"
+    max_error: float | None = None  # flag new adapters above this delta-W error
+
+
+@dataclass
+class Change:
+    """What a new version is made of. `adapters`: freshly scanned ones (ok ones are read from
+    their files); the parent's rows are kept except for those the adapters replace."""
+
+    operation: str  # compress | project | rebase | rebase-full
+    mode: Mode
+    adapters: list[ScannedAdapter]
+    parent: str | None = None  # the version current when the work began
+    parent_manifest: dict | None = None  # set when the new version grows from the parent's data
+    parent_status: dict[str, str] = field(default_factory=dict)  # task id -> status in the parent's catalog
+    refit: bool = False  # fit mode over the parent's rebuilt rows too (rebase --full from the store)
+    counts: dict[str, int] = field(default_factory=dict)  # discovery figures for the summary
+
+
+@dataclass
+class Summary:
+    operation: str
+    version: str
+    parent: str | None
+    store: str
+    adapters_ok: int
+    adapters_quarantined: int
+    quarantined: dict[str, str]  # found in this run
+    kept_previous: dict[str, str]  # replacements rejected: the earlier upload stays
+    modules: int
+    shards: int
+    error: dict[str, float]
+    new_error: dict[str, float]
+    flagged: dict[str, float]
+    changes: dict[str, int]
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def write_version(change: Change, source: Location | None, store: Store, runner: Runner, options: Options) -> Summary:
+    """Compute, assemble and publish one version (call with the store's lock held)."""
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    version = store.new_version()
+    try:
+        results, good = _compute_all(change, source, store, version, runner, options, seconds)
+        summary = _assemble(change, good, results, source, store, version, options, seconds)
+    except BaseException:
+        store.discard(version)
+        raise
+    summary.seconds["total"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def good_adapters(adapters: list[ScannedAdapter]) -> list[ScannedAdapter]:
+    return sorted((a for a in adapters if a.ok), key=lambda a: a.task_id)
+
+
+def _compute_all(change, source, store, version, runner, options, seconds):
+    """Every shard's results, in shard order. Adapters found holding NaN/Inf are quarantined and
+    the shards recomputed without them, so no basis ever saw them."""
+    started = time.perf_counter()
+    while True:
+        good = good_adapters(change.adapters)
+        if not good and change.mode == "absorb":
+            change.mode = "project"  # only quarantined ones: record them, keep the basis
+        if not good and change.mode == "fit" and not change.refit:
+            first = change.adapters[0]
+            raise PipelineError(f"no usable adapters: all {len(change.adapters)} quarantined (e.g. {first.task_id!r}: {first.reason})")
+        results = _compute_shards(change, good, source, store, version, runner, options)
+        nonfinite = {i: reason for r in results for i, reason in r.nonfinite.items()}
+        if not nonfinite:
+            break
+        if options.strict:
+            index, reason = next(iter(nonfinite.items()))
+            raise PipelineError(f"--strict: adapter {good[index].task_id!r} quarantined: {reason}")
+        for index, reason in nonfinite.items():
+            good[index].quarantine(reason)
+            log.warning("quarantined %s: %s", good[index].task_id, reason)
+    seconds["compute"] = time.perf_counter() - started
+    return results, good
+
+
+def module_shapes(change: Change, good: list[ScannedAdapter]) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    if change.parent_manifest:
+        return {m: (tuple(e["a_shape"]), tuple(e["b_shape"])) for m, e in change.parent_manifest["modules"].items()}
+    return {m: (tuple(a.shape), tuple(b.shape)) for m, (a, b) in good[0].modules.items()}
+
+
+def _plan(change: Change, shapes, rows: int, options: Options, parallelism: int) -> list[Shard]:
+    """Fit: modules grouped to fit the memory budget. Absorb and project keep the parent's
+    grouping, so each task reads each parent basis object once."""
+    if change.mode == "fit":
+        widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
+        return plan_shards(widths, rows, options.memory_budget, parallelism)
+    groups: dict[str, list[str]] = {}
+    for module, entry in sorted(change.parent_manifest["modules"].items()):
+        groups.setdefault(entry["basis"], []).append(module)
+    return [Shard(i, tuple(ms)) for i, (_, ms) in enumerate(sorted(groups.items()))]
+
+
+def _compute_shards(change, good, source, store, version, runner, options) -> list[ShardResult]:
+    shapes = module_shapes(change, good)
+    widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
+    rows = len(good) + (change.parent_manifest["adapters"]["ok"] if change.refit else 0)
+    shards = _plan(change, shapes, rows, options, runner.num_cpus)
+    peak = largest_shard_bytes(shards, widths, max(rows, 1))
+    log.info("plan: %d adapters to read, %d modules in %d shards (largest needs ~%.0f MiB)", len(good), len(shapes), len(shards), peak / 2**20)
+    if peak > options.memory_budget:
+        log.warning("one shard needs ~%.0f MiB, over the %.0f MiB budget: use --chunk-size", peak / 2**20, options.memory_budget / 2**20)
+    # Declared to Ray so it does not pack more shards on a node than fit; never above the budget,
+    # so a single oversized module is still scheduled rather than left infeasible.
+    memory = min(peak, options.memory_budget)
+    parent = None
+    if change.parent_manifest:
+        drop = frozenset(a.task_id for a in good)
+        basis = {m: e["basis"] for m, e in change.parent_manifest["modules"].items()}
+        parent = Parent(basis, version_path(change.parent, LOADINGS), drop, change.refit)
+
+    def task(shard, fixed_k=None):
+        new = [(a.task_id, a.weights_path, {m: a.modules[m] for m in shard.modules}) for a in good]
+        return ShardTask(shard, change.mode, options.rule, store.location, version, source, new, shapes, parent, fixed_k, options.route)
+
+    progress = Progress("compute", len(shards), "shards")
+    results: list[ShardResult | None] = [None] * len(shards)
+    fixed_k = None
+    pending = list(shards)
+    if options.rule.needs_first_module and change.mode != "project":
+        # vlora's rule: k comes from the first module's lora_A, so that shard runs first.
+        for _, first in runner.map_unordered(compute_shard, [task(shards[0])], use_gpu=True, memory=memory):
+            results[0], fixed_k = first, first.decided_k
+        progress.advance()
+        if first.nonfinite:
+            return [first]
+        pending = shards[1:]
+    for index, result in runner.map_unordered(compute_shard, [task(s, fixed_k) for s in pending], use_gpu=True, memory=memory):
+        results[pending[index].index] = result
+        progress.advance()
+    progress.close()
+    return results
+
+
+class _ErrorTally:
+    """Per-adapter mean and max of the module errors, from the merged loadings stream (all rows of
+    an adapter arrive in one table)."""
+
+    def __init__(self, watch: set[str]):
+        self.means: list[np.ndarray] = []
+        self.maxes: list[np.ndarray] = []
+        self.watch, self.watched = watch, {}
+
+    def tap(self, tables):
+        for table in tables:
+            grouped = table.group_by("task_id").aggregate([("error", "mean"), ("error", "max")])
+            ids = grouped.column("task_id").to_pylist()
+            means, maxes = grouped.column("error_mean").to_numpy(), grouped.column("error_max").to_numpy()
+            self.means.append(means)
+            self.maxes.append(maxes)
+            for task_id, mean in zip(ids, means.tolist()):
+                if task_id in self.watch:
+                    self.watched[task_id] = mean
+            yield table
+
+    def summary(self) -> dict[str, float]:
+        means, maxes = np.concatenate(self.means or [np.zeros(0)]), np.concatenate(self.maxes or [np.zeros(0)])
+        return error_summary(means, maxes)
+
+
+def error_summary(means: np.ndarray, maxes: np.ndarray) -> dict[str, float]:
+    if not len(means):
+        return {}
+    return {
+        "mean": float(means.mean()), "p50": float(np.median(means)), "p95": float(np.quantile(means, 0.95)),
+        "max": float(maxes.max()),
+    }
+
+
+class _CatalogTally:
+    def __init__(self):
+        self.ok = self.quarantined = self.in_basis = self.original_bytes = 0
+
+    def tap(self, tables):
+        for table in tables:
+            ok = table.filter(pc.equal(table.column("status"), "ok"))
+            self.ok += ok.num_rows
+            self.quarantined += table.num_rows - ok.num_rows
+            self.in_basis += int(pc.sum(ok.column("in_basis")).as_py() or 0)
+            configs = pc.sum(pc.binary_length(pc.fill_null(ok.column("config_json"), ""))).as_py() or 0
+            self.original_bytes += int(pc.sum(ok.column("weights_bytes")).as_py() or 0) + configs
+            yield table
+
+
+def _assemble(change, good, results, source, store, version, options, seconds) -> Summary:
+    t0 = time.perf_counter()
+    where = store.version_location(version)
+    parent_where = store.version_location(change.parent) if change.parent_manifest else None
+    new_ids = {a.task_id for a in good}
+    files = {version_path(version, basis_file(r.shard.name)): r.file.to_dict() for r in results if r.file}
+
+    errors = _ErrorTally(new_ids)
+    staged = [read_batches(where, staging_file(r.shard.name)) for r in results]
+    size, sha256, _ = write_tables(where, LOADINGS, errors.tap(merge_sorted(staged, LOADINGS_KEYS)), LOADINGS_SCHEMA, LOADINGS_ROW_GROUP)
+    files[version_path(version, LOADINGS)] = {"bytes": size, "sha256": sha256}
+    where.remove("staging")
+
+    # Catalog: the parent's rows, except those this run replaces. A replacement that was
+    # quarantined does not push out an earlier upload that compressed fine.
+    in_basis = change.mode != "project"
+    kept_previous = {a.task_id: a.reason for a in change.adapters if not a.ok and change.parent_status.get(a.task_id) == "ok"}
+    scanned = [a for a in change.adapters if a.task_id not in kept_previous]
+    catalog = _CatalogTally()
+    streams = [[catalog_table(scanned, in_basis)]]
+    if parent_where:
+        rows = without(read_batches(parent_where, CATALOG), {a.task_id for a in scanned})
+        streams.append(_all_in_basis(rows) if change.refit else rows)
+    size, sha256, _ = write_tables(where, CATALOG, catalog.tap(merge_sorted(streams, ["task_id"])), CATALOG_SCHEMA)
+    files[version_path(version, CATALOG)] = {"bytes": size, "sha256": sha256}
+
+    modules = {}
+    for r in results:
+        for m in r.modules:
+            basis = version_path(version, basis_file(r.shard.name)) if r.file else change.parent_manifest["modules"][m.module]["basis"]
+            modules[m.module] = {
+                "basis": basis, "a_shape": list(m.a_shape), "b_shape": list(m.b_shape), "k_a": m.k_a, "k_b": m.k_b,
+                "explained_variance_a": round(m.explained_a, 6), "explained_variance_b": round(m.explained_b, 6),
+                "svd_route": m.route, "count": m.count,
+            }
+    if not all(r.file for r in results):  # shared with the parent: listed so prune keeps them
+        for path in {e["basis"] for e in modules.values()} - set(files):
+            files[path] = change.parent_manifest["files"][path]
+
+    error = errors.summary()
+    new_error = error_summary(np.array(list(errors.watched.values())), np.array(list(errors.watched.values())))
+    flagged = _flag(errors.watched, change, options)
+    quarantined = {a.task_id: a.reason for a in change.adapters if not a.ok}
+    seconds["write"] = time.perf_counter() - t0 + sum(r.seconds.get("write", 0.0) for r in results)
+    report = {
+        "version": version, "operation": change.operation,
+        "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
+        "changes": change.counts, "quarantined": quarantined, "kept_previous": kept_previous,
+        "warnings": {a.task_id: a.warnings for a in change.adapters if a.warnings},
+        "error": error, "new_error": new_error, "flagged": flagged,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "shards": [
+            {"name": r.shard.name, "modules": len(r.shard.modules), "bytes_read": r.bytes_read, "requests": r.requests,
+             "stack_bytes": r.stack_bytes, "seconds": {k: round(v, 3) for k, v in r.seconds.items()}}
+            for r in results
+        ],
+    }
+    files[version_path(version, REPORT)] = store.write_object(version, REPORT, json.dumps(report, indent=1).encode()).to_dict()
+    parameters = {
+        "components": options.rule.components,
+        "variance_threshold": None if options.rule.components is not None else options.rule.variance_threshold,
+        "adaptive": options.rule.adaptive,
+        "svd_route": options.route,
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "parent": change.parent,
+        "operation": change.operation,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool": f"lora-subspace {__version__}",
+        "source": redact(source.uri) if source else (change.parent_manifest or {}).get("source"),
+        "parameters": parameters,
+        "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
+        "original_bytes": catalog.original_bytes,
+        "base_model": good[0].base_model if good else change.parent_manifest.get("base_model"),
+        "dtype": good[0].dtype if good else change.parent_manifest.get("dtype"),
+        "error": error,
+        "modules": modules,
+        "files": files,
+    }
+    store.publish(version, manifest)
+    seconds["assemble"] = time.perf_counter() - t0
+    log.info("published %s (%s): %d adapters, %d quarantined", version, change.operation, catalog.ok, catalog.quarantined)
+    return Summary(
+        change.operation, version, change.parent, str(store), catalog.ok, catalog.quarantined, quarantined, kept_previous,
+        len(modules), len(results), error, new_error, flagged, change.counts, {k: round(v, 3) for k, v in seconds.items()},
+    )
+
+
+def _all_in_basis(batches):
+    """A full re-base fits the parent's adapters too: every ok row is now in the basis."""
+    for batch in batches:
+        index = batch.schema.get_field_index("in_basis")
+        yield batch.set_column(index, "in_basis", pc.equal(batch.column("status"), "ok"))
+
+
+def _flag(new_errors: dict[str, float], change: Change, options: Options) -> dict[str, float]:
+    """New adapters the basis represents badly: above --max-error, or (without it) more than twice
+    the parent collection's 95th percentile. Only meaningful when the basis did not see them."""
+    if change.mode != "project":
+        return {}
+    limit = options.max_error
+    if limit is None:
+        p95 = (change.parent_manifest.get("error") or {}).get("p95")
+        if p95 is None:
+            return {}
+        limit = 2 * p95
+    return {t: round(e, 6) for t, e in sorted(new_errors.items()) if e > limit}
+
+
+def catalog_table(adapters: list[ScannedAdapter], in_basis: bool) -> pa.Table:
+    rows = sorted(adapters, key=lambda a: a.task_id)
+    config = [a.config or {} for a in rows]
+    return pa.table({
+        "task_id": [a.task_id for a in rows],
+        "uri": [redact(a.location.uri) for a in rows],
+        "status": [a.status for a in rows],
+        "reason": [a.reason for a in rows],
+        "warnings": [a.warnings for a in rows],
+        "weights_bytes": [a.weights_bytes for a in rows],
+        "weights_tag": [a.weights_tag for a in rows],
+        "rank": [a.rank for a in rows],
+        "lora_alpha": [c.get("lora_alpha") for c in config],
+        "use_rslora": [bool(c.get("use_rslora")) for c in config],
+        "base_model": [a.base_model for a in rows],
+        "dtype": [a.dtype for a in rows],
+        "config_json": [a.config_text for a in rows],
+        "in_basis": [in_basis and a.ok for a in rows],
+    }, schema=CATALOG_SCHEMA)
