@@ -1,0 +1,313 @@
+"""Growing a store: discovery, project, incremental and full re-base, chunked compress, versions,
+rollback, prune and the writer lock, on local Ray with local folders."""
+
+import json
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from vlora.io import load_adapter
+from vlora.subspace import SharedSubspace
+
+from conftest import make_collection, run_cli
+from pipeline import peft_format
+from pipeline.errors import PipelineError
+from pipeline.io.location import Location
+from pipeline.io.store import Store
+from pipeline.linalg.metrics import relative_product_error
+
+
+@pytest.fixture
+def uploads(tmp_path):
+    """A pool of related adapters in `pool/`; tests move them into `src/` as uploads arrive."""
+    pool, src = tmp_path / "pool", tmp_path / "src"
+    ids = make_collection(pool, 60, shared_dim=6, noise=0.3, seed=3)
+    src.mkdir()
+
+    def upload(*names):
+        for name in names:
+            shutil.copytree(pool / name, src / name, dirs_exist_ok=True)
+        return list(names)
+
+    upload.ids, upload.pool, upload.src = ids, pool, src
+    return upload
+
+
+def _weights(folder):
+    return load_file(str(folder / peft_format.WEIGHTS_FILE))
+
+
+def _true_errors(store, originals, ids, out):
+    """Mean over modules of ||dW - dW'|| / ||dW|| per adapter, from exported folders and the
+    original files (not from anything the store says about itself)."""
+    assert run_cli("export", store, "--all", "--out", out) == 0
+    errors = []
+    for task_id in ids:
+        mine, theirs = _weights(out / task_id), _weights(originals / task_id)
+        modules = sorted({peft_format.parse_key(k)[0] for k in theirs})
+        per_module = [
+            float(relative_product_error(
+                *(t[peft_format.weight_key(m, s)].float()[None] for t in (theirs,) for s in "AB"),
+                *(t[peft_format.weight_key(m, s)].float()[None] for t in (mine,) for s in "AB"),
+            )[0])
+            for m in modules
+        ]
+        errors.append(sum(per_module) / len(per_module))
+    return torch.tensor(errors)
+
+
+def _basis(store_path):
+    store = Store(Location(str(store_path)))
+    merged = {}
+    for path in {e["basis"] for e in store.manifest()["modules"].values()}:
+        merged.update(store.read_basis(path))
+    return merged
+
+
+def test_untruncated_incremental_rebase_equals_a_full_recompute(runner, uploads, tmp_path):
+    uploads(*uploads.ids[:12])
+    assert run_cli("compress", uploads.src, "--out", tmp_path / "store", "--components", 64) == 0
+    uploads(*uploads.ids[12:20])
+    assert run_cli("rebase", tmp_path / "store", uploads.src) == 0
+    assert run_cli("compress", uploads.src, "--out", tmp_path / "full", "--components", 64) == 0
+
+    incremental, full = _basis(tmp_path / "store"), _basis(tmp_path / "full")
+    assert incremental.keys() == full.keys()
+    for key in full:
+        if key.endswith(("singular_values", "mean", "total_variance")):
+            torch.testing.assert_close(incremental[key], full[key], rtol=1e-4, atol=1e-6, msg=key)
+        elif key.endswith("components"):
+            assert incremental[key].shape == full[key].shape == (19, full[key].shape[1])
+            torch.testing.assert_close(incremental[key], full[key], atol=2e-3, rtol=0, msg=key)
+        else:
+            assert torch.equal(incremental[key], full[key]) and int(full[key]) == 20, key
+    # Old adapters were moved to the new basis from their stored loadings: still exact.
+    errors = _true_errors(tmp_path / "store", uploads.pool, uploads.ids[:20], tmp_path / "out")
+    assert errors.max() < 1e-4
+    manifest = Store(Location(str(tmp_path / "store"))).manifest()
+    assert manifest["operation"] == "rebase" and manifest["parent"] == "v000001" and manifest["adapters"]["in_basis"] == 20
+
+
+def test_truncated_rebase_stays_within_one_percent_of_a_full_recompute_and_beats_vlora(runner, uploads, tmp_path):
+    uploads(*uploads.ids[:40])
+    assert run_cli("compress", uploads.src, "--out", tmp_path / "store", "--components", 8) == 0
+    uploads(*uploads.ids[40:])
+    assert run_cli("rebase", tmp_path / "store", uploads.src) == 0
+    assert run_cli("compress", uploads.src, "--out", tmp_path / "full", "--components", 8) == 0
+    ours = _true_errors(tmp_path / "store", uploads.pool, uploads.ids, tmp_path / "ours")
+    full = _true_errors(tmp_path / "full", uploads.pool, uploads.ids, tmp_path / "fullout")
+    assert float(ours.mean()) <= 1.01 * float(full.mean()), (float(ours.mean()), float(full.mean()))
+
+    # vlora-dev's absorb_incremental on the same data: grows the basis without re-diagonalising
+    # and leaves old loadings on the moved mean.
+    subspace = SharedSubspace.from_adapters([load_adapter(uploads.pool / t) for t in uploads.ids[:40]], uploads.ids[:40], num_components=8)
+    for task_id in uploads.ids[40:]:
+        subspace.absorb_incremental(load_adapter(uploads.pool / task_id), task_id)
+    theirs = []
+    for task_id in uploads.ids:
+        rebuilt, original = subspace.reconstruct(task_id), load_adapter(uploads.pool / task_id)
+        per_module = [
+            float(relative_product_error(original.lora_a[m][None], original.lora_b[m][None], rebuilt.lora_a[m][None], rebuilt.lora_b[m][None])[0])
+            for m in original.layer_names
+        ]
+        theirs.append(sum(per_module) / len(per_module))
+    theirs = torch.tensor(theirs)
+    print(f"mean delta-W error: full {float(full.mean()):.4f}, incremental {float(ours.mean()):.4f}, vlora absorb_incremental {float(theirs.mean()):.4f}")
+    assert float(theirs.mean()) > 1.05 * float(ours.mean())
+
+
+def test_discovery_finds_added_unchanged_and_replaced_adapters(runner, uploads, tmp_path, capsys):
+    ids = uploads(*uploads.ids[:10])
+    store = tmp_path / "store"
+    assert run_cli("compress", uploads.src, "--out", store, "--components", 4) == 0
+    added = uploads(*uploads.ids[10:13])
+    # A re-upload under an existing id: different weights (another adapter's), newer mtime.
+    replaced = ids[2]
+    shutil.copy(uploads.pool / uploads.ids[50] / peft_format.WEIGHTS_FILE, uploads.src / replaced / peft_format.WEIGHTS_FILE)
+    os.utime(uploads.src / replaced / peft_format.WEIGHTS_FILE, (1e9, 2e9))
+    capsys.readouterr()
+
+    assert run_cli("rebase", store, uploads.src, "--dry-run", "--json") == 0
+    planned = json.loads(capsys.readouterr().out)["diff"]
+    assert planned == {"added": added, "replaced": [replaced], "pending": [], "unchanged": 9, "missing": []}
+    assert Store(Location(str(store))).versions() == ["v000001"]  # a dry run writes nothing
+
+    assert run_cli("rebase", store, uploads.src, "--json") == 0
+    summary = json.loads(capsys.readouterr().out)["versions"][0]
+    assert summary["changes"] == {"added": 3, "replaced": 1, "pending": 0, "unchanged": 9, "missing": 0}
+    assert summary["adapters_ok"] == 13
+    # The replaced adapter now exports as its new upload.
+    assert run_cli("export", store, replaced, "--out", tmp_path / "replaced") == 0
+    exported = _weights(tmp_path / "replaced")
+
+    def distance(reference):
+        return sum(float(torch.linalg.norm(exported[k] - reference[k]) / torch.linalg.norm(reference[k])) for k in reference) / len(reference)
+
+    new, old = distance(_weights(uploads.src / replaced)), distance(_weights(uploads.pool / replaced))
+    assert new < 0.5 * old, (new, old)
+
+    # Nothing new: nothing written.
+    assert run_cli("rebase", store, uploads.src) == 0
+    assert "is up to date" in capsys.readouterr().out
+    assert Store(Location(str(store))).versions() == ["v000001", "v000002"]
+
+
+def test_project_shares_the_basis_flags_outliers_and_rebase_absorbs_them(runner, uploads, tmp_path, capsys):
+    uploads(*uploads.ids[:20])
+    store_path = tmp_path / "store"
+    assert run_cli("compress", uploads.src, "--out", store_path, "--components", 6) == 0
+    uploads(*uploads.ids[20:23])
+    make_collection(uploads.src, 1, shared_dim=6, noise=0.3, seed=99, prefix="outlier")  # a different structure
+    capsys.readouterr()
+    assert run_cli("project", store_path, uploads.src, "--json") == 0
+    summary = json.loads(capsys.readouterr().out)["versions"][0]
+    assert summary["version"] == "v000002" and summary["adapters_ok"] == 24
+    assert list(summary["flagged"]) == ["outlier-00000"]
+
+    store = Store(Location(str(store_path)))
+    parent, child = store.manifest("v000001"), store.manifest("v000002")
+    assert {e["basis"] for e in child["modules"].values()} == {e["basis"] for e in parent["modules"].values()}
+    assert not (store_path / "versions" / "v000002" / "basis").exists()  # nothing copied
+    catalog = {r["task_id"]: r for r in store.read_table("v000002", "catalog.parquet").to_pylist()}
+    assert not catalog["outlier-00000"]["in_basis"] and catalog[uploads.ids[0]]["in_basis"]
+    # Old adapters' rows are untouched by a projection.
+    before = store.read_table("v000001", "loadings.parquet").to_pydict()
+    after = store.read_table("v000002", "loadings.parquet", task_ids=before["task_id"]).to_pydict()
+    assert before == after
+
+    # rebase absorbs the projected adapters (their files are read again) and the outlier improves.
+    assert run_cli("rebase", store_path, uploads.src, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["diff"]["pending"] == [*uploads.ids[20:23], "outlier-00000"]
+    catalog = {r["task_id"]: r for r in store.read_table("v000003", "catalog.parquet").to_pylist()}
+    assert all(r["in_basis"] for r in catalog.values())
+    errors = {v: store.read_table(v, "loadings.parquet", task_ids=["outlier-00000"]).column("error").to_pylist() for v in ("v000002", "v000003")}
+    assert sum(errors["v000003"]) < 0.8 * sum(errors["v000002"])
+
+
+def test_full_rebase_from_the_store_and_from_the_source(runner, uploads, tmp_path, capsys):
+    uploads(*uploads.ids[:30])
+    store = tmp_path / "store"
+    assert run_cli("compress", uploads.src, "--out", store, "--components", 8) == 0
+    uploads(*uploads.ids[30:40])
+    assert run_cli("rebase", store, uploads.src, "--full") == 0
+    assert run_cli("rebase", store, uploads.src, "--full", "--from-source") == 0
+    assert run_cli("compress", uploads.src, "--out", tmp_path / "fresh", "--components", 8) == 0
+    versions = Store(Location(str(store))).published()
+    assert [m["operation"] for m in versions] == ["compress", "rebase-full", "rebase-full"]
+    assert versions[1]["adapters"] == {"ok": 40, "quarantined": 0, "in_basis": 40}
+    # From the source it is exactly a fresh compress of the same adapters.
+    for key, value in _basis(tmp_path / "fresh").items():
+        torch.testing.assert_close(_basis(store)[key], value, rtol=1e-4, atol=1e-5)
+    rebuilt = _true_errors(tmp_path / "store", uploads.pool, uploads.ids[:40], tmp_path / "a")
+    assert float(rebuilt.mean()) < 0.5
+
+
+def test_chunked_compress_holds_one_chunk_at_a_time(runner, uploads, tmp_path, capsys, caplog):
+    from pipeline.stages.plan import shard_bytes
+
+    uploads(*uploads.ids[:24])
+    width = 8 * 256 + 256 * 8  # tiny preset: one module's lora_A and lora_B, flattened
+    budget = shard_bytes(8, [width])  # one module of 8 adapters fits; of 24 it does not
+    assert shard_bytes(24, [width]) > budget
+    capsys.readouterr()
+    assert run_cli("compress", uploads.src, "--out", tmp_path / "store", "--components", 8, "--chunk-size", 8,
+                   "--memory-budget", budget, "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["versions"] == ["v000001", "v000002", "v000003"] and summary["adapters_ok"] == 24
+    assert "over the" not in caplog.text
+    store = Store(Location(str(tmp_path / "store")))
+    for version in summary["versions"]:
+        report = json.loads(store.version_location(version).read_bytes("report.json"))
+        assert max(s["stack_bytes"] for s in report["shards"]) == 8 * 4 * width  # one module of one chunk per task
+    chunked = _true_errors(tmp_path / "store", uploads.pool, uploads.ids[:24], tmp_path / "a")
+
+    assert run_cli("compress", uploads.src, "--out", tmp_path / "whole", "--components", 8, "--memory-budget", budget) == 0
+    assert "over the" in caplog.text  # the whole collection does not fit the same budget
+    whole = _true_errors(tmp_path / "whole", uploads.pool, uploads.ids[:24], tmp_path / "b")
+    assert float(chunked.mean()) <= 1.01 * float(whole.mean()), (float(chunked.mean()), float(whole.mean()))
+
+
+def test_versions_rollback_and_prune_keep_what_they_must(runner, uploads, tmp_path, capsys):
+    store_path = tmp_path / "store"
+    uploads(*uploads.ids[:8])
+    assert run_cli("compress", uploads.src, "--out", store_path, "--components", 4) == 0  # v1
+    uploads(*uploads.ids[8:10])
+    assert run_cli("rebase", store_path, uploads.src) == 0  # v2
+    uploads(*uploads.ids[10:12])
+    assert run_cli("project", store_path, uploads.src) == 0  # v3: uses v2's basis
+    uploads(*uploads.ids[12:14])
+    assert run_cli("project", store_path, uploads.src) == 0  # v4: uses v2's basis
+    capsys.readouterr()
+    assert run_cli("versions", store_path) == 0
+    listing = capsys.readouterr().out
+    assert "* v000004" in listing and "project" in listing and "rebase" in listing
+
+    assert run_cli("rollback", store_path, "v000002") == 0
+    store = Store(Location(str(store_path)))
+    assert store.current_version() == "v000002"
+    assert sorted(os.listdir(store_path / "versions")) == ["v000001", "v000002", "v000003", "v000004"]  # only the pointer moved
+    assert run_cli("export", store_path, uploads.ids[0], "--out", tmp_path / "e") == 0
+    assert run_cli("rollback", store_path, "v000009") == 1
+
+    uploads(*uploads.ids[14:16])
+    assert run_cli("rebase", store_path, uploads.src) == 0  # v5 grows from v2
+    assert store.manifest("v000005")["parent"] == "v000002"
+
+    # Keep 1: v5, its parent v2. v1, v3 and v4 go.
+    assert run_cli("prune", store_path, "--keep", 1) == 0
+    assert [m["version"] for m in store.published()] == ["v000002", "v000005"]
+    for version in ("v000002", "v000005"):
+        for path in store.manifest(version)["files"]:
+            assert (store_path / path).exists(), path
+    # v4 (project) used v2's basis; keeping 2 after v6 must keep v2's basis files but may drop the rest of v2.
+    uploads(*uploads.ids[16:18])
+    assert run_cli("project", store_path, uploads.src) == 0  # v6 uses v5's basis
+    assert run_cli("prune", store_path, "--keep", 1) == 0
+    assert [m["version"] for m in store.published()] == ["v000005", "v000006"]
+    for path in store.manifest("v000006")["files"]:
+        assert (store_path / path).exists(), path
+    assert run_cli("export", store_path, uploads.ids[17], "--out", tmp_path / "f") == 0
+
+
+def test_a_second_writer_fails_cleanly(runner, uploads, tmp_path, capsys):
+    store_path = tmp_path / "store"
+    uploads(*uploads.ids[:8])
+    assert run_cli("compress", uploads.src, "--out", store_path, "--components", 4) == 0
+    uploads(*uploads.ids[8:12])
+    store = Store(Location(str(store_path)))
+    with store.lock("rebase"):
+        capsys.readouterr()
+        assert run_cli("rebase", store_path, uploads.src) == 1
+        err = capsys.readouterr().err
+        assert "is locked (rebase by" in err and "remove" in err and "LOCK" in err
+    assert store.versions() == ["v000001"]
+
+    # Two at once, for real: exactly one publishes, the other is refused and writes nothing.
+    outcomes, start = [], threading.Barrier(2)
+
+    def rebase():
+        try:
+            from pipeline.stages.rebase import grow
+            from pipeline.stages.version import Options
+
+            start.wait()
+            result = grow(Location(str(uploads.src)), Store(Location(str(store_path))), runner, "rebase", Options())
+            outcomes.append(result["versions"][0]["version"] if result["versions"] else "is up to date")
+        except PipelineError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=rebase) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    published = [o for o in outcomes if o.startswith("v0")]
+    refused = [o for o in outcomes if not o.startswith("v0")]
+    assert published == ["v000002"] and len(refused) == 1, outcomes
+    assert "is locked" in refused[0] or "is up to date" in refused[0]
+    assert store.versions() == ["v000001", "v000002"] and store.current_version() == "v000002"
+    assert not (store_path / "LOCK").exists()
