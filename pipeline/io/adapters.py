@@ -104,12 +104,12 @@ def _from_manifest(manifest: Location) -> list[AdapterRef]:
         ids = [None] * len(uris)
     if not uris:
         raise PipelineError(f"manifest {manifest} lists no adapters")
-    base = posixpath.dirname(manifest.uri)
+    base = posixpath.dirname(manifest.root)
     refs = []
     for uri, task_id in zip(uris, ids):
         uri = uri.rstrip("/")
         if "://" not in uri and not uri.startswith("/"):
-            uri = posixpath.join(base, uri)
+            uri = manifest.uri_of(posixpath.normpath(posixpath.join(base, uri)))
         location = Location(uri, manifest.endpoint_url)
         if task_id is None:
             rel = posixpath.relpath(location.root, posixpath.dirname(manifest.root))

@@ -37,7 +37,8 @@ def uploads(tmp_path):
 
 
 def _weights(folder):
-    return load_file(str(folder / peft_format.WEIGHTS_FILE))
+    """Copies: load_file maps the file, and some tests overwrite it afterwards."""
+    return {k: v.clone() for k, v in load_file(str(folder / peft_format.WEIGHTS_FILE)).items()}
 
 
 def _true_errors(store, originals, ids, out):
@@ -311,3 +312,39 @@ def test_a_second_writer_fails_cleanly(runner, uploads, tmp_path, capsys):
     assert "is locked" in refused[0] or "is up to date" in refused[0]
     assert store.versions() == ["v000001", "v000002"] and store.current_version() == "v000002"
     assert not (store_path / "LOCK").exists()
+
+
+def test_bad_uploads_are_quarantined_and_never_replace_a_good_adapter(runner, uploads, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    ids = uploads(*uploads.ids[:10])
+    store_path = tmp_path / "store"
+    assert run_cli("compress", uploads.src, "--out", store_path, "--components", 4) == 0
+    good_before = _weights(store_path.parent / "src" / ids[1])
+    # A new adapter holding NaN, and a truncated re-upload of a good one.
+    poisoned = uploads(uploads.ids[10])[0]
+    weights = _weights(uploads.src / poisoned)
+    next(iter(weights.values()))[0, 0] = float("nan")
+    save_file(weights, str(uploads.src / poisoned / peft_format.WEIGHTS_FILE))
+    target = uploads.src / ids[1] / peft_format.WEIGHTS_FILE
+    target.write_bytes(target.read_bytes()[:1000])
+    uploads(*uploads.ids[11:13])
+    capsys.readouterr()
+
+    assert run_cli("rebase", store_path, uploads.src, "--json", "--chunk-size", 2) == 0
+    result = json.loads(capsys.readouterr().out)
+    versions = result["versions"]
+    assert [v["version"] for v in versions] == ["v000002", "v000003"]  # 4 to read, 2 per step
+    quarantined = {t: r for v in versions for t, r in v["quarantined"].items()}
+    kept = {t: r for v in versions for t, r in v["kept_previous"].items()}
+    assert "NaN" in quarantined[poisoned] and ids[1] in kept
+    store = Store(Location(str(store_path)))
+    catalog = {r["task_id"]: r for r in store.read_table("v000003", "catalog.parquet").to_pylist()}
+    assert catalog[ids[1]]["status"] == "ok" and catalog[poisoned]["status"] == "quarantined"
+    assert versions[-1]["adapters_ok"] == 12
+    for path in {e["basis"] for e in store.manifest()["modules"].values()}:
+        assert all(torch.isfinite(t).all() for t in store.read_basis(path).values())
+    # The earlier upload of the damaged adapter is still there to export.
+    assert run_cli("export", store_path, ids[1], "--out", tmp_path / "kept") == 0
+    exported = _weights(tmp_path / "kept")
+    assert sum(float(torch.linalg.norm(exported[k] - good_before[k]) / torch.linalg.norm(good_before[k])) for k in exported) / len(exported) < 0.6

@@ -1,6 +1,7 @@
 """The same commands against a real S3 API: a moto server on loopback, real HTTP, real s3fs."""
 
 import json
+import threading
 
 import boto3
 import pyarrow as pa
@@ -61,3 +62,75 @@ def test_missing_bucket_is_a_clear_error(runner, s3_endpoint, tmp_path, capsys):
     assert run_cli("compress", "s3://no-such-bucket/adapters", "--out", "s3://no-such-bucket/store", "--endpoint-url", s3_endpoint) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("lora-subspace: error: ") and "no-such-bucket/adapters" in err
+
+
+def test_daily_rebase_workflow_on_s3(runner, s3_endpoint, bucket, tmp_path, capsys):
+    """compress, then uploads arrive: project, rebase, versions, rollback, prune; a manifest
+    source's adapters are listed for discovery; two concurrent rebases: one publishes."""
+    ids = make_collection(tmp_path / "pool", 20, shared_dim=4, noise=0.2)
+    s3 = _upload(tmp_path / "pool", s3_endpoint, bucket, "pool")
+    s3_args = ["--endpoint-url", s3_endpoint]
+    store, source = f"s3://{bucket}/subspace", f"s3://{bucket}/lists/today.txt"
+
+    def publish_list(count):
+        s3.put_object(Bucket=bucket, Key="lists/today.txt", Body="\n".join(f"../pool/{i}" for i in ids[:count]).encode())
+
+    def keys():
+        return {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="subspace/")["Contents"]}
+
+    publish_list(10)
+    assert run_cli("compress", source, "--out", store, "--components", 4, *s3_args) == 0  # v1
+    publish_list(13)
+    capsys.readouterr()
+    assert run_cli("project", store, source, "--json", *s3_args) == 0  # v2: v1's basis, 3 new rows
+    projected = json.loads(capsys.readouterr().out)
+    assert projected["diff"]["added"] == ids[10:13] and projected["versions"][0]["adapters_ok"] == 13
+    assert not any(k.startswith("subspace/versions/v000002/basis/") for k in keys())
+
+    publish_list(16)
+    assert run_cli("rebase", store, source, "--json", *s3_args) == 0  # v3: absorbs the 3 projected and 3 new
+    rebased = json.loads(capsys.readouterr().out)
+    assert rebased["diff"]["pending"] == ids[10:13] and rebased["diff"]["added"] == ids[13:16]
+    assert rebased["versions"][0]["adapters_ok"] == 16
+
+    assert run_cli("versions", store, "--json", *s3_args) == 0
+    listed = json.loads(capsys.readouterr().out)["versions"]
+    assert [(v["version"], v["operation"], v["current"]) for v in listed] == [
+        ("v000001", "compress", False), ("v000002", "project", False), ("v000003", "rebase", True)]
+    assert run_cli("rollback", store, "v000002", *s3_args) == 0
+    assert json.loads(s3.get_object(Bucket=bucket, Key="subspace/LATEST")["Body"].read())["version"] == "v000002"
+
+    # Two rebases at once against S3: the lock is a conditional PUT, so one of them is refused.
+    from pipeline.errors import PipelineError
+    from pipeline.io.location import Location
+    from pipeline.io.store import Store
+    from pipeline.stages.rebase import grow
+    from pipeline.stages.version import Options
+
+    outcomes, start = [], threading.Barrier(2)
+
+    def rebase():
+        start.wait()
+        try:
+            result = grow(Location(source, s3_endpoint), Store(Location(store, s3_endpoint)), runner, "rebase", Options())
+            outcomes.append(result["versions"][0]["version"] if result["versions"] else "is up to date")
+        except PipelineError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=rebase) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    published = [o for o in outcomes if o.startswith("v0")]
+    refused = [o for o in outcomes if not o.startswith("v0")]
+    assert published == ["v000004"] and len(refused) == 1 and ("is locked" in refused[0] or "is up to date" in refused[0]), outcomes
+
+    assert run_cli("prune", store, "--keep", 1, *s3_args) == 0  # keeps v4 and its parent v2 (and v1's basis, which v2 uses)
+    left = keys()
+    assert "subspace/LOCK" not in left and not any("/staging/" in k for k in left)
+    assert not any(k.startswith("subspace/versions/v000003/") for k in left)
+    assert "subspace/versions/v000001/manifest.json" not in left and "subspace/versions/v000001/basis/shard-00000.safetensors" in left
+    assert run_cli("export", store, ids[15], "--out", tmp_path / "one", *s3_args) == 0
+    torch.testing.assert_close(load_file(str(tmp_path / "one/adapter_model.safetensors")),
+                               load_file(str(tmp_path / "pool" / ids[15] / "adapter_model.safetensors")), atol=0.05, rtol=0)
