@@ -9,6 +9,7 @@ version: no process ever holds more than one chunk of factors, and a crashed run
 from __future__ import annotations
 
 import logging
+import time
 
 from pipeline.errors import PipelineError
 from pipeline.io.adapters import AdapterRef, discover
@@ -64,13 +65,15 @@ def compress(source: Location, store: Store, runner: Runner, options: Options = 
     refs = discover(source)
     store.check_writable()
     with store.lock("compress"):
-        parts = chunks(refs, chunk_size)
-        adapters = scan(parts[0], runner, strict=options.strict)
-        summaries = [write_version(Change("compress", "fit", adapters, store.current_version()), source, store, runner, options)]
-        for part in parts[1:]:
-            parent = summaries[-1].version
-            manifest = store.manifest(parent)
-            adapters = scan(part, runner, manifest, options.strict)
-            change = Change("compress", "absorb", adapters, parent, manifest)
+        summaries: list[Summary] = []
+        for part in chunks(refs, chunk_size):
+            started = time.perf_counter()
+            if not summaries:
+                change = Change("compress", "fit", scan(part, runner, strict=options.strict), store.current_version())
+            else:
+                parent = summaries[-1].version
+                manifest = store.manifest(parent)
+                change = Change("compress", "absorb", scan(part, runner, manifest, options.strict), parent, manifest)
+            change.scan_seconds = time.perf_counter() - started
             summaries.append(write_version(change, source, store, runner, options))
     return summaries

@@ -25,6 +25,7 @@ def describe(store: Store, version: str | None = None) -> dict:
         "store": str(store),
         "version": version,
         "parent": manifest["parent"],
+        "operation": manifest["operation"],
         "created": manifest["created"],
         "current": version == store.current_version(),
         "base_model": manifest.get("base_model"),
@@ -63,13 +64,13 @@ def format_info(info: dict) -> str:
     ev = [v for pair in info["explained_variance"].values() for v in pair]
     lines = [
         f"store        {info['store']}",
-        f"version      {info['version']}{' (current)' if info['current'] else ''}, parent {info['parent'] or '-'}, created {info['created']}",
+        f"version      {info['version']}{' (current)' if info['current'] else ''} by {info['operation']}, parent {info['parent'] or '-'}, created {info['created']}",
         f"base model   {info['base_model'] or '-'}",
-        f"adapters     {info['adapters']['ok']} ok, {info['adapters']['quarantined']} quarantined",
+        f"adapters     {info['adapters']['ok']} ok ({info['adapters']['in_basis']} in the basis, the rest projected), {info['adapters']['quarantined']} quarantined",
         f"modules      {info['modules']}, k per module {ks[0]}..{ks[-1]}" if len(ks) > 1 else f"modules      {info['modules']}, k = {ks[0]}",
         f"explained    variance {min(ev):.3f}..{max(ev):.3f} (per module and side)",
         f"bytes        {info['original_bytes']:,} original -> {info['store_bytes']:,} stored ({info['compression_ratio']:.1f}x)",
-        f"delta-W err  mean {info['error']['mean']:.4f}, max {info['error']['max']:.4f} (relative, ||dW - dW'|| / ||dW||)",
+        f"delta-W err  mean {info['error']['mean']:.4f}, max {info['error']['max']:.4f} (relative ||dW - dW'|| / ||dW||; estimated for adapters moved by incremental updates)",
         f"worst        {', '.join(info['error']['worst'])}",
     ]
     for task_id, reason in info["quarantined"].items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
@@ -112,6 +113,7 @@ def grow(
         summaries: list[Summary] = []
         parts = chunks(sorted(to_read, key=lambda r: r.task_id), None if full else chunk_size)
         for part in parts:
+            started = time.perf_counter()
             adapters = scan(part, runner, manifest, options.strict)
             if operation == "project":
                 change = Change("project", "project", adapters, parent, manifest, status)
@@ -119,7 +121,7 @@ def grow(
                 change = Change("rebase-full", "fit", adapters, parent, manifest, status, refit=True)
             else:
                 change = Change("rebase", "absorb", adapters, parent, manifest, status)
-            change.counts = changes.counts()
+            change.counts, change.scan_seconds = changes.counts(), time.perf_counter() - started
             summaries.append(write_version(change, source, store, runner, options))
             parent = summaries[-1].version
             manifest = store.manifest(parent)

@@ -74,6 +74,7 @@ class Change:
     parent_status: dict[str, str] = field(default_factory=dict)  # task id -> status in the parent's catalog
     refit: bool = False  # fit mode over the parent's rebuilt rows too (rebase --full from the store)
     counts: dict[str, int] = field(default_factory=dict)  # discovery figures for the summary
+    scan_seconds: float = 0.0
 
 
 @dataclass
@@ -100,8 +101,8 @@ class Summary:
 
 def write_version(change: Change, source: Location | None, store: Store, runner: Runner, options: Options) -> Summary:
     """Compute, assemble and publish one version (call with the store's lock held)."""
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
+    seconds: dict[str, float] = {"scan": change.scan_seconds}
+    started = time.perf_counter() - change.scan_seconds
     version = store.new_version()
     try:
         results, good = _compute_all(change, source, store, version, runner, options, seconds)

@@ -51,7 +51,7 @@ def test_store_layout_manifest_checksums_and_pointer(runner, tmp_path):
         assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["bytes"], entry["sha256"])
     assert {e["k_a"] for e in manifest["modules"].values()} == {3}
     loadings = pq.read_table(root / "loadings.parquet")
-    assert loadings.num_rows == 6 * 8 and loadings.column_names == ["task_id", "module", "a", "b", "error", "norm"]
+    assert loadings.num_rows == 6 * 8 and loadings.column_names == ["task_id", "module", "a", "b", "error", "measured", "norm"]
     assert all(len(v) == 3 for v in loadings.column("a").to_pylist())
     catalog = pq.read_table(root / "catalog.parquet").to_pylist()
     assert [r["status"] for r in catalog] == ["ok"] * 6 and catalog[0]["lora_alpha"] == 16
