@@ -179,6 +179,27 @@ class Store:
             f"remove {redact(self.location.uri_of(self.location.path(LOCK)))} and retry"
         )
 
+    def delete_version(self, version: str, keep: set[str]) -> int:
+        """Delete a version's objects except the store-relative paths in `keep` (objects other
+        versions use); the manifest first, so a half-deleted version is never listed. Returns
+        the bytes freed."""
+        folder = self.version_location(version)
+        fs = self.location.fs
+        try:
+            objects = fs.find(folder.root, detail=True)
+            doomed = [p for p in objects if self.location.relative(p) not in keep]
+            manifest = folder.path(MANIFEST)
+            if manifest in doomed:
+                fs.rm(manifest)
+            rest = [p for p in doomed if p != manifest]
+            if rest:
+                fs.rm(rest)
+            if len(doomed) == len(objects):
+                folder.remove()  # local folders outlive their files
+        except OSError as exc:
+            raise storage_error(f"delete {version} of", self.location, exc) from None
+        return sum(objects[p]["size"] for p in doomed)
+
     def discard(self, version: str) -> None:
         """Remove an unpublished version's objects (best effort: they are invisible anyway)."""
         try:

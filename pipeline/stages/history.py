@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from pipeline.errors import PipelineError
-from pipeline.io.location import storage_error
-from pipeline.io.store import MANIFEST, Store
+from pipeline.io.store import Store
 
 
 def list_versions(store: Store) -> list[dict]:
@@ -55,24 +54,8 @@ def prune(store: Store, keep: int) -> dict:
         protected = kept | {manifests[v]["parent"] for v in kept if manifests[v]["parent"] in manifests}
         needed = {path for v in protected for path in manifests[v]["files"]}
         removed, freed = [], 0
-        fs = store.location.fs
         for version in store.versions():
-            if version in protected:
-                continue
-            folder = store.version_location(version)
-            try:
-                objects = fs.find(folder.root, detail=True)
-                doomed = [p for p in objects if store.location.relative(p) not in needed]
-                manifest = folder.path(MANIFEST)
-                if manifest in doomed:  # first, so a half-pruned version is never listed
-                    fs.rm(manifest)
-                rest = [p for p in doomed if p != manifest]
-                if rest:
-                    fs.rm(rest)
-                if len(doomed) == len(objects) and folder.is_local:
-                    folder.remove()
-            except OSError as exc:
-                raise storage_error(f"prune {version} of", store.location, exc) from None
-            freed += sum(objects[p]["size"] for p in doomed)
-            removed.append(version)
+            if version not in protected:
+                freed += store.delete_version(version, keep=needed)
+                removed.append(version)
     return {"removed": removed, "kept": sorted(protected), "bytes_freed": freed}
