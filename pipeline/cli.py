@@ -157,8 +157,8 @@ def _print_summary(s: dict) -> None:
         f"{s['adapters_quarantined']} quarantined, {s['modules']} modules in {s['shards']} shards, "
         f"delta-W error mean {e['mean']:.4f} max {e['max']:.4f}, {s['seconds']['total']:.1f}s"
     )
-    if s["new_error"] and s["operation"] != "compress":
-        print(f"  new adapters: delta-W error mean {s['new_error']['mean']:.4f} max {s['new_error']['max']:.4f}")
+    if s["read_error"] and s["operation"] != "compress":
+        print(f"  adapters read this run: delta-W error mean {s['read_error']['mean']:.4f} max {s['read_error']['max']:.4f}")
     for task_id, reason in s["quarantined"].items():
         print(f"  quarantined {task_id}: {reason}")
     for task_id, reason in s["kept_previous"].items():

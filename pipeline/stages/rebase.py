@@ -1,6 +1,7 @@
 """Growing a store after uploads: discovery against the current catalog, then `project` (new
 adapters on the current basis), `rebase` (the incremental update absorbs them) or `rebase --full`
-(one SVD over the stored adapters, rebuilt, or over their original files, plus the new ones).
+(one SVD over the stored adapters, rebuilt, or read again from the source with --from-source,
+plus the new ones).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-from pipeline.errors import PipelineError
 from pipeline.io.adapters import AdapterRef, FileStat, discover, list_adapter_files
 from pipeline.io.location import Location
 from pipeline.io.store import CATALOG, Store
@@ -104,8 +104,9 @@ def grow(
             log.info("%d adapter(s) in the store are no longer in the source; they stay", len(changes.missing))
         options = dataclasses.replace(options, rule=_rule(manifest), route=manifest["parameters"]["svd_route"])
         if from_source:
-            return {"diff": changes.to_dict(), "versions": [_from_source(source, store, runner, options, parent, refs, changes)]}
-        to_read = changes.added + changes.replaced + (changes.pending if operation == "rebase" else [])
+            to_read = refs  # adapters gone from the source join as rebuilt from the store
+        else:
+            to_read = changes.added + changes.replaced + (changes.pending if operation == "rebase" else [])
         if not to_read and not full:
             log.info("%s is up to date with %s: nothing to do", store, source)
             return {"diff": changes.to_dict(), "versions": []}
@@ -143,16 +144,3 @@ def _status(store: Store, version: str) -> dict[str, str]:
 def _rule(manifest: dict) -> ComponentRule:
     p = manifest["parameters"]
     return ComponentRule(p["components"], p["variance_threshold"] or 0.6, p["adaptive"])
-
-
-def _from_source(source, store, runner, options, parent, refs, changes) -> dict:
-    """Recompute from the original files: the source's adapters, plus the store's adapters that
-    are no longer in the source, read from where the catalog says they came from."""
-    gone = set(changes.missing)
-    rows = store.read_table(parent, CATALOG, columns=["task_id", "uri", "status"]).to_pylist()
-    extra = [AdapterRef(r["task_id"], Location(r["uri"], source.endpoint_url)) for r in rows if r["task_id"] in gone and r["status"] == "ok"]
-    adapters = scan(refs + _with_files(extra, runner), runner, strict=options.strict)
-    if not any(a.ok for a in adapters):
-        raise PipelineError("rebase --full --from-source: no usable adapters")
-    change = Change("rebase-full", "fit", adapters, parent, None, counts=changes.counts())
-    return write_version(change, source, store, runner, options).to_dict()

@@ -90,7 +90,7 @@ class Summary:
     modules: int
     shards: int
     error: dict[str, float]
-    new_error: dict[str, float]
+    read_error: dict[str, float]  # of the adapters whose files this run read
     flagged: dict[str, float]
     changes: dict[str, int]
     seconds: dict[str, float]
@@ -164,7 +164,9 @@ def _plan(change: Change, shapes, rows: int, options: Options, parallelism: int)
 def _compute_shards(change, good, source, store, version, runner, options) -> list[ShardResult]:
     shapes = module_shapes(change, good)
     widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
-    rows = len(good) + (change.parent_manifest["adapters"]["ok"] if change.refit else 0)
+    rows = len(good)
+    if change.refit:  # the parent's adapters not read again join, rebuilt
+        rows += change.parent_manifest["adapters"]["ok"] - sum(change.parent_status.get(a.task_id) == "ok" for a in good)
     shards = _plan(change, shapes, rows, options, runner.num_cpus)
     peak = largest_shard_bytes(shards, widths, max(rows, 1))
     log.info("plan: %d adapters to read, %d modules in %d shards (largest needs ~%.0f MiB)", len(good), len(shapes), len(shards), peak / 2**20)
@@ -292,7 +294,7 @@ def _assemble(change, good, results, source, store, version, options, seconds) -
             files[path] = change.parent_manifest["files"][path]
 
     error = errors.summary()
-    new_error = error_summary(np.array(list(errors.watched.values())), np.array(list(errors.watched.values())))
+    read_error = error_summary(np.array(list(errors.watched.values())), np.array(list(errors.watched.values())))
     flagged = _flag(errors.watched, change, options)
     quarantined = {a.task_id: a.reason for a in change.adapters if not a.ok}
     seconds["write"] = time.perf_counter() - t0 + sum(r.seconds.get("write", 0.0) for r in results)
@@ -301,7 +303,7 @@ def _assemble(change, good, results, source, store, version, options, seconds) -
         "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
         "changes": change.counts, "quarantined": quarantined, "kept_previous": kept_previous,
         "warnings": {a.task_id: a.warnings for a in change.adapters if a.warnings},
-        "error": error, "new_error": new_error, "flagged": flagged,
+        "error": error, "read_error": read_error, "flagged": flagged,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "shards": [
             {"name": r.shard.name, "modules": len(r.shard.modules), "bytes_read": r.bytes_read, "requests": r.requests,
@@ -338,7 +340,7 @@ def _assemble(change, good, results, source, store, version, options, seconds) -
     log.info("published %s (%s): %d adapters, %d quarantined", version, change.operation, catalog.ok, catalog.quarantined)
     return Summary(
         change.operation, version, change.parent, str(store), catalog.ok, catalog.quarantined, quarantined, kept_previous,
-        len(modules), len(results), error, new_error, flagged, change.counts, {k: round(v, 3) for k, v in seconds.items()},
+        len(modules), len(results), error, read_error, flagged, change.counts, {k: round(v, 3) for k, v in seconds.items()},
     )
 
 
@@ -349,7 +351,7 @@ def _all_in_basis(batches):
         yield batch.set_column(index, "in_basis", pc.equal(batch.column("status"), "ok"))
 
 
-def _flag(new_errors: dict[str, float], change: Change, options: Options) -> dict[str, float]:
+def _flag(read_errors: dict[str, float], change: Change, options: Options) -> dict[str, float]:
     """New adapters the basis represents badly: above --max-error, or (without it) more than twice
     the parent collection's 95th percentile. Only meaningful when the basis did not see them."""
     if change.mode != "project":
@@ -360,7 +362,7 @@ def _flag(new_errors: dict[str, float], change: Change, options: Options) -> dic
         if p95 is None:
             return {}
         limit = 2 * p95
-    return {t: round(e, 6) for t, e in sorted(new_errors.items()) if e > limit}
+    return {t: round(e, 6) for t, e in sorted(read_errors.items()) if e > limit}
 
 
 def catalog_table(adapters: list[ScannedAdapter], in_basis: bool) -> pa.Table:
