@@ -85,3 +85,30 @@ def run_cli(*args: str) -> int:
     from pipeline.cli import main
 
     return main([str(a) for a in args])
+
+
+def rebase_twice_at_once(source, store, runner) -> tuple[list[str], list[str]]:
+    """Two `rebase` runs started together from two threads: (versions published, refusals)."""
+    import threading
+
+    from pipeline.errors import PipelineError
+    from pipeline.io.store import Store
+    from pipeline.stages.rebase import grow
+    from pipeline.stages.version import Options
+
+    outcomes, start = [], threading.Barrier(2)
+
+    def rebase():
+        start.wait()
+        try:
+            result = grow(source, Store(store), runner, "rebase", Options())
+            outcomes.append(result["versions"][0]["version"] if result["versions"] else "is up to date")
+        except PipelineError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=rebase) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [o for o in outcomes if o.startswith("v0")], [o for o in outcomes if not o.startswith("v0")]

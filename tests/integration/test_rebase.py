@@ -4,7 +4,6 @@ rollback, prune and the writer lock, on local Ray with local folders."""
 import json
 import os
 import shutil
-import threading
 
 import pytest
 import torch
@@ -12,9 +11,8 @@ from safetensors.torch import load_file
 from vlora.io import load_adapter
 from vlora.subspace import SharedSubspace
 
-from conftest import make_collection, run_cli
+from conftest import make_collection, rebase_twice_at_once, run_cli
 from pipeline import peft_format
-from pipeline.errors import PipelineError
 from pipeline.io.location import Location
 from pipeline.io.store import Store
 from pipeline.linalg.metrics import relative_product_error
@@ -305,27 +303,8 @@ def test_a_second_writer_fails_cleanly(runner, uploads, tmp_path, capsys):
     assert store.versions() == ["v000001"]
 
     # Two at once, for real: exactly one publishes, the other is refused and writes nothing.
-    outcomes, start = [], threading.Barrier(2)
-
-    def rebase():
-        try:
-            from pipeline.stages.rebase import grow
-            from pipeline.stages.version import Options
-
-            start.wait()
-            result = grow(Location(str(uploads.src)), Store(Location(str(store_path))), runner, "rebase", Options())
-            outcomes.append(result["versions"][0]["version"] if result["versions"] else "is up to date")
-        except PipelineError as exc:
-            outcomes.append(str(exc))
-
-    threads = [threading.Thread(target=rebase) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    published = [o for o in outcomes if o.startswith("v0")]
-    refused = [o for o in outcomes if not o.startswith("v0")]
-    assert published == ["v000002"] and len(refused) == 1, outcomes
+    published, refused = rebase_twice_at_once(Location(str(uploads.src)), Location(str(store_path)), runner)
+    assert published == ["v000002"] and len(refused) == 1, refused
     assert "is locked" in refused[0] or "is up to date" in refused[0]
     assert store.versions() == ["v000001", "v000002"] and store.current_version() == "v000002"
     assert not (store_path / "LOCK").exists()

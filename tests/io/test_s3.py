@@ -1,7 +1,6 @@
 """The same commands against a real S3 API: a moto server on loopback, real HTTP, real s3fs."""
 
 import json
-import threading
 
 import boto3
 import pyarrow as pa
@@ -9,7 +8,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load, load_file
 
-from conftest import make_collection, run_cli
+from conftest import make_collection, rebase_twice_at_once, run_cli
 
 
 def _upload(folder, endpoint, bucket, prefix):
@@ -101,30 +100,10 @@ def test_daily_rebase_workflow_on_s3(runner, s3_endpoint, bucket, tmp_path, caps
     assert json.loads(s3.get_object(Bucket=bucket, Key="subspace/LATEST")["Body"].read())["version"] == "v000002"
 
     # Two rebases at once against S3: the lock is a conditional PUT, so one of them is refused.
-    from pipeline.errors import PipelineError
     from pipeline.io.location import Location
-    from pipeline.io.store import Store
-    from pipeline.stages.rebase import grow
-    from pipeline.stages.version import Options
 
-    outcomes, start = [], threading.Barrier(2)
-
-    def rebase():
-        start.wait()
-        try:
-            result = grow(Location(source, s3_endpoint), Store(Location(store, s3_endpoint)), runner, "rebase", Options())
-            outcomes.append(result["versions"][0]["version"] if result["versions"] else "is up to date")
-        except PipelineError as exc:
-            outcomes.append(str(exc))
-
-    threads = [threading.Thread(target=rebase) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    published = [o for o in outcomes if o.startswith("v0")]
-    refused = [o for o in outcomes if not o.startswith("v0")]
-    assert published == ["v000004"] and len(refused) == 1 and ("is locked" in refused[0] or "is up to date" in refused[0]), outcomes
+    published, refused = rebase_twice_at_once(Location(source, s3_endpoint), Location(store, s3_endpoint), runner)
+    assert published == ["v000004"] and len(refused) == 1 and ("is locked" in refused[0] or "is up to date" in refused[0]), refused
 
     assert run_cli("prune", store, "--keep", 1, *s3_args) == 0  # keeps v4 and its parent v2 (and v1's basis, which v2 uses)
     left = keys()
