@@ -112,7 +112,6 @@ class ModuleResult:
 class ShardResult:
     shard: Shard
     file: FileEntry | None = None  # the basis object written (None: the parent's is kept)
-    staged: FileEntry | None = None
     modules: list[ModuleResult] = field(default_factory=list)
     nonfinite: dict[int, str] = field(default_factory=dict)  # index into task.new -> reason
     decided_k: int | None = None
@@ -173,8 +172,7 @@ def compute_shard(task: ShardTask) -> ShardResult:
     if task.parent:
         streams.append(_moved_parent_rows(store, task, parents, bases))
     where = store.version_location(task.version)
-    size, sha256, _ = write_tables(where, staging_file(task.shard.name), merge_sorted(streams, LOADINGS_KEYS), LOADINGS_SCHEMA)
-    result.staged = FileEntry(size, sha256)
+    write_tables(where, staging_file(task.shard.name), merge_sorted(streams, LOADINGS_KEYS), LOADINGS_SCHEMA)
     result.seconds["write"] = time.perf_counter() - clock
     return result
 
