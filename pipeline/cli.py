@@ -15,6 +15,7 @@ from pipeline.io.store import Store
 
 log = logging.getLogger("lora-subspace")
 EXPORT_BATCH = 16
+SHOWN_ERRORS = 20  # per-adapter errors printed after project or rebase, worst first
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
 
 
@@ -157,8 +158,14 @@ def _print_summary(s: dict) -> None:
         f"{s['adapters_quarantined']} quarantined, {s['modules']} modules in {s['shards']} shards, "
         f"delta-W error mean {e['mean']:.4f} max {e['max']:.4f}, {s['seconds']['total']:.1f}s"
     )
-    if s["read_error"] and s["operation"] != "compress":
-        print(f"  adapters read this run: delta-W error mean {s['read_error']['mean']:.4f} max {s['read_error']['max']:.4f}")
+    if s["read_errors"]:
+        e = s["read_error"]
+        print(f"  {len(s['read_errors'])} adapter(s) read this run: delta-W error mean {e['mean']:.4f} max {e['max']:.4f}")
+        shown = sorted(s["read_errors"].items(), key=lambda item: -item[1])[:SHOWN_ERRORS]
+        for task_id, error in shown:
+            print(f"    {task_id}: {error:.4f}")
+        if len(s["read_errors"]) > len(shown):
+            print(f"    ... {len(s['read_errors']) - len(shown)} more (--json, or report.json of the version)")
     for task_id, reason in s["quarantined"].items():
         print(f"  quarantined {task_id}: {reason}")
     for task_id, reason in s["kept_previous"].items():

@@ -90,7 +90,8 @@ class Summary:
     modules: int
     shards: int
     error: dict[str, float]
-    read_error: dict[str, float]  # of the adapters whose files this run read
+    read_error: dict[str, float]  # summary over the adapters whose files this run read
+    read_errors: dict[str, float]  # each of them (mean over modules); not for compress
     flagged: dict[str, float]
     changes: dict[str, int]
     seconds: dict[str, float]
@@ -220,9 +221,9 @@ class _ErrorTally:
             means, maxes = grouped.column("error_mean").to_numpy(), grouped.column("error_max").to_numpy()
             self.means.append(means)
             self.maxes.append(maxes)
-            for task_id, mean in zip(ids, means.tolist()):
+            for task_id, mean, worst in zip(ids, means.tolist(), maxes.tolist()):
                 if task_id in self.watch:
-                    self.watched[task_id] = mean
+                    self.watched[task_id] = (mean, worst)
             yield table
 
     def summary(self) -> dict[str, float]:
@@ -294,8 +295,10 @@ def _assemble(change, good, results, source, store, version, options, seconds) -
             files[path] = change.parent_manifest["files"][path]
 
     error = errors.summary()
-    read_error = error_summary(np.array(list(errors.watched.values())), np.array(list(errors.watched.values())))
-    flagged = _flag(errors.watched, change, options)
+    watched = np.array(list(errors.watched.values())).reshape(-1, 2)
+    read_error = error_summary(watched[:, 0], watched[:, 1])
+    read_errors = {} if change.operation == "compress" else {t: round(e[0], 6) for t, e in sorted(errors.watched.items())}
+    flagged = _flag(read_errors, change, options)
     quarantined = {a.task_id: a.reason for a in change.adapters if not a.ok}
     seconds["write"] = time.perf_counter() - t0 + sum(r.seconds.get("write", 0.0) for r in results)
     report = {
@@ -303,7 +306,7 @@ def _assemble(change, good, results, source, store, version, options, seconds) -
         "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
         "changes": change.counts, "quarantined": quarantined, "kept_previous": kept_previous,
         "warnings": {a.task_id: a.warnings for a in change.adapters if a.warnings},
-        "error": error, "read_error": read_error, "flagged": flagged,
+        "error": error, "read_error": read_error, "read_errors": read_errors, "flagged": flagged,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "shards": [
             {"name": r.shard.name, "modules": len(r.shard.modules), "bytes_read": r.bytes_read, "requests": r.requests,
@@ -340,7 +343,7 @@ def _assemble(change, good, results, source, store, version, options, seconds) -
     log.info("published %s (%s): %d adapters, %d quarantined", version, change.operation, catalog.ok, catalog.quarantined)
     return Summary(
         change.operation, version, change.parent, str(store), catalog.ok, catalog.quarantined, quarantined, kept_previous,
-        len(modules), len(results), error, read_error, flagged, change.counts, {k: round(v, 3) for k, v in seconds.items()},
+        len(modules), len(results), error, read_error, read_errors, flagged, change.counts, {k: round(v, 3) for k, v in seconds.items()},
     )
 
 

@@ -174,6 +174,9 @@ def test_project_shares_the_basis_flags_outliers_and_rebase_absorbs_them(runner,
     summary = json.loads(capsys.readouterr().out)["versions"][0]
     assert summary["version"] == "v000002" and summary["adapters_ok"] == 24
     assert list(summary["flagged"]) == ["outlier-00000"]
+    errors = summary["read_errors"]
+    assert sorted(errors) == [*uploads.ids[20:23], "outlier-00000"]
+    assert errors["outlier-00000"] > 2 * max(errors[t] for t in uploads.ids[20:23])
 
     store = Store(Location(str(store_path)))
     parent, child = store.manifest("v000001"), store.manifest("v000002")

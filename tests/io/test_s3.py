@@ -106,6 +106,8 @@ def test_daily_rebase_workflow_on_s3(runner, s3_endpoint, bucket, tmp_path, caps
     assert published == ["v000004"] and len(refused) == 1 and ("is locked" in refused[0] or "is up to date" in refused[0]), refused
 
     assert run_cli("prune", store, "--keep", 1, *s3_args) == 0  # keeps v4 and its parent v2 (and v1's basis, which v2 uses)
+    assert run_cli("rebase", store, source, "--full", "--from-source", *s3_args) == 0  # v5: every adapter read again
+    assert "versions/v000005/manifest.json" in " ".join(keys())
     left = keys()
     assert "subspace/LOCK" not in left and not any("/staging/" in k for k in left)
     assert not any(k.startswith("subspace/versions/v000003/") for k in left)
