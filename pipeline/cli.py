@@ -192,6 +192,8 @@ def _grow(args, operation: str, **flags) -> dict:
             for kind in ("added", "replaced", "pending"):
                 for task_id in d[kind]:
                     print(f"  {kind:8} {task_id}")
+        elif d["replaced"]:
+            print(f"  replaced (re-uploaded under the same id): {', '.join(d['replaced'])}")
         for summary in result["versions"]:
             _print_summary(summary)
         if not args.dry_run and not result["versions"]:

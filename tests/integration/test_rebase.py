@@ -99,6 +99,9 @@ def test_truncated_rebase_stays_within_one_percent_of_a_full_recompute_and_beats
     ours = _true_errors(tmp_path / "store", uploads.pool, uploads.ids, tmp_path / "ours")
     full = _true_errors(tmp_path / "full", uploads.pool, uploads.ids, tmp_path / "fullout")
     assert float(ours.mean()) <= 1.01 * float(full.mean()), (float(ours.mean()), float(full.mean()))
+    # Only the 20 new adapters' files were read: one request each per shard.
+    report = json.loads(Store(Location(str(tmp_path / "store"))).version_location("v000002").read_bytes("report.json"))
+    assert {s["requests"] for s in report["shards"]} == {20}
     # The store's own figures for the old adapters (estimated, their files were not read) are close
     # to the truth; those of the new ones are measured.
     table = Store(Location(str(tmp_path / "store"))).read_table("v000002", "loadings.parquet").to_pydict()
@@ -257,7 +260,9 @@ def test_versions_rollback_and_prune_keep_what_they_must(runner, uploads, tmp_pa
     uploads(*uploads.ids[8:10])
     assert run_cli("rebase", store_path, uploads.src) == 0  # v2
     uploads(*uploads.ids[10:12])
-    assert run_cli("project", store_path, uploads.src) == 0  # v3: uses v2's basis
+    capsys.readouterr()
+    assert run_cli("project", store_path, uploads.src, "--max-error", 0, "--json") == 0  # v3: uses v2's basis
+    assert list(json.loads(capsys.readouterr().out)["versions"][0]["flagged"]) == uploads.ids[10:12]
     uploads(*uploads.ids[12:14])
     assert run_cli("project", store_path, uploads.src) == 0  # v4: uses v2's basis
     capsys.readouterr()
