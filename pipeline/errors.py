@@ -7,3 +7,7 @@ class PipelineError(Exception):
 
 class AdapterError(Exception):
     """One adapter is unusable; the message is its quarantine reason."""
+
+
+class IntegrityError(PipelineError):
+    """Stored bytes are not what the manifest says they are: corruption, never retried."""

@@ -16,11 +16,13 @@ import contextlib
 import datetime as dt
 import getpass
 import hashlib
-import io
 import json
+import logging
 import os
 import re
 import socket
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -30,12 +32,17 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from pipeline.errors import PipelineError
+from pipeline import failpoints
+from pipeline.errors import IntegrityError, PipelineError
 from pipeline.io.location import Location, redact, storage_error
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+LOCK_TTL = 600.0  # seconds without a heartbeat after which a lock is stale
 POINTER = "LATEST"
 LOCK = "LOCK"
+RUN = "run.json"  # present while the run that writes a version has not published it
 MANIFEST = "manifest.json"
 LOADINGS = "loadings.parquet"
 CATALOG = "catalog.parquet"
@@ -61,6 +68,11 @@ def staging_file(shard: str) -> str:
     return f"staging/loadings-{shard}.parquet"
 
 
+def done_file(shard: str) -> str:
+    """Written by a shard task after its basis object and staged loadings: the shard is finished."""
+    return f"staging/{shard}.json"
+
+
 def version_path(version: str, name: str) -> str:
     """A version's object as a path relative to the store root, as manifests list files."""
     return f"versions/{version}/{name}"
@@ -68,6 +80,11 @@ def version_path(version: str, name: str) -> str:
 
 def basis_key(module: str, side: str, field: str) -> str:
     return f"{module}.{side}.{field}"
+
+
+def check_bytes(data: bytes, expected: dict, name: str) -> None:
+    if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise IntegrityError(f"{redact(name)} does not match its manifest checksum: the object is corrupt or was replaced")
 
 
 def encode_basis(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -129,9 +146,11 @@ class Store:
         except OSError as exc:
             raise storage_error("write to store", self.location, exc) from None
 
-    def publish(self, version: str, manifest: dict) -> None:
+    def publish(self, version: str, manifest: dict, lock: WriterLock) -> None:
         """Write the manifest, then move the pointer: readers see the old version or the new.
-        Refuses if the pointer moved since the work began (from manifest["parent"])."""
+        Refuses if this writer lost its lock, or the pointer moved since the work began (from
+        manifest["parent"]). Then the run's scratch (staging, run record) goes."""
+        lock.check()
         current = self.current_version()
         if current != manifest["parent"]:
             raise PipelineError(
@@ -139,45 +158,57 @@ class Store:
             )
         where = self.version_location(version)
         where.write_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode(), MANIFEST)
+        failpoints.reach("publish")
         self.set_pointer(version)
+        where.remove("staging")
+        where.remove(RUN)
+
+    def start_run(self, version: str, record: dict) -> None:
+        self.version_location(version).write_bytes(json.dumps(record).encode(), RUN)
+
+    def unfinished(self) -> list[tuple[str, dict]]:
+        """Versions whose run never published them (newest first), with their run records: a
+        crashed run's leftovers, to resume or remove. Only meaningful under the lock."""
+        found = []
+        for version in reversed(self.versions()):
+            try:
+                found.append((version, json.loads(self.version_location(version).read_bytes(RUN))))
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                found.append((version, {}))
+        return found
+
+    def finished_shards(self, version: str) -> dict[str, dict]:
+        """Shard name -> its done record, for the shards a run of this version finished."""
+        where = self.version_location(version)
+        try:
+            names = where.fs.ls(where.path("staging"), detail=False)
+        except FileNotFoundError:
+            return {}
+        done = {}
+        for path in names:
+            name = path.rsplit("/", 1)[-1]
+            if name.endswith(".json"):
+                try:
+                    done[name[: -len(".json")]] = json.loads(where.fs.cat_file(path))
+                except (FileNotFoundError, ValueError):
+                    continue
+        return done
 
     def set_pointer(self, version: str) -> None:
         pointer = {"version": version, "format_version": FORMAT_VERSION}
         self.location.write_atomic(json.dumps(pointer).encode() + b"\n", POINTER)
 
     @contextlib.contextmanager
-    def lock(self, operation: str):
-        """Hold the store's writer lock: an object created only if absent (S3 conditional PUT with
-        If-None-Match, O_EXCL locally), so of two writers exactly one gets it. Removed on exit."""
-        holder = {
-            "operation": operation, "host": socket.gethostname(), "pid": os.getpid(), "user": getpass.getuser(),
-            "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "token": uuid.uuid4().hex,
-        }
+    def lock(self, operation: str, ttl: float = LOCK_TTL):
+        """Hold the store's writer lock (see WriterLock) for the duration of the block."""
+        lock = WriterLock(self, operation, ttl)
+        lock.acquire()
         try:
-            self.location.create_exclusive(json.dumps(holder).encode(), LOCK)
-        except FileExistsError:
-            raise PipelineError(self._locked_message()) from None
-        except OSError as exc:
-            raise storage_error("lock store", self.location, exc) from None
-        try:
-            yield
+            yield lock
         finally:
-            try:
-                if json.loads(self.location.read_bytes(LOCK)).get("token") == holder["token"]:
-                    self.location.remove(LOCK)
-            except (OSError, ValueError):
-                pass
-
-    def _locked_message(self) -> str:
-        try:
-            holder = json.loads(self.location.read_bytes(LOCK))
-            who = f"{holder['operation']} by {holder['user']}@{holder['host']} pid {holder['pid']} since {holder['since']}"
-        except (OSError, ValueError, KeyError):
-            who = "another writer"
-        return (
-            f"store {self} is locked ({who}): another writer is at work. If none is (a crashed run), "
-            f"remove {redact(self.location.uri_of(self.location.path(LOCK)))} and retry"
-        )
+            lock.release()
 
     def delete_version(self, version: str, keep: set[str]) -> int:
         """Delete a version's objects except the store-relative paths in `keep` (objects other
@@ -217,16 +248,14 @@ class Store:
         """Manifests of every published version, oldest first."""
         found = []
         for version in self.versions():
+            where = self.version_location(version)
             try:
-                found.append(json.loads(self.version_location(version).read_bytes(MANIFEST)))
+                manifest = json.loads(where.read_bytes(MANIFEST))
             except FileNotFoundError:
                 continue  # unpublished: a crashed or running write
+            if not where.exists(RUN):  # a manifest whose pointer never moved is not published
+                found.append(manifest)
         return found
-
-    def write_table(self, version: str, name: str, table: pa.Table, row_group_size: int | None = None) -> FileEntry:
-        sink = io.BytesIO()
-        pq.write_table(table, sink, row_group_size=row_group_size, compression="zstd")
-        return self.write_object(version, name, sink.getvalue())
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -237,9 +266,13 @@ class Store:
         except FileNotFoundError:
             raise PipelineError(f"version {version} of {self} has no manifest") from None
 
-    def read_basis(self, path: str) -> dict[str, torch.Tensor]:
-        """A basis object by its store-relative path (a version may use its parent's)."""
-        return load_safetensors(self.location.read_bytes(path))
+    def read_basis(self, path: str, expected: dict | None = None) -> dict[str, torch.Tensor]:
+        """A basis object by its store-relative path (a version may use its parent's), checked
+        against its manifest entry `{"bytes", "sha256"}` when given."""
+        data = self.location.read_bytes(path)
+        if expected is not None:
+            check_bytes(data, expected, self.location.uri_of(self.location.path(path)))
+        return load_safetensors(data)
 
     def read_table(self, version: str, name: str, task_ids: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:
         """A Parquet table of a version; with task_ids, only those adapters' rows (row groups whose
@@ -247,6 +280,137 @@ class Store:
         where = self.version_location(version)
         filters = [("task_id", "in", list(task_ids))] if task_ids is not None else None
         try:
-            return pq.read_table(where.path(name), filesystem=where.fs, columns=columns, filters=filters)
+            return pq.read_table(where.path(name), filesystem=where.fs, columns=columns, filters=filters, page_checksum_verification=True)
         except FileNotFoundError:
             raise PipelineError(f"version {version} of {self} has no {name}") from None
+        except OSError as exc:
+            if "checksum" in str(exc).lower():
+                raise IntegrityError(f"{where.uri_of(where.path(name))} is corrupt: {exc}") from None
+            raise
+
+
+class WriterLock:
+    """STORE/LOCK, created only if absent (S3 conditional PUT with If-None-Match: *, O_EXCL
+    locally), so of two writers exactly one gets it.
+
+    The holder rewrites its heartbeat every ttl/3 seconds. A lock is stale when its holder is a
+    dead process on this host, or its heartbeat is older than its ttl (a killed driver, a lost
+    node); a new writer then takes it over. A holder that finds its lock taken over stops before
+    publishing (`check`)."""
+
+    def __init__(self, store: Store, operation: str, ttl: float):
+        self.store, self.ttl = store, ttl
+        self.holder = {
+            "operation": operation, "host": socket.gethostname(), "pid": os.getpid(), "user": getpass.getuser(),
+            "since": _now(), "heartbeat": time.time(), "ttl": ttl, "token": uuid.uuid4().hex,
+        }
+        self.lost = False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    @property
+    def location(self) -> Location:
+        return self.store.location
+
+    def acquire(self) -> None:
+        try:
+            self._create()
+        except FileExistsError:
+            current = self._read()
+            if current is None or not _stale(current):
+                raise PipelineError(self._locked_message(current)) from None
+            log.warning("taking over a stale lock (%s)", _describe(current))
+            self.location.remove(LOCK)
+            try:
+                self._create()
+            except FileExistsError:
+                raise PipelineError(self._locked_message(self._read())) from None
+        self._beat = threading.Thread(target=self._heartbeat, name="store-lock-heartbeat", daemon=True)
+        self._beat.start()
+
+    def check(self) -> None:
+        """Raise unless this writer still holds the lock (called before publishing)."""
+        current = self._read()
+        if self.lost or current is None or current.get("token") != self.holder["token"]:
+            self.lost = True
+            raise LockLost(f"lost the lock of store {self.store} to another writer ({_describe(current)}); nothing was published")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat:
+            self._beat.join()
+        try:
+            current = self._read()
+            if current is not None and current.get("token") == self.holder["token"]:
+                self.location.remove(LOCK)
+        except OSError:
+            pass
+
+    def _create(self) -> None:
+        try:
+            self.location.create_exclusive(json.dumps(self.holder).encode(), LOCK)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise storage_error("lock store", self.location, exc) from None
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.location.read_bytes(LOCK))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}  # half-written by a crashed holder: stale by any measure
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                current = self._read()
+                if current is None or current.get("token") != self.holder["token"]:
+                    self.lost = True
+                    return
+                self.holder["heartbeat"] = time.time()
+                self.location.write_atomic(json.dumps(self.holder).encode(), LOCK)
+            except OSError as exc:
+                log.warning("could not refresh the store lock: %s", redact(str(exc)))
+
+    def _locked_message(self, current: dict | None) -> str:
+        return (
+            f"store {self.store} is locked ({_describe(current)}): another writer is at work. If none is, "
+            f"the lock goes stale {self.ttl:.0f}s after its last heartbeat, or remove "
+            f"{redact(self.location.uri_of(self.location.path(LOCK)))} and retry"
+        )
+
+
+def _describe(holder: dict | None) -> str:
+    try:
+        return f"{holder['operation']} by {holder['user']}@{holder['host']} pid {holder['pid']} since {holder['since']}"
+    except (TypeError, KeyError):
+        return "unknown holder"
+
+
+def _stale(holder: dict) -> bool:
+    try:
+        if holder["host"] == socket.gethostname() and not _alive(int(holder["pid"])):
+            return True
+        return time.time() - float(holder["heartbeat"]) > float(holder["ttl"])
+    except (KeyError, TypeError, ValueError):
+        return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class LockLost(PipelineError):
+    """Another writer took this run's lock over: its staged work is now that writer's."""

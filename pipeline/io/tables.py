@@ -2,7 +2,8 @@
 
 Every table of a version is sorted by task id, so a new version's tables are merges of sorted
 streams (the parent's rows, each shard's staged rows, new rows). Memory is a few batches per
-stream, whatever the number of adapters.
+stream, whatever the number of adapters. Pages carry CRC checksums, verified on every read, so a
+reader that fetches a few row groups still notices corruption in what it read.
 """
 
 from __future__ import annotations
@@ -14,14 +15,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.errors import IntegrityError
 from pipeline.io.location import Location
 
 BATCH_ROWS = 8192
 
 
 def read_batches(location: Location, name: str, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Batches of a table; every page read is checked against its CRC."""
     with location.fs.open(location.path(name), "rb") as handle:
-        yield from pq.ParquetFile(handle).iter_batches(batch_size=BATCH_ROWS, columns=columns)
+        yield from checked(pq.ParquetFile(handle, page_checksum_verification=True).iter_batches(batch_size=BATCH_ROWS, columns=columns), location, name)
+
+
+def checked(batches, location: Location, name: str):
+    """Re-raise a failed page checksum as corruption (an OSError would be retried as transient)."""
+    try:
+        yield from batches
+    except OSError as exc:
+        if "checksum" not in str(exc).lower():
+            raise
+        raise IntegrityError(f"{location.uri_of(location.path(name))} is corrupt: {exc}") from None
 
 
 def without(batches: Iterable[pa.RecordBatch], task_ids: set[str]) -> Iterator[pa.RecordBatch]:
@@ -104,7 +117,7 @@ def write_tables(location: Location, name: str, tables: Iterable[pa.Table], sche
     rows = 0
     with location.fs.open(path, "wb") as handle:
         sink = _HashingWriter(handle)
-        with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+        with pq.ParquetWriter(sink, schema, compression="zstd", write_page_checksum=True) as writer:
             for table in tables:
                 writer.write_table(table.select(schema.names).cast(schema), row_group_size=row_group_size)
                 rows += table.num_rows

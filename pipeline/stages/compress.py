@@ -64,7 +64,7 @@ def chunks(refs: list[AdapterRef], size: int | None) -> list[list[AdapterRef]]:
 def compress(source: Location, store: Store, runner: Runner, options: Options = Options(), chunk_size: int | None = None) -> list[Summary]:
     refs = discover(source)
     store.check_writable()
-    with store.lock("compress"):
+    with store.lock("compress") as lock:
         summaries: list[Summary] = []
         for part in chunks(refs, chunk_size):
             started = time.perf_counter()
@@ -75,5 +75,5 @@ def compress(source: Location, store: Store, runner: Runner, options: Options = 
                 manifest = store.manifest(parent)
                 change = Change("compress", "absorb", scan(part, runner, manifest, options.strict), parent, manifest)
             change.scan_seconds = time.perf_counter() - started
-            summaries.append(write_version(change, source, store, runner, options))
+            summaries.append(write_version(change, source, store, runner, options, lock))
     return summaries

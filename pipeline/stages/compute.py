@@ -9,6 +9,8 @@ storage, in row batches.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ import torch
 from pipeline.io.adapters import read_ranges
 from pipeline.io.location import Location
 from pipeline.io.safetensors_ranges import TensorInfo, decode
-from pipeline.io.store import FileEntry, Store, basis_file, basis_key, encode_basis, staging_file
+from pipeline.io.store import FileEntry, Store, basis_file, basis_key, done_file, encode_basis, staging_file
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, project, reconstruct
 from pipeline.linalg.incremental import absorb, change_of_basis
@@ -93,6 +95,7 @@ class ShardTask:
     parent: Parent | None = None
     fixed_k: int | None = None  # the collection-wide k, once the first module decided it
     route: str = "auto"
+    key: str = ""  # digest of everything the result depends on: a resumed run reuses a matching shard
 
 
 @dataclass
@@ -119,6 +122,18 @@ class ShardResult:
     requests: int = 0
     stack_bytes: int = 0  # the factor stacks this task held: what grows with the rows it reads
     seconds: dict[str, float] = field(default_factory=dict)
+    resumed: bool = False  # taken from a crashed run's finished shard, not computed again
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ShardResult:
+        modules = [ModuleResult(**{**m, "a_shape": tuple(m["a_shape"]), "b_shape": tuple(m["b_shape"])}) for m in data["modules"]]
+        return cls(
+            Shard(data["shard"]["index"], tuple(data["shard"]["modules"])), FileEntry(**data["file"]) if data["file"] else None,
+            modules, {}, data["decided_k"], data["bytes_read"], data["requests"], data["stack_bytes"], data["seconds"], True,
+        )
 
 
 def compute_shard(task: ShardTask) -> ShardResult:
@@ -174,6 +189,8 @@ def compute_shard(task: ShardTask) -> ShardResult:
     where = store.version_location(task.version)
     write_tables(where, staging_file(task.shard.name), merge_sorted(streams, LOADINGS_KEYS), LOADINGS_SCHEMA)
     result.seconds["write"] = time.perf_counter() - clock
+    # Last: this record says the shard's objects are complete, for a resumed run to reuse.
+    store.write_object(task.version, done_file(task.shard.name), json.dumps({"key": task.key, "result": result.to_json()}).encode())
     return result
 
 

@@ -96,7 +96,7 @@ def grow(
     refs = _with_files(discover(source), runner)
     if dry_run:
         return {"diff": _diff(store, refs).to_dict(), "versions": []}
-    with store.lock(operation):
+    with store.lock(operation) as lock:
         parent = store.require_version()
         manifest = store.manifest(parent)
         changes = _diff(store, refs)
@@ -123,7 +123,7 @@ def grow(
             else:
                 change = Change("rebase", "absorb", adapters, parent, manifest, status)
             change.counts, change.scan_seconds = changes.counts(), time.perf_counter() - started
-            summaries.append(write_version(change, source, store, runner, options))
+            summaries.append(write_version(change, source, store, runner, options, lock))
             parent = summaries[-1].version
             manifest = store.manifest(parent)
             status = {**status, **{a.task_id: a.status for a in adapters}}

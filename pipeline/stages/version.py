@@ -9,7 +9,9 @@ storage to storage in batches.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import time
@@ -19,11 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import __version__
+from pipeline import __version__, failpoints
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location, redact
 from pipeline.io.store import (
-    CATALOG, FORMAT_VERSION, LOADINGS, LOADINGS_ROW_GROUP, REPORT, Store, basis_file, staging_file, version_path,
+    CATALOG, FORMAT_VERSION, LOADINGS, LOADINGS_ROW_GROUP, REPORT, LockLost, Store, WriterLock, basis_file, staging_file,
+    version_path,
 )
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.progress import Progress
@@ -100,19 +103,44 @@ class Summary:
         return dict(self.__dict__)
 
 
-def write_version(change: Change, source: Location | None, store: Store, runner: Runner, options: Options) -> Summary:
-    """Compute, assemble and publish one version (call with the store's lock held)."""
+def write_version(change: Change, source: Location | None, store: Store, runner: Runner, options: Options, lock: WriterLock) -> Summary:
+    """Compute, assemble and publish one version, holding the store's lock.
+
+    A crashed run of the same operation from the same parent is resumed: its version id is
+    reused and every shard it finished with the same inputs is taken as it is. Other crashed
+    runs' leftovers are removed (no one else writes: we hold the lock). A run that fails keeps
+    its finished shards for the next one, unless the failure is the input's.
+    """
     seconds: dict[str, float] = {"scan": change.scan_seconds}
     started = time.perf_counter() - change.scan_seconds
-    version = store.new_version()
+    version = _claim_version(store, change)
     try:
         results, good = _compute_all(change, source, store, version, runner, options, seconds)
-        summary = _assemble(change, good, results, source, store, version, options, seconds)
-    except BaseException:
+        summary = _assemble(change, good, results, source, store, version, options, seconds, lock)
+    except LockLost:
+        raise  # the version is the new lock holder's now
+    except PipelineError:
         store.discard(version)
+        raise
+    except BaseException:
+        log.warning("%s of %s stopped; its finished shards are kept for the next run to resume", version, store)
         raise
     summary.seconds["total"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _claim_version(store: Store, change: Change) -> str:
+    resumed = None
+    for version, run in store.unfinished():
+        if resumed is None and run.get("operation") == change.operation and run.get("parent") == change.parent:
+            resumed = version
+            log.info("resuming %s: a crashed %s from %s", version, change.operation, change.parent)
+        else:
+            log.info("removing %s: leftovers of a crashed run", version)
+            store.discard(version)
+    version = resumed or store.new_version()
+    store.start_run(version, {"operation": change.operation, "parent": change.parent, "started": time.time()})
+    return version
 
 
 def good_adapters(adapters: list[ScannedAdapter]) -> list[ScannedAdapter]:
@@ -182,27 +210,50 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
         basis = {m: e["basis"] for m, e in change.parent_manifest["modules"].items()}
         parent = Parent(basis, version_path(change.parent, LOADINGS), drop, change.refit)
 
+    inputs = _digest([change.operation, change.mode, change.parent, change.refit, dataclasses.asdict(options.rule), options.route,
+                      [(a.task_id, a.location.uri, a.weights_bytes, a.weights_tag) for a in good]])
+    finished = store.finished_shards(version)
+
     def task(shard, fixed_k=None):
         new = [(a.task_id, a.weights_path, {m: a.modules[m] for m in shard.modules}) for a in good]
-        return ShardTask(shard, change.mode, options.rule, store.location, version, source, new, shapes, parent, fixed_k, options.route)
+        key = _digest([inputs, shard.modules, fixed_k])
+        return ShardTask(shard, change.mode, options.rule, store.location, version, source, new, shapes, parent, fixed_k, options.route, key)
 
     progress = Progress("compute", len(shards), "shards")
     results: list[ShardResult | None] = [None] * len(shards)
-    fixed_k = None
+
+    def run(tasks: list[ShardTask]) -> None:
+        todo = []
+        for t in tasks:
+            done = finished.get(t.shard.name)
+            if done and done["key"] == t.key:
+                results[t.shard.index] = ShardResult.from_json(done["result"])
+                progress.advance()
+            else:
+                todo.append(t)
+        for index, result in runner.map_unordered(compute_shard, todo, use_gpu=True, memory=memory):
+            results[todo[index].shard.index] = result
+            progress.advance()
+            failpoints.reach("shard-done")
+
     pending = list(shards)
+    fixed_k = None
     if options.rule.needs_first_module and change.mode != "project":
         # vlora's rule: k comes from the first module's lora_A, so that shard runs first.
-        for _, first in runner.map_unordered(compute_shard, [task(shards[0])], use_gpu=True, memory=memory):
-            results[0], fixed_k = first, first.decided_k
-        progress.advance()
-        if first.nonfinite:
-            return [first]
-        pending = shards[1:]
-    for index, result in runner.map_unordered(compute_shard, [task(s, fixed_k) for s in pending], use_gpu=True, memory=memory):
-        results[pending[index].index] = result
-        progress.advance()
+        run([task(shards[0])])
+        if results[0].nonfinite:
+            return [results[0]]
+        fixed_k, pending = results[0].decided_k, shards[1:]
+    run([task(s, fixed_k) for s in pending])
     progress.close()
+    resumed = sum(r.resumed for r in results)
+    if resumed:
+        log.info("%d of %d shards taken from the crashed run", resumed, len(results))
     return results
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class _ErrorTally:
@@ -255,7 +306,7 @@ class _CatalogTally:
             yield table
 
 
-def _assemble(change, good, results, source, store, version, options, seconds) -> Summary:
+def _assemble(change, good, results, source, store, version, options, seconds, lock) -> Summary:
     t0 = time.perf_counter()
     where = store.version_location(version)
     parent_where = store.version_location(change.parent) if change.parent_manifest else None
@@ -266,7 +317,6 @@ def _assemble(change, good, results, source, store, version, options, seconds) -
     staged = [read_batches(where, staging_file(r.shard.name)) for r in results]
     size, sha256, _ = write_tables(where, LOADINGS, errors.tap(merge_sorted(staged, LOADINGS_KEYS)), LOADINGS_SCHEMA, LOADINGS_ROW_GROUP)
     files[version_path(version, LOADINGS)] = {"bytes": size, "sha256": sha256}
-    where.remove("staging")
 
     # Catalog: the parent's rows, except those this run replaces. A replacement that was
     # quarantined does not push out an earlier upload that compressed fine.
@@ -310,7 +360,7 @@ def _assemble(change, good, results, source, store, version, options, seconds) -
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "shards": [
             {"name": r.shard.name, "modules": len(r.shard.modules), "bytes_read": r.bytes_read, "requests": r.requests,
-             "stack_bytes": r.stack_bytes, "seconds": {k: round(v, 3) for k, v in r.seconds.items()}}
+             "stack_bytes": r.stack_bytes, "resumed": r.resumed, "seconds": {k: round(v, 3) for k, v in r.seconds.items()}}
             for r in results
         ],
     }
@@ -338,7 +388,7 @@ def _assemble(change, good, results, source, store, version, options, seconds) -
         "modules": modules,
         "files": files,
     }
-    store.publish(version, manifest)
+    store.publish(version, manifest, lock)
     seconds["assemble"] = time.perf_counter() - t0
     log.info("published %s (%s): %d adapters, %d quarantined", version, change.operation, catalog.ok, catalog.quarantined)
     return Summary(
