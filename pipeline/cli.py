@@ -16,6 +16,7 @@ from pipeline.io.store import Store
 log = logging.getLogger("lora-subspace")
 EXPORT_BATCH = 16
 SHOWN_ERRORS = 20  # per-adapter errors printed after project or rebase, worst first
+SHOWN_FAILURES = 10  # verify problems printed per version
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
 
 
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from-source", action="store_true", help="with --full: read every adapter from its original files")
     r.add_argument("--chunk-size", type=_positive, help="absorb new adapters this many at a time, a version each")
 
+    vf = sub.add_parser("verify", parents=[common], help="check a version's objects against their checksums and invariants")
+    vf.add_argument("store")
+    vf.add_argument("--version", help="a version id (default: current)")
+    vf.add_argument("--all", action="store_true", help="every published version")
     v = sub.add_parser("versions", parents=[common], help="list a store's versions")
     v.add_argument("store")
     rb = sub.add_parser("rollback", parents=[common], help="point the store at an earlier version")
@@ -105,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         result = COMMANDS[args.command](args)
-    except PipelineError as exc:
+    except (PipelineError, OSError) as exc:
+        # OSError here is storage that failed after every retry: still one line, no secrets.
         if args.verbose:
             traceback.print_exc()
-        print(f"lora-subspace: error: {redact(str(exc))}", file=sys.stderr)
+        kind = "" if isinstance(exc, PipelineError) else f"storage: {exc.__class__.__name__}: "
+        print(f"lora-subspace: error: {kind}{redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("lora-subspace: interrupted", file=sys.stderr)
@@ -224,6 +231,26 @@ def cmd_versions(args) -> dict:
     return {"versions": rows}
 
 
+def cmd_verify(args) -> dict:
+    from pipeline.stages.verify import verify
+
+    store = Store(Location(args.store, args.endpoint_url))
+    versions = [m["version"] for m in store.published()] if args.all else [store.require_version(args.version)]
+    reports = [verify(store, v) for v in versions]
+    bad = [r for r in reports if r["failures"]]
+    if not args.json:
+        for r in reports:
+            print(f"{r['version']}: {r['files']} objects, " + (f"{len(r['failures'])} problem(s)" if r["failures"] else "ok"))
+            for failure in r["failures"][:SHOWN_FAILURES]:
+                print(f"  {failure}")
+    if bad:
+        if args.json:
+            print(json.dumps({"versions": reports}, indent=1, sort_keys=True))
+        first = bad[0]
+        raise PipelineError(f"verify: {first['version']} of {store} failed: {first['failures'][0]}")
+    return {"versions": reports}
+
+
 def cmd_rollback(args) -> dict:
     from pipeline.stages.history import rollback
 
@@ -275,7 +302,7 @@ def cmd_export(args) -> dict:
 
 COMMANDS = {
     "compress": cmd_compress, "project": cmd_project, "rebase": cmd_rebase, "info": cmd_info, "export": cmd_export,
-    "versions": cmd_versions, "rollback": cmd_rollback, "prune": cmd_prune,
+    "verify": cmd_verify, "versions": cmd_versions, "rollback": cmd_rollback, "prune": cmd_prune,
 }
 
 if __name__ == "__main__":

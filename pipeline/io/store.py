@@ -283,8 +283,8 @@ class Store:
             return pq.read_table(where.path(name), filesystem=where.fs, columns=columns, filters=filters, page_checksum_verification=True)
         except FileNotFoundError:
             raise PipelineError(f"version {version} of {self} has no {name}") from None
-        except OSError as exc:
-            if "checksum" in str(exc).lower():
+        except (OSError, pa.ArrowInvalid) as exc:
+            if isinstance(exc, pa.ArrowInvalid) or "checksum" in str(exc).lower():
                 raise IntegrityError(f"{where.uri_of(where.path(name))} is corrupt: {exc}") from None
             raise
 

@@ -31,8 +31,8 @@ def checked(batches, location: Location, name: str):
     """Re-raise a failed page checksum as corruption (an OSError would be retried as transient)."""
     try:
         yield from batches
-    except OSError as exc:
-        if "checksum" not in str(exc).lower():
+    except (OSError, pa.ArrowInvalid) as exc:
+        if not isinstance(exc, pa.ArrowInvalid) and "checksum" not in str(exc).lower():
             raise
         raise IntegrityError(f"{location.uri_of(location.path(name))} is corrupt: {exc}") from None
 

@@ -77,6 +77,7 @@ class Parent:
     loadings table, and the task ids whose rows the new version replaces."""
 
     basis: dict[str, str]
+    checksums: dict[str, dict]  # basis path -> its manifest entry, checked on read
     loadings: str
     drop: frozenset[str] = frozenset()
     refit: bool = False  # fit mode: the parent's reconstructed rows join the new SVD
@@ -224,7 +225,7 @@ def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, list[torch.T
 def _parent_bases(store: Store, task: ShardTask) -> dict[tuple[str, str], Decomposition]:
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted({task.parent.basis[m] for m in task.shard.modules}):
-        tensors.update(store.read_basis(path))
+        tensors.update(store.read_basis(path, task.parent.checksums[path]))
     return {
         (m, side): Decomposition(
             tensors[basis_key(m, side, "components")], tensors[basis_key(m, side, "singular_values")],

@@ -45,7 +45,7 @@ def export_batch(task: ExportTask) -> list[str]:
         loadings.setdefault(row["task_id"], {})[row["module"]] = (row["a"], row["b"])
     basis: dict[str, torch.Tensor] = {}
     for path in sorted({entry["basis"] for entry in manifest["modules"].values()}):
-        basis.update(store.read_basis(path))
+        basis.update(store.read_basis(path, manifest["files"][path]))
     written = []
     for task_id, out in zip(task.task_ids, task.outs):
         weights = rebuild(manifest["modules"], basis, loadings[task_id], DTYPES[catalog[task_id]["dtype"]])

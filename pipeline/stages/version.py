@@ -208,7 +208,8 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     if change.parent_manifest:
         drop = frozenset(a.task_id for a in good)
         basis = {m: e["basis"] for m, e in change.parent_manifest["modules"].items()}
-        parent = Parent(basis, version_path(change.parent, LOADINGS), drop, change.refit)
+        checksums = {path: change.parent_manifest["files"][path] for path in set(basis.values())}
+        parent = Parent(basis, checksums, version_path(change.parent, LOADINGS), drop, change.refit)
 
     inputs = _digest([change.operation, change.mode, change.parent, change.refit, dataclasses.asdict(options.rule), options.route,
                       [(a.task_id, a.location.uri, a.weights_bytes, a.weights_tag) for a in good]])
