@@ -17,6 +17,8 @@ os.environ.update({
     "AWS_DEFAULT_REGION": "us-east-1",
 })
 os.environ.pop("AWS_PROFILE", None)
+# A short read timeout, so the fault-injection tests see a slow response time out and be retried.
+os.environ["LORA_SUBSPACE_S3_READ_TIMEOUT"] = "2"
 
 DATA = Path(__file__).parent / "data"
 MINILM = DATA / "minilm-lora"

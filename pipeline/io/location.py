@@ -114,8 +114,13 @@ def _filesystem(protocol: str, endpoint_url: str | None) -> fsspec.AbstractFileS
     options: dict = {}
     if protocol in ("s3", "s3a"):
         options = {"endpoint_url": endpoint_url} if endpoint_url else {}
-        # One retry policy for every request; s3fs maps S3 errors to builtin OSErrors.
-        options["config_kwargs"] = {"retries": {"max_attempts": 8, "mode": "adaptive"}}
+        # One retry policy for every request (throttling, 5xx, resets and timeouts back off and
+        # retry; 4xx do not); s3fs maps S3 errors to builtin OSErrors.
+        options["config_kwargs"] = {
+            "retries": {"max_attempts": 8, "mode": "adaptive"},
+            "connect_timeout": float(os.environ.get("LORA_SUBSPACE_S3_CONNECT_TIMEOUT", 10)),
+            "read_timeout": float(os.environ.get("LORA_SUBSPACE_S3_READ_TIMEOUT", 60)),
+        }
     try:
         return fsspec.filesystem(protocol, **options)
     except (ImportError, ValueError) as exc:
