@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from pipeline import failpoints
 from pipeline.io.adapters import read_ranges
 from pipeline.io.location import Location
 from pipeline.io.safetensors_ranges import TensorInfo, decode
@@ -138,6 +139,7 @@ class ShardResult:
 
 
 def compute_shard(task: ShardTask) -> ShardResult:
+    failpoints.reach("shard-start")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = ShardResult(task.shard)
     store = Store(task.store)

@@ -4,6 +4,7 @@ import json
 import shutil
 import struct
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -73,6 +74,42 @@ def _offsets_past_end(folder):
     _weights(folder).write_bytes(data[: 8 + length + 100])
 
 
+def _edit_header(change):
+    def edit(folder):
+        data = _weights(folder).read_bytes()
+        length = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8 : 8 + length])
+        change(header, sorted(k for k in header if k != "__metadata__"))
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        _weights(folder).write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
+
+    return edit
+
+
+def _overlap(header, keys):
+    header[keys[1]]["data_offsets"] = header[keys[0]]["data_offsets"]
+
+
+def _huge_shape(header, keys):
+    header[keys[0]]["shape"] = [2**40, 2**20]  # 4 EiB declared: checked against the offsets, never allocated
+
+
+def _zero_rank(tensors):
+    key = sorted(k for k in tensors if ".lora_A." in k)[0]
+    tensors[key] = torch.zeros(0, tensors[key].shape[1])
+    return tensors
+
+
+def _key_traversal(tensors):
+    key = sorted(tensors)[0]
+    tensors[key.replace("model.layers.0", "../../../etc")] = tensors.pop(key)
+    return tensors
+
+
+EVERY_FIELD_WRONG = {"r": "8", "lora_alpha": [16], "use_rslora": "yes", "rank_pattern": [], "alpha_pattern": 1,
+                     "target_modules": 5, "base_model_name_or_path": 7}
+
 BAD = {
     "no-weights": (lambda f: _weights(f).unlink(), "missing adapter_model.safetensors"),
     "pickled-bin": (_bin_only, "adapter_model.bin is a pickle and is never loaded"),
@@ -85,6 +122,17 @@ BAD = {
     "fewer-modules": (lambda f: _rewrite(f, _drop_module), "module set differs from the collection's; missing 1"),
     "other-base": (lambda f: _set_config(f, base_model_name_or_path="someone/else"), "base model 'someone/else' differs"),
     "wrong-type": (lambda f: _set_config(f, lora_alpha="sixteen"), "config field 'lora_alpha' has type str"),
+    "every-field-wrong": (lambda f: _set_config(f, **EVERY_FIELD_WRONG), "config field 'r' has type str, expected int"),
+    "header-too-long": (lambda f: _weights(f).write_bytes(struct.pack("<Q", 10**12) + _weights(f).read_bytes()[8:]),
+                        "header length 1000000000000 does not fit"),
+    "overlapping": (_edit_header(_overlap), "overlap in the safetensors file"),
+    "unknown-dtype": (_edit_header(lambda h, k: h[k[0]].update(dtype="I4")), "unsupported dtype 'I4'"),
+    "huge-shape": (_edit_header(_huge_shape), "needs 4611686018427387904 bytes, offsets span 8192"),
+    "zero-rank": (lambda f: _rewrite(f, _zero_rank), "do not form a LoRA pair"),
+    "wrong-key-names": (lambda f: _rewrite(f, lambda t: {k.replace("lora_A", "lora_down"): v for k, v in t.items()}),
+                        "tensors that are not LoRA factors"),
+    "key-traversal": (lambda f: _rewrite(f, _key_traversal), "module '../../../etc.self_attn.q_proj' has no lora_B"),
+    "odd name;rm -rf": (lambda f: None, "is not a safe relative path"),
 }
 WARNED = {
     "no-config": lambda f: _config(f).unlink(),
@@ -119,6 +167,10 @@ def test_each_bad_adapter_gets_its_reason_and_the_rest_compress(runner, tmp_path
     # The quarantined NaN adapter never reached a basis: every stored tensor is finite.
     for path in {e["basis"] for e in store.manifest()["modules"].values()}:
         assert all(torch.isfinite(t).all() for t in store.read_basis(path).values())
+    # Nothing was written outside the store: the source folder is as it was, the test folder
+    # holds only the source and the store.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "store"]
+    assert not list(tmp_path.parent.glob("etc"))
     # An adapter without a config exports with a usable minimal one.
     assert run_cli("export", tmp_path / "store", "no-config", "--out", tmp_path / "nc") == 0
     config = json.loads((tmp_path / "nc" / "adapter_config.json").read_text())
@@ -161,3 +213,17 @@ def test_all_quarantined_is_a_clear_error(runner, tmp_path, capsys):
     BAD["truncated"][0](src / "adapter-00000")
     assert run_cli("compress", src, "--out", tmp_path / "store") == 1
     assert "no usable adapters: all 1 quarantined" in capsys.readouterr().err
+
+
+def test_task_ids_that_try_to_escape_are_quarantined_and_nothing_lands_outside(runner, tmp_path):
+    ids = make_collection(tmp_path / "src", 4)
+    hostile = ["../../outside", "/etc/passwd-lookalike", "ok/../../up", "fine-one"]
+    table = pa.table({"uri": [str(tmp_path / "src" / i) for i in ids], "task_id": hostile})
+    pq.write_table(table, tmp_path / "list.parquet")
+    assert run_cli("compress", tmp_path / "list.parquet", "--out", tmp_path / "store", "--components", 2) == 0
+    catalog = {r["task_id"]: r for r in pq.read_table(tmp_path / "store/versions/v000001/catalog.parquet").to_pylist()}
+    for task_id in hostile[:3]:
+        assert catalog[task_id]["status"] == "quarantined" and "is not a safe relative path" in catalog[task_id]["reason"]
+    assert run_cli("export", tmp_path / "store", "--all", "--out", tmp_path / "out") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fine-one"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["list.parquet", "out", "src", "store"]
