@@ -32,6 +32,14 @@ class Location:
     uri: str
     endpoint_url: str | None = None
 
+    def __post_init__(self):
+        if _USERINFO_RE.search(self.uri):
+            # They would travel in task arguments and error messages; the environment is the place.
+            raise PipelineError(
+                f"{redact(self.uri)}: credentials in a URI are not accepted; "
+                "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or an instance role"
+            )
+
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         return _filesystem(self.protocol, self.endpoint_url)

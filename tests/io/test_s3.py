@@ -115,3 +115,31 @@ def test_daily_rebase_workflow_on_s3(runner, s3_endpoint, bucket, tmp_path, caps
     assert run_cli("export", store, ids[15], "--out", tmp_path / "one", *s3_args) == 0
     torch.testing.assert_close(load_file(str(tmp_path / "one/adapter_model.safetensors")),
                                load_file(str(tmp_path / "pool" / ids[15] / "adapter_model.safetensors")), atol=0.05, rtol=0)
+
+
+def test_no_secret_reaches_logs_outputs_or_objects(runner, s3_endpoint, bucket, tmp_path, capsys, caplog):
+    """Every command, with --verbose, plus failures whose URIs carry credentials or a signature:
+    the test credentials appear nowhere."""
+    make_collection(tmp_path / "pool", 10)
+    s3 = _upload(tmp_path / "pool", s3_endpoint, bucket, "adapters")
+    store, source = f"s3://{bucket}/subspace", f"s3://{bucket}/adapters/"
+    common = ["--endpoint-url", s3_endpoint, "--verbose"]
+    commands = [
+        ["compress", source, "--out", store, "--components", 3],
+        ["project", store, source],
+        ["rebase", store, source, "--full"],
+        ["versions", store], ["verify", store, "--all"], ["info", store], ["rollback", store, "v000001"], ["prune", store, "--keep", 1],
+    ]
+    for command in commands:
+        assert run_cli(*command, *common) == 0, command
+    leaky = [
+        ["compress", f"s3://testing-key-id:testing-secret-key@{bucket}/nothing/", "--out", f"s3://{bucket}/x"],
+        ["info", f"s3://{bucket}/missing?X-Amz-Credential=testing-key-id&X-Amz-Signature=testing-secret-key"],
+    ]
+    for command in leaky:
+        assert run_cli(*command, *common) == 1, command
+    printed = capsys.readouterr()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"] if not o["Key"].startswith("adapters/")]
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name != "werkzeug")  # not the fake S3's access log
+    texts = [ours, printed.out, printed.err] + [s3.get_object(Bucket=bucket, Key=k)["Body"].read().decode("latin-1") for k in keys]
+    assert keys and not [t for t in texts if "testing-secret-key" in t or "testing-key-id" in t]
