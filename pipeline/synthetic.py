@@ -25,8 +25,10 @@ class Preset:
 
 
 PRESETS = {
+    "micro": Preset(1, {"q_proj": (64, 64), "v_proj": (64, 64)}, 4, 8),
     "tiny": Preset(4, {"q_proj": (256, 256), "v_proj": (256, 256)}, 8, 16),
     "qwen0.5b": Preset(24, {"q_proj": (896, 896), "v_proj": (896, 128)}, 16, 32),
+    "mistral7b-qkv": Preset(32, {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024)}, 16, 32),
 }
 
 
