@@ -132,14 +132,14 @@ def write_version(change: Change, source: Location | None, store: Store, runner:
 def _claim_version(store: Store, change: Change) -> str:
     resumed = None
     for version, run in store.unfinished():
-        if resumed is None and run.get("operation") == change.operation and run.get("parent") == change.parent:
+        if resumed is None and (run.get("operation"), run.get("mode"), run.get("parent")) == (change.operation, change.mode, change.parent):
             resumed = version
             log.info("resuming %s: a crashed %s from %s", version, change.operation, change.parent)
         else:
             log.info("removing %s: leftovers of a crashed run", version)
             store.discard(version)
     version = resumed or store.new_version()
-    store.start_run(version, {"operation": change.operation, "parent": change.parent, "started": time.time()})
+    store.start_run(version, {"operation": change.operation, "mode": change.mode, "parent": change.parent, "started": time.time()})
     return version
 
 
