@@ -30,7 +30,7 @@ def runner():
 
     from pipeline.runners.ray_runner import RayRunner
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield RayRunner()
     ray.shutdown()
 

@@ -20,8 +20,9 @@ class RayRunner:
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None):
         if not ray.is_initialized():
-            address = address or os.environ.get("RAY_ADDRESS")
-            local = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+            # "local" starts a new embedded cluster, never one that `ray start` left on this machine.
+            address = address or os.environ.get("RAY_ADDRESS") or "local"
+            local = {"num_cpus": num_cpus, "include_dashboard": False} if address == "local" else {}
             context = ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local)
             self.dashboard_url = context.dashboard_url or None
         else:

@@ -32,7 +32,7 @@ def test_a_lost_worker_node_does_not_change_the_result(runner, tmp_path):
     done = subprocess.run([sys.executable, str(DRILL), str(tmp_path / "src"), str(tmp_path / "store")],
                           env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert "removed node" in done.stdout  # while a shard task ran on it, so Ray had to run that task again
+    assert "removed node" in done.stdout and "published" in done.stdout
     (expected, expected_rows), (got, got_rows) = _snapshot(tmp_path / "undisturbed"), _snapshot(tmp_path / "store")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert got_rows["task_id"] == expected_rows["task_id"]
