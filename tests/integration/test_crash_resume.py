@@ -75,7 +75,8 @@ def test_killed_runs_leave_the_store_intact_and_resume(runner, tmp_path):
     assert run_cli("rebase", store, src, "--full", *SHARDED) == 0
     assert s.current_version() == version and s.unfinished() == []
     report = json.loads(s.version_location(version).read_bytes("report.json"))
-    assert sorted(r["name"] for r in report["shards"] if r["resumed"]) == sorted(finished)
+    # (A worker of the killed run may still finish a shard after we looked: resumed too, then.)
+    assert set(finished) <= {r["name"] for r in report["shards"] if r["resumed"]}
     for name, stamp in stamps.items():  # not computed again
         assert os.stat(store / "versions" / version / "basis" / f"{name}.safetensors").st_mtime_ns == stamp
     _assert_same(_snapshot(store), _snapshot(reference))
