@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS, or AWS_ENDPOINT_URL)")
     common.add_argument("--verbose", "-v", action="store_true", help="debug logs and tracebacks")
     common.add_argument("--json", action="store_true", help="print the result as JSON")
+    common.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one JSON object per log line")
     ray_options = argparse.ArgumentParser(add_help=False)
     ray_options.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     ray_options.add_argument("--num-cpus", type=_positive, help="CPUs of the embedded local Ray (default: all)")
@@ -98,16 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", parents=[common, ray_options], help="write adapters back as PEFT folders")
     e.add_argument("store")
-    e.add_argument("task_id", nargs="?", help="the adapter to export")
+    e.add_argument("task_ids", nargs="*", metavar="TASK_ID",
+                   help="the adapter(s) to export: one is written to OUT itself, several to OUT/<task_id>/")
     e.add_argument("--all", action="store_true", help="export every adapter (Ray-parallel) into OUT/<task_id>/")
     e.add_argument("--out", required=True, help="folder to write (path, file:// or s3://)")
     e.add_argument("--version", help="a version id (default: current)")
+
+    rp = sub.add_parser("report", parents=[common], help="write a self-contained HTML report of a version")
+    rp.add_argument("store")
+    rp.add_argument("--out", required=True, help="the HTML file to write (path, file:// or s3://)")
+    rp.add_argument("--version", help="a version id (default: current)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose, args.log_format)
     try:
         result = COMMANDS[args.command](args)
     except (PipelineError, OSError) as exc:
@@ -125,10 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _configure_logging(verbose: bool) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors: time, level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                 "logger": record.name, "message": redact(record.getMessage())}
+        return json.dumps(entry)
+
+
+def configure_logging(verbose: bool, log_format: str = "text") -> None:
     """--verbose is debug for our loggers only: botocore's debug logs carry request headers,
     credentials included, so other libraries stay at INFO."""
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     logging.getLogger().setLevel(logging.INFO)
     for name in ("pipeline", "lora-subspace"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -251,6 +270,17 @@ def cmd_verify(args) -> dict:
     return {"versions": reports}
 
 
+def cmd_report(args) -> dict:
+    from pipeline.stages.report import write_report
+
+    store = Store(Location(args.store, args.endpoint_url))
+    out = Location(args.out, args.endpoint_url)
+    version = write_report(store, args.version, out)
+    if not args.json:
+        print(f"report of {store} {version} written to {out}")
+    return {"version": version, "out": str(out)}
+
+
 def cmd_rollback(args) -> dict:
     from pipeline.stages.history import rollback
 
@@ -282,16 +312,18 @@ def cmd_export(args) -> dict:
     from pipeline.io.store import CATALOG
     from pipeline.stages.export import ExportTask, export_batch
 
-    if bool(args.all) == bool(args.task_id):
-        raise PipelineError("export needs a TASK_ID or --all (not both)")
+    if bool(args.all) == bool(args.task_ids):
+        raise PipelineError("export needs TASK_IDs or --all (not both)")
     store = Store(Location(args.store, args.endpoint_url))
     version = store.require_version(args.version)
     out = Location(args.out, args.endpoint_url)
-    if args.task_id:
-        written = export_batch(ExportTask(store.location, version, [args.task_id], [out]))
+    if len(args.task_ids) == 1:
+        written = export_batch(ExportTask(store.location, version, args.task_ids, [out]))
     else:
-        catalog = store.read_table(version, CATALOG, columns=["task_id", "status"]).to_pylist()
-        ids = [row["task_id"] for row in catalog if row["status"] == "ok"]
+        ids = args.task_ids
+        if args.all:
+            catalog = store.read_table(version, CATALOG, columns=["task_id", "status"]).to_pylist()
+            ids = [row["task_id"] for row in catalog if row["status"] == "ok"]
         batches = [ids[i : i + EXPORT_BATCH] for i in range(0, len(ids), EXPORT_BATCH)]
         tasks = [ExportTask(store.location, version, b, [out.child(t) for t in b]) for b in batches]
         written = [w for _, ws in _ray(args).map_unordered(export_batch, tasks) for w in ws]
@@ -302,7 +334,7 @@ def cmd_export(args) -> dict:
 
 COMMANDS = {
     "compress": cmd_compress, "project": cmd_project, "rebase": cmd_rebase, "info": cmd_info, "export": cmd_export,
-    "verify": cmd_verify, "versions": cmd_versions, "rollback": cmd_rollback, "prune": cmd_prune,
+    "verify": cmd_verify, "versions": cmd_versions, "report": cmd_report, "rollback": cmd_rollback, "prune": cmd_prune,
 }
 
 if __name__ == "__main__":

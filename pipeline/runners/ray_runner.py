@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections import Counter
 
 import ray
 from ray.exceptions import RayTaskError
@@ -27,6 +28,7 @@ class RayRunner:
             self.dashboard_url = context.dashboard_url or None
         else:
             self.dashboard_url = None
+        self.tasks_per_node: Counter[str] = Counter()  # node id -> tasks finished there, for logs and tests
         resources = ray.cluster_resources()
         self.has_gpus = resources.get("GPU", 0) > 0
         self.num_cpus = int(resources.get("CPU", 1))
@@ -51,14 +53,19 @@ class RayRunner:
             ref = done[0]
             index = pending.pop(ref)
             try:
-                result = ray.get(ref)
+                node, result = ray.get(ref)
             except RayTaskError as exc:
                 for other in pending:
                     ray.cancel(other)
                 raise exc.as_instanceof_cause() from None
+            self.tasks_per_node[node] += 1
             yield index, result
 
 
 @functools.lru_cache(maxsize=None)
 def _remote(fn):
-    return ray.remote(fn)
+    def on_node(item):
+        return ray.get_runtime_context().get_node_id(), fn(item)
+
+    on_node.__name__ = on_node.__qualname__ = fn.__name__  # tasks keep their names in the dashboard
+    return ray.remote(on_node)

@@ -1,0 +1,9 @@
+"""Scheduled export job: `python -m jobs.export --config jobs/configs/<file>.yaml [--set key=value]`.
+What it runs is pipeline.jobspec's; see the README's runbook."""
+
+import sys
+
+from pipeline.jobspec import main
+
+if __name__ == "__main__":
+    sys.exit(main("export"))
