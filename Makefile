@@ -7,7 +7,7 @@ TORCH_INDEX ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test dev dev-stop clean
 
 setup: $(VENV)/.installed
 
@@ -25,5 +25,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Local S3 API (moto, 127.0.0.1:9000) and Ray head (dashboard 127.0.0.1:8265) for development.
+dev: setup
+	infra/local/dev.sh
+
+dev-stop:
+	infra/local/dev.sh stop
+
 clean:
-	rm -rf $(VENV) demo-data
+	rm -rf $(VENV) demo-data .dev
