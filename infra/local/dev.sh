@@ -9,7 +9,10 @@ STATE=.dev
 mkdir -p "$STATE"
 if [[ "${1:-start}" == stop ]]; then
     [[ -f $STATE/moto.pid ]] && kill "$(cat $STATE/moto.pid)" 2>/dev/null || true
-    [[ -f $STATE/ray.pid ]] && $PY -m ray.scripts.scripts stop >/dev/null 2>&1 || true
+    if [[ -f $STATE/ray.pid ]]; then
+        $PY -m ray.scripts.scripts stop >/dev/null 2>&1 || true
+        kill "$(cat $STATE/ray.pid)" 2>/dev/null || true
+    fi
     rm -rf "$STATE"
     echo "stopped"
     exit 0

@@ -28,12 +28,15 @@ NO_AUTH = {"RAY_AUTH_MODE": "disabled"}  # a throwaway head on loopback; real cl
 def ray_head():
     """A Ray head in its own process group, with its dashboard (the job server) on loopback."""
     port, dashboard = _free_port(), _free_port()
+    # Every port of its own: another Ray on this machine (this session's) holds the defaults.
+    agents = [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                               "--metrics-export-port", "--ray-client-server-port") for arg in (flag, str(_free_port()))]
     temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | NO_AUTH
     head = subprocess.Popen(
         [*RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
          "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--disable-usage-stats", "--temp-dir", temp],
+         "--disable-usage-stats", "--temp-dir", temp, *agents],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )
     url = f"http://127.0.0.1:{dashboard}"
@@ -70,7 +73,12 @@ def _stop(head, temp):
 def _submit(url, job, config, *sets):
     command = [*RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
                sys.executable, "-m", f"jobs.{job}", "--config", str(config), *[a for s in sets for a in ("--set", s)]]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | NO_AUTH)
+    deadline = time.time() + 120
+    while True:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | NO_AUTH)
+        if "No available agent to submit job" not in done.stderr or time.time() > deadline:
+            break
+        time.sleep(2)  # the head's job agent starts a little after its dashboard
     lines = [line for line in done.stdout.splitlines() if line.startswith('{"job"')]
     return done.returncode, json.loads(lines[-1]) if lines else None, done.stdout[-3000:] + done.stderr[-2000:]
 
