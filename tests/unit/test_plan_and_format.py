@@ -62,3 +62,22 @@ def test_progress_without_a_terminal_logs_a_few_plain_lines(caplog):
     progress.close()
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == "compute: 1/8 shards" and lines[-1] == "compute: 8/8 shards" and len(lines) <= 5
+
+
+def test_json_log_lines_are_objects_without_secrets(capsys):
+    import json
+    import logging
+
+    from pipeline.cli import configure_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [logging.StreamHandler()]
+    try:
+        configure_logging(False, "json")
+        logging.getLogger("pipeline.test").warning("reading s3://key:secret@bucket/x?X-Amz-Signature=abc")
+    finally:
+        root.handlers = saved
+    entry = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert entry["level"] == "WARNING" and entry["logger"] == "pipeline.test" and entry["time"]
+    assert entry["message"] == "reading s3://bucket/x"
