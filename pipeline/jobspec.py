@@ -8,12 +8,19 @@ matching `lora-subspace` command, so a job runs exactly what the CLI runs.
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from pipeline import cli
 from pipeline.errors import PipelineError
+from pipeline.io.location import Location, redact
+from pipeline.io.store import Store
 
 
 @dataclass(frozen=True)
@@ -121,14 +128,6 @@ def main(job: str, argv: list[str] | None = None) -> int:
     """A scheduled job: `python -m jobs.<job> --config FILE [--set key=value ...]`. Logs go to
     stderr; the last line on stdout is one JSON object for the scheduler (status, version,
     adapters, error, seconds). Exit status 0 on success, 1 on any error."""
-    import argparse
-    import json
-    import sys
-    import time
-
-    from pipeline import cli
-    from pipeline.io.location import redact
-
     parser = argparse.ArgumentParser(prog=f"python -m jobs.{job}", description=main.__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (see jobs/configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -155,10 +154,7 @@ def main(job: str, argv: list[str] | None = None) -> int:
     return 0 if line["status"] == "ok" else 1
 
 
-def _store(config: dict):
-    from pipeline.io.location import Location
-    from pipeline.io.store import Store
-
+def _store(config: dict) -> Store:
     return Store(Location(config["store"], config.get("endpoint_url")))
 
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import IntegrityError
 from pipeline.io.location import Location
+from pipeline.io.store import FileEntry
 
 BATCH_ROWS = 8192
 
@@ -109,16 +110,14 @@ class _HashingWriter:
         self.closed = True
 
 
-def write_tables(location: Location, name: str, tables: Iterable[pa.Table], schema: pa.Schema, row_group_size: int = BATCH_ROWS) -> tuple[int, str, int]:
-    """Stream tables into one zstd Parquet object; returns (bytes, sha256, rows)."""
+def write_tables(location: Location, name: str, tables: Iterable[pa.Table], schema: pa.Schema, row_group_size: int = BATCH_ROWS) -> FileEntry:
+    """Stream tables into one zstd Parquet object; returns its size and sha256."""
     path = location.path(name)
     if location.is_local:
         location.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    rows = 0
     with location.fs.open(path, "wb") as handle:
         sink = _HashingWriter(handle)
         with pq.ParquetWriter(sink, schema, compression="zstd", write_page_checksum=True) as writer:
             for table in tables:
                 writer.write_table(table.select(schema.names).cast(schema), row_group_size=row_group_size)
-                rows += table.num_rows
-    return sink.size, sink.sha256.hexdigest(), rows
+    return FileEntry(sink.size, sink.sha256.hexdigest())

@@ -95,11 +95,12 @@ def grow(
     run or when nothing changed)."""
     refs = _with_files(discover(source), runner)
     if dry_run:
-        return {"diff": _diff(store, refs).to_dict(), "versions": []}
+        return {"diff": diff(refs, _catalog(store, store.require_version())).to_dict(), "versions": []}
     with store.lock(operation) as lock:
         parent = store.require_version()
         manifest = store.manifest(parent)
-        changes = _diff(store, refs)
+        catalog = _catalog(store, parent)
+        changes = diff(refs, catalog)
         if changes.missing:
             log.info("%d adapter(s) in the store are no longer in the source; they stay", len(changes.missing))
         options = dataclasses.replace(options, rule=_rule(manifest), route=manifest["parameters"]["svd_route"])
@@ -110,7 +111,7 @@ def grow(
         if not to_read and not full:
             log.info("%s is up to date with %s: nothing to do", store, source)
             return {"diff": changes.to_dict(), "versions": []}
-        status = _status(store, parent)
+        status = {row["task_id"]: row["status"] for row in catalog}
         summaries: list[Summary] = []
         parts = chunks(sorted(to_read, key=lambda r: r.task_id), None if full else chunk_size)
         for part in parts:
@@ -130,15 +131,10 @@ def grow(
     return {"diff": changes.to_dict(), "versions": [s.to_dict() for s in summaries]}
 
 
-def _diff(store: Store, refs: list[AdapterRef]) -> Diff:
-    version = store.require_version()
+def _catalog(store: Store, version: str) -> list[dict]:
+    """What discovery compares against, one small row per stored adapter."""
     columns = ["task_id", "status", "weights_bytes", "weights_tag", "in_basis"]
-    return diff(refs, store.read_table(version, CATALOG, columns=columns).to_pylist())
-
-
-def _status(store: Store, version: str) -> dict[str, str]:
-    rows = store.read_table(version, CATALOG, columns=["task_id", "status"]).to_pylist()
-    return {row["task_id"]: row["status"] for row in rows}
+    return store.read_table(version, CATALOG, columns=columns).to_pylist()
 
 
 def _rule(manifest: dict) -> ComponentRule:

@@ -316,8 +316,8 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
 
     errors = _ErrorTally(new_ids)
     staged = [read_batches(where, staging_file(r.shard.name)) for r in results]
-    size, sha256, _ = write_tables(where, LOADINGS, errors.tap(merge_sorted(staged, LOADINGS_KEYS)), LOADINGS_SCHEMA, LOADINGS_ROW_GROUP)
-    files[version_path(version, LOADINGS)] = {"bytes": size, "sha256": sha256}
+    merged = errors.tap(merge_sorted(staged, LOADINGS_KEYS))
+    files[version_path(version, LOADINGS)] = write_tables(where, LOADINGS, merged, LOADINGS_SCHEMA, LOADINGS_ROW_GROUP).to_dict()
 
     # Catalog: the parent's rows, except those this run replaces. A replacement that was
     # quarantined does not push out an earlier upload that compressed fine.
@@ -329,8 +329,7 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
     if parent_where:
         rows = without(read_batches(parent_where, CATALOG), {a.task_id for a in scanned})
         streams.append(_all_in_basis(rows) if change.refit else rows)
-    size, sha256, _ = write_tables(where, CATALOG, catalog.tap(merge_sorted(streams, ["task_id"])), CATALOG_SCHEMA)
-    files[version_path(version, CATALOG)] = {"bytes": size, "sha256": sha256}
+    files[version_path(version, CATALOG)] = write_tables(where, CATALOG, catalog.tap(merge_sorted(streams, ["task_id"])), CATALOG_SCHEMA).to_dict()
 
     modules = {}
     for r in results:
