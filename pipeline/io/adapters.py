@@ -156,9 +156,10 @@ def read_tensor_table(path: str, size: int, fs) -> dict[str, TensorInfo]:
     return infos
 
 
-def read_ranges(fs, requests: list[tuple[str, list[TensorInfo]]]) -> list[list[bytes]]:
-    """Bytes of the given tensors, per file in request order. Ranges of one file are coalesced and
-    all files are fetched in one `cat_ranges` call (concurrent on object stores)."""
+def read_ranges(fs, requests: list[tuple[str, list[TensorInfo]]]) -> tuple[list[list[bytes]], int]:
+    """Bytes of the given tensors, per file in request order, and how many range requests it took.
+    Ranges of one file are coalesced and all files are fetched in one `cat_ranges` call
+    (concurrent on object stores)."""
     paths, starts, ends, spans = [], [], [], []
     for path, infos in requests:
         merged = coalesce([(i.start, i.end) for i in infos])
@@ -174,7 +175,7 @@ def read_ranges(fs, requests: list[tuple[str, list[TensorInfo]]]) -> list[list[b
         chunks = list(zip(merged, blobs[cursor : cursor + len(merged)]))
         cursor += len(merged)
         out.append([_slice(chunks, info, path) for info in infos])
-    return out
+    return out, len(paths)
 
 
 def _slice(chunks: list[tuple[tuple[int, int], bytes]], info: TensorInfo, path: str) -> memoryview:

@@ -32,7 +32,7 @@ from pipeline.linalg.incremental import absorb, change_of_basis
 from pipeline.linalg.metrics import product_inner
 from pipeline.stages.plan import Shard
 
-READ_BATCH = 256  # adapters per cat_ranges call: bounds the raw bytes held at once
+READ_BYTES = 64 << 20  # raw tensor bytes per cat_ranges call: bounds what reading holds at once
 MOVE_BATCH = 256  # parent rows rebuilt at once to measure how far the new basis moved them
 
 Mode = Literal["fit", "absorb", "project"]
@@ -202,16 +202,14 @@ def compute_shard(task: ShardTask) -> ShardResult:
 
 def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, list[torch.Tensor]]:
     """[(N, r*d_in), (N, d_out*r)] float32 stacks per module; non-finite rows are reported."""
-    fs = task.source.fs
     n = len(task.new)
     first = task.new[0][2]
     stacks = {m: [torch.empty(n, info.shape[0] * info.shape[1]) for info in first[m]] for m in task.shard.modules}
     result.stack_bytes = sum(4 * x.numel() for pair in stacks.values() for x in pair)
-    for begin in range(0, n, READ_BATCH):
-        batch = task.new[begin : begin + READ_BATCH]
+    for begin, batch in _read_batches(task):
         requests = [(path, [info for m in task.shard.modules for info in infos[m]]) for _, path, infos in batch]
-        blobs = read_ranges(fs, requests)
-        result.requests += len(requests)
+        blobs, ranges = read_ranges(task.source.fs, requests)
+        result.requests += ranges
         for offset, (request, buffers) in enumerate(zip(requests, blobs)):
             row = begin + offset
             for position, (info, buffer) in enumerate(zip(request[1], buffers)):
@@ -222,6 +220,19 @@ def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, list[torch.T
                     result.nonfinite.setdefault(row, f"NaN or Inf in {module} lora_{'AB'[side]}")
                 stacks[module][side][row] = values
     return stacks
+
+
+def _read_batches(task: ShardTask) -> Iterator[tuple[int, list]]:
+    """(first row, adapters) batches of at most READ_BYTES of this shard's tensors (at least one)."""
+    begin, size = 0, 0
+    for row, (_, _, infos) in enumerate(task.new):
+        need = sum(info.end - info.start for m in task.shard.modules for info in infos[m])
+        if row > begin and size + need > READ_BYTES:
+            yield begin, task.new[begin:row]
+            begin, size = row, 0
+        size += need
+    if begin < len(task.new):
+        yield begin, task.new[begin:]
 
 
 def _parent_bases(store: Store, task: ShardTask) -> dict[tuple[str, str], Decomposition]:

@@ -16,9 +16,11 @@ class Shard:
 
 
 def shard_bytes(n_adapters: int, widths: list[int]) -> int:
-    """Worker memory for a shard: the float32 stacks of every module, plus one float64 working
-    copy of the widest one (the SVD works a module at a time)."""
-    return n_adapters * (4 * sum(widths) + 8 * max(widths))
+    """Worker memory for a shard: the float32 stacks of every module, plus the float64 Gram (or
+    covariance) matrix of the widest (the SVD works on one module side at a time, and otherwise
+    only on fixed-size blocks)."""
+    side = min(n_adapters, max(widths))
+    return 4 * n_adapters * sum(widths) + 8 * side * side
 
 
 def plan_shards(widths: dict[str, int], n_adapters: int, budget_bytes: int, parallelism: int) -> list[Shard]:

@@ -22,7 +22,7 @@ def test_untruncated_update_equals_a_full_recompute(shape):
     torch.testing.assert_close(updated.singular_values, full.singular_values, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(updated.components, full.components, atol=2e-3, rtol=0)  # same signs too
     torch.testing.assert_close(updated.mean, full.mean, rtol=1e-5, atol=1e-5)
-    assert updated.total_variance == pytest.approx(full.total_variance, rel=1e-9)
+    assert updated.total_variance == pytest.approx(full.total_variance, rel=1e-6)  # float32 products, float64 sums
 
 
 def test_old_loadings_move_to_the_new_basis_exactly():
