@@ -1,12 +1,22 @@
 """Seeded synthetic PEFT collections, for the demo, the tests and benchmarks.
 
-Structure `shared`: every module side is mean + (coefficients @ a low-dimensional shared basis)
-+ noise, as adapters fine-tuned on related tasks look.
+Structures, per module side:
+- `shared`: mean + (coefficients @ a low-dimensional shared basis) + noise, as adapters
+  fine-tuned on related tasks look;
+- `same-init`: one common lora_A init (PEFT's Kaiming-uniform scale) plus a small drift, and
+  lora_B grown from zero, as adapters trained from one seed look;
+- `gauge`: the `shared` adapters with each module's factors re-parameterised A -> R A, B -> B R^T
+  by a random orthogonal R: every delta W = B A is unchanged, but the factors no longer line up.
+
+Adapter i depends only on (seed, structure, preset, i), so a collection can be generated in
+chunks, or grown later with the same structure (`start`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +25,8 @@ from safetensors.torch import save as save_safetensors
 from pipeline import peft_format
 from pipeline.io.location import Location
 
+STRUCTURES = ("shared", "same-init", "gauge")
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -22,6 +34,10 @@ class Preset:
     modules: dict[str, tuple[int, int]]  # name -> (d_in, d_out)
     rank: int
     alpha: int
+
+    def adapter_bytes(self, item_size: int) -> int:
+        """Tensor bytes of one adapter."""
+        return self.layers * sum(self.rank * (d_in + d_out) for d_in, d_out in self.modules.values()) * item_size
 
 
 PRESETS = {
@@ -34,37 +50,52 @@ PRESETS = {
 
 def generate(
     out: Location, n: int, preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
-    shared_dim: int = 6, noise: float = 0.05, prefix: str = "adapter",
+    shared_dim: int = 6, noise: float = 0.05, prefix: str = "adapter", structure: str = "shared", start: int = 0,
 ) -> list[str]:
-    """Write n adapter folders `<prefix>-NNNNN` under out; returns their task ids."""
+    """Write adapter folders `<prefix>-NNNNN` (start .. start + n - 1) under out; returns their task ids."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r} (expected one of {', '.join(STRUCTURES)})")
     spec = PRESETS[preset]
     gen = torch.Generator().manual_seed(seed)
-    structure = {}
+    sides = {}  # (module, side) -> (shape, mean, shared basis)
     for layer in range(spec.layers):
         for name, (d_in, d_out) in spec.modules.items():
             module = f"model.layers.{layer}.self_attn.{name}"
             for side, shape in (("A", (spec.rank, d_in)), ("B", (d_out, spec.rank))):
                 width = shape[0] * shape[1]
-                structure[module, side] = (
-                    shape,
-                    torch.randn(width, generator=gen) * 0.02,
-                    torch.randn(shared_dim, width, generator=gen) * 0.02,
-                )
+                if structure == "same-init":
+                    # A: PEFT's init, U(-1/sqrt(d_in), 1/sqrt(d_in)); B: starts at zero.
+                    bound = 1 / math.sqrt(d_in)
+                    mean = (torch.rand(width, generator=gen) * 2 - 1) * bound if side == "A" else torch.zeros(width)
+                    scale = 0.02 * bound if side == "A" else 0.02
+                else:
+                    mean, scale = torch.randn(width, generator=gen) * 0.02, 0.02
+                sides[module, side] = (shape, mean, torch.randn(shared_dim, width, generator=gen) * scale)
     config = {
         "peft_type": "LORA", "r": spec.rank, "lora_alpha": spec.alpha, "target_modules": sorted(spec.modules),
         "base_model_name_or_path": f"synthetic/{preset}", "bias": "none", "lora_dropout": 0.0, "task_type": "CAUSAL_LM",
         "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
     }
     ids = []
-    for index in range(n):
-        task_id = f"{prefix}-{index:05d}"
+    for index in range(start, start + n):
+        # A gauge adapter is the shared one of the same index, re-parameterised: same delta W.
+        family = "shared" if structure == "gauge" else structure
+        digest = hashlib.sha256(f"{seed}/{family}/{preset}/{index}".encode()).digest()
+        own = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         weights = {}
-        for (module, side), (shape, mean, basis) in structure.items():
-            coefficients = torch.randn(basis.shape[0], generator=gen)
-            values = mean + coefficients @ basis + noise * 0.02 * torch.randn(mean.shape[0], generator=gen)
-            weights[peft_format.weight_key(module, side)] = values.reshape(shape).to(dtype)
+        for (module, side), (shape, mean, basis) in sides.items():
+            coefficients = torch.randn(basis.shape[0], generator=own)
+            spread = basis.abs().mean() if structure == "same-init" else 0.02
+            values = mean + coefficients @ basis + noise * spread * torch.randn(mean.shape[0], generator=own)
+            weights[peft_format.weight_key(module, side)] = values.reshape(shape)
+        if structure == "gauge":
+            for module in dict.fromkeys(m for m, _ in sides):
+                a_key, b_key = peft_format.weight_key(module, "A"), peft_format.weight_key(module, "B")
+                rotation, _ = torch.linalg.qr(torch.randn(spec.rank, spec.rank, generator=own))
+                weights[a_key], weights[b_key] = rotation @ weights[a_key], weights[b_key] @ rotation.T
+        task_id = f"{prefix}-{index:05d}"
         folder = out.child(task_id)
-        folder.write_bytes(save_safetensors(weights), peft_format.WEIGHTS_FILE)
+        folder.write_bytes(save_safetensors({k: v.to(dtype).contiguous() for k, v in weights.items()}), peft_format.WEIGHTS_FILE)
         folder.write_bytes(json.dumps(config, indent=2).encode(), peft_format.CONFIG_FILE)
         ids.append(task_id)
     return ids
