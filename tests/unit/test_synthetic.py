@@ -50,7 +50,7 @@ def test_same_init_shares_one_lora_a_init_and_grows_b_from_zero(tmp_path):
     b = torch.stack([b for _, b in pairs])
     drift = torch.linalg.norm(a - a.mean(0), dim=(1, 2)) / torch.linalg.norm(a.mean(0))
     assert drift.max() < 0.2  # every A near the common init
-    assert a.mean(0).abs().max() <= 1 / PRESETS["micro"].modules["q_proj"][0] ** 0.5
+    assert a.mean(0).abs().max() <= 1.1 / PRESETS["micro"].modules["q_proj"][0] ** 0.5  # PEFT init bound, plus drift
     # B has no common part: its mean is what averaging 12 independent draws leaves (~1/sqrt(12)).
     assert torch.linalg.norm(b.mean(0)) < 0.5 * torch.linalg.norm(b, dim=(1, 2)).mean()
 
