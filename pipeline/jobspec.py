@@ -62,6 +62,13 @@ JOBS: dict[str, dict[str, Field]] = {
         "task_ids": Field(list), "all": Field(bool, flag="--all"), "version": Field(str, flag="--version"),
         **_COMMON,
     },
+    # python -m jobs.benchmark: its own runner (pipeline.benchmark.run), defaults there.
+    "benchmark": {
+        "preset": Field(str), "structure": Field(str), "dtype": Field(str), "adapters": Field(int), "uploads": Field(int),
+        "components": Field(int), "repeats": Field(int), "memory_budget": Field((str, int)), "chunk_size": Field(int),
+        "num_cpus": Field(int), "seed": Field(int), "vlora": Field(bool), "workdir": Field(str), "endpoint_url": Field(str),
+        "out": Field(str),
+    },
 }
 
 

@@ -29,7 +29,7 @@ from pipeline.io.store import FileEntry, Store, basis_file, basis_key, done_file
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, project, reconstruct
 from pipeline.linalg.incremental import absorb, change_of_basis
-from pipeline.linalg.metrics import product_inner
+from pipeline.linalg.metrics import product_error
 from pipeline.stages.plan import Shard
 
 READ_BYTES = 64 << 20  # raw tensor bytes per cat_ranges call: bounds what reading holds at once
@@ -284,9 +284,8 @@ def _project_new(task, module, shapes, stack, a: Decomposition, b: Decomposition
     fa, fb = xa.view(n, *shapes[0]), xb.view(n, *shapes[1])
     ra = reconstruct(la, a.components.to(device), a.mean.to(device)).view(n, *shapes[0])
     rb = reconstruct(lb, b.components.to(device), b.mean.to(device)).view(n, *shapes[1])
-    norm2 = product_inner(fa, fb, fa, fb)
-    diff2 = (norm2 - 2 * product_inner(fa, fb, ra, rb) + product_inner(ra, rb, ra, rb)).clamp_min(0)
-    return _rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), _relative(diff2.sqrt(), norm2.sqrt()).cpu(), norm2.sqrt().cpu())
+    diff, norm = product_error(fa, fb, ra, rb)
+    return _rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), _relative(diff, norm).cpu(), norm.cpu())
 
 
 def _moved_parent_rows(store, task, parents, bases) -> Iterator[pa.Table]:
@@ -323,7 +322,7 @@ def _drift(old_a, old_b, new_a, new_b, pa_, pb_, na_, nb_, shapes) -> torch.Tens
     bo = reconstruct(old_b, pb_.components, pb_.mean).view(n, *shapes[1])
     an = reconstruct(new_a, na_.components, na_.mean).view(n, *shapes[0])
     bn = reconstruct(new_b, nb_.components, nb_.mean).view(n, *shapes[1])
-    return (product_inner(ao, bo, ao, bo) - 2 * product_inner(ao, bo, an, bn) + product_inner(an, bn, an, bn)).clamp_min(0).sqrt()
+    return product_error(ao, bo, an, bn)[0]
 
 
 def _relative(diff: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:

@@ -350,7 +350,6 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
     read_errors = {} if change.operation == "compress" else {t: round(e[0], 6) for t, e in sorted(errors.watched.items())}
     flagged = _flag(read_errors, change, options)
     quarantined = {a.task_id: a.reason for a in change.adapters if not a.ok}
-    seconds["write"] = time.perf_counter() - t0 + sum(r.seconds.get("write", 0.0) for r in results)
     report = {
         "version": version, "operation": change.operation,
         "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
@@ -388,8 +387,10 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
         "modules": modules,
         "files": files,
     }
+    t1 = time.perf_counter()
     store.publish(version, manifest, lock)
-    seconds["assemble"] = time.perf_counter() - t0
+    seconds["publish"] = time.perf_counter() - t1
+    seconds["assemble"] = t1 - t0
     log.info("published %s (%s): %d adapters, %d quarantined", version, change.operation, catalog.ok, catalog.quarantined)
     return Summary(
         change.operation, version, change.parent, str(store), catalog.ok, catalog.quarantined, quarantined, kept_previous,

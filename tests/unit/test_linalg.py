@@ -107,3 +107,12 @@ def test_product_error_equals_the_error_of_formed_products():
     expected = torch.linalg.norm(b @ a - b_hat @ a_hat, dim=(1, 2)) / torch.linalg.norm(b @ a, dim=(1, 2))
     torch.testing.assert_close(relative_product_error(a, b, a_hat, b_hat), expected, rtol=1e-4, atol=1e-6)
     assert relative_product_error(a, b, a, b).abs().max() < 1e-6
+
+
+def test_product_error_stays_accurate_when_tiny():
+    # An error 1e-6 of ||BA||: the expanded form cancels nothing, so float32 inputs resolve it.
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(4, 8, 300, generator=gen), torch.randn(4, 200, 8, generator=gen)
+    a_hat = a + 1e-6 * torch.randn(a.shape, generator=gen)
+    expected = torch.linalg.norm(b.double() @ (a.double() - a_hat.double()), dim=(1, 2)) / torch.linalg.norm(b.double() @ a.double(), dim=(1, 2))
+    torch.testing.assert_close(relative_product_error(a, b, a_hat, b).double(), expected, rtol=1e-3, atol=0)

@@ -1,0 +1,2 @@
+"""The benchmark job's parts: process-tree memory sampling, the floors (bare read, bare math),
+the vlora comparison, and the orchestrating run (`python -m jobs.benchmark`)."""

@@ -1,0 +1,343 @@
+"""The benchmark job: a seeded synthetic collection, compressed end to end on an embedded local
+Ray (repeated; medians), next to its floors and to vlora-dev on the same adapters; then an
+incremental re-base of new uploads against a full compress of everything, and a one-adapter
+export. Prints a table and writes every figure as JSON.
+
+    python -m jobs.benchmark [--config jobs/configs/benchmark.yaml] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import psutil
+import torch
+
+from pipeline import cli, jobspec
+from pipeline.benchmark.floors import math_floor, read_floor
+from pipeline.benchmark.peaks import Run, run_with_peaks
+from pipeline.errors import PipelineError
+from pipeline.io.location import Location
+from pipeline.io.store import REPORT, Store
+from pipeline.peft_format import WEIGHTS_FILE
+from pipeline.synthetic import PRESETS, STRUCTURES, generate
+
+log = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, Any] = {
+    "preset": "qwen0.5b", "structure": "shared", "dtype": "bf16", "adapters": 1000, "uploads": 100, "components": 16,
+    "repeats": 3, "memory_budget": "256MiB", "chunk_size": None, "num_cpus": 2, "seed": 0, "vlora": True,
+    "workdir": "benchmark-data", "endpoint_url": None, "out": "benchmark.json",
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BF16_EPS = 2.0**-8  # "equal within bf16 rounding": errors agree to bf16's relative precision
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config (see jobs/configs/benchmark.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        config = {**DEFAULTS, **{k: v for k, v in jobspec.load("benchmark", args.config, args.set).items() if v is not None}}
+        _check(config)
+        figures = benchmark(config)
+    except (PipelineError, OSError) as exc:
+        print(json.dumps({"job": "benchmark", "status": "error", "error": str(exc)}))
+        return 1
+    with open(config["out"], "w", encoding="utf-8") as handle:
+        json.dump(figures, handle, indent=1)
+    print(format_table(figures))
+    print(json.dumps({"job": "benchmark", "status": "ok", "out": config["out"],
+                      "targets_met": all(t["met"] for t in figures["targets"] if t["met"] is not None)}))
+    return 0
+
+
+def _check(config: dict) -> None:
+    for key, choices in (("preset", PRESETS), ("structure", STRUCTURES), ("dtype", DTYPES)):
+        if config[key] not in choices:
+            raise PipelineError(f"benchmark: {key} must be one of {', '.join(choices)}, got {config[key]!r}")
+    for key in ("adapters", "repeats", "components"):
+        if config[key] < 1:
+            raise PipelineError(f"benchmark: {key} must be at least 1")
+
+
+def benchmark(config: dict) -> dict:
+    root = Location(config["workdir"], config["endpoint_url"])
+    source, uploads = _collection(root, config)
+    paths = [source.path(f"adapter-{i:05d}", WEIGHTS_FILE) for i in range(config["adapters"])]
+    endpoint = ["--endpoint-url", config["endpoint_url"]] if config["endpoint_url"] else []
+    common = ["--components", config["components"], "--memory-budget", config["memory_budget"], "--num-cpus", config["num_cpus"], *endpoint]
+    if config["chunk_size"]:
+        common += ["--chunk-size", config["chunk_size"]]
+
+    log.info("floors: reading every file once, the bare math, a Ray start")
+    floor = {"read": read_floor(source.fs, paths, source.is_local), "math": math_floor(source.fs, paths, config["components"]), "ray_start": _ray_start(config)}
+    floor["seconds"] = floor["read"]["seconds"] + floor["math"]["seconds"] + floor["ray_start"]["seconds"]
+
+    log.info("compress: %d adapters, %d repeats", config["adapters"], config["repeats"])
+    stores = [root.child("stores", f"compress-{r}") for r in range(config["repeats"])]
+    compress = _measure([cli_argv("compress", source.uri, "--out", s.uri, *common) for s in stores], stores)
+    store = stores[0]
+
+    log.info("rebase: %d uploads onto the store of %d", config["uploads"], config["adapters"])
+    rebase = _rebase(store, uploads, config, endpoint)
+    log.info("full compress of all %d", config["adapters"] + config["uploads"])
+    listing = _listing(root, source, uploads, config)
+    full_stores = [root.child("stores", f"full-{r}") for r in range(config["repeats"])]
+    full = _measure([cli_argv("compress", listing, "--out", s.uri, *common) for s in full_stores], full_stores)
+
+    log.info("export of one adapter")
+    export = _export(store, root, endpoint, config)
+    vlora = _vlora(source, config) if config["vlora"] and root.is_local else {"skipped": "vlora reads local folders only" if config["vlora"] else "vlora: false"}
+    for location in stores[1:] + full_stores:
+        location.remove()
+
+    figures = {
+        "config": config, "machine": _machine(),
+        "collection": {"adapters": config["adapters"], "bytes": floor["read"]["bytes"], "adapter_bytes": floor["read"]["bytes"] // len(paths)},
+        "floor": floor, "compress": compress, "rebase": rebase, "full_compress": full, "export": export, "vlora": vlora,
+    }
+    figures["ratios"], figures["targets"] = _ratios_and_targets(figures)
+    return figures
+
+
+def cli_argv(*args) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *map(str, args), "--json"]
+
+
+# -- steps -----------------------------------------------------------------------------------
+
+
+def _collection(root: Location, config: dict) -> tuple[Location, Location]:
+    """The adapters and the uploads, generated unless a previous run left the same ones."""
+    stamp = {k: config[k] for k in ("preset", "structure", "dtype", "adapters", "uploads", "seed")}
+    name = "-".join(str(stamp[k]) for k in ("preset", "structure", "dtype", "seed"))
+    source, uploads = root.child(name, f"n{config['adapters']}"), root.child(name, f"uploads-{config['adapters']}-{config['uploads']}")
+    marker = root.child(name, f"n{config['adapters']}-u{config['uploads']}.json")
+    if marker.exists() and json.loads(marker.read_bytes()) == stamp:
+        log.info("reusing the collection at %s", source)
+        return source, uploads
+    started = time.perf_counter()
+    kwargs = {"preset": config["preset"], "structure": config["structure"], "dtype": DTYPES[config["dtype"]], "seed": config["seed"]}
+    for begin in range(0, config["adapters"], 500):
+        generate(source, min(500, config["adapters"] - begin), start=begin, **kwargs)
+        log.info("generated %d of %d adapters", min(begin + 500, config["adapters"]), config["adapters"])
+    generate(uploads, config["uploads"], start=config["adapters"], **kwargs)
+    marker.write_bytes(json.dumps(stamp).encode())
+    log.info("generated in %.1f s", time.perf_counter() - started)
+    return source, uploads
+
+
+def _listing(root: Location, source: Location, uploads: Location, config: dict) -> str:
+    """A local .txt manifest naming every adapter folder of the collection and the uploads."""
+    folders = [source.child(f"adapter-{i:05d}").uri for i in range(config["adapters"])]
+    folders += [uploads.child(f"adapter-{i:05d}").uri for i in range(config["adapters"], config["adapters"] + config["uploads"])]
+    path = os.path.abspath(f"{config['out']}.all-adapters.txt")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(folders) + "\n")
+    return path
+
+
+def _ray_start(config: dict) -> dict:
+    code = (f"import ray, torch; ray.init(address='local', num_cpus={config['num_cpus']}, include_dashboard=False, "
+            "logging_level='ERROR'); ray.shutdown()")
+    run = run_with_peaks([sys.executable, "-c", code])
+    _require(run, "a bare Ray start")
+    return {"seconds": run.seconds}
+
+
+def _measure(argvs: list[list[str]], stores: list[Location]) -> dict:
+    """Each command run with its process tree sampled; medians of the walls, maxima of the peaks."""
+    runs, results = [], []
+    for argv, store in zip(argvs, stores):
+        store.remove()
+        run = _require(run_with_peaks(argv), argv[3])
+        runs.append(run)
+        results.append(_last_json(run.stdout))
+    per_run = [[json.loads(Store(s).version_location(v).read_bytes(REPORT)) for v in result["versions"]] for s, result in zip(stores, results)]
+    reports, manifest = per_run[0], Store(stores[0]).manifest()
+    shards = [s for r in reports for s in r["shards"]]
+    adapters = manifest["adapters"]["ok"]
+    stages = {}
+    for key in ("scan", "compute", "assemble", "publish"):
+        stages[key] = sum(r["seconds"].get(key, 0.0) for r in reports)
+    return {
+        "seconds": statistics.median(r.seconds for r in runs), "runs": [round(r.seconds, 3) for r in runs],
+        "job_seconds": statistics.median(sum(r["seconds"]["total"] for r in run) for run in per_run),
+        "stages": stages, "peak_rss_mib": _max_peaks(runs), "adapters": adapters,
+        "bytes_read": sum(s["bytes_read"] for s in shards), "range_requests": sum(s["requests"] for s in shards),
+        "requests_per_adapter": sum(s["requests"] for s in shards) / max(adapters, 1),
+        "shards": len(shards), "largest_stack_bytes": max(s["stack_bytes"] for s in shards),
+        "objects_written": len(manifest["files"]) + 2,  # + manifest.json and LATEST
+        "store_bytes": sum(f["bytes"] for f in manifest["files"].values()),
+        "svd_routes": sorted({m["svd_route"] for m in manifest["modules"].values()}),
+        "error": manifest["error"],
+    }
+
+
+def _rebase(store: Location, uploads: Location, config: dict, endpoint: list) -> dict:
+    base = Store(store).current_version()
+    runs, results = [], []
+    for _ in range(config["repeats"]):
+        _cli_in_process("rollback", store.uri, base, *endpoint)
+        run = _require(run_with_peaks(cli_argv("rebase", store.uri, uploads.uri, "--memory-budget", config["memory_budget"],
+                                               "--num-cpus", config["num_cpus"], *endpoint)), "rebase")
+        runs.append(run)
+        results.append(_last_json(run.stdout)["versions"][-1])
+    return {
+        "seconds": statistics.median(r.seconds for r in runs), "runs": [round(r.seconds, 3) for r in runs],
+        "job_seconds": statistics.median(r["seconds"]["total"] for r in results), "peak_rss_mib": _max_peaks(runs),
+        "adapters": results[0]["adapters_ok"], "absorbed": len(results[0]["read_errors"]), "error": results[0]["error"],
+        "read_error": results[0]["read_error"],
+    }
+
+
+def _export(store: Location, root: Location, endpoint: list, config: dict) -> dict:
+    walls, inside = [], []
+    for r in range(config["repeats"]):
+        out = root.child("export", f"process-{r}")
+        run = _require(run_with_peaks(cli_argv("export", store.uri, "adapter-00000", "--out", out.uri, *endpoint)), "export")
+        walls.append(run.seconds)
+        started = time.perf_counter()
+        _cli_in_process("export", store.uri, "adapter-00000", "--out", root.child("export", f"in-process-{r}").uri, *endpoint)
+        inside.append(time.perf_counter() - started)
+    startup = run_with_peaks([sys.executable, "-c", "import pipeline.cli"]).seconds
+    return {"seconds": statistics.median(inside), "wall_seconds": statistics.median(walls), "interpreter_and_imports_seconds": startup}
+
+
+def _vlora(source: Location, config: dict) -> dict:
+    listing = os.path.abspath(f"{config['out']}.vlora-adapters.txt")
+    with open(listing, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(source.path(f"adapter-{i:05d}") for i in range(config["adapters"])))
+    out = os.path.abspath(f"{config['out']}.vlora.json")
+    log.info("vlora-dev load_adapter + from_adapters on the same %d adapters", config["adapters"])
+    run = _require(run_with_peaks([sys.executable, "-m", "pipeline.benchmark.vlora_side", listing, str(config["components"]), out]), "vlora")
+    with open(out, encoding="utf-8") as handle:
+        result = json.load(handle)
+    return {**result, "wall_seconds": run.seconds, "peak_rss_mib": run.peaks.get("driver", 0)}
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def _ratios_and_targets(f: dict) -> tuple[dict, list[dict]]:
+    ours, floor, vlora = f["compress"], f["floor"], f["vlora"]
+    ratios: dict[str, float] = {
+        "ours_over_floor": ours["seconds"] / floor["seconds"],
+        "rebase_over_full_compress": f["rebase"]["seconds"] / f["full_compress"]["seconds"],
+        "rebase_over_full_compress_job_seconds": f["rebase"]["job_seconds"] / f["full_compress"]["job_seconds"],
+    }
+    targets = [
+        _target("end to end within 2x of read + math + Ray-start floors", ratios["ours_over_floor"], "<=", 2.0),
+        # On a running cluster a job does not start Ray: compared without process and Ray start.
+        _target("incremental re-base at most 10% of a full compress (job seconds)", ratios["rebase_over_full_compress_job_seconds"], "<=", 0.10),
+        _target("one-adapter export after start-up, seconds", f["export"]["seconds"], "<", 1.0),
+    ]
+    if "seconds" in vlora:
+        ours_peak = max(ours["peak_rss_mib"].values())
+        ratios.update(
+            vlora_over_ours=vlora["seconds"] / ours["seconds"],
+            vlora_peak_over_our_largest_process=vlora["peak_rss_mib"] / max(ours_peak, 1),
+            error_ours=ours["error"]["mean"], error_vlora=vlora["error"]["mean"],
+        )
+        relative = abs(ours["error"]["mean"] - vlora["error"]["mean"]) / max(vlora["error"]["mean"], 1e-12)
+        targets += [
+            _target("at least 10x faster than vlora load + from_adapters", ratios["vlora_over_ours"], ">=", 10.0),
+            _target("every process at most 1/10 of vlora's peak RSS", ratios["vlora_peak_over_our_largest_process"], ">=", 10.0),
+            _target("delta-W error equal to vlora's within bf16 rounding (relative)", relative, "<=", BF16_EPS),
+        ]
+    return {k: round(v, 6) for k, v in ratios.items()}, targets
+
+
+def _target(name: str, value: float, op: str, bound: float) -> dict:
+    met = {"<=": value <= bound, "<": value < bound, ">=": value >= bound}[op]
+    return {"name": name, "value": round(value, 6), "target": f"{op} {bound:g}", "met": met}
+
+
+def format_table(f: dict) -> str:
+    c = f["config"]
+    lines = [
+        f"benchmark: {c['adapters']} x {c['preset']} ({c['structure']}, {c['dtype']}), k={c['components']}, "
+        f"{f['machine']['cpus']} CPUs, {f['collection']['bytes'] / 2**30:.2f} GiB of adapters; medians of {c['repeats']}",
+        f"{'':34}{'seconds':>10}{'peak RSS MiB (per process)':>40}",
+    ]
+
+    def row(name, seconds, peaks=""):
+        lines.append(f"{name:34}{seconds:>10.2f}{peaks:>40}")
+
+    def peaks(p):
+        return ", ".join(f"{k} {v}" for k, v in sorted(p.items()))
+
+    ours, floor = f["compress"], f["floor"]
+    row("compress, end to end", ours["seconds"], peaks(ours["peak_rss_mib"]))
+    for stage, seconds in ours["stages"].items():
+        row(f"  {stage}", seconds)
+    row("floor: read every file once", floor["read"]["seconds"])
+    row(f"floor: bare math ({', '.join(floor['math']['routes'])})", floor["math"]["seconds"])
+    row("floor: Ray start", floor["ray_start"]["seconds"])
+    row("compress, job seconds (no process/Ray start)", ours["job_seconds"])
+    row(f"rebase, {c['uploads']} uploads, end to end", f["rebase"]["seconds"], peaks(f["rebase"]["peak_rss_mib"]))
+    row("  job seconds", f["rebase"]["job_seconds"])
+    row(f"full compress of {f['full_compress']['adapters']}, end to end", f["full_compress"]["seconds"], peaks(f["full_compress"]["peak_rss_mib"]))
+    row("  job seconds", f["full_compress"]["job_seconds"])
+    row("export one adapter (after start-up)", f["export"]["seconds"])
+    if "seconds" in f["vlora"]:
+        row("vlora load + from_adapters", f["vlora"]["seconds"], f"driver {f['vlora']['peak_rss_mib']}")
+        lines.append(f"delta-W error mean: ours {ours['error']['mean']:.5f}, vlora {f['vlora']['error']['mean']:.5f}")
+    else:
+        lines.append(f"vlora: {f['vlora']['skipped']}")
+    lines.append(
+        f"read {ours['bytes_read'] / 2**20:.0f} MiB in {ours['range_requests']} range requests "
+        f"({ours['requests_per_adapter']:.1f} per adapter, {ours['shards']} shards); wrote {ours['objects_written']} objects, "
+        f"{ours['store_bytes'] / 2**20:.1f} MiB; SVD routes {', '.join(ours['svd_routes'])}"
+    )
+    for t in f["targets"]:
+        lines.append(f"[{'met' if t['met'] else 'NOT met'}] {t['name']}: {t['value']:g} (target {t['target']})")
+    return "\n".join(lines)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _require(run: Run, what: str) -> Run:
+    if run.status != 0:
+        raise PipelineError(f"benchmark: {what} failed (exit {run.status}): {run.stderr.strip()[-1500:]}")
+    return run
+
+
+def _last_json(stdout: str) -> dict:
+    start = stdout.index("{")
+    return json.loads(stdout[start:])
+
+
+def _cli_in_process(*args) -> dict:
+    with contextlib.redirect_stdout(io.StringIO()) as captured:
+        status = cli.main([*map(str, args), "--json"])
+    if status != 0:
+        raise PipelineError(f"benchmark: lora-subspace {args[0]} failed")
+    return json.loads(captured.getvalue())
+
+
+def _max_peaks(runs: list[Run]) -> dict[str, int]:
+    kinds = {k for r in runs for k in r.peaks}
+    return {k: max(r.peaks.get(k, 0) for r in runs) for k in sorted(kinds)}
+
+
+def _machine() -> dict:
+    return {
+        "cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(), "torch": torch.__version__,
+    }

@@ -1,0 +1,67 @@
+"""The benchmark job at a tiny size, so it cannot rot: every step runs for real (embedded Ray,
+vlora-dev in its own process, S3 through moto) and the figures it writes hang together."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.synthetic import PRESETS
+
+
+def _benchmark(tmp_path, *settings, env=None):
+    out = tmp_path / "figures.json"
+    sets = [f"out={out}", "preset=micro", "adapters=12", "uploads=3", "repeats=1", "components=3", *settings]
+    done = subprocess.run([sys.executable, "-m", "jobs.benchmark", "--config", "jobs/configs/benchmark.yaml",
+                           *[arg for s in sets for arg in ("--set", s)]], capture_output=True, text=True, timeout=600, env=env)
+    return done, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_local_run_measures_every_step_and_compares_with_vlora(tmp_path):
+    done, f = _benchmark(tmp_path, f"workdir={tmp_path / 'work'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1])["status"] == "ok"
+    assert "compress, end to end" in done.stdout
+
+    adapter_bytes = PRESETS["micro"].adapter_bytes(2)  # bf16
+    assert f["collection"]["bytes"] == 12 * adapter_bytes
+    c = f["compress"]
+    assert c["adapters"] == 12 and set(c["stages"]) == {"scan", "compute", "assemble", "publish"}
+    assert {"driver", "worker"} <= set(c["peak_rss_mib"])
+    assert c["bytes_read"] == 12 * adapter_bytes  # each tensor read once, by range
+    assert c["range_requests"] == c["requests_per_adapter"] * 12 >= 12
+    assert c["objects_written"] >= 6 and c["store_bytes"] > 0 and c["svd_routes"] == ["gram"]
+    assert 0 < c["job_seconds"] < c["seconds"]
+    assert f["rebase"]["absorbed"] == 3 and f["rebase"]["adapters"] == 15
+    assert f["full_compress"]["adapters"] == 15
+    assert 0 < f["export"]["seconds"] < f["export"]["wall_seconds"]
+    assert f["floor"]["read"]["bytes"] == 12 * adapter_bytes and f["floor"]["math"]["routes"] == {"gram": 4}
+    # Same algorithm, same adapters: the same delta-W error as vlora-dev.
+    assert f["vlora"]["error"]["mean"] == pytest.approx(c["error"]["mean"], rel=1e-4)
+    targets = {t["name"]: t for t in f["targets"]}
+    assert targets["delta-W error equal to vlora's within bf16 rounding (relative)"]["met"] is True
+    assert all(isinstance(t["met"], bool) and t["target"] for t in f["targets"])
+    assert f["ratios"]["vlora_over_ours"] == pytest.approx(f["vlora"]["seconds"] / c["seconds"], rel=1e-3)
+
+    # A second run reuses the generated collection.
+    done, _ = _benchmark(tmp_path, f"workdir={tmp_path / 'work'}", "vlora=false")
+    assert done.returncode == 0 and "reusing the collection" in done.stderr
+
+
+@pytest.mark.s3
+def test_s3_run_reads_by_ranges_and_skips_vlora(tmp_path, s3_endpoint, bucket):
+    done, f = _benchmark(tmp_path, f"workdir=s3://{bucket}/bench", f"endpoint_url={s3_endpoint}", "repeats=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f["vlora"] == {"skipped": "vlora reads local folders only"}
+    # One shard per module here: one coalesced range per adapter and shard.
+    assert f["compress"]["requests_per_adapter"] == f["compress"]["shards"]
+    assert f["compress"]["bytes_read"] == 12 * PRESETS["micro"].adapter_bytes(2)
+
+
+def test_a_bad_setting_is_refused_by_name(tmp_path):
+    done, _ = _benchmark(tmp_path, "preset=huge")
+    assert done.returncode == 1
+    assert "preset must be one of" in json.loads(done.stdout.splitlines()[-1])["error"]
+    done, _ = _benchmark(tmp_path, "colour=blue")
+    assert done.returncode == 1 and "unknown key 'colour'" in done.stdout
