@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "workdir": "benchmark-data", "endpoint_url": None, "out": "benchmark.json",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STAGES = ("scan", "compute", "assemble", "publish")  # a version's seconds in its report.json
 BF16_EPS = 2.0**-8  # "equal within bf16 rounding": errors agree to bf16's relative precision
 
 
@@ -170,12 +171,10 @@ def _measure(argvs: list[list[str]], stores: list[Location]) -> dict:
     reports, manifest = per_run[0], Store(stores[0]).manifest()
     shards = [s for r in reports for s in r["shards"]]
     adapters = manifest["adapters"]["ok"]
-    stages = {}
-    for key in ("scan", "compute", "assemble", "publish"):
-        stages[key] = sum(r["seconds"].get(key, 0.0) for r in reports)
+    stages = {key: sum(r["seconds"].get(key, 0.0) for r in reports) for key in STAGES}
     return {
         "seconds": statistics.median(r.seconds for r in runs), "runs": [round(r.seconds, 3) for r in runs],
-        "job_seconds": statistics.median(sum(r["seconds"]["total"] for r in run) for run in per_run),
+        "job_seconds": statistics.median(sum(r["seconds"].get(k, 0.0) for r in run for k in STAGES) for run in per_run),
         "stages": stages, "peak_rss_mib": _max_peaks(runs), "adapters": adapters,
         "bytes_read": sum(s["bytes_read"] for s in shards), "range_requests": sum(s["requests"] for s in shards),
         "requests_per_adapter": sum(s["requests"] for s in shards) / max(adapters, 1),
@@ -198,7 +197,7 @@ def _rebase(store: Location, uploads: Location, config: dict, endpoint: list) ->
         results.append(_last_json(run.stdout)["versions"][-1])
     return {
         "seconds": statistics.median(r.seconds for r in runs), "runs": [round(r.seconds, 3) for r in runs],
-        "job_seconds": statistics.median(r["seconds"]["total"] for r in results), "peak_rss_mib": _max_peaks(runs),
+        "job_seconds": statistics.median(sum(r["seconds"].get(k, 0.0) for k in STAGES) for r in results), "peak_rss_mib": _max_peaks(runs),
         "adapters": results[0]["adapters_ok"], "absorbed": len(results[0]["read_errors"]), "error": results[0]["error"],
         "read_error": results[0]["read_error"],
     }
