@@ -29,11 +29,10 @@ from pipeline.io.store import FileEntry, Store, basis_file, basis_key, done_file
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, project, reconstruct
 from pipeline.linalg.incremental import absorb, change_of_basis
-from pipeline.linalg.metrics import product_error
+from pipeline.linalg.metrics import Drift, FactorBasis, product_error
 from pipeline.stages.plan import Shard
 
 READ_BYTES = 64 << 20  # raw tensor bytes per cat_ranges call: bounds what reading holds at once
-MOVE_BATCH = 256  # parent rows rebuilt at once to measure how far the new basis moved them
 
 Mode = Literal["fit", "absorb", "project"]
 
@@ -297,32 +296,23 @@ def _moved_parent_rows(store, task, parents, bases) -> Iterator[pa.Table]:
         yield from (pa.Table.from_batches([b]) for b in _parent_batches(store, task))
         return
     moves = {key: change_of_basis(parents[key], bases[key]) for key in bases}
+    drifts = {m: Drift(_factor_basis(parents, m, task.shapes[m]), _factor_basis(bases, m, task.shapes[m])) for m in task.shard.modules}
     for batch in _parent_batches(store, task):
         tables = []
         for module, rows in _by_module(batch):
-            shapes = task.shapes[module]
             old_a, old_b = _loadings(rows, "a"), _loadings(rows, "b")
             new_a = old_a @ moves[module, "A"][0] + moves[module, "A"][1]
             new_b = old_b @ moves[module, "B"][0] + moves[module, "B"][1]
-            drift = torch.cat([
-                _drift(old_a[i : i + MOVE_BATCH], old_b[i : i + MOVE_BATCH], new_a[i : i + MOVE_BATCH], new_b[i : i + MOVE_BATCH],
-                       parents[module, "A"], parents[module, "B"], bases[module, "A"], bases[module, "B"], shapes)
-                for i in range(0, len(old_a), MOVE_BATCH)
-            ])
+            drift = drifts[module](old_a, old_b, new_a, new_b)
             norm = torch.from_numpy(rows.column("norm").to_numpy().astype(np.float64))
             error = torch.from_numpy(rows.column("error").to_numpy().astype(np.float64)).hypot(_relative(drift, norm))
             tables.append(_rows(rows.column("task_id").to_pylist(), module, new_a, new_b, error, norm, measured=False))
         yield from _sorted_rows(tables)
 
 
-def _drift(old_a, old_b, new_a, new_b, pa_, pb_, na_, nb_, shapes) -> torch.Tensor:
-    """||B_old A_old - B_new A_new||_F of rebuilt factors, per row."""
-    n = len(old_a)
-    ao = reconstruct(old_a, pa_.components, pa_.mean).view(n, *shapes[0])
-    bo = reconstruct(old_b, pb_.components, pb_.mean).view(n, *shapes[1])
-    an = reconstruct(new_a, na_.components, na_.mean).view(n, *shapes[0])
-    bn = reconstruct(new_b, nb_.components, nb_.mean).view(n, *shapes[1])
-    return product_error(ao, bo, an, bn)[0]
+def _factor_basis(decs, module, shapes) -> FactorBasis:
+    a, b = decs[module, "A"], decs[module, "B"]
+    return FactorBasis(a.mean, a.components, b.mean, b.components, *shapes)
 
 
 def _relative(diff: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:

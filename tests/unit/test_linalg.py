@@ -116,3 +116,25 @@ def test_product_error_stays_accurate_when_tiny():
     a_hat = a + 1e-6 * torch.randn(a.shape, generator=gen)
     expected = torch.linalg.norm(b.double() @ (a.double() - a_hat.double()), dim=(1, 2)) / torch.linalg.norm(b.double() @ a.double(), dim=(1, 2))
     torch.testing.assert_close(relative_product_error(a, b, a_hat, b).double(), expected, rtol=1e-3, atol=0)
+
+
+def test_drift_from_loadings_equals_the_drift_of_rebuilt_products():
+    from pipeline.linalg.metrics import Drift, FactorBasis
+
+    gen = torch.Generator().manual_seed(4)
+    n, r, d_in, d_out, k = 9, 4, 30, 20, 5
+
+    def basis():
+        comps = [torch.linalg.qr(torch.randn(width, k, generator=gen))[0].T for width in (r * d_in, d_out * r)]
+        return torch.randn(r * d_in, generator=gen), comps[0], torch.randn(d_out * r, generator=gen), comps[1]
+
+    old, new = basis(), basis()
+    loadings = [torch.randn(n, k, generator=gen) for _ in range(4)]
+
+    def rebuilt(b, la, lb):
+        return (b[2] + lb @ b[3]).view(n, d_out, r).double() @ (b[0] + la @ b[1]).view(n, r, d_in).double()
+
+    expected = torch.linalg.norm(rebuilt(old, *loadings[:2]) - rebuilt(new, *loadings[2:]), dim=(1, 2))
+    old_basis = FactorBasis(*old, (r, d_in), (d_out, r))
+    torch.testing.assert_close(Drift(old_basis, FactorBasis(*new, (r, d_in), (d_out, r)))(*loadings), expected, rtol=1e-5, atol=0)
+    assert Drift(old_basis, old_basis)(*loadings[:2], *loadings[:2]).max() < 1e-5 * expected.min()  # no move, no drift
