@@ -75,7 +75,7 @@ def centred_svd(
     """
     n, d = x.shape
     x = x.to(torch.float32)
-    mean = x.mean(dim=0, dtype=torch.float64)
+    mean = x.mean(dim=0).to(torch.float64)  # float32 pairwise sums: ~1e-7 relative, and 10x faster
     if route == "auto":
         route = choose_route(n, d, None if threshold is not None else k)
     if route not in _ROUTES:

@@ -33,6 +33,7 @@ from pipeline.linalg.metrics import Drift, FactorBasis, product_error
 from pipeline.stages.plan import Shard
 
 READ_BYTES = 64 << 20  # raw tensor bytes per cat_ranges call: bounds what reading holds at once
+ERROR_ROWS = 64  # adapters whose factors are rebuilt at once to measure errors: stays in cache
 
 Mode = Literal["fit", "absorb", "project"]
 
@@ -210,14 +211,14 @@ def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, list[torch.T
         blobs, ranges = read_ranges(task.source.fs, requests)
         result.requests += ranges
         for offset, (request, buffers) in enumerate(zip(requests, blobs)):
-            row = begin + offset
             for position, (info, buffer) in enumerate(zip(request[1], buffers)):
                 module, side = task.shard.modules[position // 2], position % 2
-                values = decode(buffer, info).to(torch.float32).reshape(-1)
+                stacks[module][side][begin + offset] = decode(buffer, info).reshape(-1)
                 result.bytes_read += len(buffer)
-                if not torch.isfinite(values).all():
-                    result.nonfinite.setdefault(row, f"NaN or Inf in {module} lora_{'AB'[side]}")
-                stacks[module][side][row] = values
+    for module, pair in stacks.items():
+        for side, stack in enumerate(pair):
+            for row in (~torch.isfinite(stack).all(dim=1)).nonzero().flatten().tolist():
+                result.nonfinite.setdefault(row, f"NaN or Inf in {module} lora_{'AB'[side]}")
     return stacks
 
 
@@ -279,11 +280,17 @@ def _project_new(task, module, shapes, stack, a: Decomposition, b: Decomposition
     """Rows for the new adapters: loadings on the new basis, exact delta-W error, and ||B A||."""
     n = len(task.new)
     xa, xb = stack[0][:n].to(device), stack[1][:n].to(device)
-    la, lb = project(xa, a.components.to(device), a.mean.to(device)), project(xb, b.components.to(device), b.mean.to(device))
-    fa, fb = xa.view(n, *shapes[0]), xb.view(n, *shapes[1])
-    ra = reconstruct(la, a.components.to(device), a.mean.to(device)).view(n, *shapes[0])
-    rb = reconstruct(lb, b.components.to(device), b.mean.to(device)).view(n, *shapes[1])
-    diff, norm = product_error(fa, fb, ra, rb)
+    (ca, ma), (cb, mb) = (a.components.to(device), a.mean.to(device)), (b.components.to(device), b.mean.to(device))
+    la, lb = project(xa, ca, ma), project(xb, cb, mb)
+    diffs, norms = [], []
+    for i in range(0, n, ERROR_ROWS):
+        rows = slice(i, i + ERROR_ROWS)
+        m = len(la[rows])
+        diff, norm = product_error(xa[rows].view(m, *shapes[0]), xb[rows].view(m, *shapes[1]),
+                                   reconstruct(la[rows], ca, ma).view(m, *shapes[0]), reconstruct(lb[rows], cb, mb).view(m, *shapes[1]))
+        diffs.append(diff)
+        norms.append(norm)
+    diff, norm = torch.cat(diffs), torch.cat(norms)
     return _rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), _relative(diff, norm).cpu(), norm.cpu())
 
 
