@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+import scipy.linalg
 import torch
 
 Route = Literal["auto", "gram", "covariance", "svd", "randomized"]
@@ -80,7 +81,8 @@ def centred_svd(
         route = choose_route(n, d, None if threshold is not None else k)
     if route not in _ROUTES:
         raise ValueError(f"unknown SVD route {route!r} (expected auto or one of {sorted(_ROUTES)})")
-    estimate, total, leading = _ROUTES[route](x, mean, k, niter)
+    # With a threshold the whole spectrum decides k; otherwise only its top is needed.
+    estimate, total, leading = _ROUTES[route](x, mean, None if threshold is not None else k, niter)
     keep = components_to_keep(estimate, total, k, threshold)
     spectrum, directions = leading(keep)
     keep = _significant(spectrum, keep)
@@ -96,21 +98,22 @@ def components_to_keep(spectrum: torch.Tensor, total: float, k: int | None, thre
     return keep
 
 
-# Each route returns an estimate of the singular values (descending), the total variance, and a
-# function giving the leading `keep` singular values and right singular vectors (rows), float64,
-# so only the kept ones are formed.
+# Each route takes `wanted`, the most components that can be kept (None: the whole spectrum is
+# needed), and returns an estimate of the singular values (descending; at least the top wanted +
+# OVERSAMPLE), the total variance, and a function giving the leading `keep` singular values and
+# right singular vectors (rows), float64, so only the kept ones are formed.
 
 
-def _gram(x, mean, k, niter):
+def _gram(x, mean, wanted, niter):
     n = x.shape[0]
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     for block in _centred_blocks(x, mean, dim=1):
         gram += (block @ block.T).to(torch.float64)
-    estimate, evecs = _eig_desc(gram)
+    estimate, top = _spectrum(gram, wanted)
 
     def leading(keep):
         # Rayleigh-Ritz: the SVD of U^T (X - mean) for the leading eigenvectors U of the Gram matrix.
-        u = evecs[:, : min(keep + OVERSAMPLE, n)].to(torch.float32)
+        u = top(keep + OVERSAMPLE).to(torch.float32)
         projected = torch.cat([u.T @ block for block in _centred_blocks(x, mean, dim=1)], dim=1).to(torch.float64)
         spectrum, rotation = _eig_desc(projected @ projected.T)
         return spectrum, (rotation.T @ projected) / spectrum.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
@@ -118,16 +121,16 @@ def _gram(x, mean, k, niter):
     return estimate, float(gram.trace()), leading
 
 
-def _covariance(x, mean, k, niter):
+def _covariance(x, mean, wanted, niter):
     d = x.shape[1]
     cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
     for block in _centred_blocks(x, mean, dim=0):
         cov += (block.T @ block).to(torch.float64)
-    estimate, evecs = _eig_desc(cov)
+    estimate, top = _spectrum(cov, wanted)
 
     def leading(keep):
         # Rayleigh-Ritz: the SVD of (X - mean) V for the leading eigenvectors V of the covariance.
-        v = evecs[:, : min(keep + OVERSAMPLE, d)]
+        v = top(keep + OVERSAMPLE)
         projected = torch.cat([block @ v.to(torch.float32) for block in _centred_blocks(x, mean, dim=0)]).to(torch.float64)
         spectrum, rotation = _eig_desc(projected.T @ projected)
         return spectrum, rotation.T @ v.T
@@ -135,17 +138,17 @@ def _covariance(x, mean, k, niter):
     return estimate, float(cov.trace()), leading
 
 
-def _svd(x, mean, k, niter):
+def _svd(x, mean, wanted, niter):
     centred = x.to(torch.float64) - mean
     _, s, vh = torch.linalg.svd(centred, full_matrices=False)
     return s, float(centred.pow(2).sum()), lambda keep: (s[:keep], vh[:keep])
 
 
-def _randomized(x, mean, k, niter):
-    if k is None:
-        raise ValueError("the randomized route needs an explicit k")
+def _randomized(x, mean, wanted, niter):
+    if wanted is None:
+        raise ValueError("the randomized route needs an explicit k and no variance threshold")
     centred = x.to(torch.float64) - mean
-    _, s, v = torch.svd_lowrank(centred, q=min(k + OVERSAMPLE, *centred.shape), niter=niter)
+    _, s, v = torch.svd_lowrank(centred, q=min(wanted + OVERSAMPLE, *centred.shape), niter=niter)
     return s, float(centred.pow(2).sum()), lambda keep: (s[:keep], v[:, :keep].T)
 
 
@@ -162,6 +165,33 @@ def _centred_blocks(x: torch.Tensor, mean: torch.Tensor, dim: int) -> Iterator[t
             yield x[:, start : start + step] - mean32[start : start + step]
         else:
             yield x[start : start + step] - mean32
+
+
+def _spectrum(square: torch.Tensor, wanted: int | None) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
+    """Square roots of the eigenvalues (descending) of a symmetric PSD float64 matrix, all of them
+    or the top wanted + OVERSAMPLE, and a function giving its top `count` eigenvectors (columns).
+    On the CPU only the needed eigenpairs are computed (LAPACK's MRRR through scipy): at N = 1000
+    a quarter of the time of a full eigh."""
+    n = square.shape[0]
+    cache: dict[str, torch.Tensor] = {}
+
+    def top(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        count = min(count, n)
+        if "vectors" not in cache or cache["vectors"].shape[1] < count:
+            if square.device.type == "cpu":
+                values, vectors = scipy.linalg.eigh(square.numpy(), subset_by_index=[n - count, n - 1], driver="evr")
+                values, vectors = torch.from_numpy(values), torch.from_numpy(vectors)
+            else:
+                values, vectors = torch.linalg.eigh(square)
+            cache["values"], cache["vectors"] = values.flip(0).clamp_min(0).sqrt(), vectors.flip(1)
+        return cache["values"], cache["vectors"]
+
+    if wanted is None:
+        values = torch.linalg.eigvalsh(square) if square.device.type != "cpu" else torch.from_numpy(scipy.linalg.eigvalsh(square.numpy()))
+        estimate = values.flip(0).clamp_min(0).sqrt()
+    else:
+        estimate = top(wanted + OVERSAMPLE)[0]
+    return estimate, lambda count: top(count)[1][:, : min(count, n)]
 
 
 def _eig_desc(square: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
