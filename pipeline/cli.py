@@ -174,7 +174,7 @@ def cmd_compress(args) -> dict:
     if not args.json:
         for summary in summaries:
             _print_summary(summary)
-    return {**summaries[-1], "versions": [s["version"] for s in summaries]}
+    return {**summaries[-1], "versions": [s["version"] for s in summaries], "seconds_per_version": [s["seconds"] for s in summaries]}
 
 
 def _print_summary(s: dict) -> None:

@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "workdir": "benchmark-data", "endpoint_url": None, "out": "benchmark.json",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-STAGES = ("scan", "compute", "assemble", "publish")  # a version's seconds in its report.json
+STAGES = ("scan", "compute", "assemble", "publish")  # of each version a run writes
 BF16_EPS = 2.0**-8  # "equal within bf16 rounding": errors agree to bf16's relative precision
 
 
@@ -166,14 +166,14 @@ def _measure(argvs: list[list[str]], stores: list[Location]) -> dict:
         run = _require(run_with_peaks(argv), argv[3])
         runs.append(run)
         results.append(_last_json(run.stdout))
-    per_run = [[json.loads(Store(s).version_location(v).read_bytes(REPORT)) for v in result["versions"]] for s, result in zip(stores, results)]
-    reports, manifest = per_run[0], Store(stores[0]).manifest()
+    reports = [json.loads(Store(stores[0]).version_location(v).read_bytes(REPORT)) for v in results[0]["versions"]]
+    manifest = Store(stores[0]).manifest()
     shards = [s for r in reports for s in r["shards"]]
     adapters = manifest["adapters"]["ok"]
-    stages = {key: sum(r["seconds"].get(key, 0.0) for r in reports) for key in STAGES}
+    stages = {key: statistics.median(sum(v.get(key, 0.0) for v in r["seconds_per_version"]) for r in results) for key in STAGES}
     return {
         "seconds": statistics.median(r.seconds for r in runs), "runs": [round(r.seconds, 3) for r in runs],
-        "job_seconds": statistics.median(sum(r["seconds"].get(k, 0.0) for r in run for k in STAGES) for run in per_run),
+        "job_seconds": statistics.median(sum(v["total"] for v in r["seconds_per_version"]) for r in results),
         "stages": stages, "peak_rss_mib": _max_peaks(runs), "adapters": adapters,
         "bytes_read": sum(s["bytes_read"] for s in shards), "range_requests": sum(s["requests"] for s in shards),
         "requests_per_adapter": sum(s["requests"] for s in shards) / max(adapters, 1),
@@ -187,16 +187,17 @@ def _measure(argvs: list[list[str]], stores: list[Location]) -> dict:
 
 def _rebase(store: Location, uploads: Location, config: dict, endpoint: list) -> dict:
     base = Store(store).current_version()
-    runs, results = [], []
+    runs, outputs = [], []
     for _ in range(config["repeats"]):
         _cli_in_process("rollback", store.uri, base, *endpoint)
         run = _require(run_with_peaks(cli_argv("rebase", store.uri, uploads.uri, "--memory-budget", config["memory_budget"],
                                                "--num-cpus", config["num_cpus"], *endpoint)), "rebase")
         runs.append(run)
-        results.append(_last_json(run.stdout)["versions"][-1])
+        outputs.append(_last_json(run.stdout))
+    results = [o["versions"][-1] for o in outputs]
     return {
         "seconds": statistics.median(r.seconds for r in runs), "runs": [round(r.seconds, 3) for r in runs],
-        "job_seconds": statistics.median(sum(r["seconds"].get(k, 0.0) for k in STAGES) for r in results), "peak_rss_mib": _max_peaks(runs),
+        "job_seconds": statistics.median(sum(v["seconds"]["total"] for v in o["versions"]) for o in outputs), "peak_rss_mib": _max_peaks(runs),
         "adapters": results[0]["adapters_ok"], "absorbed": len(results[0]["read_errors"]), "error": results[0]["error"],
         "read_error": results[0]["read_error"],
     }
