@@ -1,11 +1,12 @@
-"""Exact incremental update of a centred SVD with new rows (Ross et al. 2008, after Brand 2002).
+"""Exact incremental update of a centred SVD with new rows (after Ross et al. 2008 and Brand 2002).
 
 The centred scatter of old and new rows together is
     V^T S^2 V  +  Yc^T Yc  +  n m / (n + m) (mean_Y - mean)(mean_Y - mean)^T,
-so it is the scatter of the small matrix [S V; Yc; sqrt(n m / (n + m)) (mean_Y - mean)]. Projecting
-the new rows on V, taking the QR of what V misses and an SVD of the (k+m+1)-square core gives the
-exact SVD of that matrix; only truncating to k afterwards loses anything. The old rows are not
-needed, only the stored singular values, mean and count.
+so it is the scatter of the small matrix Z = [S V; Yc; sqrt(n m / (n + m)) (mean_Y - mean)] with
+k + m + 1 rows. Its SVD, from the eigenvectors of the (k+m+1)-square Z Z^T in float64, is the exact
+SVD of old and new rows together; only truncating to k afterwards loses anything. The old rows are
+not needed, only the stored singular values, mean and count. (Forming Z Z^T costs (k+m+1)^2 D, a
+fraction of a QR of what V misses, and uses the stored V as it is: orthonormal to float32 rounding.)
 """
 
 from __future__ import annotations
@@ -20,30 +21,23 @@ from pipeline.linalg.decompose import Decomposition, components_to_keep, sign_fl
 def absorb(dec: Decomposition, rows: torch.Tensor, k: int | None = None, threshold: float | None = None) -> Decomposition:
     """The decomposition of the old rows plus `rows` (m, D), truncated like centred_svd."""
     n, m = dec.count, rows.shape[0]
-    basis = dec.components.to(torch.float64)
     mean = dec.mean.to(torch.float64)
     y = rows.to(torch.float64)
     y_mean = y.mean(dim=0)
     weight = n * m / (n + m)
-    block = torch.cat([y - y_mean, math.sqrt(weight) * (y_mean - mean)[None]])  # (m+1, D)
-    inside = block @ basis.T
-    residual = block - inside @ basis
-    # Twice, as Gram-Schmidt needs when the stored basis is orthonormal only to float32 rounding.
-    again = residual @ basis.T
-    inside += again
-    residual -= again @ basis
-    q, tri = torch.linalg.qr(residual.T)  # (D, j), (j, m+1)
-    kept = basis.shape[0]
-    core = torch.zeros(kept + m + 1, kept + q.shape[1], dtype=torch.float64)
-    core[:kept, :kept] = torch.diag(dec.singular_values.to(torch.float64))
-    core[kept:, :kept] = inside
-    core[kept:, kept:] = tri.T
-    _, spectrum, rotation = torch.linalg.svd(core, full_matrices=False)
+    z = torch.cat([
+        dec.singular_values.to(torch.float64)[:, None] * dec.components.to(torch.float64),
+        y - y_mean,
+        math.sqrt(weight) * (y_mean - mean)[None],
+    ])
+    evals, evecs = torch.linalg.eigh(z @ z.T)
+    spectrum, evecs = evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
     total = dec.total_variance + float((y - y_mean).pow(2).sum()) + weight * float((y_mean - mean).pow(2).sum())
     keep = components_to_keep(spectrum, total, k, threshold)
-    components = sign_flip((rotation[:keep] @ torch.cat([basis, q.T])).to(torch.float32))
+    components = (evecs[:, :keep].T @ z) / spectrum[:keep, None]
     new_mean = (n * mean + m * y_mean) / (n + m)
-    return Decomposition(components, spectrum[:keep].to(torch.float32), new_mean.to(torch.float32), total, "incremental", n + m)
+    return Decomposition(sign_flip(components.to(torch.float32)), spectrum[:keep].to(torch.float32), new_mean.to(torch.float32),
+                         total, "incremental", n + m)
 
 
 def truncate(dec: Decomposition, k: int | None = None, threshold: float | None = None) -> Decomposition:
