@@ -21,18 +21,20 @@ from pipeline.linalg.decompose import Decomposition, components_to_keep, sign_fl
 def absorb(dec: Decomposition, rows: torch.Tensor, k: int | None = None, threshold: float | None = None) -> Decomposition:
     """The decomposition of the old rows plus `rows` (m, D), truncated like centred_svd."""
     n, m = dec.count, rows.shape[0]
+    kept = len(dec.singular_values)
     mean = dec.mean.to(torch.float64)
-    y = rows.to(torch.float64)
-    y_mean = y.mean(dim=0)
     weight = n * m / (n + m)
-    z = torch.cat([
-        dec.singular_values.to(torch.float64)[:, None] * dec.components.to(torch.float64),
-        y - y_mean,
-        math.sqrt(weight) * (y_mean - mean)[None],
-    ])
+    # Z filled in place: one float64 (k+m+1, D) buffer, no other copy of the rows.
+    z = torch.empty(kept + m + 1, rows.shape[1], dtype=torch.float64, device=rows.device)
+    torch.mul(dec.singular_values.to(torch.float64)[:, None], dec.components.to(torch.float64), out=z[:kept])
+    z[kept : kept + m] = rows
+    y_mean = z[kept : kept + m].mean(dim=0)
+    z[kept : kept + m] -= y_mean
+    torch.mul(y_mean - mean, math.sqrt(weight), out=z[-1])
+    new_variance = float(torch.linalg.vector_norm(z[kept : kept + m]) ** 2)
     evals, evecs = torch.linalg.eigh(z @ z.T)
     spectrum, evecs = evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
-    total = dec.total_variance + float((y - y_mean).pow(2).sum()) + weight * float((y_mean - mean).pow(2).sum())
+    total = dec.total_variance + new_variance + weight * float((y_mean - mean).pow(2).sum())
     keep = components_to_keep(spectrum, total, k, threshold)
     components = (evecs[:, :keep].T @ z) / spectrum[:keep, None]
     new_mean = (n * mean + m * y_mean) / (n + m)
