@@ -179,9 +179,10 @@ def module_shapes(change: Change, good: list[ScannedAdapter]) -> dict[str, tuple
 
 
 def _plan(change: Change, shapes, rows: int, options: Options, parallelism: int) -> list[Shard]:
-    """Fit: modules grouped to fit the memory budget. Absorb and project keep the parent's
-    grouping, so each task reads each parent basis object once."""
-    if change.mode == "fit":
+    """Fit and absorb: modules grouped to fit the memory budget for the rows read, at least one
+    shard per CPU (each task also streams the parent's loadings once, so a re-base of a few uploads
+    makes few, wide shards). Project keeps the parent's grouping: its basis objects are reused."""
+    if change.mode != "project":
         widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
         return plan_shards(widths, rows, options.memory_budget, parallelism)
     groups: dict[str, list[str]] = {}
