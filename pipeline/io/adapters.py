@@ -115,6 +115,10 @@ def _from_manifest(manifest: Location) -> list[AdapterRef]:
             rel = posixpath.relpath(location.root, posixpath.dirname(manifest.root))
             task_id = rel if not rel.startswith("..") else posixpath.basename(location.root)
         refs.append(AdapterRef(str(task_id), location))
+    protocols = sorted({ref.location.protocol for ref in refs})
+    if len(protocols) > 1:
+        raise PipelineError(f"manifest {manifest} lists adapters on more than one filesystem ({', '.join(protocols)}); "
+                            "use one manifest per filesystem")
     return sorted(refs, key=lambda r: (r.task_id, r.location.uri))
 
 

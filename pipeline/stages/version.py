@@ -215,11 +215,14 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     inputs = _digest([change.operation, change.mode, change.parent, change.refit, dataclasses.asdict(options.rule), options.route,
                       [(a.task_id, a.location.uri, a.weights_bytes, a.weights_tag) for a in good]])
     finished = store.finished_shards(version)
+    # The adapters' own filesystem reads them: a manifest source lists folders on one filesystem
+    # that is not the manifest's (discovery refuses a mix).
+    reader = good[0].location if good else source
 
     def task(shard, fixed_k=None):
         new = [(a.task_id, a.weights_path, {m: a.modules[m] for m in shard.modules}) for a in good]
         key = _digest([inputs, shard.modules, fixed_k])
-        return ShardTask(shard, change.mode, options.rule, store.location, version, source, new, shapes, parent, fixed_k, options.route, key)
+        return ShardTask(shard, change.mode, options.rule, store.location, version, reader, new, shapes, parent, fixed_k, options.route, key)
 
     progress = Progress("compute", len(shards), "shards")
     results: list[ShardResult | None] = [None] * len(shards)

@@ -20,7 +20,7 @@ def _benchmark(tmp_path, *settings, env=None):
 
 def test_local_run_measures_every_step_and_compares_with_vlora(tmp_path):
     done, f = _benchmark(tmp_path, f"workdir={tmp_path / 'work'}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["status"] == "ok"
     assert "compress, end to end" in done.stdout
 
@@ -52,7 +52,7 @@ def test_local_run_measures_every_step_and_compares_with_vlora(tmp_path):
 @pytest.mark.s3
 def test_s3_run_reads_by_ranges_and_skips_vlora(tmp_path, s3_endpoint, bucket):
     done, f = _benchmark(tmp_path, f"workdir=s3://{bucket}/bench", f"endpoint_url={s3_endpoint}", "repeats=1")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert f["vlora"] == {"skipped": "vlora reads local folders only"}
     # One shard per module here: one coalesced range per adapter and shard.
     assert f["compress"]["requests_per_adapter"] == f["compress"]["shards"]

@@ -143,3 +143,17 @@ def test_no_secret_reaches_logs_outputs_or_objects(runner, s3_endpoint, bucket, 
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name != "werkzeug")  # not the fake S3's access log
     texts = [ours, printed.out, printed.err] + [s3.get_object(Bucket=bucket, Key=k)["Body"].read().decode("latin-1") for k in keys]
     assert keys and not [t for t in texts if "testing-secret-key" in t or "testing-key-id" in t]
+
+
+def test_a_local_manifest_of_s3_adapters(runner, s3_endpoint, bucket, tmp_path, capsys):
+    """The manifest is a local file, the adapters it lists are on S3: they are read from S3. A
+    manifest mixing filesystems is refused by name."""
+    ids = make_collection(tmp_path / "pool", 6)
+    _upload(tmp_path / "pool", s3_endpoint, bucket, "pool")
+    listing = tmp_path / "today.txt"
+    listing.write_text("\n".join(f"s3://{bucket}/pool/{i}" for i in ids) + "\n")
+    assert run_cli("compress", listing, "--out", tmp_path / "store", "--components", 3, "--endpoint-url", s3_endpoint, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["adapters_ok"] == 6
+    listing.write_text(f"s3://{bucket}/pool/{ids[0]}\n{tmp_path / 'pool' / ids[1]}\n")
+    assert run_cli("compress", listing, "--out", tmp_path / "other", "--endpoint-url", s3_endpoint) == 1
+    assert "lists adapters on more than one filesystem (file, s3)" in capsys.readouterr().err
