@@ -180,10 +180,9 @@ def _spectrum(square: torch.Tensor, wanted: int | None) -> tuple[torch.Tensor, C
         if "vectors" not in cache or cache["vectors"].shape[1] < count:
             if square.device.type == "cpu":
                 values, vectors = scipy.linalg.eigh(square.numpy(), subset_by_index=[n - count, n - 1], driver="evr")
-                values, vectors = torch.from_numpy(values), torch.from_numpy(vectors)
+                cache["values"], cache["vectors"] = torch.from_numpy(values).flip(0).clamp_min(0).sqrt(), torch.from_numpy(vectors).flip(1)
             else:
-                values, vectors = torch.linalg.eigh(square)
-            cache["values"], cache["vectors"] = values.flip(0).clamp_min(0).sqrt(), vectors.flip(1)
+                cache["values"], cache["vectors"] = _eig_desc(square)
         return cache["values"], cache["vectors"]
 
     if wanted is None:

@@ -23,19 +23,24 @@ def product_error(a: torch.Tensor, b: torch.Tensor, a_hat: torch.Tensor, b_hat: 
     b (N, d_out, r); the scale s is left out (it cancels in relative errors)."""
     da, db = a - a_hat, b - b_hat
     bt = b.transpose(1, 2)
+    btb = bt @ b
     diff2 = (
-        _trace_of_products(bt @ b, da @ da.transpose(1, 2))
+        _trace_of_products(btb, da @ da.transpose(1, 2))
         + 2 * _trace_of_products(bt @ db, a_hat @ da.transpose(1, 2))
         + _trace_of_products(db.transpose(1, 2) @ db, a_hat @ a_hat.transpose(1, 2))
     )
-    norm2 = _trace_of_products(bt @ b, a @ a.transpose(1, 2))
+    norm2 = _trace_of_products(btb, a @ a.transpose(1, 2))
     return diff2.clamp_min(0).sqrt(), norm2.clamp_min(0).sqrt()
+
+
+def relative(diff: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """diff / norm, and diff itself where norm is 0 (so 0 when both are)."""
+    return torch.where(norm > 0, diff / norm.clamp_min(1e-300), diff)
 
 
 def relative_product_error(a: torch.Tensor, b: torch.Tensor, a_hat: torch.Tensor, b_hat: torch.Tensor) -> torch.Tensor:
     """||B A - B' A'||_F / ||B A||_F per adapter (N,); 0 where B A = 0 and the reconstruction is 0 too."""
-    diff, norm = product_error(a, b, a_hat, b_hat)
-    return torch.where(norm > 0, diff / norm.clamp_min(1e-300), diff).to(torch.float32)
+    return relative(*product_error(a, b, a_hat, b_hat)).to(torch.float32)
 
 
 class FactorBasis:

@@ -29,7 +29,7 @@ from pipeline.io.store import FileEntry, Store, basis_file, basis_key, done_file
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, project, reconstruct
 from pipeline.linalg.incremental import absorb, change_of_basis
-from pipeline.linalg.metrics import Drift, FactorBasis, product_error
+from pipeline.linalg.metrics import Drift, FactorBasis, product_error, relative
 from pipeline.stages.plan import Shard
 
 READ_BYTES = 64 << 20  # raw tensor bytes per cat_ranges call: bounds what reading holds at once
@@ -294,7 +294,7 @@ def _project_new(task, module, shapes, stack, a: Decomposition, b: Decomposition
         diffs.append(diff)
         norms.append(norm)
     diff, norm = torch.cat(diffs), torch.cat(norms)
-    return _rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), _relative(diff, norm).cpu(), norm.cpu())
+    return _rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), relative(diff, norm).cpu(), norm.cpu())
 
 
 def _moved_parent_rows(store, task, parents, bases) -> Iterator[pa.Table]:
@@ -315,7 +315,7 @@ def _moved_parent_rows(store, task, parents, bases) -> Iterator[pa.Table]:
             new_b = old_b @ moves[module, "B"][0] + moves[module, "B"][1]
             drift = drifts[module](old_a, old_b, new_a, new_b)
             norm = torch.from_numpy(rows.column("norm").to_numpy().astype(np.float64))
-            error = torch.from_numpy(rows.column("error").to_numpy().astype(np.float64)).hypot(_relative(drift, norm))
+            error = torch.from_numpy(rows.column("error").to_numpy().astype(np.float64)).hypot(relative(drift, norm))
             tables.append(_rows(rows.column("task_id").to_pylist(), module, new_a, new_b, error, norm, measured=False))
         yield from _sorted_rows(tables)
 
@@ -324,9 +324,6 @@ def _factor_basis(decs, module, shapes) -> FactorBasis:
     a, b = decs[module, "A"], decs[module, "B"]
     return FactorBasis(a.mean, a.components, b.mean, b.components, *shapes)
 
-
-def _relative(diff: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    return torch.where(norm > 0, diff / norm.clamp_min(1e-300), diff)
 
 
 def _rows(task_ids, module, la, lb, error, norm, measured=True) -> pa.Table:

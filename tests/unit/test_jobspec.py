@@ -51,3 +51,10 @@ def test_every_example_config_is_valid():
         config = load(job, str(configs / name), [])
         if job != "benchmark":  # the benchmark has its own runner, not a CLI command line
             to_argv(job, config)
+
+
+def test_the_benchmark_schema_and_defaults_name_the_same_keys():
+    from pipeline.benchmark.run import DEFAULTS
+    from pipeline.jobspec import JOBS
+
+    assert set(JOBS["benchmark"]) == set(DEFAULTS)
