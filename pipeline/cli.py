@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--variance-threshold", type=_fraction, default=0.6, help="explained variance to keep (default 0.6)")
     c.add_argument("--adaptive", action="store_true", help="choose k per module from the variance threshold")
     c.add_argument("--svd-route", default="auto", choices=["auto", "gram", "covariance", "svd", "randomized"])
+    c.add_argument("--quantize", choices=["int8", "nf4"], help="store the components packed: int8 (4x smaller) or nf4 (7.5x)")
     c.add_argument("--chunk-size", type=_positive, help="adapters per step: the first chunk is compressed, the rest absorbed "
                    "incrementally, each publishing a version (bounds memory whatever the collection's size)")
 
@@ -104,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--all", action="store_true", help="export every adapter (Ray-parallel) into OUT/<task_id>/")
     e.add_argument("--out", required=True, help="folder to write (path, file:// or s3://)")
     e.add_argument("--version", help="a version id (default: current)")
+
+    q = sub.add_parser("quantize", parents=[common], help="publish a version with the components packed (int8 or nf4)")
+    q.add_argument("store")
+    q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8: int8 with a scale per component; 4: nf4 in blocks of 64")
+
+    vi = sub.add_parser("vlora-import", parents=[common], help="publish a folder written by vlora's SharedSubspace.save as a version")
+    vi.add_argument("folder", help="the vlora folder (subspace_meta.json, subspace.safetensors, task_*.safetensors)")
+    vi.add_argument("store")
+    vi.add_argument("--replace", action="store_true", help="publish over a store that already has versions")
+    ve = sub.add_parser("vlora-export", parents=[common], help="write a version in vlora's SharedSubspace layout")
+    ve.add_argument("store")
+    ve.add_argument("folder")
+    ve.add_argument("--version", help="a version id (default: current)")
 
     rp = sub.add_parser("report", parents=[common], help="write a self-contained HTML report of a version")
     rp.add_argument("store")
@@ -168,7 +182,7 @@ def cmd_compress(args) -> dict:
     from pipeline.stages.version import Options
 
     rule = ComponentRule(args.components, args.variance_threshold, args.adaptive)
-    options = Options(rule, args.memory_budget, args.strict, args.svd_route)
+    options = Options(rule, args.memory_budget, args.strict, args.svd_route, quantize=args.quantize)
     source, store = Location(args.source, args.endpoint_url), Store(Location(args.out, args.endpoint_url))
     summaries = [s.to_dict() for s in compress(source, store, _ray(args), options, args.chunk_size)]
     if not args.json:
@@ -332,9 +346,54 @@ def cmd_export(args) -> dict:
     return {"version": version, "exported": len(written), "out": str(out)}
 
 
+def cmd_quantize(args) -> dict:
+    from pipeline.stages import snapshot
+
+    sub = snapshot.load(args.store, None, args.endpoint_url)
+    before = sub.compression_stats()["stored_bytes"]
+    try:
+        sub.quantize(args.bits)
+    except ValueError as exc:
+        raise PipelineError(f"{sub.origin[0]} {sub.origin[1]}: {exc}") from None
+    after = sub.compression_stats()["stored_bytes"]
+    # The next version of the one loaded: if another writer published meanwhile, nothing is written.
+    version = snapshot.save(sub, args.store, args.endpoint_url, operation="quantize")
+    result = {"version": version, "quantization": sub.quantization, "bytes_before": before, "bytes_after": after}
+    if not args.json:
+        added = sub.quantization["added_error"]
+        print(f"{version} ({sub.quantization['scheme']}) published to {Store(Location(args.store, args.endpoint_url))}: components "
+              f"{before['components']:,} -> {after['components']:,} bytes, store {before['total']:,} -> {after['total']:,} bytes; "
+              f"added delta-W error mean {added.get('mean', 0):.4f} max {added.get('max', 0):.4f}")
+    return result
+
+
+def cmd_vlora_import(args) -> dict:
+    from pipeline.stages import snapshot
+    from pipeline.vlora_format import read_vlora
+
+    sub = read_vlora(args.folder, args.endpoint_url)
+    version = snapshot.save(sub, args.store, args.endpoint_url, replace=args.replace, operation="vlora-import")
+    if not args.json:
+        print(f"{version} (vlora-import) published to {Store(Location(args.store, args.endpoint_url))}: "
+              f"{len(sub.task_ids)} tasks, {len(sub.modules)} modules")
+    return {"version": version, "tasks": len(sub.task_ids), "modules": len(sub.modules)}
+
+
+def cmd_vlora_export(args) -> dict:
+    from pipeline.stages import snapshot
+    from pipeline.vlora_format import write_vlora
+
+    sub = snapshot.load(args.store, args.version, args.endpoint_url)
+    written = write_vlora(sub, args.folder, args.endpoint_url)
+    if not args.json:
+        print(f"wrote {written} tasks of {sub.origin[0]} {sub.origin[1]} to {Location(args.folder, args.endpoint_url)} (vlora layout)")
+    return {"version": sub.origin[1], "tasks": written, "out": str(Location(args.folder, args.endpoint_url))}
+
+
 COMMANDS = {
     "compress": cmd_compress, "project": cmd_project, "rebase": cmd_rebase, "info": cmd_info, "export": cmd_export,
     "verify": cmd_verify, "versions": cmd_versions, "report": cmd_report, "rollback": cmd_rollback, "prune": cmd_prune,
+    "quantize": cmd_quantize, "vlora-import": cmd_vlora_import, "vlora-export": cmd_vlora_export,
 }
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -35,6 +36,8 @@ from safetensors.torch import save as save_safetensors
 from pipeline import failpoints
 from pipeline.errors import IntegrityError, PipelineError
 from pipeline.io.location import Location, redact, storage_error
+from pipeline.linalg import quantize
+from pipeline.linalg.decompose import Decomposition
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +90,50 @@ def check_bytes(data: bytes, expected: dict, name: str) -> None:
         raise IntegrityError(f"{redact(name)} does not match its manifest checksum: the object is corrupt or was replaced")
 
 
+def encode_manifest(manifest: dict) -> bytes:
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+
 def encode_basis(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"format_version": str(FORMAT_VERSION)})
+
+
+def basis_tensors(module: str, side: str, dec: Decomposition, packed: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One module side's entries of a basis object; `packed`: its components as quantize.encode
+    stored them (`M.S.components.int8` ...), in place of float32 components."""
+    fields = {
+        "singular_values": dec.singular_values, "mean": dec.mean,
+        "total_variance": torch.tensor([dec.total_variance], dtype=torch.float64),
+        "count": torch.tensor([dec.count], dtype=torch.int64),
+    }
+    if packed is None:
+        fields["components"] = dec.components
+    else:
+        fields.update({f"components.{name}": value for name, value in packed.items()})
+    return {basis_key(module, side, name): value.detach().to("cpu") for name, value in fields.items()}
+
+
+def decode_basis(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A basis object's tensors with packed components decoded to float32 `M.S.components`."""
+    decoded, packed = {}, {}
+    for key, value in tensors.items():
+        head, _, tail = key.rpartition(".components.")
+        if head and tail in quantize.FIELDS:
+            packed.setdefault(head, {})[tail] = value
+        else:
+            decoded[key] = value
+    for head, fields in packed.items():
+        decoded[f"{head}.components"] = quantize.decode(fields, tensors[f"{head}.mean"].shape[0])
+    return decoded
+
+
+def read_decomposition(tensors: dict[str, torch.Tensor], module: str, side: str) -> Decomposition:
+    """A module side's Decomposition from a decoded basis object."""
+    return Decomposition(
+        tensors[basis_key(module, side, "components")], tensors[basis_key(module, side, "singular_values")],
+        tensors[basis_key(module, side, "mean")], float(tensors[basis_key(module, side, "total_variance")]), "stored",
+        int(tensors[basis_key(module, side, "count")]),
+    )
 
 
 class Store:
@@ -157,7 +202,7 @@ class Store:
                 f"store {self} moved to {current} while this run worked from {manifest['parent']}; nothing was published"
             )
         where = self.version_location(version)
-        where.write_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode(), MANIFEST)
+        where.write_bytes(encode_manifest(manifest), MANIFEST)
         failpoints.reach("publish")
         self.set_pointer(version)
         where.remove("staging")
@@ -266,13 +311,22 @@ class Store:
         except FileNotFoundError:
             raise PipelineError(f"version {version} of {self} has no manifest") from None
 
-    def read_basis(self, path: str, expected: dict | None = None) -> dict[str, torch.Tensor]:
+    def read_basis(self, path: str, expected: dict | None = None, decode: bool = True) -> dict[str, torch.Tensor]:
         """A basis object by its store-relative path (a version may use its parent's), checked
-        against its manifest entry `{"bytes", "sha256"}` when given."""
+        against its manifest entry `{"bytes", "sha256"}` when given; packed components decoded
+        unless `decode` is False."""
         data = self.location.read_bytes(path)
         if expected is not None:
             check_bytes(data, expected, self.location.uri_of(self.location.path(path)))
-        return load_safetensors(data)
+        tensors = load_safetensors(data)
+        return decode_basis(tensors) if decode else tensors
+
+    def tensor_bytes(self, path: str) -> dict[str, int]:
+        """Bytes of each tensor of a safetensors object (store-relative path), from its header alone."""
+        fs, full = self.location.fs, self.location.path(path)
+        (length,) = struct.unpack("<Q", fs.cat_file(full, start=0, end=8))
+        header = json.loads(fs.cat_file(full, start=8, end=8 + length))
+        return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
     def read_table(self, version: str, name: str, task_ids: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:
         """A Parquet table of a version; with task_ids, only those adapters' rows (row groups whose

@@ -25,15 +25,15 @@ from pipeline import failpoints
 from pipeline.io.adapters import read_ranges
 from pipeline.io.location import Location
 from pipeline.io.safetensors_ranges import TensorInfo, decode
-from pipeline.io.store import FileEntry, Store, basis_file, basis_key, done_file, encode_basis, staging_file
+from pipeline.io.store import FileEntry, Store, basis_file, basis_tensors, done_file, encode_basis, read_decomposition, staging_file
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
-from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, project, reconstruct
-from pipeline.linalg.incremental import absorb, change_of_basis
-from pipeline.linalg.metrics import Drift, FactorBasis, product_error, relative
+from pipeline.linalg import quantize
+from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, reconstruct
+from pipeline.linalg.incremental import absorb
+from pipeline.linalg.loadings import Move, project_factors
 from pipeline.stages.plan import Shard
 
 READ_BYTES = 64 << 20  # raw tensor bytes per cat_ranges call: bounds what reading holds at once
-ERROR_ROWS = 64  # adapters whose factors are rebuilt at once to measure errors: stays in cache
 
 Mode = Literal["fit", "absorb", "project"]
 
@@ -97,6 +97,7 @@ class ShardTask:
     parent: Parent | None = None
     fixed_k: int | None = None  # the collection-wide k, once the first module decided it
     route: str = "auto"
+    quantize: str | None = None  # int8 | nf4: the basis is stored packed, and loadings fit what is stored
     key: str = ""  # digest of everything the result depends on: a resumed run reuses a matching shard
 
 
@@ -155,6 +156,7 @@ def compute_shard(task: ShardTask) -> ShardResult:
     clock = time.perf_counter()
     k = task.fixed_k
     bases: dict[tuple[str, str], Decomposition] = {}
+    packed: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     new_rows: list[pa.Table] = []
     for module in task.shard.modules:
         shapes = task.shapes[module]
@@ -170,10 +172,13 @@ def compute_shard(task: ShardTask) -> ShardResult:
             if task.rule.needs_first_module and k is None and task.mode != "project":
                 k = result.decided_k = max(len(dec.singular_values), 1)
             bases[module, side] = _to(dec, "cpu")
+            if task.quantize and task.mode != "project":
+                packed[module, side] = quantize.encode(dec.components, task.quantize)
+                bases[module, side] = dataclasses.replace(bases[module, side], components=quantize.decode(packed[module, side], dec.mean.shape[0]))
         a, b = bases[module, "A"], bases[module, "B"]
         result.modules.append(ModuleResult(
             module, *shapes, len(a.singular_values), len(b.singular_values),
-            _explained(a), _explained(b), a.route, a.count,
+            explained(a), explained(b), a.route, a.count,
         ))
         if task.new:
             new_rows.append(_project_new(task, module, shapes, stacks.pop(module), a, b, device))
@@ -183,8 +188,7 @@ def compute_shard(task: ShardTask) -> ShardResult:
     if task.mode != "project":
         tensors = {}
         for (module, side), dec in bases.items():
-            for name, value in _basis_fields(dec).items():
-                tensors[basis_key(module, side, name)] = value
+            tensors.update(basis_tensors(module, side, dec, packed.get((module, side))))
         result.file = store.write_object(task.version, basis_file(task.shard.name), encode_basis(tensors))
     streams: list = [_sorted_rows(new_rows)]
     if task.parent:
@@ -242,14 +246,7 @@ def _parent_bases(store: Store, task: ShardTask) -> dict[tuple[str, str], Decomp
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted({task.parent.basis[m] for m in task.shard.modules}):
         tensors.update(store.read_basis(path, task.parent.checksums[path]))
-    return {
-        (m, side): Decomposition(
-            tensors[basis_key(m, side, "components")], tensors[basis_key(m, side, "singular_values")],
-            tensors[basis_key(m, side, "mean")], float(tensors[basis_key(m, side, "total_variance")]), "stored",
-            int(tensors[basis_key(m, side, "count")]),
-        )
-        for m in task.shard.modules for side in "AB"
-    }
+    return {(m, side): read_decomposition(tensors, m, side) for m in task.shard.modules for side in "AB"}
 
 
 def _parent_batches(store: Store, task: ShardTask) -> Iterator[pa.RecordBatch]:
@@ -266,7 +263,7 @@ def _add_parent_rows(store, task, parents, stacks, result) -> None:
         for module, rows in _by_module(batch):
             for side, column in enumerate("ab"):
                 dec = parents[module, "AB"[side]]
-                rebuilt[module][side].append(reconstruct(_loadings(rows, column), dec.components, dec.mean))
+                rebuilt[module][side].append(reconstruct(loadings_matrix(rows, column), dec.components, dec.mean))
     for module, sides in rebuilt.items():
         old = [torch.cat(parts) if parts else None for parts in sides]
         if module in stacks:
@@ -282,51 +279,28 @@ def _add_parent_rows(store, task, parents, stacks, result) -> None:
 def _project_new(task, module, shapes, stack, a: Decomposition, b: Decomposition, device) -> pa.Table:
     """Rows for the new adapters: loadings on the new basis, exact delta-W error, and ||B A||."""
     n = len(task.new)
-    xa, xb = stack[0][:n].to(device), stack[1][:n].to(device)
-    (ca, ma), (cb, mb) = (a.components.to(device), a.mean.to(device)), (b.components.to(device), b.mean.to(device))
-    la, lb = project(xa, ca, ma), project(xb, cb, mb)
-    diffs, norms = [], []
-    for i in range(0, n, ERROR_ROWS):
-        rows = slice(i, i + ERROR_ROWS)
-        m = len(la[rows])
-        diff, norm = product_error(xa[rows].view(m, *shapes[0]), xb[rows].view(m, *shapes[1]),
-                                   reconstruct(la[rows], ca, ma).view(m, *shapes[0]), reconstruct(lb[rows], cb, mb).view(m, *shapes[1]))
-        diffs.append(diff)
-        norms.append(norm)
-    diff, norm = torch.cat(diffs), torch.cat(norms)
-    return _rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), relative(diff, norm).cpu(), norm.cpu())
+    la, lb, error, norm = project_factors(stack[0][:n].to(device), stack[1][:n].to(device), a, b, shapes)
+    return loadings_rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), error.cpu(), norm.cpu())
 
 
 def _moved_parent_rows(store, task, parents, bases) -> Iterator[pa.Table]:
-    """The parent's rows on the new basis. Without the adapter's files the new error is
-    estimated: the old residual (orthogonal to the old basis) and the move of the reconstruction
-    add in quadrature, sqrt(error^2 + (drift / ||B A||)^2). The triangle inequality would bound
-    it, but overstates it by ~25% on typical collections where this estimate is within ~1%."""
+    """The parent's rows on the new basis, their errors estimated (linalg.loadings.Move)."""
     if task.mode == "project":
         yield from (pa.Table.from_batches([b]) for b in _parent_batches(store, task))
         return
-    moves = {key: change_of_basis(parents[key], bases[key]) for key in bases}
-    drifts = {m: Drift(_factor_basis(parents, m, task.shapes[m]), _factor_basis(bases, m, task.shapes[m])) for m in task.shard.modules}
+    moves = {m: Move((parents[m, "A"], parents[m, "B"]), (bases[m, "A"], bases[m, "B"]), task.shapes[m]) for m in task.shard.modules}
     for batch in _parent_batches(store, task):
         tables = []
         for module, rows in _by_module(batch):
-            old_a, old_b = _loadings(rows, "a"), _loadings(rows, "b")
-            new_a = old_a @ moves[module, "A"][0] + moves[module, "A"][1]
-            new_b = old_b @ moves[module, "B"][0] + moves[module, "B"][1]
-            drift = drifts[module](old_a, old_b, new_a, new_b)
             norm = torch.from_numpy(rows.column("norm").to_numpy().astype(np.float64))
-            error = torch.from_numpy(rows.column("error").to_numpy().astype(np.float64)).hypot(relative(drift, norm))
-            tables.append(_rows(rows.column("task_id").to_pylist(), module, new_a, new_b, error, norm, measured=False))
+            error = torch.from_numpy(rows.column("error").to_numpy().astype(np.float64))
+            new_a, new_b, error, _ = moves[module](loadings_matrix(rows, "a"), loadings_matrix(rows, "b"), error, norm)
+            tables.append(loadings_rows(rows.column("task_id").to_pylist(), module, new_a, new_b, error, norm, measured=False))
         yield from _sorted_rows(tables)
 
 
-def _factor_basis(decs, module, shapes) -> FactorBasis:
-    a, b = decs[module, "A"], decs[module, "B"]
-    return FactorBasis(a.mean, a.components, b.mean, b.components, *shapes)
-
-
-
-def _rows(task_ids, module, la, lb, error, norm, measured=True) -> pa.Table:
+def loadings_rows(task_ids, module, la, lb, error, norm, measured=True) -> pa.Table:
+    """Loadings table rows (LOADINGS_SCHEMA) of one module; `measured`: a bool, or one per row."""
     return pa.table({
         "task_id": pa.array(task_ids, pa.string()),
         "module": pa.array([module] * len(task_ids), pa.string()),
@@ -344,9 +318,11 @@ def _lists(values: torch.Tensor) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, pa.array(values.numpy().astype(np.float32).reshape(-1)))
 
 
-def _loadings(rows: pa.Table, column: str) -> torch.Tensor:
+def loadings_matrix(rows: pa.Table, column: str, width: int | None = None) -> torch.Tensor:
+    """(rows, k) float32 loadings of a column; `width` k when there may be no rows."""
     values = rows.column(column).combine_chunks()
-    width = len(values[0]) if len(values) else 0
+    if width is None:
+        width = len(values[0]) if len(values) else 0
     return torch.from_numpy(values.flatten().to_numpy().astype(np.float32).reshape(len(values), width))
 
 
@@ -370,14 +346,6 @@ def _to(dec: Decomposition, device) -> Decomposition:
     )
 
 
-def _basis_fields(dec: Decomposition) -> dict[str, torch.Tensor]:
-    return {
-        "components": dec.components, "singular_values": dec.singular_values, "mean": dec.mean,
-        "total_variance": torch.tensor([dec.total_variance], dtype=torch.float64),
-        "count": torch.tensor([dec.count], dtype=torch.int64),
-    }
-
-
-def _explained(dec: Decomposition) -> float:
+def explained(dec: Decomposition) -> float:
     ratios = explained_variance(dec.singular_values, dec.total_variance)
     return float(ratios[-1]) if len(ratios) else (1.0 if dec.total_variance == 0 else 0.0)

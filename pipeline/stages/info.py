@@ -17,7 +17,7 @@ def describe(store: Store, version: str | None = None) -> dict:
     errors = store.read_table(version, LOADINGS, columns=["task_id", "error"])
     catalog = store.read_table(version, CATALOG, columns=["task_id", "status", "reason"])
     per_adapter = _per_adapter(errors.column("task_id").to_pylist(), errors.column("error").to_numpy())
-    store_bytes = manifest_bytes + sum(f["bytes"] for f in manifest["files"].values())
+    stored = stored_bytes(store, manifest, manifest_bytes)
     modules = manifest["modules"]
     quarantined = pc.equal(catalog.column("status"), "quarantined")
     means = np.array([e["mean"] for e in per_adapter.values()])
@@ -40,8 +40,10 @@ def describe(store: Store, version: str | None = None) -> dict:
         "explained_variance": {m: [e["explained_variance_a"], e["explained_variance_b"]] for m, e in modules.items()},
         "svd_routes": sorted({e["svd_route"] for e in modules.values()}),
         "original_bytes": manifest["original_bytes"],
-        "store_bytes": store_bytes,
-        "compression_ratio": manifest["original_bytes"] / store_bytes,
+        "store_bytes": stored["total"],
+        "stored_bytes": stored,
+        "compression_ratio": manifest["original_bytes"] / stored["total"],
+        "quantization": manifest.get("quantization"),
         "error": {
             "mean": float(means.mean()),
             "max": max(e["max"] for e in per_adapter.values()),
@@ -49,6 +51,30 @@ def describe(store: Store, version: str | None = None) -> dict:
         },
         "per_adapter_error": per_adapter,
     }
+
+
+def stored_bytes(store: Store, manifest: dict, manifest_bytes: int) -> dict[str, int]:
+    """Measured bytes of a version's objects by kind: basis components (as stored, and what they
+    would be as float32), means, the rest of the basis objects, loadings, and metadata (catalog,
+    report, manifest). Basis objects are measured from their headers."""
+    sizes = {"components": 0, "means": 0, "basis_other": 0, "loadings": 0, "metadata": manifest_bytes}
+    for path, entry in manifest["files"].items():
+        if path.endswith(".safetensors"):
+            tensors = store.tensor_bytes(path)
+            components = sum(n for key, n in tensors.items() if ".components" in key)
+            means = sum(n for key, n in tensors.items() if key.endswith(".mean"))
+            sizes["components"] += components
+            sizes["means"] += means
+            sizes["basis_other"] += entry["bytes"] - components - means
+        elif path.endswith(LOADINGS):
+            sizes["loadings"] += entry["bytes"]
+        else:
+            sizes["metadata"] += entry["bytes"]
+    sizes["total"] = sum(sizes.values())
+    sizes["float32_components"] = sum(
+        4 * (e["k_a"] * e["a_shape"][0] * e["a_shape"][1] + e["k_b"] * e["b_shape"][0] * e["b_shape"][1]) for e in manifest["modules"].values()
+    )
+    return sizes
 
 
 def _per_adapter(task_ids: list[str], errors: np.ndarray) -> dict[str, dict[str, float]]:
@@ -62,6 +88,8 @@ def _per_adapter(task_ids: list[str], errors: np.ndarray) -> dict[str, dict[str,
 def format_info(info: dict) -> str:
     ks = sorted({k for pair in info["k"].values() for k in pair})
     ev = [v for pair in info["explained_variance"].values() for v in pair]
+    b, quantization = info["stored_bytes"], info["quantization"]
+    q = f" ({quantization['scheme']}; {b['float32_components']:,} as float32)" if quantization else ""
     lines = [
         f"store        {info['store']}",
         f"version      {info['version']}{' (current)' if info['current'] else ''} by {info['operation']}, parent {info['parent'] or '-'}, created {info['created']}",
@@ -70,9 +98,16 @@ def format_info(info: dict) -> str:
         f"modules      {info['modules']}, k per module {ks[0]}..{ks[-1]}" if len(ks) > 1 else f"modules      {info['modules']}, k = {ks[0]}",
         f"explained    variance {min(ev):.3f}..{max(ev):.3f} (per module and side)",
         f"bytes        {info['original_bytes']:,} original -> {info['store_bytes']:,} stored ({info['compression_ratio']:.1f}x)",
+        f"stored       components {b['components']:,}{q}, means {b['means']:,}, other basis fields {b['basis_other']:,}, "
+        f"loadings {b['loadings']:,}, metadata {b['metadata']:,}",
         f"delta-W err  mean {info['error']['mean']:.4f}, max {info['error']['max']:.4f} (relative ||dW - dW'|| / ||dW||; estimated for adapters moved by incremental updates)",
         f"worst        {', '.join(info['error']['worst'])}",
     ]
+    if quantization:
+        added = quantization.get("added_error")
+        lines.append(f"quantized    {quantization['scheme']}: " + (
+            f"added delta-W error mean {added['mean']:.4f}, max {added['max']:.4f} (measured when quantized; included above)" if added
+            else "errors above were measured on the quantized basis"))
     for task_id, reason in info["quarantined"].items():
         lines.append(f"quarantined  {task_id}: {reason}")
     return "\n".join(lines)

@@ -103,7 +103,8 @@ def grow(
         changes = diff(refs, catalog)
         if changes.missing:
             log.info("%d adapter(s) in the store are no longer in the source; they stay", len(changes.missing))
-        options = dataclasses.replace(options, rule=_rule(manifest), route=manifest["parameters"]["svd_route"])
+        options = dataclasses.replace(options, rule=_rule(manifest), route=manifest["parameters"]["svd_route"],
+                                      quantize=manifest["parameters"].get("quantize"))
         if from_source:
             to_read = refs  # adapters gone from the source join as rebuilt from the store
         else:

@@ -86,7 +86,7 @@ def scan_batch(refs: list[AdapterRef]) -> list[ScannedAdapter]:
 def scan_adapter(ref: AdapterRef) -> ScannedAdapter:
     scanned = ScannedAdapter(ref.task_id, ref.location)
     try:
-        _check_task_id(ref.task_id)
+        check_task_id(ref.task_id)
         raw = read_adapter(ref)
         weights = raw.files.get(peft_format.WEIGHTS_FILE)
         if weights is None:
@@ -107,7 +107,7 @@ def scan_adapter(ref: AdapterRef) -> ScannedAdapter:
     return scanned
 
 
-def _check_task_id(task_id: str) -> None:
+def check_task_id(task_id: str) -> None:
     if not _SAFE_ID.match(task_id) or ".." in task_id.split("/"):
         raise AdapterError(f"task id {task_id!r} is not a safe relative path (letters, digits, ._=+- and /)")
 

@@ -10,10 +10,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from pipeline.errors import IntegrityError, PipelineError
-from pipeline.io.store import CATALOG, LOADINGS, Store, basis_key, check_bytes, version_path
+from pipeline.io.store import CATALOG, LOADINGS, Store, basis_key, check_bytes, decode_basis, version_path
 from pipeline.io.tables import read_batches
 
-ORTHONORMAL_TOLERANCE = 1e-4
+# max |V V^T - I| allowed, by how components are stored. Packed ones are orthonormal only to their
+# rounding: measured at most 4e-3 (int8) and 0.1 (nf4) for k <= 64, D >= 64; a corrupt basis
+# (scaled, overwritten) is off by order 1.
+ORTHONORMAL_TOLERANCE = {None: 1e-4, "int8": 2e-2, "nf4": 0.25}
 
 
 def verify(store: Store, version: str | None = None) -> dict:
@@ -26,21 +29,21 @@ def verify(store: Store, version: str | None = None) -> dict:
             data = store.location.read_bytes(path)
             check_bytes(data, entry, path)
             if path.endswith(".safetensors"):
-                bases[path] = load_safetensors(data)
+                bases[path] = decode_basis(load_safetensors(data))
         except FileNotFoundError:
             failures.append(f"{path}: missing")
         except (IntegrityError, ValueError) as exc:  # safetensors raises ValueError-like errors on garbage
             failures.append(f"{path}: {exc}")
     for module, entry in sorted(manifest["modules"].items()):
         if entry["basis"] in bases:
-            failures += _check_module(module, entry, bases[entry["basis"]])
+            failures += _check_module(module, entry, bases[entry["basis"]], (manifest.get("quantization") or {}).get("scheme"))
     if version_path(version, LOADINGS) in manifest["files"]:
         failures += _check_loadings(store, version, manifest)
     failures += _check_catalog(store, version, manifest)
     return {"store": str(store), "version": version, "files": len(manifest["files"]), "failures": failures}
 
 
-def _check_module(module: str, entry: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
+def _check_module(module: str, entry: dict, tensors: dict[str, torch.Tensor], scheme: str | None) -> list[str]:
     failures = []
     for side, k, shape in (("A", entry["k_a"], entry["a_shape"]), ("B", entry["k_b"], entry["b_shape"])):
         width = shape[0] * shape[1]
@@ -58,7 +61,7 @@ def _check_module(module: str, entry: dict, tensors: dict[str, torch.Tensor]) ->
             continue
         gram = components.double() @ components.double().T
         drift = float((gram - torch.eye(k, dtype=torch.float64)).abs().max()) if k else 0.0
-        if drift > ORTHONORMAL_TOLERANCE:
+        if drift > ORTHONORMAL_TOLERANCE[scheme]:
             failures.append(f"{module} lora_{side}: components are not orthonormal (max |V V^T - I| = {drift:.2e})")
     return failures
 

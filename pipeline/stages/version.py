@@ -62,6 +62,7 @@ class Options:
     strict: bool = False
     route: str = "auto"
     max_error: float | None = None  # flag new adapters above this delta-W error
+    quantize: str | None = None  # int8 | nf4: bases stored packed (linalg.quantize)
 
 
 @dataclass
@@ -212,7 +213,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
         checksums = {path: change.parent_manifest["files"][path] for path in set(basis.values())}
         parent = Parent(basis, checksums, version_path(change.parent, LOADINGS), drop, change.refit)
 
-    inputs = _digest([change.operation, change.mode, change.parent, change.refit, dataclasses.asdict(options.rule), options.route,
+    inputs = _digest([change.operation, change.mode, change.parent, change.refit, dataclasses.asdict(options.rule), options.route, options.quantize,
                       [(a.task_id, a.location.uri, a.weights_bytes, a.weights_tag) for a in good]])
     finished = store.finished_shards(version)
     # The adapters' own filesystem reads them: a manifest source lists folders on one filesystem
@@ -222,7 +223,8 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     def task(shard, fixed_k=None):
         new = [(a.task_id, a.weights_path, {m: a.modules[m] for m in shard.modules}) for a in good]
         key = _digest([inputs, shard.modules, fixed_k])
-        return ShardTask(shard, change.mode, options.rule, store.location, version, reader, new, shapes, parent, fixed_k, options.route, key)
+        return ShardTask(shard, change.mode, options.rule, store.location, version, reader, new, shapes, parent, fixed_k, options.route,
+                         options.quantize, key)
 
     progress = Progress("compute", len(shards), "shards")
     results: list[ShardResult | None] = [None] * len(shards)
@@ -368,26 +370,18 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
         ],
     }
     files[version_path(version, REPORT)] = store.write_object(version, REPORT, json.dumps(report, indent=1).encode()).to_dict()
-    parameters = {
-        "components": options.rule.components,
-        "variance_threshold": None if options.rule.components is not None else options.rule.variance_threshold,
-        "adaptive": options.rule.adaptive,
-        "svd_route": options.route,
-    }
     manifest = {
-        "format_version": FORMAT_VERSION,
-        "version": version,
-        "parent": change.parent,
-        "operation": change.operation,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "tool": f"lora-subspace {__version__}",
+        **manifest_fields(version, change.parent, change.operation),
         "source": redact(source.uri) if source else (change.parent_manifest or {}).get("source"),
-        "parameters": parameters,
+        "parameters": rule_parameters(options.rule, options.route, options.quantize),
         "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
         "original_bytes": catalog.original_bytes,
         "base_model": good[0].base_model if good else change.parent_manifest.get("base_model"),
         "dtype": good[0].dtype if good else change.parent_manifest.get("dtype"),
         "error": error,
+        # Quantized bases record how; the errors above were measured on what is stored.
+        "quantization": change.parent_manifest.get("quantization") if change.mode == "project" else (
+            {"scheme": options.quantize, "added_error": None} if options.quantize else None),
         "modules": modules,
         "files": files,
     }
@@ -400,6 +394,25 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
         change.operation, version, change.parent, str(store), catalog.ok, catalog.quarantined, quarantined, kept_previous,
         len(modules), len(results), error, read_error, read_errors, flagged, change.counts, {k: round(v, 3) for k, v in seconds.items()},
     )
+
+
+def manifest_fields(version: str, parent: str | None, operation: str) -> dict:
+    """The fields every manifest starts with."""
+    return {
+        "format_version": FORMAT_VERSION, "version": version, "parent": parent, "operation": operation,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "tool": f"lora-subspace {__version__}",
+    }
+
+
+def rule_parameters(rule: ComponentRule, route: str, quantize: str | None) -> dict:
+    """Manifest `parameters`: what project and rebase reuse."""
+    return {
+        "components": rule.components,
+        "variance_threshold": None if rule.components is not None else rule.variance_threshold,
+        "adaptive": rule.adaptive,
+        "svd_route": route,
+        "quantize": quantize,
+    }
 
 
 def _all_in_basis(batches):

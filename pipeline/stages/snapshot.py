@@ -1,0 +1,179 @@
+"""A Subspace as a store version and back. The objects are those compress writes
+(docs/store-format.md), so the CLI reads what the library saves and the library opens what the
+CLI published.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.errors import IntegrityError, PipelineError
+from pipeline.io.location import Location
+from pipeline.io.store import (
+    CATALOG, LOADINGS, LOADINGS_ROW_GROUP, REPORT, Store, basis_file, basis_key, basis_tensors, decode_basis, encode_basis, encode_manifest,
+    read_decomposition, version_path,
+)
+from pipeline.io.tables import write_tables
+from pipeline.linalg import quantize
+from pipeline.stages.compute import LOADINGS_KEYS, LOADINGS_SCHEMA, ComponentRule, explained, loadings_matrix, loadings_rows
+from pipeline.stages.info import stored_bytes
+from pipeline.stages.plan import Shard
+from pipeline.stages.version import CATALOG_SCHEMA, error_summary, manifest_fields, rule_parameters
+from pipeline.subspace import ModuleBasis, Subspace, _Rows
+
+BASIS_OBJECT_BYTES = 256 << 20  # components per basis object: export and re-base read whole objects
+TASKS_PER_TABLE = 512  # tasks whose loadings rows are encoded at once
+
+
+def save(sub: Subspace, uri: str, endpoint_url: str | None = None, replace: bool = False, operation: str = "save") -> str:
+    store = Store(Location(uri, endpoint_url))
+    with store.lock(operation) as lock:
+        parent = store.current_version()
+        if parent is not None and not replace and sub.origin != (str(store), parent):
+            raise PipelineError(
+                f"store {store} is at {parent}, which this subspace was not loaded from: load that version and change it, "
+                "or save with replace=True to publish this subspace as the store's next version"
+            )
+        version = store.new_version()
+        store.start_run(version, {"operation": operation, "mode": "library", "parent": parent, "started": time.time()})
+        try:
+            manifest = write(sub, store, version, parent, operation)
+            store.publish(version, manifest, lock)
+        except BaseException:
+            store.discard(version)
+            raise
+    sub.origin = (str(store), version)
+    return version
+
+
+def measure(sub: Subspace) -> dict[str, int]:
+    """Bytes of what `save` writes, by kind (info.stored_bytes), from writing it to memory."""
+    store = Store(Location(f"memory://lora-subspace-measure-{uuid.uuid4().hex}"))
+    try:
+        manifest = write(sub, store, "v000001", None, "save")
+        return stored_bytes(store, manifest, len(encode_manifest(manifest)))
+    finally:
+        store.location.remove()
+
+
+def write(sub: Subspace, store: Store, version: str, parent: str | None, operation: str) -> dict:
+    """Write the version's objects; returns its manifest (not yet published)."""
+    sub._flush()
+    files, modules = {}, {}
+    for shard in _shards(sub):
+        tensors = {}
+        for module in shard.modules:
+            mb = sub.modules[module]
+            for side in "AB":  # packed components as quantize() coded them, not coded again
+                tensors.update(basis_tensors(module, side, mb.side(side), mb.packed[side] if mb.packed else None))
+        path = version_path(version, basis_file(shard.name))
+        files[path] = store.write_object(version, basis_file(shard.name), encode_basis(tensors)).to_dict()
+        for module in shard.modules:
+            mb = sub.modules[module]
+            modules[module] = {
+                "basis": path, "a_shape": list(mb.shapes[0]), "b_shape": list(mb.shapes[1]),
+                "k_a": len(mb.a.singular_values), "k_b": len(mb.b.singular_values),
+                "explained_variance_a": round(explained(mb.a), 6), "explained_variance_b": round(explained(mb.b), 6),
+                "svd_route": mb.a.route, "count": mb.a.count,
+            }
+    where = store.version_location(version)
+    files[version_path(version, LOADINGS)] = write_tables(where, LOADINGS, _loadings_tables(sub), LOADINGS_SCHEMA, LOADINGS_ROW_GROUP).to_dict()
+    catalog = pa.Table.from_pylist(sorted(sub._catalog + sub.quarantined, key=lambda r: r["task_id"]), schema=CATALOG_SCHEMA)
+    files[version_path(version, CATALOG)] = write_tables(where, CATALOG, [catalog], CATALOG_SCHEMA).to_dict()
+    errors = torch.stack([rows.error for rows in sub._rows.values()]) if sub._rows else torch.zeros(0, 0)
+    error = error_summary(errors.mean(dim=0).numpy(), errors.amax(dim=0).numpy()) if sub.task_ids else {}
+    adapters = {"ok": len(sub.task_ids), "quarantined": len(sub.quarantined), "in_basis": sum(bool(r["in_basis"]) for r in sub._catalog)}
+    report = {"version": version, "operation": operation, "adapters": adapters, "error": error, "quantization": sub.quantization}
+    files[version_path(version, REPORT)] = store.write_object(version, REPORT, json.dumps(report, indent=1).encode()).to_dict()
+    first = sub._catalog[0] if sub._catalog else {}
+    return {
+        **manifest_fields(version, parent, operation),
+        "source": sub.source,
+        "parameters": rule_parameters(sub.rule, sub.route, sub.quantization["scheme"] if sub.quantization else None),
+        "adapters": adapters,
+        "original_bytes": sum(r["weights_bytes"] + len((r["config_json"] or "").encode()) for r in sub._catalog),
+        "base_model": first.get("base_model"),
+        "dtype": first.get("dtype"),
+        "error": error,
+        "quantization": sub.quantization,
+        "modules": modules,
+        "files": files,
+    }
+
+
+def load(uri: str, version: str | None = None, endpoint_url: str | None = None) -> Subspace:
+    store = Store(Location(uri, endpoint_url))
+    version = store.require_version(version)
+    manifest = store.manifest(version)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted({e["basis"] for e in manifest["modules"].values()}):
+        tensors.update(store.read_basis(path, manifest["files"][path], decode=False))
+    decoded = decode_basis(tensors)
+    modules = {}
+    for module, entry in manifest["modules"].items():
+        decs = [read_decomposition(decoded, module, side) for side in "AB"]
+        for dec in decs:
+            dec.route = entry["svd_route"]
+        packed = {
+            side: {f: tensors[basis_key(module, side, f"components.{f}")] for f in quantize.FIELDS if basis_key(module, side, f"components.{f}") in tensors}
+            for side in "AB"
+        }
+        modules[module] = ModuleBasis(decs[0], decs[1], (tuple(entry["a_shape"]), tuple(entry["b_shape"])), packed if packed["A"] else None)
+    p = manifest["parameters"]
+    sub = Subspace(modules, ComponentRule(p["components"], p["variance_threshold"] or 0.6, p["adaptive"]), p["svd_route"])
+    catalog = store.read_table(version, CATALOG).to_pylist()
+    ok = sorted((r for r in catalog if r["status"] == "ok"), key=lambda r: r["task_id"])
+    ids = [r["task_id"] for r in ok]
+    table = store.read_table(version, LOADINGS).sort_by([("module", "ascending"), ("task_id", "ascending")])
+    rows, n = {}, len(ids)
+    for j, module in enumerate(sorted(modules)):
+        part = table.slice(j * n, n)
+        if part.num_rows != n or part.column("module").unique().to_pylist() not in ([module], []) or part.column("task_id").to_pylist() != ids:
+            raise IntegrityError(f"{LOADINGS} of {store} {version} does not hold one row per adapter and module")
+        rows[module] = _Rows(
+            loadings_matrix(part, "a", modules[module].a.singular_values.numel()),
+            loadings_matrix(part, "b", modules[module].b.singular_values.numel()),
+            torch.from_numpy(part.column("error").to_numpy().astype(np.float64)),
+            torch.from_numpy(part.column("norm").to_numpy().astype(np.float64)),
+            torch.from_numpy(part.column("measured").to_numpy(zero_copy_only=False).copy()),
+        )
+    if table.num_rows != n * len(modules):
+        raise IntegrityError(f"{LOADINGS} of {store} {version} has {table.num_rows} rows, expected {n * len(modules)}")
+    sub._add(ids, rows, ok)
+    sub.quarantined = [r for r in catalog if r["status"] != "ok"]
+    sub.quantization, sub.source, sub.origin = manifest.get("quantization"), manifest.get("source"), (str(store), version)
+    return sub
+
+
+def _shards(sub: Subspace) -> list[Shard]:
+    shards, current, size = [], [], 0
+    for module, mb in sub.modules.items():
+        need = sum(4 * d.components.numel() for d in (mb.a, mb.b))
+        if current and size + need > BASIS_OBJECT_BYTES:
+            shards.append(Shard(len(shards), tuple(current)))
+            current, size = [], 0
+        current.append(module)
+        size += need
+    if current:
+        shards.append(Shard(len(shards), tuple(current)))
+    return shards
+
+
+def _loadings_tables(sub: Subspace):
+    """Rows sorted by task id, then module, TASKS_PER_TABLE tasks at a time."""
+    order = sorted(range(len(sub.task_ids)), key=sub.task_ids.__getitem__)
+    for start in range(0, len(order), TASKS_PER_TABLE):
+        index = torch.tensor(order[start : start + TASKS_PER_TABLE], dtype=torch.long)
+        ids = [sub.task_ids[i] for i in index.tolist()]
+        tables = [
+            loadings_rows(ids, module, rows.a[index.to(rows.a.device)].cpu(), rows.b[index.to(rows.b.device)].cpu(),
+                          rows.error[index], rows.norm[index], rows.measured[index].numpy())
+            for module, rows in sub._rows.items()
+        ]
+        yield pa.concat_tables(tables).sort_by([(k, "ascending") for k in LOADINGS_KEYS])

@@ -1,0 +1,569 @@
+"""Subspace: the in-process API, for notebooks and training scripts.
+
+It offers vlora's SharedSubspace (same method names, arguments and semantics: `from_adapters`,
+`project` + `add_task`, `reconstruct`, `absorb`, `absorb_incremental`, `from_adapters_streaming`,
+`to`, `quantize`, `compression_stats`, `get_trainable_params`, `save` / `load`) on the math the
+Ray stages use (pipeline.linalg) and on the same versioned store, so a basis a cluster job built
+opens here and one built here is exported, re-based and verified by the CLI. Where it differs
+from vlora it is on purpose:
+
+- `absorb_incremental` is the exact update (the SVD of old and new rows together, truncated),
+  not residual directions appended to a basis that then drifts;
+- every task keeps its relative delta-W error: measured when it was projected from its factors,
+  estimated from loadings alone when a basis change moved it (linalg.loadings.Move);
+- `quantize` keeps packed codes that `save` writes, so the store really shrinks;
+- a changed basis moves every task's loadings with it, so no task is left on an old basis.
+
+Loadings live as one (tasks, k) matrix per module and side: a store of 10,000 adapters opens
+as a few hundred tensors, not millions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.adapter import Adapter, as_adapter
+from pipeline.io.safetensors_ranges import DTYPES
+from pipeline.linalg import quantize as quant
+from pipeline.linalg.decompose import OVERSAMPLE, Decomposition, centred_svd, reconstruct
+from pipeline.linalg.incremental import absorb, truncate
+from pipeline.linalg.loadings import Move, Shapes, factor_basis, project_factors
+from pipeline.linalg.metrics import pair_grams, rebuilt_inner
+from pipeline.stages.compute import ComponentRule
+
+
+@dataclass
+class Projection:
+    """One task on the basis (vlora's TaskProjection): per module its loadings on lora_A's and
+    lora_B's components, and, when projected from factors, the relative delta-W error and
+    ||B A||_F. `catalog`: what the store's catalog records about the adapter."""
+
+    task_id: str
+    loadings_a: dict[str, torch.Tensor]
+    loadings_b: dict[str, torch.Tensor]
+    error: dict[str, float] = field(default_factory=dict)
+    norm: dict[str, float] = field(default_factory=dict)
+    catalog: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModuleBasis:
+    """One module's bases for lora_A and lora_B; `packed`: quantized components per side, as stored."""
+
+    a: Decomposition
+    b: Decomposition
+    shapes: Shapes
+    packed: dict[str, dict[str, torch.Tensor]] | None = None
+
+    def side(self, side: str) -> Decomposition:
+        return self.a if side == "A" else self.b
+
+
+@dataclass
+class _Rows:
+    """Every task's rows of one module: loadings on A and B, error (float64), norm (float64) and
+    whether the error was measured from the adapter's factors."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    error: torch.Tensor
+    norm: torch.Tensor
+    measured: torch.Tensor
+
+    @classmethod
+    def empty(cls, k_a: int, k_b: int) -> _Rows:
+        return cls(torch.zeros(0, k_a), torch.zeros(0, k_b), torch.zeros(0, dtype=torch.float64),
+                   torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool))
+
+    def columns(self) -> tuple[torch.Tensor, ...]:
+        return self.a, self.b, self.error, self.norm, self.measured
+
+    def cat(self, other: _Rows) -> _Rows:
+        return _Rows(*(torch.cat([x, y.to(x.device, x.dtype)]) for x, y in zip(self.columns(), other.columns())))
+
+    def take(self, index: torch.Tensor) -> _Rows:
+        return _Rows(*(x[index.to(x.device)] for x in self.columns()))
+
+
+class Subspace:
+    def __init__(self, modules: dict[str, ModuleBasis], rule: ComponentRule = ComponentRule(), route: str = "auto"):
+        self.modules = dict(sorted(modules.items()))
+        self.rule, self.route = rule, route
+        self.task_ids: list[str] = []
+        self.quantization: dict | None = None  # {"scheme", "added_error"} once quantized
+        self.source: str | None = None  # the collection's URI, when it came from a store
+        self.origin: tuple[str, str] | None = None  # (store, version) last loaded from or saved to
+        self.quarantined: list[dict] = []  # catalog rows of a store's quarantined adapters, kept on save
+        self._rows = {m: _Rows.empty(len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in self.modules.items()}
+        self._index: dict[str, int] = {}
+        self._catalog: list[dict] = []
+        self._pending: list[Projection] = []
+
+    # -- vlora's attributes ----------------------------------------------------------------------
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.modules)
+
+    @property
+    def rank(self) -> int:
+        return max(mb.shapes[0][0] for mb in self.modules.values())
+
+    @property
+    def num_components(self) -> int:
+        """k (the largest over modules and sides, when it varies)."""
+        return max(max(len(mb.a.singular_values), len(mb.b.singular_values)) for mb in self.modules.values())
+
+    def _field(self, side: str, name: str) -> dict[str, torch.Tensor]:
+        return {m: getattr(mb.side(side), name) for m, mb in self.modules.items()}
+
+    components_a = property(lambda self: self._field("A", "components"))
+    components_b = property(lambda self: self._field("B", "components"))
+    singular_values_a = property(lambda self: self._field("A", "singular_values"))
+    singular_values_b = property(lambda self: self._field("B", "singular_values"))
+    means_a = property(lambda self: self._field("A", "mean"))
+    means_b = property(lambda self: self._field("B", "mean"))
+
+    @property
+    def tasks(self) -> Mapping[str, Projection]:
+        """task id -> Projection, read-only (add with add_task)."""
+        return _Tasks(self)
+
+    # -- step 1: build ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_adapters(
+        cls,
+        adapters: Sequence,
+        task_ids: Sequence[str] | None = None,
+        variance_threshold: float = 0.6,
+        num_components: int | None = None,
+        adaptive_k: bool = False,
+        svd_route: str = "auto",
+    ) -> Subspace:
+        """Step 1: one centred SVD per module and side over the adapters, which are then projected.
+        k: `num_components`; else the fewest components explaining `variance_threshold` of the
+        variance, decided on the first module's lora_A and used everywhere, or per module and side
+        with `adaptive_k` (vlora's rules). Adapters: Adapter, vlora LoRAWeights, state dicts or
+        folder URIs."""
+        adapters = [as_adapter(a) for a in adapters]
+        task_ids = _task_ids(task_ids, len(adapters))
+        if not adapters:
+            raise ValueError("need at least one adapter")
+        shapes = _layout(adapters)
+        rule = ComponentRule(None if adaptive_k else num_components, variance_threshold, adaptive_k)
+        bases = _fit(rule, list(shapes), lambda m, side, k, t: centred_svd(_stack(adapters, m, side), k, t, svd_route))
+        sub = cls({m: ModuleBasis(a, b, shapes[m]) for m, (a, b) in bases.items()}, rule, svd_route)
+        sub._append(adapters, task_ids, in_basis=True)
+        return sub
+
+    @classmethod
+    def from_adapters_streaming(
+        cls,
+        adapter_paths: Sequence,
+        task_ids: Sequence[str] | None = None,
+        num_components: int = 4,
+        batch_size: int = 32,
+        endpoint_url: str | None = None,
+    ) -> Subspace:
+        """Build from adapter folders (paths or URIs), reading `batch_size` at a time: the first
+        batch is fitted, each next one absorbed by the exact incremental update. Memory holds one
+        batch of adapters, the bases and the loadings, whatever the number of adapters. The
+        update keeps OVERSAMPLE more components than asked until the end, so truncating as it
+        goes loses less; with at least as many components as the data has directions, the result
+        is the SVD of all adapters at once."""
+        paths = [str(p) for p in adapter_paths]
+        if not paths:
+            raise ValueError("need at least one adapter path")
+        task_ids = _task_ids(task_ids, len(paths)) if task_ids is not None else [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
+        sub = None
+        for start in range(0, len(paths), batch_size):
+            batch = [Adapter.load(p, endpoint_url) for p in paths[start : start + batch_size]]
+            ids = task_ids[start : start + batch_size]
+            if sub is None:
+                sub = cls.from_adapters(batch, ids, num_components=num_components + OVERSAMPLE)
+            else:
+                sub.absorb_incremental(batch, ids)
+        sub._rebase({m: (truncate(mb.a, num_components), truncate(mb.b, num_components)) for m, mb in sub.modules.items()})
+        sub.rule = ComponentRule(num_components)
+        return sub
+
+    # -- step 2: project -------------------------------------------------------------------------
+
+    def project(self, adapter, task_id: str) -> Projection:
+        """Step 2: the adapter's loadings on the current basis (the basis does not change), with
+        the delta-W error they leave. Register it with add_task."""
+        adapter = as_adapter(adapter)
+        self._check_fits(adapter)
+        loadings_a, loadings_b, error, norm = {}, {}, {}, {}
+        for module, mb in self.modules.items():
+            xa, xb = _stack([adapter], module, "A"), _stack([adapter], module, "B")
+            la, lb, e, n = project_factors(xa.to(mb.a.components.device), xb.to(mb.b.components.device), mb.a, mb.b, mb.shapes)
+            loadings_a[module], loadings_b[module], error[module], norm[module] = la[0].cpu(), lb[0].cpu(), float(e[0]), float(n[0])
+        return Projection(task_id, loadings_a, loadings_b, error, norm, _catalog_row(adapter, task_id, in_basis=False))
+
+    def add_task(self, projection: Projection) -> None:
+        """Register a projected task (replacing one with the same id). A Projection made by hand
+        (e.g. trained loadings) has no measured error: it is recorded as 0 against itself."""
+        for module, mb in self.modules.items():
+            for side, loadings in (("A", projection.loadings_a), ("B", projection.loadings_b)):
+                k = len(mb.side(side).singular_values)
+                if module not in loadings or tuple(loadings[module].shape) != (k,):
+                    raise ValueError(f"task {projection.task_id!r}: {module} loadings_{side.lower()} must have shape ({k},)")
+        self._pending.append(projection)
+
+    # -- step 3: absorb --------------------------------------------------------------------------
+
+    def absorb(self, new_adapter, new_task_id) -> None:
+        """Step 3, by a full recompute: one SVD per module over every task, rebuilt from its
+        loadings, and the new adapter(s), as vlora's absorb. Accepts one adapter and id, or lists."""
+        adapters, ids = self._new(new_adapter, new_task_id)
+
+        def refit(module, side, k, threshold):
+            old, loadings = self.modules[module].side(side), getattr(self._module_rows(module), side.lower())
+            x = torch.cat([reconstruct(loadings, old.components, old.mean).cpu(), _stack(adapters, module, side)])
+            return centred_svd(x, k, threshold, self.route)
+
+        self._rebase(_fit(self.rule, list(self.modules), refit))
+        self._append(adapters, ids, in_basis=True)
+
+    def absorb_incremental(self, new_adapter, new_task_id) -> None:
+        """Step 3, by the exact incremental update: each module's SVD of old and new rows together
+        from the stored singular values, mean and count, truncated to k. Exact when nothing is
+        truncated; the old adapters' files are never needed. Accepts one adapter and id, or lists."""
+        adapters, ids = self._new(new_adapter, new_task_id)
+
+        def update(module, side, k, threshold):
+            old = self.modules[module].side(side)
+            return absorb(old, _stack(adapters, module, side).to(old.components.device), k, threshold)
+
+        self._rebase(_fit(self.rule, list(self.modules), update))
+        self._append(adapters, ids, in_basis=True)
+
+    # -- reconstruct -----------------------------------------------------------------------------
+
+    def reconstruct(self, task_id: str, dtype: torch.dtype | None = None) -> Adapter:
+        """The task's factors rebuilt from its loadings, in its original dtype (or `dtype`), with
+        its original config: `.save(folder)` writes a PEFT folder."""
+        index = self._row(task_id)
+        catalog = self._catalog[index]
+        dtype = dtype or DTYPES.get(catalog.get("dtype"), torch.float32)
+        lora_a, lora_b = {}, {}
+        for module, mb in self.modules.items():
+            rows = self._rows[module]
+            lora_a[module] = reconstruct(rows.a[index], mb.a.components, mb.a.mean).reshape(mb.shapes[0]).to(dtype)
+            lora_b[module] = reconstruct(rows.b[index], mb.b.components, mb.b.mean).reshape(mb.shapes[1]).to(dtype)
+        text = catalog.get("config_json") or ""
+        return Adapter(lora_a, lora_b, json.loads(text) if text else None, config_text=text)
+
+    # -- placement, storage ----------------------------------------------------------------------
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Subspace:
+        """Move every basis tensor and loading to a device and/or dtype. Returns self."""
+        self._flush()
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() and dtype is not None else None)
+
+        for mb in self.modules.values():
+            mb.a, mb.b = (dataclasses.replace(d, components=move(d.components), singular_values=move(d.singular_values), mean=move(d.mean))
+                          for d in (mb.a, mb.b))
+        for rows in self._rows.values():
+            rows.a, rows.b = move(rows.a), move(rows.b)
+        return self
+
+    def quantize(self, bits: int = 8) -> Subspace:
+        """Store the components packed: 8 bits (symmetric int8, a scale per component) or 4 bits
+        (NF4, a float16 scale per block of 64). The subspace then computes with the decoded
+        components, `save` writes the packed codes, and every task's error grows by the measured
+        change of its rebuilt delta W (recorded as `quantization["added_error"]`). Means and
+        loadings stay float32. A later basis change (absorb) makes the basis float again."""
+        scheme = quant.bits_scheme(bits)
+        if self.quantization:
+            raise ValueError(f"already quantized ({self.quantization['scheme']}); quantize the float subspace instead")
+        bases, packed = {}, {}
+        for module, mb in self.modules.items():
+            packed[module] = {side: quant.encode(mb.side(side).components, scheme) for side in "AB"}
+            bases[module] = tuple(
+                dataclasses.replace(d, components=quant.decode(packed[module][side], d.mean.shape[0]).to(d.components.device, d.components.dtype))
+                for side, d in (("A", mb.a), ("B", mb.b))
+            )
+        added = self._rebase(bases, keep_loadings=True)
+        for module, mb in self.modules.items():
+            mb.packed = packed[module]
+        per_task = torch.stack(list(added.values())) if added else torch.zeros(0, 0)
+        self.quantization = {"scheme": scheme, "added_error": _error_summary(per_task)}
+        return self
+
+    def compression_stats(self) -> dict:
+        """Measured bytes: what `save` writes (basis components and other basis fields, means,
+        loadings, metadata: catalog, manifest, report), encoded in memory, against the original
+        adapters' bytes (their weights files and configs). vlora's parameter counts are kept."""
+        from pipeline.stages.snapshot import measure
+
+        self._flush()
+        stored = measure(self)
+        original = sum(row["weights_bytes"] + len((row["config_json"] or "").encode()) for row in self._catalog)
+        n = len(self.task_ids)
+        params_original = sum(n * (mb.a.mean.numel() + mb.b.mean.numel()) for mb in self.modules.values())
+        params = sum(
+            d.components.numel() + d.mean.numel() + n * len(d.singular_values) for mb in self.modules.values() for d in (mb.a, mb.b)
+        )
+        return {
+            "num_tasks": n,
+            "num_layers": len(self.modules),
+            "components_per_layer": {m: (len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in self.modules.items()},
+            "original_bytes": original,
+            "stored_bytes": stored,
+            "compression_ratio": original / stored["total"] if stored["total"] else 0.0,
+            "quantization": self.quantization,
+            "total_params_original": params_original,
+            "total_params_compressed": params,
+        }
+
+    def get_trainable_params(self, task_id: str, num_expand: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Loadings of a task as leaf tensors with requires_grad, `<module>.loadings_a` / `_b`,
+        for a training loop that keeps the basis frozen. `num_expand` > 0 first adds that many
+        orthonormal directions per module and side (random, from `seed`, orthogonal to the basis;
+        singular value 0), room for the optimiser to leave the subspace: a permanent change, and
+        every task's loadings grow by zeros so all of them still rebuild exactly."""
+        index = self._row(task_id)
+        if num_expand > 0:
+            warnings.warn(f"get_trainable_params(num_expand={num_expand}) permanently adds {num_expand} directions per module and side",
+                          stacklevel=2)
+            generator = torch.Generator().manual_seed(seed)
+            bases = {m: tuple(_expand(mb.side(s), num_expand, generator) for s in "AB") for m, mb in self.modules.items()}
+            self._rebase(bases)
+            self.rule = dataclasses.replace(self.rule, components=None if self.rule.components is None else self.rule.components + num_expand)
+        params = {}
+        for module, rows in self._rows.items():
+            params[f"{module}.loadings_a"] = rows.a[index].clone().detach().requires_grad_(True)
+            params[f"{module}.loadings_b"] = rows.b[index].clone().detach().requires_grad_(True)
+        return params
+
+    def save(self, uri: str, endpoint_url: str | None = None, replace: bool = False) -> str:
+        """Publish the subspace as a new version of the store at uri (path, file:// or s3://) and
+        return its id. The store's current version must be the one this subspace was loaded from
+        (or the store empty), unless `replace`: nothing another writer published is overwritten."""
+        from pipeline.stages.snapshot import save
+
+        self._flush()
+        return save(self, uri, endpoint_url, replace)
+
+    @classmethod
+    def load(cls, uri: str, version: str | None = None, endpoint_url: str | None = None) -> Subspace:
+        """A store version (default: the current one), every object checked against its manifest."""
+        from pipeline.stages.snapshot import load
+
+        return load(uri, version, endpoint_url)
+
+    def __repr__(self) -> str:
+        q = f", {self.quantization['scheme']}" if self.quantization else ""
+        return f"Subspace({len(self.modules)} modules, {len(self.task_ids) + len(self._pending)} tasks, k={self.num_components}{q})"
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _row(self, task_id: str) -> int:
+        self._flush()
+        if task_id not in self._index:
+            raise KeyError(f"unknown task {task_id!r}")
+        return self._index[task_id]
+
+    def _module_rows(self, module: str) -> _Rows:
+        self._flush()
+        return self._rows[module]
+
+    def _new(self, adapters, task_ids) -> tuple[list[Adapter], list[str]]:
+        if isinstance(task_ids, str):
+            adapters, task_ids = [adapters], [task_ids]
+        adapters = [as_adapter(a) for a in adapters]
+        task_ids = _task_ids(task_ids, len(adapters))
+        for adapter in adapters:
+            self._check_fits(adapter)
+        return adapters, task_ids
+
+    def _check_fits(self, adapter: Adapter) -> None:
+        expected = {m: mb.shapes for m, mb in self.modules.items()}
+        found = _layout([adapter])
+        if found != expected:
+            module = next((m for m in sorted(set(expected) | set(found)) if expected.get(m) != found.get(m)))
+            raise ValueError(f"adapter does not fit the subspace: module {module!r} is {found.get(module)} here, {expected.get(module)} in the subspace")
+
+    def _append(self, adapters: list[Adapter], task_ids: list[str], in_basis: bool) -> None:
+        """Project adapters on the current basis (measuring their errors) and add them as tasks."""
+        new = {}
+        for module, mb in self.modules.items():
+            device = mb.a.components.device
+            xa, xb = _stack(adapters, module, "A").to(device), _stack(adapters, module, "B").to(device)
+            la, lb, error, norm = project_factors(xa, xb, mb.a, mb.b, mb.shapes)
+            new[module] = _Rows(la, lb, error.cpu(), norm.cpu(), torch.ones(len(adapters), dtype=torch.bool))
+        self._add(task_ids, new, [_catalog_row(a, t, in_basis) for a, t in zip(adapters, task_ids)])
+
+    def _add(self, task_ids: list[str], rows: dict[str, _Rows], catalog: list[dict]) -> None:
+        """Append rows; a task id already present is replaced."""
+        replaced = [t for t in task_ids if t in self._index]
+        if len(set(task_ids)) != len(task_ids):
+            raise ValueError("duplicate task ids")
+        if replaced:
+            keep = [i for i, t in enumerate(self.task_ids) if t not in set(replaced)]
+            self.task_ids = [self.task_ids[i] for i in keep]
+            self._catalog = [self._catalog[i] for i in keep]
+            index = torch.tensor(keep, dtype=torch.long)
+            self._rows = {m: r.take(index) for m, r in self._rows.items()}
+        for module in self.modules:
+            self._rows[module] = self._rows[module].cat(rows[module])
+        self.task_ids += list(task_ids)
+        self._catalog += catalog
+        self._index = {t: i for i, t in enumerate(self.task_ids)}
+
+    def _flush(self) -> None:
+        """Add the projections add_task queued, as rows (one concatenation for all of them)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        last = {p.task_id: p for p in pending}  # the later of two with one id wins
+        pending = list(last.values())
+        rows = {}
+        for module, mb in self.modules.items():
+            la = torch.stack([p.loadings_a[module].to(torch.float32).cpu() for p in pending])
+            lb = torch.stack([p.loadings_b[module].to(torch.float32).cpu() for p in pending])
+            norm = torch.tensor([p.norm.get(module, math.nan) for p in pending], dtype=torch.float64)
+            unknown = norm.isnan()
+            if unknown.any():  # ||B' A'|| of what the loadings rebuild: the task is what it rebuilds
+                basis = factor_basis(mb.a, mb.b, mb.shapes)
+                rebuilt = rebuilt_inner(pair_grams(basis, basis), la, lb, la, lb).clamp_min(0).sqrt()
+                norm = torch.where(unknown, rebuilt, norm)
+            error = torch.tensor([p.error.get(module, 0.0) for p in pending], dtype=torch.float64)
+            measured = torch.tensor([module in p.error for p in pending])
+            rows[module] = _Rows(la, lb, error, norm, measured)
+        catalog = [p.catalog or _catalog_row(None, p.task_id, in_basis=False) for p in pending]
+        self._add([p.task_id for p in pending], rows, catalog)
+
+    def _rebase(self, bases: dict[str, tuple[Decomposition, Decomposition]], keep_loadings: bool = False) -> dict[str, torch.Tensor]:
+        """Move every task to new bases (their errors estimated: linalg.loadings.Move); returns the
+        relative change of each task's rebuilt delta W, per module."""
+        self._flush()
+        moved = {}
+        for module, (a, b) in bases.items():
+            mb, rows = self.modules[module], self._rows[module]
+            move = Move((mb.a, mb.b), (a, b), mb.shapes, keep_loadings)
+            la, lb, error, change = move(rows.a, rows.b, rows.error, rows.norm)
+            self._rows[module] = _Rows(la.to(torch.float32), lb.to(torch.float32), error, rows.norm,
+                                       rows.measured & (change == 0))
+            self.modules[module] = ModuleBasis(a, b, mb.shapes)
+            moved[module] = change
+        if not keep_loadings:
+            self.quantization = None
+        return moved
+
+
+class _Tasks(Mapping):
+    def __init__(self, sub: Subspace):
+        self._sub = sub
+
+    def __getitem__(self, task_id: str) -> Projection:
+        index = self._sub._row(task_id)
+        s = self._sub
+        return Projection(
+            task_id,
+            {m: r.a[index] for m, r in s._rows.items()},
+            {m: r.b[index] for m, r in s._rows.items()},
+            {m: float(r.error[index]) for m, r in s._rows.items()},
+            {m: float(r.norm[index]) for m, r in s._rows.items()},
+            dict(s._catalog[index]),
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        self._sub._flush()
+        return iter(list(self._sub.task_ids))
+
+    def __len__(self) -> int:
+        self._sub._flush()
+        return len(self._sub.task_ids)
+
+
+def _task_ids(task_ids: Iterable[str] | None, n: int) -> list[str]:
+    ids = [f"task_{i}" for i in range(n)] if task_ids is None else [str(t) for t in task_ids]
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} task ids for {n} adapters")
+    if len(set(ids)) != n:
+        raise ValueError("task ids must be unique")
+    return ids
+
+
+def _fit(rule: ComponentRule, modules: list[str], fit) -> dict[str, tuple[Decomposition, Decomposition]]:
+    """fit(module, side, k, threshold) for every module and side, with k as the rule says (vlora's
+    collection-wide rule decides it on the first module's lora_A)."""
+    bases, fixed_k = {}, None
+    for module in modules:
+        decs = []
+        for side in "AB":
+            dec = fit(module, side, *rule.limits(fixed_k))
+            if rule.needs_first_module and fixed_k is None:
+                fixed_k = max(len(dec.singular_values), 1)
+            decs.append(dec)
+        bases[module] = (decs[0], decs[1])
+    return bases
+
+
+def _layout(adapters: list[Adapter]) -> dict[str, Shapes]:
+    """Module -> (lora_A shape, lora_B shape), the same for every adapter, or ValueError."""
+    first = {m: (tuple(adapters[0].lora_a[m].shape), tuple(adapters[0].lora_b[m].shape)) for m in adapters[0].layer_names}
+    for i, adapter in enumerate(adapters[1:], 1):
+        mine = {m: (tuple(adapter.lora_a[m].shape), tuple(adapter.lora_b[m].shape)) for m in adapter.layer_names}
+        if mine != first:
+            module = next(m for m in sorted(set(mine) | set(first)) if mine.get(m) != first.get(m))
+            raise ValueError(f"adapter {i}: module {module!r} is {mine.get(module)}, adapter 0 has {first.get(module)}")
+    return dict(sorted(first.items()))
+
+
+def _stack(adapters: list[Adapter], module: str, side: str) -> torch.Tensor:
+    """(n, D) float32 rows of one factor; NaN or Inf is refused, as compress quarantines it."""
+    factors = [(a.lora_a if side == "A" else a.lora_b)[module] for a in adapters]
+    x = torch.stack([f.detach().cpu().reshape(-1).to(torch.float32) for f in factors])
+    bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"adapter {bad[0]}: NaN or Inf in {module} lora_{side}")
+    return x
+
+
+def _expand(dec: Decomposition, count: int, generator: torch.Generator) -> Decomposition:
+    """dec with `count` random orthonormal directions appended, orthogonal to its components."""
+    v = dec.components.to("cpu", torch.float64)
+    extra = torch.randn(count, v.shape[1], generator=generator, dtype=torch.float64)
+    for _ in range(2):  # twice is enough (Kahan): orthogonal to working precision
+        extra -= (extra @ v.T) @ v
+    extra = torch.linalg.qr(extra.T).Q.T
+    device, dtype = dec.components.device, dec.components.dtype
+    return dataclasses.replace(
+        dec,
+        components=torch.cat([dec.components, extra.to(device, dtype)]),
+        singular_values=torch.cat([dec.singular_values, torch.zeros(count, dtype=dec.singular_values.dtype, device=dec.singular_values.device)]),
+    )
+
+
+def _catalog_row(adapter: Adapter | None, task_id: str, in_basis: bool) -> dict:
+    """The store's catalog row (version.CATALOG_SCHEMA) for an adapter given in memory."""
+    config = (adapter.config if adapter else None) or {}
+    return {
+        "task_id": task_id, "uri": adapter.uri if adapter else "", "status": "ok", "reason": "", "warnings": [],
+        "weights_bytes": adapter.size_bytes() - len(adapter.config_text.encode()) if adapter else 0, "weights_tag": "",
+        "rank": adapter.rank if adapter else 0, "lora_alpha": config.get("lora_alpha"), "use_rslora": bool(config.get("use_rslora")),
+        "base_model": config.get("base_model_name_or_path"), "dtype": adapter.dtype if adapter else "F32",
+        "config_json": adapter.config_text if adapter else "", "in_basis": in_basis,
+    }
+
+
+def _error_summary(per_module: torch.Tensor) -> dict[str, float]:
+    """mean / max over tasks of each task's mean over modules, from a (modules, tasks) tensor."""
+    if per_module.numel() == 0:
+        return {}
+    means = per_module.mean(dim=0)
+    return {"mean": float(means.mean()), "max": float(per_module.max())}
