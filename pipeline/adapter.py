@@ -115,7 +115,8 @@ def as_adapter(value) -> Adapter:
     if isinstance(value, Adapter):
         return value
     if hasattr(value, "lora_a") and hasattr(value, "lora_b"):
-        return Adapter(dict(value.lora_a), dict(value.lora_b), metadata=dict(getattr(value, "metadata", None) or {}))
+        metadata = dict(getattr(value, "metadata", None) or {})  # vlora keeps the adapter's config here
+        return Adapter(dict(value.lora_a), dict(value.lora_b), metadata if "r" in metadata else None, metadata=metadata)
     if isinstance(value, Mapping):
         return Adapter.from_state_dict(value)
     if isinstance(value, str) or hasattr(value, "__fspath__"):

@@ -75,6 +75,56 @@ def minilm_copy(tmp_path) -> Path:
     return target
 
 
+PEFT_ADAPTERS = 5
+
+
+def peft_base_model():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def peft_collection(tmp_path_factory):
+    """PEFT_ADAPTERS adapters written by peft itself (r=4, alpha=8) on a tiny random Llama."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("peft")
+    for index in range(PEFT_ADAPTERS):
+        torch.manual_seed(100 + index)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(peft_base_model(), config).save_pretrained(root / f"task-{index}")
+    return root
+
+
+def assert_same_outputs(originals: Path, exported: Path) -> None:
+    """Every adapter under `exported` loads in peft next to its original and gives its outputs."""
+    import torch
+    from peft import PeftModel
+
+    inputs = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    for index in range(PEFT_ADAPTERS):
+        name = f"task-{index}"
+        model = PeftModel.from_pretrained(peft_base_model(), originals / name, adapter_name="original")
+        result = model.load_adapter(exported / name, adapter_name="exported")
+        assert not result.unexpected_keys
+        assert not [k for k in result.missing_keys if "lora_" in k and ".exported." in k]
+        with torch.no_grad():
+            model.set_adapter("original")
+            expected = model(inputs).logits
+            model.set_adapter("exported")
+            actual = model(inputs).logits
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+        assert model.peft_config["exported"].r == 4 and model.peft_config["exported"].lora_alpha == 8
+
+
 def make_collection(path: Path, n: int, **kwargs) -> list[str]:
     """n synthetic float32 adapters (tiny preset) under path."""
     from pipeline.io.location import Location
