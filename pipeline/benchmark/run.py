@@ -1,7 +1,7 @@
 """The benchmark job: a seeded synthetic collection, compressed end to end on an embedded local
 Ray (repeated; medians), next to its floors and to vlora-dev on the same adapters; then an
-incremental re-base of new uploads against a full compress of everything, and a one-adapter
-export. Prints a table and writes every figure as JSON.
+incremental re-base of new uploads against a full compress of everything, a one-adapter
+export, and the store quantized (int8, nf4). Prints a table and writes every figure as JSON.
 
     python -m jobs.benchmark [--config jobs/configs/benchmark.yaml] [--set key=value ...]
 """
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 DEFAULTS: dict[str, Any] = {
     "preset": "qwen0.5b", "structure": "shared", "dtype": "bf16", "adapters": 1000, "uploads": 100, "components": 16,
     "repeats": 3, "memory_budget": "256MiB", "chunk_size": None, "num_cpus": 2, "seed": 0,
-    "floors": True, "rebase": True, "vlora": True,
+    "floors": True, "rebase": True, "vlora": True, "quantize": True,
     "workdir": "benchmark-data", "endpoint_url": None, "out": "benchmark.json",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -105,6 +105,9 @@ def benchmark(config: dict) -> dict:
             location.remove()
     log.info("export of one adapter")
     figures["export"] = _export(stores[0], root, endpoint, config)
+    if config["quantize"]:
+        log.info("quantize the store: int8, then nf4")
+        figures["quantize"] = _quantize(stores[0], endpoint)
     if config["vlora"]:
         figures["vlora"] = _vlora(source, config) if root.is_local else {"skipped": "vlora reads local folders only"}
     for location in stores[1:]:
@@ -216,6 +219,22 @@ def _export(store: Location, root: Location, endpoint: list, config: dict) -> di
     return {"seconds": statistics.median(inside), "wall_seconds": statistics.median(walls), "interpreter_and_imports_seconds": startup}
 
 
+def _quantize(store: Location, endpoint: list) -> dict:
+    """`quantize --bits 8` and `--bits 4`, each from the float version: bytes measured before and
+    after, the delta-W error added, wall and peaks. The store is left at its float version."""
+    base = Store(store).current_version()
+    figures = {}
+    for bits in (8, 4):
+        run = _require(run_with_peaks(cli_argv("quantize", store.uri, "--bits", bits, *endpoint)), "quantize")
+        result = _last_json(run.stdout)
+        figures[result["quantization"]["scheme"]] = {
+            "seconds": run.seconds, "peak_rss_mib": run.peaks, "bytes_before": result["bytes_before"], "bytes_after": result["bytes_after"],
+            "added_error": result["quantization"]["added_error"],
+        }
+        _cli_in_process("rollback", store.uri, base, *endpoint)
+    return figures
+
+
 def _vlora(source: Location, config: dict) -> dict:
     listing = os.path.abspath(f"{config['out']}.vlora-adapters.txt")
     with open(listing, "w", encoding="utf-8") as handle:
@@ -288,6 +307,12 @@ def format_table(f: dict) -> str:
         row(f"full compress of {f['full_compress']['adapters']}, end to end", f["full_compress"]["seconds"], f["full_compress"]["peak_rss_mib"])
         row("  job", f["full_compress"]["job_seconds"])
     row("export one adapter (after start-up)", f["export"]["seconds"])
+    for scheme, q in f.get("quantize", {}).items():
+        row(f"quantize {scheme}, end to end", q["seconds"], q["peak_rss_mib"])
+        before, after = q["bytes_before"], q["bytes_after"]
+        lines.append(f"  store {before['total'] / 2**20:.2f} -> {after['total'] / 2**20:.2f} MiB (components "
+                     f"{before['components'] / 2**20:.2f} -> {after['components'] / 2**20:.2f}); added delta-W error mean "
+                     f"{q['added_error']['mean']:.5f}, max {q['added_error']['max']:.5f}")
     vlora = f.get("vlora")
     if vlora and "seconds" in vlora:
         row("vlora load_adapter + from_adapters", vlora["seconds"], {"driver": vlora["peak_rss_mib"]})

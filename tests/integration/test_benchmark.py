@@ -43,6 +43,11 @@ def test_local_run_measures_every_step_and_compares_with_vlora(tmp_path):
     assert targets["delta-W error equal to vlora's within bf16 rounding (relative)"]["met"] is True
     assert all(isinstance(t["met"], bool) and t["target"] for t in f["targets"])
     assert f["ratios"]["vlora_over_ours"] == pytest.approx(f["vlora"]["seconds"] / c["seconds"], rel=1e-3)
+    int8, nf4 = f["quantize"]["int8"], f["quantize"]["nf4"]
+    assert int8["bytes_before"] == nf4["bytes_before"]  # both from the float version
+    assert int8["bytes_before"]["components"] > 3.9 * int8["bytes_after"]["components"] > nf4["bytes_after"]["components"]
+    assert 0 < int8["added_error"]["mean"] < nf4["added_error"]["mean"]
+    assert "quantize nf4, end to end" in done.stdout
 
     # A second run reuses the generated collection.
     done, _ = _benchmark(tmp_path, f"workdir={tmp_path / 'work'}", "vlora=false")
