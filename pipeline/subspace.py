@@ -202,12 +202,12 @@ class Subspace:
         the delta-W error they leave. Register it with add_task."""
         adapter = as_adapter(adapter)
         self._check_fits(adapter)
-        loadings_a, loadings_b, error, norm = {}, {}, {}, {}
-        for module, mb in self.modules.items():
-            xa, xb = _stack([adapter], module, "A"), _stack([adapter], module, "B")
-            la, lb, e, n = project_factors(xa.to(mb.a.components.device), xb.to(mb.b.components.device), mb.a, mb.b, mb.shapes)
-            loadings_a[module], loadings_b[module], error[module], norm[module] = la[0].cpu(), lb[0].cpu(), float(e[0]), float(n[0])
-        return Projection(task_id, loadings_a, loadings_b, error, norm, _catalog_row(adapter, task_id, in_basis=False))
+        rows = self._project([adapter])
+        return Projection(
+            task_id, {m: r.a[0].cpu() for m, r in rows.items()}, {m: r.b[0].cpu() for m, r in rows.items()},
+            {m: float(r.error[0]) for m, r in rows.items()}, {m: float(r.norm[0]) for m, r in rows.items()},
+            _catalog_row(adapter, task_id, in_basis=False),
+        )
 
     def add_task(self, projection: Projection) -> None:
         """Register a projected task (replacing one with the same id). A Projection made by hand
@@ -284,20 +284,14 @@ class Subspace:
         (NF4, a float16 scale per block of 64). The subspace then computes with the decoded
         components, `save` writes the packed codes, and every task's error grows by the measured
         change of its rebuilt delta W (recorded as `quantization["added_error"]`). Means and
-        loadings stay float32. A later basis change (absorb) makes the basis float again."""
+        loadings stay float32. A quantized subspace stays so: a later basis change (absorb) packs
+        the new basis and fits the loadings to it, as compress --quantize does."""
         scheme = quant.bits_scheme(bits)
         if self.quantization:
             raise ValueError(f"already quantized ({self.quantization['scheme']}); quantize the float subspace instead")
-        bases, packed = {}, {}
-        for module, mb in self.modules.items():
-            packed[module] = {side: quant.encode(mb.side(side).components, scheme) for side in "AB"}
-            bases[module] = tuple(
-                dataclasses.replace(d, components=quant.decode(packed[module][side], d.mean.shape[0]).to(d.components.device, d.components.dtype))
-                for side, d in (("A", mb.a), ("B", mb.b))
-            )
-        added = self._rebase(bases, keep_loadings=True)
-        for module, mb in self.modules.items():
-            mb.packed = packed[module]
+        packed = {m: {side: quant.encode(mb.side(side).components, scheme) for side in "AB"} for m, mb in self.modules.items()}
+        bases = {m: (_decoded(mb.a, packed[m]["A"]), _decoded(mb.b, packed[m]["B"])) for m, mb in self.modules.items()}
+        added = self._rebase(bases, packed, keep_loadings=True)
         per_task = torch.stack(list(added.values())) if added else torch.zeros(0, 0)
         self.quantization = {"scheme": scheme, "added_error": _error_summary(per_task)}
         return self
@@ -396,15 +390,19 @@ class Subspace:
             module = next((m for m in sorted(set(expected) | set(found)) if expected.get(m) != found.get(m)))
             raise ValueError(f"adapter does not fit the subspace: module {module!r} is {found.get(module)} here, {expected.get(module)} in the subspace")
 
-    def _append(self, adapters: list[Adapter], task_ids: list[str], in_basis: bool) -> None:
-        """Project adapters on the current basis (measuring their errors) and add them as tasks."""
-        new = {}
+    def _project(self, adapters: list[Adapter]) -> dict[str, _Rows]:
+        """The adapters' rows on the current basis, with their measured errors."""
+        rows = {}
         for module, mb in self.modules.items():
             device = mb.a.components.device
             xa, xb = _stack(adapters, module, "A").to(device), _stack(adapters, module, "B").to(device)
             la, lb, error, norm = project_factors(xa, xb, mb.a, mb.b, mb.shapes)
-            new[module] = _Rows(la, lb, error.cpu(), norm.cpu(), torch.ones(len(adapters), dtype=torch.bool))
-        self._add(task_ids, new, [_catalog_row(a, t, in_basis) for a, t in zip(adapters, task_ids)])
+            rows[module] = _Rows(la, lb, error.cpu(), norm.cpu(), torch.ones(len(adapters), dtype=torch.bool))
+        return rows
+
+    def _append(self, adapters: list[Adapter], task_ids: list[str], in_basis: bool) -> None:
+        """Project adapters on the current basis and add them as tasks."""
+        self._add(task_ids, self._project(adapters), [_catalog_row(a, t, in_basis) for a, t in zip(adapters, task_ids)])
 
     def _add(self, task_ids: list[str], rows: dict[str, _Rows], catalog: list[dict]) -> None:
         """Append rows; a task id already present is replaced."""
@@ -446,21 +444,27 @@ class Subspace:
         catalog = [p.catalog or _catalog_row(None, p.task_id, in_basis=False) for p in pending]
         self._add([p.task_id for p in pending], rows, catalog)
 
-    def _rebase(self, bases: dict[str, tuple[Decomposition, Decomposition]], keep_loadings: bool = False) -> dict[str, torch.Tensor]:
+    def _rebase(self, bases: dict[str, tuple[Decomposition, Decomposition]], packed: dict | None = None,
+                keep_loadings: bool = False) -> dict[str, torch.Tensor]:
         """Move every task to new bases (their errors estimated: linalg.loadings.Move); returns the
-        relative change of each task's rebuilt delta W, per module."""
+        relative change of each task's rebuilt delta W, per module. `packed`: the new bases'
+        quantized components; without it, a quantized subspace packs the new bases itself."""
         self._flush()
+        scheme = self.quantization["scheme"] if self.quantization and packed is None else None
         moved = {}
         for module, (a, b) in bases.items():
+            codes = packed[module] if packed else None
+            if scheme:
+                codes = {"A": quant.encode(a.components, scheme), "B": quant.encode(b.components, scheme)}
+                a, b = _decoded(a, codes["A"]), _decoded(b, codes["B"])
             mb, rows = self.modules[module], self._rows[module]
             move = Move((mb.a, mb.b), (a, b), mb.shapes, keep_loadings)
             la, lb, error, change = move(rows.a, rows.b, rows.error, rows.norm)
-            self._rows[module] = _Rows(la.to(torch.float32), lb.to(torch.float32), error, rows.norm,
-                                       rows.measured & (change == 0))
-            self.modules[module] = ModuleBasis(a, b, mb.shapes)
+            self._rows[module] = _Rows(la.to(torch.float32), lb.to(torch.float32), error, rows.norm, rows.measured & (change == 0))
+            self.modules[module] = ModuleBasis(a, b, mb.shapes, codes)
             moved[module] = change
-        if not keep_loadings:
-            self.quantization = None
+        if scheme:  # the errors are now those of the packed basis, as compress --quantize records them
+            self.quantization = {"scheme": scheme, "added_error": None}
         return moved
 
 
@@ -532,6 +536,12 @@ def _stack(adapters: list[Adapter], module: str, side: str) -> torch.Tensor:
     if bad:
         raise ValueError(f"adapter {bad[0]}: NaN or Inf in {module} lora_{side}")
     return x
+
+
+def _decoded(dec: Decomposition, packed: dict[str, torch.Tensor]) -> Decomposition:
+    """dec with the components that `packed` stores."""
+    components = quant.decode(packed, dec.mean.shape[0]).to(dec.components.device, dec.components.dtype)
+    return dataclasses.replace(dec, components=components)
 
 
 def _expand(dec: Decomposition, count: int, generator: torch.Generator) -> Decomposition:

@@ -8,6 +8,7 @@ from vlora.subspace import SharedSubspace
 
 from pipeline.adapter import Adapter
 from pipeline.io.location import Location
+from pipeline.linalg import quantize
 from pipeline.subspace import Projection, Subspace
 from pipeline.synthetic import generate
 
@@ -210,8 +211,13 @@ def test_quantize_packs_the_components_and_reports_the_error_it_adds(collection,
     assert abs(stats["quantization"]["added_error"]["mean"] - sum(changes) / len(changes)) < 1e-4
     with pytest.raises(ValueError, match="already quantized"):
         sub.quantize(8)
-    sub.absorb_incremental(ours[0], "again")  # a basis change makes it float again
-    assert sub.quantization is None and sub.modules[sub.layer_names[0]].packed is None
+    # A basis change keeps it quantized: the new basis is packed and the new rows fit to it.
+    sub.absorb_incremental(ours[0], "again")
+    assert sub.quantization == {"scheme": scheme, "added_error": None}
+    stored = sub.modules[sub.layer_names[0]]
+    assert torch.equal(stored.a.components, quantize.decode(stored.packed["A"], stored.a.mean.shape[0]))
+    measured = sub.tasks["again"].error[sub.layer_names[0]]
+    assert measured == pytest.approx(float(_delta_w_errors(sub, {"again": ours[0]})[0]), rel=1e-4)
 
 
 def test_compression_stats_measure_the_original_files(collection, tmp_path_factory):
