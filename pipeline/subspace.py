@@ -173,26 +173,34 @@ class Subspace:
         batch_size: int = 32,
         endpoint_url: str | None = None,
     ) -> Subspace:
-        """Build from adapter folders (paths or URIs), reading `batch_size` at a time: the first
-        batch is fitted, each next one absorbed by the exact incremental update. Memory holds one
-        batch of adapters, the bases and the loadings, whatever the number of adapters. The
-        update keeps OVERSAMPLE more components than asked until the end, so truncating as it
-        goes loses less; with at least as many components as the data has directions, the result
-        is the SVD of all adapters at once."""
+        """Build from adapter folders (paths or URIs), `batch_size` adapters in memory at a time.
+        A first pass fits the first batch and absorbs each next one by the exact incremental
+        update, keeping OVERSAMPLE more components than asked until the end, so truncating as it
+        goes loses less (with at least as many components as the data has directions, the basis
+        is that of one SVD over all). A second pass reads the adapters again and projects them on
+        the final basis: their loadings are exact projections and their errors measured."""
         paths = [str(p) for p in adapter_paths]
         if not paths:
             raise ValueError("need at least one adapter path")
         task_ids = _task_ids(task_ids, len(paths)) if task_ids is not None else [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
-        sub = None
-        for start in range(0, len(paths), batch_size):
-            batch = [Adapter.load(p, endpoint_url) for p in paths[start : start + batch_size]]
-            ids = task_ids[start : start + batch_size]
-            if sub is None:
-                sub = cls.from_adapters(batch, ids, num_components=num_components + OVERSAMPLE)
-            else:
-                sub.absorb_incremental(batch, ids)
-        sub._rebase({m: (truncate(mb.a, num_components), truncate(mb.b, num_components)) for m, mb in sub.modules.items()})
-        sub.rule = ComponentRule(num_components)
+
+        def batches():
+            for start in range(0, len(paths), batch_size):
+                yield [Adapter.load(p, endpoint_url) for p in paths[start : start + batch_size]], task_ids[start : start + batch_size]
+
+        rule, shapes, bases = ComponentRule(num_components + OVERSAMPLE), None, {}
+        for batch, ids in batches():
+            if shapes is None:
+                shapes = _layout(batch)
+                bases = _fit(rule, list(shapes), lambda m, side, k, t: centred_svd(_stack(batch, m, side), k, t))
+                continue
+            _layout(batch, ids, shapes)
+            old = bases
+            bases = _fit(rule, list(shapes), lambda m, side, k, t: absorb(old[m]["AB".index(side)], _stack(batch, m, side), k, t))
+        sub = cls({m: ModuleBasis(truncate(a, num_components), truncate(b, num_components), shapes[m]) for m, (a, b) in bases.items()},
+                  ComponentRule(num_components))
+        for batch, ids in batches():
+            sub._append(batch, ids, in_basis=True)
         return sub
 
     # -- step 2: project -------------------------------------------------------------------------
@@ -201,7 +209,7 @@ class Subspace:
         """Step 2: the adapter's loadings on the current basis (the basis does not change), with
         the delta-W error they leave. Register it with add_task."""
         adapter = as_adapter(adapter)
-        self._check_fits(adapter)
+        self._check_fits(adapter, task_id)
         rows = self._project([adapter])
         return Projection(
             task_id, {m: r.a[0].cpu() for m, r in rows.items()}, {m: r.b[0].cpu() for m, r in rows.items()},
@@ -379,16 +387,12 @@ class Subspace:
             adapters, task_ids = [adapters], [task_ids]
         adapters = [as_adapter(a) for a in adapters]
         task_ids = _task_ids(task_ids, len(adapters))
-        for adapter in adapters:
-            self._check_fits(adapter)
+        for adapter, task_id in zip(adapters, task_ids):
+            self._check_fits(adapter, task_id)
         return adapters, task_ids
 
-    def _check_fits(self, adapter: Adapter) -> None:
-        expected = {m: mb.shapes for m, mb in self.modules.items()}
-        found = _layout([adapter])
-        if found != expected:
-            module = next((m for m in sorted(set(expected) | set(found)) if expected.get(m) != found.get(m)))
-            raise ValueError(f"adapter does not fit the subspace: module {module!r} is {found.get(module)} here, {expected.get(module)} in the subspace")
+    def _check_fits(self, adapter: Adapter, task_id: str) -> None:
+        _layout([adapter], [task_id], {m: mb.shapes for m, mb in self.modules.items()})
 
     def _project(self, adapters: list[Adapter]) -> dict[str, _Rows]:
         """The adapters' rows on the current basis, with their measured errors."""
@@ -517,15 +521,21 @@ def _fit(rule: ComponentRule, modules: list[str], fit) -> dict[str, tuple[Decomp
     return bases
 
 
-def _layout(adapters: list[Adapter]) -> dict[str, Shapes]:
-    """Module -> (lora_A shape, lora_B shape), the same for every adapter, or ValueError."""
-    first = {m: (tuple(adapters[0].lora_a[m].shape), tuple(adapters[0].lora_b[m].shape)) for m in adapters[0].layer_names}
-    for i, adapter in enumerate(adapters[1:], 1):
-        mine = {m: (tuple(adapter.lora_a[m].shape), tuple(adapter.lora_b[m].shape)) for m in adapter.layer_names}
-        if mine != first:
-            module = next(m for m in sorted(set(mine) | set(first)) if mine.get(m) != first.get(m))
-            raise ValueError(f"adapter {i}: module {module!r} is {mine.get(module)}, adapter 0 has {first.get(module)}")
-    return dict(sorted(first.items()))
+def _shapes(adapter: Adapter) -> dict[str, Shapes]:
+    return {m: (tuple(adapter.lora_a[m].shape), tuple(adapter.lora_b[m].shape)) for m in adapter.layer_names}
+
+
+def _layout(adapters: list[Adapter], names: list[str] | None = None, expected: dict[str, Shapes] | None = None) -> dict[str, Shapes]:
+    """Module -> (lora_A shape, lora_B shape), the same for every adapter (and as `expected`), or
+    ValueError naming the first adapter that differs and how."""
+    expected = expected or _shapes(adapters[0])
+    for i, adapter in enumerate(adapters):
+        mine = _shapes(adapter)
+        if mine != expected:
+            module = next(m for m in sorted(set(mine) | set(expected)) if mine.get(m) != expected.get(m))
+            raise ValueError(f"adapter {names[i]!r} does not fit: module {module!r} is {mine.get(module)}, expected {expected.get(module)}"
+                             if names else f"adapter {i} does not fit: module {module!r} is {mine.get(module)}, expected {expected.get(module)}")
+    return dict(sorted(expected.items()))
 
 
 def _stack(adapters: list[Adapter], module: str, side: str) -> torch.Tensor:

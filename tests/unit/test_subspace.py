@@ -133,6 +133,10 @@ def test_streaming_build_reads_batches_and_equals_the_full_svd_when_nothing_is_t
     assert _projector_distance(full.components_a[m], reference.components_a[m]) > 0.1
     originals = dict(zip(ids, ours))
     assert abs(_delta_w_errors(mine, originals).mean() - _delta_w_errors(full, originals).mean()) < 1e-5
+    # The second pass projects every adapter on the final basis: errors measured, not estimated.
+    recorded = torch.stack([r.error for r in mine._rows.values()]).T.reshape(-1)
+    assert all(r.measured.all() for r in mine._rows.values())
+    assert torch.allclose(recorded.float(), _delta_w_errors(mine, originals), rtol=1e-4, atol=1e-6)
 
 
 def test_reconstruct_keeps_dtype_and_config_and_to_moves_everything(collection):
@@ -239,7 +243,7 @@ def test_bad_adapters_are_refused_with_the_reason(collection):
     sub = Subspace.from_adapters(ours[:4], ids[:4], num_components=2)
     m = sub.layer_names[0]
     wrong = Adapter({**ours[0].lora_a, m: torch.zeros(2, 64)}, {**ours[0].lora_b, m: torch.zeros(64, 2)})
-    with pytest.raises(ValueError, match=f"module '{m}' is"):
+    with pytest.raises(ValueError, match=f"adapter 'wrong' does not fit: module '{m}' is"):
         sub.project(wrong, "wrong")
     broken = Adapter({**ours[0].lora_a, m: torch.full_like(ours[0].lora_a[m], float("nan"))}, dict(ours[0].lora_b))
     with pytest.raises(ValueError, match="NaN or Inf"):
