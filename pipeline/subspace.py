@@ -37,6 +37,7 @@ from pipeline.linalg.incremental import absorb, truncate
 from pipeline.linalg.loadings import Move, Shapes, factor_basis, project_factors
 from pipeline.linalg.metrics import pair_grams, rebuilt_inner
 from pipeline.stages.compute import ComponentRule
+from pipeline.stages.version import error_summary
 
 
 @dataclass
@@ -325,10 +326,20 @@ class Subspace:
             "original_bytes": original,
             "stored_bytes": stored,
             "compression_ratio": original / stored["total"] if stored["total"] else 0.0,
+            "error": self.error_summary(),
             "quantization": self.quantization,
             "total_params_original": params_original,
             "total_params_compressed": params,
         }
+
+    def error_summary(self) -> dict[str, float]:
+        """Relative delta-W error over tasks (each task's mean over modules): mean, p50, p95, and
+        the max over every module; as a store's manifest records it."""
+        self._flush()
+        if not self.task_ids:
+            return {}
+        errors = torch.stack([rows.error for rows in self._rows.values()])
+        return error_summary(errors.mean(dim=0).numpy(), errors.amax(dim=0).numpy())
 
     def get_trainable_params(self, task_id: str, num_expand: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
         """Loadings of a task as leaf tensors with requires_grad, `<module>.loadings_a` / `_b`,

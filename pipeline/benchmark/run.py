@@ -1,7 +1,7 @@
 """The benchmark job: a seeded synthetic collection, compressed end to end on an embedded local
 Ray (repeated; medians), next to its floors and to vlora-dev on the same adapters; then an
 incremental re-base of new uploads against a full compress of everything, a one-adapter
-export, and the store quantized (int8, nf4). Prints a table and writes every figure as JSON.
+export, the store quantized (int8, nf4), and the Python API's builds (streaming, in memory). Prints a table and writes every figure as JSON.
 
     python -m jobs.benchmark [--config jobs/configs/benchmark.yaml] [--set key=value ...]
 """
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 DEFAULTS: dict[str, Any] = {
     "preset": "qwen0.5b", "structure": "shared", "dtype": "bf16", "adapters": 1000, "uploads": 100, "components": 16,
     "repeats": 3, "memory_budget": "256MiB", "chunk_size": None, "num_cpus": 2, "seed": 0,
-    "floors": True, "rebase": True, "vlora": True, "quantize": True,
+    "floors": True, "rebase": True, "vlora": True, "quantize": True, "library": True,
     "workdir": "benchmark-data", "endpoint_url": None, "out": "benchmark.json",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -108,6 +108,8 @@ def benchmark(config: dict) -> dict:
     if config["quantize"]:
         log.info("quantize the store: int8, then nf4")
         figures["quantize"] = _quantize(stores[0], endpoint)
+    if config["library"]:
+        figures["library"] = _library(source, config)
     if config["vlora"]:
         figures["vlora"] = _vlora(source, config) if root.is_local else {"skipped": "vlora reads local folders only"}
     for location in stores[1:]:
@@ -235,6 +237,23 @@ def _quantize(store: Location, endpoint: list) -> dict:
     return figures
 
 
+def _library(source: Location, config: dict) -> dict:
+    """The Python API's builds (pipeline.benchmark.library_side), streaming and all in memory."""
+    listing = os.path.abspath(f"{config['out']}.library-adapters.txt")
+    with open(listing, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(source.child(f"adapter-{i:05d}").uri for i in range(config["adapters"])))
+    figures = {}
+    for mode in ("streaming", "in-memory"):
+        log.info("Subspace build, %s, on the same %d adapters", mode, config["adapters"])
+        out = os.path.abspath(f"{config['out']}.library-{mode}.json")
+        endpoint = [config["endpoint_url"]] if config["endpoint_url"] else []
+        run = _require(run_with_peaks([sys.executable, "-m", "pipeline.benchmark.library_side", listing, str(config["components"]), mode, out,
+                                       *endpoint]), f"Subspace build ({mode})")
+        with open(out, encoding="utf-8") as handle:
+            figures[mode] = {**json.load(handle), "wall_seconds": run.seconds, "peak_rss_mib": run.peaks.get("driver", 0)}
+    return figures
+
+
 def _vlora(source: Location, config: dict) -> dict:
     listing = os.path.abspath(f"{config['out']}.vlora-adapters.txt")
     with open(listing, "w", encoding="utf-8") as handle:
@@ -313,6 +332,8 @@ def format_table(f: dict) -> str:
         lines.append(f"  store {before['total'] / 2**20:.2f} -> {after['total'] / 2**20:.2f} MiB (components "
                      f"{before['components'] / 2**20:.2f} -> {after['components'] / 2**20:.2f}); added delta-W error mean "
                      f"{q['added_error']['mean']:.5f}, max {q['added_error']['max']:.5f}")
+    for mode, lib in f.get("library", {}).items():
+        row(f"Subspace build, {mode}", lib["seconds"], {"driver": lib["peak_rss_mib"]})
     vlora = f.get("vlora")
     if vlora and "seconds" in vlora:
         row("vlora load_adapter + from_adapters", vlora["seconds"], {"driver": vlora["peak_rss_mib"]})

@@ -24,7 +24,7 @@ from pipeline.linalg import quantize
 from pipeline.stages.compute import LOADINGS_KEYS, LOADINGS_SCHEMA, ComponentRule, explained, loadings_matrix, loadings_rows
 from pipeline.stages.info import stored_bytes
 from pipeline.stages.plan import Shard
-from pipeline.stages.version import CATALOG_SCHEMA, error_summary, manifest_fields, rule_parameters
+from pipeline.stages.version import CATALOG_SCHEMA, manifest_fields, rule_parameters
 from pipeline.subspace import ModuleBasis, Subspace, _Rows
 
 BASIS_OBJECT_BYTES = 256 << 20  # components per basis object: export and re-base read whole objects
@@ -86,8 +86,7 @@ def write(sub: Subspace, store: Store, version: str, parent: str | None, operati
     files[version_path(version, LOADINGS)] = write_tables(where, LOADINGS, _loadings_tables(sub), LOADINGS_SCHEMA, LOADINGS_ROW_GROUP).to_dict()
     catalog = pa.Table.from_pylist(sorted(sub._catalog + sub.quarantined, key=lambda r: r["task_id"]), schema=CATALOG_SCHEMA)
     files[version_path(version, CATALOG)] = write_tables(where, CATALOG, [catalog], CATALOG_SCHEMA).to_dict()
-    errors = torch.stack([rows.error for rows in sub._rows.values()]) if sub._rows else torch.zeros(0, 0)
-    error = error_summary(errors.mean(dim=0).numpy(), errors.amax(dim=0).numpy()) if sub.task_ids else {}
+    error = sub.error_summary()
     adapters = {"ok": len(sub.task_ids), "quarantined": len(sub.quarantined), "in_basis": sum(bool(r["in_basis"]) for r in sub._catalog)}
     report = {"version": version, "operation": operation, "adapters": adapters, "error": error, "quantization": sub.quantization}
     files[version_path(version, REPORT)] = store.write_object(version, REPORT, json.dumps(report, indent=1).encode()).to_dict()

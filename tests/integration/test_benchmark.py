@@ -48,6 +48,11 @@ def test_local_run_measures_every_step_and_compares_with_vlora(tmp_path):
     assert int8["bytes_before"]["components"] > 3.9 * int8["bytes_after"]["components"] > nf4["bytes_after"]["components"]
     assert 0 < int8["added_error"]["mean"] < nf4["added_error"]["mean"]
     assert "quantize nf4, end to end" in done.stdout
+    streaming, in_memory = f["library"]["streaming"], f["library"]["in-memory"]
+    assert streaming["adapters"] == in_memory["adapters"] == 12
+    # 12 adapters, k + 10 kept while streaming: the same basis as one SVD, so the same errors.
+    assert streaming["error"]["mean"] == pytest.approx(in_memory["error"]["mean"], rel=1e-4)
+    assert in_memory["error"]["mean"] == pytest.approx(c["error"]["mean"], rel=1e-4)
 
     # A second run reuses the generated collection.
     done, _ = _benchmark(tmp_path, f"workdir={tmp_path / 'work'}", "vlora=false")
