@@ -173,8 +173,8 @@ def compute_shard(task: ShardTask) -> ShardResult:
                 k = result.decided_k = max(len(dec.singular_values), 1)
             bases[module, side] = _to(dec, "cpu")
             if task.quantize and task.mode != "project":
-                packed[module, side] = quantize.encode(dec.components, task.quantize)
-                bases[module, side] = dataclasses.replace(bases[module, side], components=quantize.decode(packed[module, side], dec.mean.shape[0]))
+                codes = packed[module, side] = quantize.encode(dec.components, task.quantize)
+                bases[module, side] = dataclasses.replace(bases[module, side], components=quantize.decode(codes, dec.mean.shape[0]))
         a, b = bases[module, "A"], bases[module, "B"]
         result.modules.append(ModuleResult(
             module, *shapes, len(a.singular_values), len(b.singular_values),
