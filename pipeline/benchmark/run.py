@@ -1,7 +1,9 @@
 """The benchmark job: a seeded synthetic collection, compressed end to end on an embedded local
 Ray (repeated; medians), next to its floors and to vlora-dev on the same adapters; then an
 incremental re-base of new uploads against a full compress of everything, a one-adapter
-export, the store quantized (int8, nf4), and the Python API's builds (streaming, in memory). Prints a table and writes every figure as JSON.
+export, the store quantized (int8, nf4), the Python API's builds (streaming, in memory), and the
+flat, aligned and joint methods at equal bytes on a collection and its gauge twin. Prints a
+table and writes every figure as JSON.
 
     python -m jobs.benchmark [--config jobs/configs/benchmark.yaml] [--set key=value ...]
 """
@@ -24,6 +26,8 @@ import psutil
 import torch
 
 from pipeline import cli, jobspec
+from pipeline.adapter import Adapter
+from pipeline.benchmark import methods
 from pipeline.benchmark.floors import math_floor, read_floor
 from pipeline.benchmark.peaks import Run, run_with_peaks
 from pipeline.errors import PipelineError
@@ -37,7 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULTS: dict[str, Any] = {
     "preset": "qwen0.5b", "structure": "shared", "dtype": "bf16", "adapters": 1000, "uploads": 100, "components": 16,
     "repeats": 3, "memory_budget": "256MiB", "chunk_size": None, "num_cpus": 2, "seed": 0,
-    "floors": True, "rebase": True, "vlora": True, "quantize": True, "library": True,
+    "floors": True, "rebase": True, "vlora": True, "quantize": True, "library": True, "methods": 100,
     "workdir": "benchmark-data", "endpoint_url": None, "out": "benchmark.json",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -72,6 +76,8 @@ def _check(config: dict) -> None:
     for key in ("adapters", "repeats", "components"):
         if config[key] < 1:
             raise PipelineError(f"benchmark: {key} must be at least 1")
+    if config["methods"] and config["methods"] < 2:
+        raise PipelineError("benchmark: methods must be 0 (skip) or at least 2 adapters")
 
 
 def benchmark(config: dict) -> dict:
@@ -110,6 +116,8 @@ def benchmark(config: dict) -> dict:
         figures["quantize"] = _quantize(stores[0], endpoint)
     if config["library"]:
         figures["library"] = _library(source, config)
+    if config["methods"]:
+        figures["methods"] = _methods(root, config)
     if config["vlora"]:
         figures["vlora"] = _vlora(source, config) if root.is_local else {"skipped": "vlora reads local folders only"}
     for location in stores[1:]:
@@ -254,6 +262,18 @@ def _library(source: Location, config: dict) -> dict:
     return figures
 
 
+def _methods(root: Location, config: dict) -> dict:
+    """Flat, aligned and joint at equal bytes on `methods` adapters of the preset and on their gauge
+    twin (pipeline.benchmark.methods), float32."""
+    figures = {}
+    for structure in ("shared", "gauge"):
+        where = root.child(f"methods-{config['preset']}-{config['seed']}", structure)
+        log.info("methods at equal bytes: %d %s adapters", config["methods"], structure)
+        ids = generate(where, config["methods"], preset=config["preset"], seed=config["seed"], structure=structure)
+        figures[structure] = methods.compare([Adapter.load(where.child(t).uri, config["endpoint_url"]) for t in ids], config["components"])
+    return figures
+
+
 def _vlora(source: Location, config: dict) -> dict:
     listing = os.path.abspath(f"{config['out']}.vlora-adapters.txt")
     with open(listing, "w", encoding="utf-8") as handle:
@@ -281,6 +301,12 @@ def _ratios_and_targets(f: dict) -> tuple[dict, list[dict]]:
         targets.append(_target("incremental re-base at most 10% of a full compress (job seconds)",
                                ratios["rebase_over_full_compress_job_seconds"], "<=", 0.10))
     targets.append(_target("one-adapter export after start-up, seconds", f["export"]["seconds"], "<", 1.0))
+    if "methods" in f:
+        shared, gauge = f["methods"]["shared"], f["methods"]["gauge"]
+        best = min(gauge["aligned"]["error"], gauge["joint"]["error"])
+        ratios["gauge_best_over_flat_on_twin"] = best / max(shared["flat"]["error"], 1e-12)
+        targets.append(_target("gauge twin: best invariant method at the flat bytes within 1.5x of flat on the un-rotated twin",
+                               ratios["gauge_best_over_flat_on_twin"], "<=", 1.5))
     vlora = f.get("vlora", {})
     if "seconds" in vlora:
         ratios["vlora_over_ours"] = vlora["seconds"] / ours["seconds"]
@@ -332,6 +358,12 @@ def format_table(f: dict) -> str:
         lines.append(f"  store {before['total'] / 2**20:.2f} -> {after['total'] / 2**20:.2f} MiB (components "
                      f"{before['components'] / 2**20:.2f} -> {after['components'] / 2**20:.2f}); added delta-W error mean "
                      f"{q['added_error']['mean']:.5f}, max {q['added_error']['max']:.5f}")
+    if "methods" in f:
+        m = f["methods"]
+        lines.append(f"methods at equal bytes ({c['methods']} adapters, joint c {m['shared']['joint_width']}): delta-W error mean, seconds")
+        for structure in ("shared", "gauge"):
+            lines.append(f"  {structure:8}" + "".join(f"  {name} {m[structure][name]['error']:.4f} ({m[structure][name]['seconds']:.1f} s)"
+                                                     for name in methods.METHODS))
     for mode, lib in f.get("library", {}).items():
         row(f"Subspace build, {mode}", lib["seconds"], {"driver": lib["peak_rss_mib"]})
     vlora = f.get("vlora")

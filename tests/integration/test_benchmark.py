@@ -12,7 +12,7 @@ from pipeline.synthetic import PRESETS
 
 def _benchmark(tmp_path, *settings, env=None):
     out = tmp_path / "figures.json"
-    sets = [f"out={out}", "preset=micro", "adapters=12", "uploads=3", "repeats=1", "components=3", *settings]
+    sets = [f"out={out}", "preset=micro", "adapters=12", "uploads=3", "repeats=1", "components=3", "methods=12", *settings]
     done = subprocess.run([sys.executable, "-m", "jobs.benchmark", "--config", "jobs/configs/benchmark.yaml",
                            *[arg for s in sets for arg in ("--set", s)]], capture_output=True, text=True, timeout=600, env=env)
     return done, (json.loads(out.read_text()) if out.exists() else None)
@@ -53,6 +53,11 @@ def test_local_run_measures_every_step_and_compares_with_vlora(tmp_path):
     # 12 adapters, k + 10 kept while streaming: the same basis as one SVD, so the same errors.
     assert streaming["error"]["mean"] == pytest.approx(in_memory["error"]["mean"], rel=1e-4)
     assert in_memory["error"]["mean"] == pytest.approx(c["error"]["mean"], rel=1e-4)
+    shared, gauge = f["methods"]["shared"], f["methods"]["gauge"]
+    assert gauge["flat"]["error"] > 1.3 * shared["flat"]["error"]  # factors in different gauges defeat the flat basis
+    for method in ("aligned", "joint"):  # the same delta W, so the same errors, whatever the gauges
+        assert gauge[method]["error"] == pytest.approx(shared[method]["error"], rel=1e-3)
+    assert "methods at equal bytes" in done.stdout
 
     # A second run reuses the generated collection.
     done, _ = _benchmark(tmp_path, f"workdir={tmp_path / 'work'}", "vlora=false")

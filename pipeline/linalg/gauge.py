@@ -1,0 +1,157 @@
+"""Bases that see delta W = B A rather than the factors, so an adapter's gauge (A -> R A,
+B -> B R^-1 for any invertible R) changes nothing.
+
+Joint bases (after "Compress then Serve", Brüel-Gabrielsson et al. 2025): per module, orthonormal
+U (d_out, c) and V (d_in, c) shared by the collection, fitted to maximise sum_i ||U^T dW_i V||_F^2
+by alternating eigenproblems; each adapter keeps a core U^T dW_i V (c x c, rank <= r), stored as
+factors P_i (c, q) and Q_i (q, c) of its best rank-q approximation. Rebuilt: B' = U P_i,
+A' = Q_i V^T. Everything goes through the factors: U's problem is sum_i B_i (A_i V)(A_i V)^T B_i^T
+(d_out x d_out), V's is sum_i A_i^T (B_i^T U)(B_i^T U)^T A_i (d_in x d_in); no d_out x d_in
+matrix is formed.
+
+Canonical factors: B = Q_b R_b and A^T = Q_a R_a (thin QR), then the SVD X S Y^T of the r x r
+R_b R_a^T gives dW = (Q_b X) S (Q_a Y)^T; the balanced factors B^ = Q_b X S^1/2, A^ = S^1/2 Y^T Q_a^T,
+with the sign of each pair fixed, depend on dW alone (for distinct singular values). Aligned
+factors then rotate every adapter's canonical factors by the orthogonal R_i that best matches a
+reference (orthogonal Procrustes), the reference being refined as the mean of the aligned ones:
+a flat SVD of aligned factors sees structure that lives in factor space, whatever each adapter's
+gauge.
+
+Adapters of different ranks are zero-padded to the largest: B A is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import scipy.linalg
+import torch
+
+JOINT_ITERATIONS = 10
+JOINT_TOLERANCE = 1e-5  # relative gain of the captured energy below which the fit stops
+ALIGN_ROUNDS = 3
+
+
+def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (n, r, d_in), (n, d_out, r) zero-padded to `rank`: B A is unchanged."""
+    extra = rank - a.shape[-2]
+    if extra <= 0:
+        return a, b
+    return torch.nn.functional.pad(a, (0, 0, 0, extra)), torch.nn.functional.pad(b, (0, extra))
+
+
+def canonical_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A^, B^, s): balanced factors of the SVD of each B A, from (n, r, d_in) and (n, d_out, r),
+    float64; s (n, r) the singular values, descending. Signs fixed so the largest entry of each
+    column of B^ is positive."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    qb, rb = torch.linalg.qr(b)  # (n, d_out, r), (n, r, r)
+    qa, ra = torch.linalg.qr(a.transpose(1, 2))  # (n, d_in, r), (n, r, r)
+    x, s, yh = torch.linalg.svd(rb @ ra.transpose(1, 2))
+    root = s.sqrt()
+    b_hat = (qb @ x) * root[:, None, :]
+    a_hat = (root[:, :, None] * yh) @ qa.transpose(1, 2)
+    pivots = b_hat.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(torch.gather(b_hat, 1, pivots)).squeeze(1)
+    signs[signs == 0] = 1
+    return a_hat * signs[:, :, None], b_hat * signs[:, None, :], s
+
+
+def align(a: torch.Tensor, b: torch.Tensor, rounds: int = ALIGN_ROUNDS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical factors of every adapter, each rotated by the orthogonal R_i that brings it
+    closest to the collection's reference: R_i A^_i near the reference A, B^_i R_i^T near the
+    reference B (orthogonal Procrustes). The reference starts as the adapter of largest ||B A||
+    and is then the mean of the aligned factors, `rounds` times. B A is unchanged."""
+    a_hat, b_hat, s = canonical_factors(a, b)
+    first = int(s.pow(2).sum(dim=1).argmax())
+    ref_a, ref_b = a_hat[first], b_hat[first]
+    for _ in range(rounds):
+        # max_R tr(R^T M), M = ref_A A^_i^T + ref_B^T B^_i: R = U_M V_M^T.
+        m = ref_a @ a_hat.transpose(1, 2) + ref_b.T @ b_hat
+        u, _, vh = torch.linalg.svd(m)
+        rotation = u @ vh
+        aligned_a, aligned_b = rotation @ a_hat, b_hat @ rotation.transpose(1, 2)
+        ref_a, ref_b = aligned_a.mean(dim=0), aligned_b.mean(dim=0)
+    return aligned_a, aligned_b
+
+
+@dataclass
+class JointBasis:
+    """u (d_out, c) and v (d_in, c) orthonormal columns; energy: sum_i ||U^T dW_i V||^2 captured,
+    total: sum_i ||dW_i||^2."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    energy: float
+    total: float
+    iterations: int
+
+
+def fit_joint(a: torch.Tensor, b: torch.Tensor, c: int, iterations: int = JOINT_ITERATIONS,
+              init: JointBasis | None = None) -> JointBasis:
+    """Shared U, V of width c for factors a (n, r, d_in), b (n, d_out, r), by alternating exact
+    maximisations (each step cannot lose captured energy). `init` warm-starts from earlier bases
+    (a re-base); otherwise V starts as the top-c eigenvectors of sum_i A_i^T B_i^T B_i A_i."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    d_out, d_in = b.shape[1], a.shape[2]
+    c = min(c, d_out, d_in)
+    btb = b.transpose(1, 2) @ b  # (n, r, r)
+    total = float(torch.einsum("nij,nji->", btb, a @ a.transpose(1, 2)))
+    if init is not None:
+        v = init.v.to(torch.float64)[:, :c]
+    else:
+        v = _top(torch.einsum("nri,nrs,nsj->ij", a, btb, a), c)
+    energy, done = 0.0, 0
+    for done in range(1, iterations + 1):
+        u = _top(_sum_outer(b, a @ v), c)
+        btu = b.transpose(1, 2) @ u  # (n, r, c)
+        v = _top(_sum_outer(a.transpose(1, 2), btu), c)
+        gained = float((btu.transpose(1, 2) @ (a @ v)).pow(2).sum())
+        if gained - energy <= JOINT_TOLERANCE * max(gained, 1e-300):
+            energy = gained
+            break
+        energy = gained
+    return JointBasis(u.to(torch.float32), v.to(torch.float32), energy, total, done)
+
+
+def joint_cores(basis: JointBasis, a: torch.Tensor, b: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q (n, q, c), P (n, c, q), relative delta-W error (n,)) of each adapter on the bases: the
+    best rank-q factors of its core U^T B A V, balanced and sign-fixed (so they depend on
+    dW alone). The error is exact, from the Pythagorean split of dW - U C V^T into what the bases
+    miss and what truncating the core to q drops, both in float64."""
+    u, v = basis.u.to(torch.float64), basis.v.to(torch.float64)
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    core_a, core_b, s = canonical_factors(a @ v, u.T @ b)  # (n, r, c), (n, c, r), (n, r)
+    q = min(q, s.shape[1])
+    norm2 = torch.einsum("nij,nji->n", b.transpose(1, 2) @ b, a @ a.transpose(1, 2))
+    captured = s.pow(2).sum(dim=1)
+    kept = s[:, :q].pow(2).sum(dim=1)
+    error2 = (norm2 - captured).clamp_min(0) + (captured - kept)
+    error = torch.where(norm2 > 0, (error2 / norm2.clamp_min(1e-300)).sqrt(), error2.sqrt())
+    return core_a[:, :q].to(torch.float32), core_b[:, :, :q].to(torch.float32), error
+
+
+def joint_rebuild(basis: JointBasis, core_a: torch.Tensor, core_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard LoRA factors A' (n, rank, d_in) = Q V^T and B' (n, d_out, rank) = U P, zero-padded
+    from q to the adapter's rank so its config stays valid."""
+    return pad_rank(core_a @ basis.v.T, basis.u @ core_b, rank)
+
+
+def _sum_outer(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sum_i F_i G_i G_i^T F_i^T for f (n, d, r), g (n, r, c), as one (d, n r) product: with
+    G_i^T = Q_i R_i (thin QR), G_i G_i^T = R_i^T R_i, so each term is (F_i R_i^T)(F_i R_i^T)^T and
+    r, not c, columns per adapter enter the product."""
+    r_factor = torch.linalg.qr(g.transpose(1, 2), mode="r").R  # (n, min(c, r), r)
+    y = f @ r_factor.transpose(1, 2)  # (n, d, min(c, r))
+    flat = y.transpose(0, 1).reshape(y.shape[1], -1)
+    return flat @ flat.T
+
+
+def _top(square: torch.Tensor, count: int) -> torch.Tensor:
+    """Top `count` eigenvectors (columns) of a symmetric PSD float64 matrix (only those computed:
+    LAPACK's MRRR through scipy, on the CPU)."""
+    n = square.shape[0]
+    if square.device.type != "cpu":
+        return torch.linalg.eigh(square)[1][:, -count:].flip(1)
+    _, vectors = scipy.linalg.eigh(square.numpy(), subset_by_index=[n - count, n - 1], driver="evr")
+    return torch.from_numpy(vectors).flip(1).contiguous()
