@@ -47,7 +47,7 @@ def compare(adapters: list[Adapter], k: int) -> dict:
                 c = widths[module] = joint_width(flat_floats(n, k, r, d_in, d_out), n, r, d_in, d_out)
                 error = joint_cores(fit_joint(a, b, c), a, b, r)[2]
             else:
-                fa, fb = (a, b) if method == "flat" else (x.to(torch.float32) for x in align(a, b))
+                fa, fb = (a, b) if method == "flat" else (x.to(torch.float32) for x in align(a, b, k))
                 xa, xb = fa.reshape(n, -1), fb.reshape(n, -1)
                 error = project_factors(xa, xb, centred_svd(xa, k), centred_svd(xb, k), ((r, d_in), (d_out, r)))[2]
             seconds[method] += time.perf_counter() - started
