@@ -158,7 +158,7 @@ class Subspace:
         task_ids = _task_ids(task_ids, len(adapters))
         if not adapters:
             raise ValueError("need at least one adapter")
-        shapes = _layout(adapters)
+        shapes = _layout(adapters, task_ids)
         rule = ComponentRule(None if adaptive_k else num_components, variance_threshold, adaptive_k)
         bases = _fit(rule, list(shapes), lambda m, side, k, t: centred_svd(_stack(adapters, m, side), k, t, svd_route))
         sub = cls({m: ModuleBasis(a, b, shapes[m]) for m, (a, b) in bases.items()}, rule, svd_route)
@@ -192,7 +192,7 @@ class Subspace:
         rule, shapes, bases = ComponentRule(num_components + OVERSAMPLE), None, {}
         for batch, ids in batches():
             if shapes is None:
-                shapes = _layout(batch)
+                shapes = _layout(batch, ids)
                 bases = _fit(rule, list(shapes), lambda m, side, k, t: centred_svd(_stack(batch, m, side), k, t))
                 continue
             _layout(batch, ids, shapes)
@@ -536,7 +536,7 @@ def _shapes(adapter: Adapter) -> dict[str, Shapes]:
     return {m: (tuple(adapter.lora_a[m].shape), tuple(adapter.lora_b[m].shape)) for m in adapter.layer_names}
 
 
-def _layout(adapters: list[Adapter], names: list[str] | None = None, expected: dict[str, Shapes] | None = None) -> dict[str, Shapes]:
+def _layout(adapters: list[Adapter], names: list[str], expected: dict[str, Shapes] | None = None) -> dict[str, Shapes]:
     """Module -> (lora_A shape, lora_B shape), the same for every adapter (and as `expected`), or
     ValueError naming the first adapter that differs and how."""
     expected = expected or _shapes(adapters[0])
@@ -544,8 +544,7 @@ def _layout(adapters: list[Adapter], names: list[str] | None = None, expected: d
         mine = _shapes(adapter)
         if mine != expected:
             module = next(m for m in sorted(set(mine) | set(expected)) if mine.get(m) != expected.get(m))
-            raise ValueError(f"adapter {names[i]!r} does not fit: module {module!r} is {mine.get(module)}, expected {expected.get(module)}"
-                             if names else f"adapter {i} does not fit: module {module!r} is {mine.get(module)}, expected {expected.get(module)}")
+            raise ValueError(f"adapter {names[i]!r} does not fit: module {module!r} is {mine.get(module)}, expected {expected.get(module)}")
     return dict(sorted(expected.items()))
 
 
