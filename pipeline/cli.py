@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("folder")
     ve.add_argument("--version", help="a version id (default: current)")
 
+    ev = sub.add_parser("evaluate", parents=[common], help="held-out delta-W error of a basis built like the store's, against baselines")
+    ev.add_argument("store", help="the store whose k the basis uses")
+    ev.add_argument("source", help="the collection (folder or manifest, as compress takes it)")
+    ev.add_argument("--holdout", type=_fraction, default=0.1, help="fraction of adapters held out (default 0.1)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+
     rp = sub.add_parser("report", parents=[common], help="write a self-contained HTML report of a version")
     rp.add_argument("store")
     rp.add_argument("--out", required=True, help="the HTML file to write (path, file:// or s3://)")
@@ -390,10 +396,19 @@ def cmd_vlora_export(args) -> dict:
     return {"version": sub.origin[1], "tasks": written, "out": str(Location(args.folder, args.endpoint_url))}
 
 
+def cmd_evaluate(args) -> dict:
+    from pipeline.stages.evaluate import evaluate, format_evaluation
+
+    result = evaluate(Store(Location(args.store, args.endpoint_url)), Location(args.source, args.endpoint_url), args.holdout, args.seed)
+    if not args.json:
+        print(format_evaluation(result))
+    return result
+
+
 COMMANDS = {
     "compress": cmd_compress, "project": cmd_project, "rebase": cmd_rebase, "info": cmd_info, "export": cmd_export,
     "verify": cmd_verify, "versions": cmd_versions, "report": cmd_report, "rollback": cmd_rollback, "prune": cmd_prune,
-    "quantize": cmd_quantize, "vlora-import": cmd_vlora_import, "vlora-export": cmd_vlora_export,
+    "quantize": cmd_quantize, "vlora-import": cmd_vlora_import, "vlora-export": cmd_vlora_export, "evaluate": cmd_evaluate,
 }
 
 if __name__ == "__main__":
