@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--variance-threshold", type=_fraction, default=0.6, help="explained variance to keep (default 0.6)")
     c.add_argument("--adaptive", action="store_true", help="choose k per module from the variance threshold")
     c.add_argument("--svd-route", default="auto", choices=["auto", "gram", "covariance", "svd", "randomized"])
+    c.add_argument("--method", choices=["flat", "aligned"], default="flat",
+                   help="flat: vlora's (default); aligned: put every adapter's factors in one gauge first (needs --components)")
     c.add_argument("--quantize", choices=["int8", "nf4"], help="store the components packed: int8 (4x smaller) or nf4 (7.5x)")
     c.add_argument("--chunk-size", type=_positive, help="adapters per step: the first chunk is compressed, the rest absorbed "
                    "incrementally, each publishing a version (bounds memory whatever the collection's size)")
@@ -187,8 +189,10 @@ def cmd_compress(args) -> dict:
     from pipeline.stages.compute import ComponentRule
     from pipeline.stages.version import Options
 
+    if args.method == "aligned" and args.components is None:
+        raise PipelineError("--method aligned needs --components (the rank of the structure the alignment looks for)")
     rule = ComponentRule(args.components, args.variance_threshold, args.adaptive)
-    options = Options(rule, args.memory_budget, args.strict, args.svd_route, quantize=args.quantize)
+    options = Options(rule, args.memory_budget, args.strict, args.svd_route, quantize=args.quantize, method=args.method)
     source, store = Location(args.source, args.endpoint_url), Store(Location(args.out, args.endpoint_url))
     summaries = [s.to_dict() for s in compress(source, store, _ray(args), options, args.chunk_size)]
     if not args.json:

@@ -99,6 +99,7 @@ class Subspace:
         self.rule, self.route = rule, route
         self.task_ids: list[str] = []
         self.quantization: dict | None = None  # {"scheme", "added_error"} once quantized
+        self.method = "flat"  # "aligned" for a store compressed with --method aligned
         self.source: str | None = None  # the collection's URI, when it came from a store
         self.origin: tuple[str, str] | None = None  # (store, version) last loaded from or saved to
         self.quarantined: list[dict] = []  # catalog rows of a store's quarantined adapters, kept on save
@@ -403,6 +404,9 @@ class Subspace:
         return adapters, task_ids
 
     def _check_fits(self, adapter: Adapter, task_id: str) -> None:
+        if self.method != "flat":
+            raise ValueError(f"this basis is of {self.method} factors: add adapters with `lora-subspace project` or `rebase`, "
+                             "which align them first")
         _layout([adapter], [task_id], {m: mb.shapes for m, mb in self.modules.items()})
 
     def _project(self, adapters: list[Adapter]) -> dict[str, _Rows]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import scipy.linalg
 import torch
 
-from pipeline.linalg.decompose import centred_svd, project, reconstruct
+from pipeline.linalg.decompose import Decomposition, centred_svd, project, reconstruct
 
 JOINT_ITERATIONS = 10
 JOINT_TOLERANCE = 1e-5  # relative gain of the captured energy below which the fit stops
@@ -81,6 +81,20 @@ def align(a: torch.Tensor, b: torch.Tensor, components: int | None = None, round
     return a_hat, b_hat
 
 
+def align_to(a: torch.Tensor, b: torch.Tensor, basis_a: Decomposition, basis_b: Decomposition,
+             rounds: int = REFINE_ROUNDS) -> tuple[torch.Tensor, torch.Tensor]:
+    """New adapters' canonical factors rotated into the gauge of a collection already aligned and
+    fitted (bases of its flattened lora_A and lora_B): towards the bases' means first, then
+    `rounds` times towards each adapter's own rebuild on the bases. B A is unchanged."""
+    a_hat, b_hat, _ = canonical_factors(a, b)
+    ref_a = basis_a.mean.to(a_hat).view(a_hat.shape[1:]).expand_as(a_hat)
+    ref_b = basis_b.mean.to(b_hat).view(b_hat.shape[1:]).expand_as(b_hat)
+    for _ in range(rounds + 1):
+        a_hat, b_hat = _procrustes(a_hat, b_hat, ref_a, ref_b)
+        ref_a, ref_b = _rebuild_on(a_hat, basis_a), _rebuild_on(b_hat, basis_b)
+    return a_hat, b_hat
+
+
 def _procrustes(a_hat, b_hat, ref_a, ref_b):
     """Each adapter's factors rotated by the orthogonal R maximising tr(R^T M), M = ref_A A^^T +
     ref_B^T B^: R = U_M V_M^T."""
@@ -91,9 +105,14 @@ def _procrustes(a_hat, b_hat, ref_a, ref_b):
 
 def _flat_rebuild(x: torch.Tensor, k: int) -> torch.Tensor:
     """Each row of x (n, ...) rebuilt from its projection on the top k centred directions."""
+    return _rebuild_on(x, centred_svd(x.reshape(len(x), -1).to(torch.float32), k))
+
+
+def _rebuild_on(x: torch.Tensor, dec: Decomposition) -> torch.Tensor:
+    """Each row of x (n, ...) rebuilt from its projection on the basis dec."""
     flat = x.reshape(len(x), -1)
-    dec = centred_svd(flat.to(torch.float32), k)
-    return reconstruct(project(flat, dec.components, dec.mean), dec.components, dec.mean).to(x.dtype).view_as(x)
+    components, mean = dec.components.to(flat.device), dec.mean.to(flat.device)
+    return reconstruct(project(flat, components, mean), components, mean).to(x.dtype).view_as(x)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pipeline.io.store import FileEntry, Store, basis_file, basis_tensors, done_
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg import quantize
 from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, reconstruct
+from pipeline.linalg.gauge import align, align_to
 from pipeline.linalg.incremental import absorb
 from pipeline.linalg.loadings import Move, project_factors
 from pipeline.stages.plan import Shard
@@ -98,6 +99,7 @@ class ShardTask:
     fixed_k: int | None = None  # the collection-wide k, once the first module decided it
     route: str = "auto"
     quantize: str | None = None  # int8 | nf4: the basis is stored packed, and loadings fit what is stored
+    method: str = "flat"  # aligned: the factors are put in the collection's gauge first (linalg.gauge)
     key: str = ""  # digest of everything the result depends on: a resumed run reuses a matching shard
 
 
@@ -152,6 +154,10 @@ def compute_shard(task: ShardTask) -> ShardResult:
     if task.parent and task.parent.refit:
         _add_parent_rows(store, task, parents, stacks, result)
     result.seconds["read"] = time.perf_counter() - clock
+    if task.method == "aligned":
+        clock = time.perf_counter()
+        _align(task, stacks, parents)
+        result.seconds["align"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     k = task.fixed_k
@@ -271,6 +277,19 @@ def _add_parent_rows(store, task, parents, stacks, result) -> None:
         elif old[0] is not None:
             stacks[module] = old
     result.stack_bytes = sum(4 * x.numel() for pair in stacks.values() for x in pair)
+
+
+def _align(task: ShardTask, stacks, parents) -> None:
+    """Replace each module's factors by aligned ones (the same delta W, in the collection's gauge):
+    a fit aligns its whole stack, project and absorb align the new rows to the parent's bases."""
+    for module, (xa, xb) in stacks.items():
+        (r, d_in), (d_out, _) = task.shapes[module]
+        a, b = xa.view(-1, r, d_in), xb.view(-1, d_out, r)
+        if task.mode == "fit":
+            aligned = align(a, b, task.rule.components)
+        else:
+            aligned = align_to(a, b, parents[module, "A"], parents[module, "B"])
+        stacks[module] = [x.reshape(len(xa), -1).to(torch.float32) for x in aligned]
 
 
 # -- loadings rows ---------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def grow(
         if changes.missing:
             log.info("%d adapter(s) in the store are no longer in the source; they stay", len(changes.missing))
         options = dataclasses.replace(options, rule=_rule(manifest), route=manifest["parameters"]["svd_route"],
-                                      quantize=manifest["parameters"].get("quantize"))
+                                      quantize=manifest["parameters"].get("quantize"), method=manifest["parameters"].get("method", "flat"))
         if from_source:
             to_read = refs  # adapters gone from the source join as rebuilt from the store
         else:

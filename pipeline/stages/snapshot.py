@@ -94,7 +94,7 @@ def write(sub: Subspace, store: Store, version: str, parent: str | None, operati
     return {
         **manifest_fields(version, parent, operation),
         "source": sub.source,
-        "parameters": rule_parameters(sub.rule, sub.route, sub.quantization["scheme"] if sub.quantization else None),
+        "parameters": rule_parameters(sub.rule, sub.route, sub.quantization["scheme"] if sub.quantization else None, sub.method),
         "adapters": adapters,
         "original_bytes": sum(r["weights_bytes"] + len((r["config_json"] or "").encode()) for r in sub._catalog),
         "base_model": first.get("base_model"),
@@ -147,6 +147,7 @@ def load(uri: str, version: str | None = None, endpoint_url: str | None = None) 
     sub._add(ids, rows, ok)
     sub.quarantined = [r for r in catalog if r["status"] != "ok"]
     sub.quantization, sub.source, sub.origin = manifest.get("quantization"), manifest.get("source"), (str(store), version)
+    sub.method = p.get("method", "flat")
     return sub
 
 

@@ -63,6 +63,7 @@ class Options:
     route: str = "auto"
     max_error: float | None = None  # flag new adapters above this delta-W error
     quantize: str | None = None  # int8 | nf4: bases stored packed (linalg.quantize)
+    method: str = "flat"  # flat (vlora's) | aligned (factors put in one gauge first: linalg.gauge)
 
 
 @dataclass
@@ -213,7 +214,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
         checksums = {path: change.parent_manifest["files"][path] for path in set(basis.values())}
         parent = Parent(basis, checksums, version_path(change.parent, LOADINGS), drop, change.refit)
 
-    inputs = _digest([change.operation, change.mode, change.parent, change.refit, dataclasses.asdict(options.rule), options.route, options.quantize,
+    inputs = _digest([change.operation, change.mode, change.parent, change.refit, dataclasses.asdict(options.rule), options.route, options.quantize, options.method,
                       [(a.task_id, a.location.uri, a.weights_bytes, a.weights_tag) for a in good]])
     finished = store.finished_shards(version)
     # The adapters' own filesystem reads them: a manifest source lists folders on one filesystem
@@ -224,7 +225,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
         new = [(a.task_id, a.weights_path, {m: a.modules[m] for m in shard.modules}) for a in good]
         key = _digest([inputs, shard.modules, fixed_k])
         return ShardTask(shard, change.mode, options.rule, store.location, version, reader, new, shapes, parent, fixed_k, options.route,
-                         options.quantize, key)
+                         options.quantize, options.method, key)
 
     progress = Progress("compute", len(shards), "shards")
     results: list[ShardResult | None] = [None] * len(shards)
@@ -373,7 +374,7 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
     manifest = {
         **manifest_fields(version, change.parent, change.operation),
         "source": redact(source.uri) if source else (change.parent_manifest or {}).get("source"),
-        "parameters": rule_parameters(options.rule, options.route, options.quantize),
+        "parameters": rule_parameters(options.rule, options.route, options.quantize, options.method),
         "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
         "original_bytes": catalog.original_bytes,
         "base_model": good[0].base_model if good else change.parent_manifest.get("base_model"),
@@ -404,7 +405,7 @@ def manifest_fields(version: str, parent: str | None, operation: str) -> dict:
     }
 
 
-def rule_parameters(rule: ComponentRule, route: str, quantize: str | None) -> dict:
+def rule_parameters(rule: ComponentRule, route: str, quantize: str | None, method: str = "flat") -> dict:
     """Manifest `parameters`: what project and rebase reuse."""
     return {
         "components": rule.components,
@@ -412,6 +413,7 @@ def rule_parameters(rule: ComponentRule, route: str, quantize: str | None) -> di
         "adaptive": rule.adaptive,
         "svd_route": route,
         "quantize": quantize,
+        "method": method,
     }
 
 
