@@ -12,10 +12,10 @@ matrix is formed.
 Canonical factors: B = Q_b R_b and A^T = Q_a R_a (thin QR), then the SVD X S Y^T of the r x r
 R_b R_a^T gives dW = (Q_b X) S (Q_a Y)^T; the balanced factors B^ = Q_b X S^1/2, A^ = S^1/2 Y^T Q_a^T,
 with the sign of each pair fixed, depend on dW alone (for distinct singular values). Aligned
-factors then rotate every adapter's canonical factors by the orthogonal R_i that best matches a
-reference (orthogonal Procrustes), the reference being refined as the mean of the aligned ones:
-a flat SVD of aligned factors sees structure that lives in factor space, whatever each adapter's
-gauge.
+factors then rotate every adapter's canonical factors by an orthogonal R_i (orthogonal
+Procrustes): towards a reference first, then towards the adapter's own rebuild by a rank-k flat
+fit of the aligned collection, a few rounds. A flat SVD of aligned factors sees structure that
+lives in factor space, whatever each adapter's gauge (`compress --method aligned`).
 
 Adapters of different ranks are zero-padded to the largest: B A is unchanged.
 """
