@@ -33,6 +33,7 @@ from pipeline.adapter import Adapter, as_adapter
 from pipeline.io.safetensors_ranges import DTYPES
 from pipeline.linalg import quantize as quant
 from pipeline.linalg.decompose import OVERSAMPLE, Decomposition, centred_svd, reconstruct
+from pipeline.linalg.gauge import align_rows
 from pipeline.linalg.incremental import absorb, truncate
 from pipeline.linalg.loadings import Move, Shapes, factor_basis, project_factors
 from pipeline.linalg.metrics import pair_grams, rebuilt_inner
@@ -149,20 +150,26 @@ class Subspace:
         num_components: int | None = None,
         adaptive_k: bool = False,
         svd_route: str = "auto",
+        method: str = "flat",
     ) -> Subspace:
         """Step 1: one centred SVD per module and side over the adapters, which are then projected.
         k: `num_components`; else the fewest components explaining `variance_threshold` of the
         variance, decided on the first module's lora_A and used everywhere, or per module and side
         with `adaptive_k` (vlora's rules). Adapters: Adapter, vlora LoRAWeights, state dicts or
-        folder URIs."""
+        folder URIs. `method="aligned"` (with num_components) puts every adapter's factors in one
+        gauge first, as compress --method aligned does; new adapters are aligned to the basis."""
         adapters = [as_adapter(a) for a in adapters]
         task_ids = _task_ids(task_ids, len(adapters))
         if not adapters:
             raise ValueError("need at least one adapter")
+        if method not in ("flat", "aligned") or (method == "aligned" and num_components is None):
+            raise ValueError(f"method must be flat, or aligned with num_components; got {method!r}")
         shapes = _layout(adapters, task_ids)
         rule = ComponentRule(None if adaptive_k else num_components, variance_threshold, adaptive_k)
-        bases = _fit(rule, list(shapes), lambda m, side, k, t: centred_svd(_stack(adapters, m, side), k, t, svd_route))
+        factors = {m: _factors(adapters, m, shapes[m], method, num_components) for m in shapes}
+        bases = _fit(rule, list(shapes), lambda m, side, k, t: centred_svd(factors[m]["AB".index(side)], k, t, svd_route))
         sub = cls({m: ModuleBasis(a, b, shapes[m]) for m, (a, b) in bases.items()}, rule, svd_route)
+        sub.method = method
         sub._append(adapters, task_ids, in_basis=True)
         return sub
 
@@ -235,10 +242,11 @@ class Subspace:
         """Step 3, by a full recompute: one SVD per module over every task, rebuilt from its
         loadings, and the new adapter(s), as vlora's absorb. Accepts one adapter and id, or lists."""
         adapters, ids = self._new(new_adapter, new_task_id)
+        new = {m: self._factor_rows(adapters, m) for m in self.modules}
 
         def refit(module, side, k, threshold):
             old, loadings = self.modules[module].side(side), getattr(self._module_rows(module), side.lower())
-            x = torch.cat([reconstruct(loadings, old.components, old.mean).cpu(), _stack(adapters, module, side)])
+            x = torch.cat([reconstruct(loadings, old.components, old.mean).cpu(), new[module]["AB".index(side)]])
             return centred_svd(x, k, threshold, self.route)
 
         self._rebase(_fit(self.rule, list(self.modules), refit))
@@ -249,10 +257,11 @@ class Subspace:
         from the stored singular values, mean and count, truncated to k. Exact when nothing is
         truncated; the old adapters' files are never needed. Accepts one adapter and id, or lists."""
         adapters, ids = self._new(new_adapter, new_task_id)
+        new = {m: self._factor_rows(adapters, m) for m in self.modules}
 
         def update(module, side, k, threshold):
             old = self.modules[module].side(side)
-            return absorb(old, _stack(adapters, module, side).to(old.components.device), k, threshold)
+            return absorb(old, new[module]["AB".index(side)].to(old.components.device), k, threshold)
 
         self._rebase(_fit(self.rule, list(self.modules), update))
         self._append(adapters, ids, in_basis=True)
@@ -403,18 +412,20 @@ class Subspace:
             self._check_fits(adapter, task_id)
         return adapters, task_ids
 
+    def _factor_rows(self, adapters: list[Adapter], module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapters' flattened factors of one module, as the basis holds them: as they are,
+        or aligned into its gauge."""
+        mb = self.modules[module]
+        return _factors(adapters, module, mb.shapes, self.method, bases=(mb.a, mb.b))
+
     def _check_fits(self, adapter: Adapter, task_id: str) -> None:
-        if self.method != "flat":
-            raise ValueError(f"this basis is of {self.method} factors: add adapters with `lora-subspace project` or `rebase`, "
-                             "which align them first")
         _layout([adapter], [task_id], {m: mb.shapes for m, mb in self.modules.items()})
 
     def _project(self, adapters: list[Adapter]) -> dict[str, _Rows]:
         """The adapters' rows on the current basis, with their measured errors."""
         rows = {}
         for module, mb in self.modules.items():
-            device = mb.a.components.device
-            xa, xb = _stack(adapters, module, "A").to(device), _stack(adapters, module, "B").to(device)
+            xa, xb = (x.to(mb.a.components.device) for x in self._factor_rows(adapters, module))
             la, lb, error, norm = project_factors(xa, xb, mb.a, mb.b, mb.shapes)
             rows[module] = _Rows(la, lb, error.cpu(), norm.cpu(), torch.ones(len(adapters), dtype=torch.bool))
         return rows
@@ -550,6 +561,14 @@ def _layout(adapters: list[Adapter], names: list[str], expected: dict[str, Shape
             module = next(m for m in sorted(set(mine) | set(expected)) if mine.get(m) != expected.get(m))
             raise ValueError(f"adapter {names[i]!r} does not fit: module {module!r} is {mine.get(module)}, expected {expected.get(module)}")
     return dict(sorted(expected.items()))
+
+
+def _factors(adapters: list[Adapter], module: str, shapes: Shapes, method: str, components: int | None = None,
+          bases: tuple[Decomposition, Decomposition] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, D) float32 rows of lora_A and lora_B: as they are (flat), or aligned (linalg.gauge):
+    among themselves towards `components` directions, or into the gauge of `bases`."""
+    xa, xb = _stack(adapters, module, "A"), _stack(adapters, module, "B")
+    return align_rows(xa, xb, shapes, components, bases) if method == "aligned" else (xa, xb)
 
 
 def _stack(adapters: list[Adapter], module: str, side: str) -> torch.Tensor:

@@ -95,6 +95,17 @@ def align_to(a: torch.Tensor, b: torch.Tensor, basis_a: Decomposition, basis_b: 
     return a_hat, b_hat
 
 
+def align_rows(xa: torch.Tensor, xb: torch.Tensor, shapes, components: int | None = None,
+               bases: tuple[Decomposition, Decomposition] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened factors xa (n, r*d_in), xb (n, d_out*r) of one module put in one gauge: among
+    themselves (align, towards a structure of `components` directions) or into the gauge of the
+    lora_A and lora_B `bases` (align_to). float32, the same shapes."""
+    (r, d_in), (d_out, _) = shapes
+    a, b = xa.reshape(-1, r, d_in), xb.reshape(-1, d_out, r)
+    aligned = align(a, b, components) if bases is None else align_to(a, b, *bases)
+    return aligned[0].reshape(len(xa), -1).to(torch.float32), aligned[1].reshape(len(xb), -1).to(torch.float32)
+
+
 def _procrustes(a_hat, b_hat, ref_a, ref_b):
     """Each adapter's factors rotated by the orthogonal R maximising tr(R^T M), M = ref_A A^^T +
     ref_B^T B^: R = U_M V_M^T."""

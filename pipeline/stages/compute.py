@@ -29,7 +29,7 @@ from pipeline.io.store import FileEntry, Store, basis_file, basis_tensors, done_
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg import quantize
 from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, reconstruct
-from pipeline.linalg.gauge import align, align_to
+from pipeline.linalg.gauge import align_rows
 from pipeline.linalg.incremental import absorb
 from pipeline.linalg.loadings import Move, project_factors
 from pipeline.stages.plan import Shard
@@ -283,13 +283,8 @@ def _align(task: ShardTask, stacks, parents) -> None:
     """Replace each module's factors by aligned ones (the same delta W, in the collection's gauge):
     a fit aligns its whole stack, project and absorb align the new rows to the parent's bases."""
     for module, (xa, xb) in stacks.items():
-        (r, d_in), (d_out, _) = task.shapes[module]
-        a, b = xa.view(-1, r, d_in), xb.view(-1, d_out, r)
-        if task.mode == "fit":
-            aligned = align(a, b, task.rule.components)
-        else:
-            aligned = align_to(a, b, parents[module, "A"], parents[module, "B"])
-        stacks[module] = [x.reshape(len(xa), -1).to(torch.float32) for x in aligned]
+        bases = None if task.mode == "fit" else (parents[module, "A"], parents[module, "B"])
+        stacks[module] = list(align_rows(xa, xb, task.shapes[module], task.rule.components, bases))
 
 
 # -- loadings rows ---------------------------------------------------------------------------

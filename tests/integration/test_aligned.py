@@ -54,9 +54,26 @@ def test_project_and_rebase_align_new_adapters_to_the_basis(runner, tmp_path, ca
     assert projected["read_error"]["mean"] < 2 * projected["error"]["mean"]
     assert rebased["error"]["mean"] <= projected["error"]["mean"] * 1.01
     assert run_cli("verify", store, "--all") == 0
-    with pytest.raises(ValueError, match="aligned factors"):
-        sub = Subspace.load(str(store))
-        sub.project(str(tmp_path / "gauge" / "adapter-00000"), "again")
+    # The library aligns what it adds to an aligned store the same way.
+    sub = Subspace.load(str(store))
+    assert sub.method == "aligned"
+    projection = sub.project(str(tmp_path / "gauge" / "adapter-00025"), "again")
+    assert sum(projection.error.values()) / len(projection.error) == pytest.approx(rebased["read_errors"]["adapter-00025"], rel=0.2)
+
+
+def test_the_library_builds_aligned_subspaces_too(tmp_path):
+    results = {}
+    for structure in ("shared", "gauge"):
+        ids = make_collection(tmp_path / structure, 24, preset="micro", structure=structure, shared_dim=3)
+        paths = [str(tmp_path / structure / t) for t in ids]
+        sub = Subspace.from_adapters(paths[:20], ids[:20], num_components=3, method="aligned")
+        sub.absorb_incremental(paths[20:], ids[20:])
+        results[structure] = sub.error_summary()["mean"]
+        flat = Subspace.from_adapters(paths, ids, num_components=3).error_summary()["mean"]
+    assert results["gauge"] == pytest.approx(results["shared"], rel=1e-3)
+    assert results["gauge"] < 0.5 * flat  # flat on the gauge twin
+    with pytest.raises(ValueError, match="aligned with num_components"):
+        Subspace.from_adapters(paths, ids, method="aligned")
 
 
 def test_aligned_needs_components(tmp_path, capsys):
