@@ -33,6 +33,9 @@ TASKS_PER_TABLE = 512  # tasks whose loadings rows are encoded at once
 
 def save(sub: Subspace, uri: str, endpoint_url: str | None = None, replace: bool = False, operation: str = "save") -> str:
     store = Store(Location(uri, endpoint_url))
+    sub._flush()
+    if not sub.task_ids:
+        raise PipelineError(f"nothing to publish to {store}: the subspace holds no adapters")
     with store.lock(operation) as lock:
         parent = store.current_version()
         if parent is not None and not replace and sub.origin != (str(store), parent):

@@ -188,3 +188,8 @@ def test_vlora_folders_import_and_export_both_ways(tmp_path, capsys):
     assert Store(Location(str(tmp_path / "store2"))).current_version() is None
     meta = json.loads((tmp_path / "back" / "subspace_meta.json").read_text())
     assert meta["num_components"] == 3 and meta["layer_names"] == imported.layer_names
+    # A folder with no tasks has nothing to publish.
+    (tmp_path / "back" / "subspace_meta.json").write_text(json.dumps({**meta, "task_ids": []}))
+    assert run_cli("vlora-import", tmp_path / "back", tmp_path / "store3") == 1
+    assert "holds no adapters" in capsys.readouterr().err
+    assert Store(Location(str(tmp_path / "store3"))).current_version() is None
