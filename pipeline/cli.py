@@ -358,20 +358,22 @@ def cmd_export(args) -> dict:
 
 def cmd_quantize(args) -> dict:
     from pipeline.stages import snapshot
+    from pipeline.stages.info import version_bytes
 
+    store = Store(Location(args.store, args.endpoint_url))
     sub = snapshot.load(args.store, None, args.endpoint_url)
-    before = sub.compression_stats()["stored_bytes"]
     try:
         sub.quantize(args.bits)
     except ValueError as exc:
         raise PipelineError(f"{sub.origin[0]} {sub.origin[1]}: {exc}") from None
-    after = sub.compression_stats()["stored_bytes"]
     # The next version of the one loaded: if another writer published meanwhile, nothing is written.
+    loaded = sub.origin[1]
     version = snapshot.save(sub, args.store, args.endpoint_url, operation="quantize")
+    before, after = version_bytes(store, loaded), version_bytes(store, version)  # measured on the store
     result = {"version": version, "quantization": sub.quantization, "bytes_before": before, "bytes_after": after}
     if not args.json:
         added = sub.quantization["added_error"]
-        print(f"{version} ({sub.quantization['scheme']}) published to {Store(Location(args.store, args.endpoint_url))}: components "
+        print(f"{version} ({sub.quantization['scheme']}) published to {store}: components "
               f"{before['components']:,} -> {after['components']:,} bytes, store {before['total']:,} -> {after['total']:,} bytes; "
               f"added delta-W error mean {added.get('mean', 0):.4f} max {added.get('max', 0):.4f}")
     return result

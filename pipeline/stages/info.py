@@ -13,11 +13,10 @@ from pipeline.io.store import CATALOG, LOADINGS, MANIFEST, Store
 def describe(store: Store, version: str | None = None) -> dict:
     version = store.require_version(version)
     manifest = store.manifest(version)
-    manifest_bytes = len(store.version_location(version).read_bytes(MANIFEST))
     errors = store.read_table(version, LOADINGS, columns=["task_id", "error"])
     catalog = store.read_table(version, CATALOG, columns=["task_id", "status", "reason"])
     per_adapter = _per_adapter(errors.column("task_id").to_pylist(), errors.column("error").to_numpy())
-    stored = stored_bytes(store, manifest, manifest_bytes)
+    stored = version_bytes(store, version, manifest)
     modules = manifest["modules"]
     quarantined = pc.equal(catalog.column("status"), "quarantined")
     means = np.array([e["mean"] for e in per_adapter.values()])
@@ -51,6 +50,12 @@ def describe(store: Store, version: str | None = None) -> dict:
         },
         "per_adapter_error": per_adapter,
     }
+
+
+def version_bytes(store: Store, version: str, manifest: dict | None = None) -> dict[str, int]:
+    """stored_bytes of a published version, its manifest object included."""
+    manifest = manifest or store.manifest(version)
+    return stored_bytes(store, manifest, len(store.version_location(version).read_bytes(MANIFEST)))
 
 
 def stored_bytes(store: Store, manifest: dict, manifest_bytes: int) -> dict[str, int]:

@@ -17,8 +17,7 @@ from pipeline.io.store import CATALOG, Store
 from pipeline.peft_format import WEIGHTS_FILE
 from pipeline.runners import Runner
 from pipeline.stages.compress import chunks, scan
-from pipeline.stages.compute import ComponentRule
-from pipeline.stages.version import Change, Options, Summary, write_version
+from pipeline.stages.version import Change, Options, Summary, parameters_rule, write_version
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def grow(
         changes = diff(refs, catalog)
         if changes.missing:
             log.info("%d adapter(s) in the store are no longer in the source; they stay", len(changes.missing))
-        options = dataclasses.replace(options, rule=_rule(manifest), route=manifest["parameters"]["svd_route"],
+        options = dataclasses.replace(options, rule=parameters_rule(manifest["parameters"]), route=manifest["parameters"]["svd_route"],
                                       quantize=manifest["parameters"].get("quantize"), method=manifest["parameters"].get("method", "flat"))
         if from_source:
             to_read = refs  # adapters gone from the source join as rebuilt from the store
@@ -136,8 +135,3 @@ def _catalog(store: Store, version: str) -> list[dict]:
     """What discovery compares against, one small row per stored adapter."""
     columns = ["task_id", "status", "weights_bytes", "weights_tag", "in_basis"]
     return store.read_table(version, CATALOG, columns=columns).to_pylist()
-
-
-def _rule(manifest: dict) -> ComponentRule:
-    p = manifest["parameters"]
-    return ComponentRule(p["components"], p["variance_threshold"] or 0.6, p["adaptive"])

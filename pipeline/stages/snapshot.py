@@ -21,10 +21,10 @@ from pipeline.io.store import (
 )
 from pipeline.io.tables import write_tables
 from pipeline.linalg import quantize
-from pipeline.stages.compute import LOADINGS_KEYS, LOADINGS_SCHEMA, ComponentRule, explained, loadings_matrix, loadings_rows
+from pipeline.stages.compute import LOADINGS_KEYS, LOADINGS_SCHEMA, explained, loadings_matrix, loadings_rows
 from pipeline.stages.info import stored_bytes
 from pipeline.stages.plan import Shard
-from pipeline.stages.version import CATALOG_SCHEMA, manifest_fields, rule_parameters
+from pipeline.stages.version import CATALOG_SCHEMA, manifest_fields, parameters_rule, rule_parameters
 from pipeline.subspace import ModuleBasis, Subspace, _Rows
 
 BASIS_OBJECT_BYTES = 256 << 20  # components per basis object: export and re-base read whole objects
@@ -128,7 +128,7 @@ def load(uri: str, version: str | None = None, endpoint_url: str | None = None) 
         }
         modules[module] = ModuleBasis(decs[0], decs[1], (tuple(entry["a_shape"]), tuple(entry["b_shape"])), packed if packed["A"] else None)
     p = manifest["parameters"]
-    sub = Subspace(modules, ComponentRule(p["components"], p["variance_threshold"] or 0.6, p["adaptive"]), p["svd_route"])
+    sub = Subspace(modules, parameters_rule(p), p["svd_route"])
     catalog = store.read_table(version, CATALOG).to_pylist()
     ok = sorted((r for r in catalog if r["status"] == "ok"), key=lambda r: r["task_id"])
     ids = [r["task_id"] for r in ok]

@@ -417,6 +417,11 @@ def rule_parameters(rule: ComponentRule, route: str, quantize: str | None, metho
     }
 
 
+def parameters_rule(parameters: dict) -> ComponentRule:
+    """The ComponentRule a manifest's `parameters` record."""
+    return ComponentRule(parameters["components"], parameters["variance_threshold"] or 0.6, parameters["adaptive"])
+
+
 def _all_in_basis(batches):
     """A full re-base fits the parent's adapters too: every ok row is now in the basis."""
     for batch in batches:
