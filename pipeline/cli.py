@@ -43,6 +43,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not value > 1:
+        raise argparse.ArgumentTypeError(f"must be above 1 (the compression factor), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-subspace", description="Compress LoRA adapter collections into shared subspaces.")
     common = argparse.ArgumentParser(add_help=False)
@@ -64,10 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     k = c.add_mutually_exclusive_group()
     k.add_argument("--components", type=_positive, help="components per module and side")
     k.add_argument("--variance-threshold", type=_fraction, default=0.6, help="explained variance to keep (default 0.6)")
+    k.add_argument("--ratio", type=_ratio, help="byte budget: store at most 1/RATIO of the adapters' tensor bytes; each module gets "
+                   "the method and parameters of lowest delta-W error that fit")
+    k.add_argument("--budget-bytes", type=parse_size, help="byte budget in bytes (e.g. 200MiB), shared by modules as --ratio is")
     c.add_argument("--adaptive", action="store_true", help="choose k per module from the variance threshold")
     c.add_argument("--svd-route", default="auto", choices=["auto", "gram", "covariance", "svd", "randomized"])
-    c.add_argument("--method", choices=["flat", "aligned"], default="flat",
-                   help="flat: vlora's (default); aligned: put every adapter's factors in one gauge first (needs --components)")
+    c.add_argument("--method", choices=["auto", "flat", "aligned", "joint"], default="auto",
+                   help="auto (default): flat, or with a budget whichever of flat and joint fits it with less error; flat: vlora's; "
+                   "aligned: every adapter's factors put in one gauge first (needs --components); joint: shared bases of delta W "
+                   "(width --components, or from the budget)")
     c.add_argument("--quantize", choices=["int8", "nf4"], help="store the components packed: int8 (4x smaller) or nf4 (7.5x)")
     c.add_argument("--chunk-size", type=_positive, help="adapters per step: the first chunk is compressed, the rest absorbed "
                    "incrementally, each publishing a version (bounds memory whatever the collection's size)")
@@ -191,8 +203,11 @@ def cmd_compress(args) -> dict:
 
     if args.method == "aligned" and args.components is None:
         raise PipelineError("--method aligned needs --components (the rank of the structure the alignment looks for)")
+    if args.method == "joint" and args.components is None and not (args.ratio or args.budget_bytes):
+        raise PipelineError("--method joint needs --components (the width of U and V) or a budget (--ratio or --budget-bytes)")
     rule = ComponentRule(args.components, args.variance_threshold, args.adaptive)
-    options = Options(rule, args.memory_budget, args.strict, args.svd_route, quantize=args.quantize, method=args.method)
+    options = Options(rule, args.memory_budget, args.strict, args.svd_route, quantize=args.quantize, method=args.method,
+                      ratio=args.ratio, budget_bytes=args.budget_bytes)
     source, store = Location(args.source, args.endpoint_url), Store(Location(args.out, args.endpoint_url))
     summaries = [s.to_dict() for s in compress(source, store, _ray(args), options, args.chunk_size)]
     if not args.json:

@@ -38,6 +38,7 @@ from pipeline.errors import IntegrityError, PipelineError
 from pipeline.io.location import Location, redact, storage_error
 from pipeline.linalg import quantize
 from pipeline.linalg.decompose import Decomposition
+from pipeline.linalg.gauge import JointBasis
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,23 @@ def decode_basis(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for head, fields in packed.items():
         decoded[f"{head}.components"] = quantize.decode(fields, tensors[f"{head}.mean"].shape[0])
     return decoded
+
+
+def joint_tensors(module: str, basis: JointBasis, count: int) -> dict[str, torch.Tensor]:
+    """A joint module's entries of a basis object: U (d_out, c), V (d_in, c), adapters seen."""
+    return {
+        basis_key(module, "joint", "u"): basis.u.detach().to("cpu", torch.float32),
+        basis_key(module, "joint", "v"): basis.v.detach().to("cpu", torch.float32),
+        basis_key(module, "joint", "count"): torch.tensor([count], dtype=torch.int64),
+    }
+
+
+def read_joint(tensors: dict[str, torch.Tensor], module: str) -> JointBasis | None:
+    """A module's joint bases from a decoded basis object; None for a flat module."""
+    u = tensors.get(basis_key(module, "joint", "u"))
+    if u is None:
+        return None
+    return JointBasis(u, tensors[basis_key(module, "joint", "v")], 0.0, 0.0, 0)
 
 
 def read_decomposition(tensors: dict[str, torch.Tensor], module: str, side: str) -> Decomposition:

@@ -165,8 +165,8 @@ def fit_joint(a: torch.Tensor, b: torch.Tensor, c: int, iterations: int = JOINT_
     return JointBasis(u.to(torch.float32), v.to(torch.float32), energy, total, done)
 
 
-def joint_cores(basis: JointBasis, a: torch.Tensor, b: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q (n, q, c), P (n, c, q), relative delta-W error (n,)) of each adapter on the bases: the
+def joint_cores(basis: JointBasis, a: torch.Tensor, b: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q (n, q, c), P (n, c, q), relative delta-W error (n,), ||B A|| (n,)) of each adapter on the bases: the
     best rank-q factors of its core U^T B A V, balanced and sign-fixed (so they depend on
     dW alone). The error is exact, from the Pythagorean split of dW - U C V^T into what the bases
     miss and what truncating the core to q drops, both in float64."""
@@ -179,13 +179,20 @@ def joint_cores(basis: JointBasis, a: torch.Tensor, b: torch.Tensor, q: int) -> 
     kept = s[:, :q].pow(2).sum(dim=1)
     error2 = (norm2 - captured).clamp_min(0) + (captured - kept)
     error = torch.where(norm2 > 0, (error2 / norm2.clamp_min(1e-300)).sqrt(), error2.sqrt())
-    return core_a[:, :q].to(torch.float32), core_b[:, :, :q].to(torch.float32), error
+    return core_a[:, :q].to(torch.float32), core_b[:, :, :q].to(torch.float32), error, norm2.sqrt()
 
 
 def joint_rebuild(basis: JointBasis, core_a: torch.Tensor, core_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard LoRA factors A' (n, rank, d_in) = Q V^T and B' (n, d_out, rank) = U P, zero-padded
     from q to the adapter's rank so its config stays valid."""
     return pad_rank(core_a @ basis.v.T, basis.u @ core_b, rank)
+
+
+def cut_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-`rank` factors (n, rank, d_in), (n, d_out, rank) of each B A (a zero-padded
+    adapter rebuilt at a collection's larger rank, cut back to its own), float32."""
+    a_hat, b_hat, _ = canonical_factors(a, b)
+    return a_hat[:, :rank].to(torch.float32), b_hat[:, :, :rank].to(torch.float32)
 
 
 def _sum_outer(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,13 +26,17 @@ from pipeline import failpoints
 from pipeline.io.adapters import read_ranges
 from pipeline.io.location import Location
 from pipeline.io.safetensors_ranges import TensorInfo, decode
-from pipeline.io.store import FileEntry, Store, basis_file, basis_tensors, done_file, encode_basis, read_decomposition, staging_file
+from pipeline.io.store import (
+    FileEntry, Store, basis_file, basis_tensors, done_file, encode_basis, joint_tensors, read_decomposition, read_joint, staging_file,
+)
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg import quantize
 from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, reconstruct
-from pipeline.linalg.gauge import align_rows
+from pipeline.linalg.budget import FlatFit, JointFit, fit_joint_module, fit_within
+from pipeline.linalg.gauge import JointBasis, align_rows, cut_rank, joint_cores, joint_rebuild, pad_rank
 from pipeline.linalg.incremental import absorb
 from pipeline.linalg.loadings import Move, project_factors
+from pipeline.linalg.metrics import product_error, relative
 from pipeline.stages.plan import Shard
 
 READ_BYTES = 64 << 20  # raw tensor bytes per cat_ranges call: bounds what reading holds at once
@@ -83,6 +88,7 @@ class Parent:
     loadings: str
     drop: frozenset[str] = frozenset()
     refit: bool = False  # fit mode: the parent's reconstructed rows join the new SVD
+    modules: dict[str, dict] = field(default_factory=dict)  # module -> the parent manifest's entry
 
 
 @dataclass
@@ -99,7 +105,8 @@ class ShardTask:
     fixed_k: int | None = None  # the collection-wide k, once the first module decided it
     route: str = "auto"
     quantize: str | None = None  # int8 | nf4: the basis is stored packed, and loadings fit what is stored
-    method: str = "flat"  # aligned: the factors are put in the collection's gauge first (linalg.gauge)
+    method: str = "flat"  # flat | aligned (factors in one gauge first) | joint | auto (flat or joint, by error)
+    budgets: dict[str, float] | None = None  # module -> stored floats per adapter (a byte budget; fit mode)
     key: str = ""  # digest of everything the result depends on: a resumed run reuses a matching shard
 
 
@@ -114,6 +121,10 @@ class ModuleResult:
     explained_b: float
     route: str
     count: int  # adapters the basis has seen
+    method: str = "flat"  # flat (also aligned) | joint
+    width: int = 0  # joint: c, the columns of U and V
+    core_rank: int = 0  # joint: q, the rank of each adapter's factored core
+    budget: float | None = None  # stored floats per adapter a byte budget allows
 
 
 @dataclass
@@ -150,9 +161,9 @@ def compute_shard(task: ShardTask) -> ShardResult:
     stacks = _read_stacks(task, result) if task.new else {}
     if result.nonfinite:
         return result
-    parents = _parent_bases(store, task) if task.parent else {}
+    parents, parent_joint = _parent_bases(store, task) if task.parent else ({}, {})
     if task.parent and task.parent.refit:
-        _add_parent_rows(store, task, parents, stacks, result)
+        _add_parent_rows(store, task, parents, parent_joint, stacks, result)
     result.seconds["read"] = time.perf_counter() - clock
     if task.method == "aligned":
         clock = time.perf_counter()
@@ -162,20 +173,49 @@ def compute_shard(task: ShardTask) -> ShardResult:
     clock = time.perf_counter()
     k = task.fixed_k
     bases: dict[tuple[str, str], Decomposition] = {}
+    joint: dict[str, JointBasis] = {}
     packed: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     new_rows: list[pa.Table] = []
+    parent_rows: list[pa.Table] = []  # joint absorb: the parent's rows, refitted with the new ones
     for module in task.shard.modules:
         shapes = task.shapes[module]
-        for side in "AB":
-            x = stacks[module]["AB".index(side)].to(device) if module in stacks else None
-            limit, threshold = task.rule.limits(k)
+        stack = stacks.pop(module, None)
+        fit = _choose(task, module, stack, device) if task.mode == "fit" else None
+        if isinstance(fit, JointFit) or (task.mode != "fit" and module in parent_joint):
             if task.mode == "project":
+                result.modules.append(_parent_result(task, module))
+                if task.new:
+                    basis, q = parent_joint[module], task.parent.modules[module]["core_rank"]
+                    fit = JointFit(basis, q, *_joint_cores(basis, stack, shapes, q, device))
+            else:
+                if task.mode == "absorb":
+                    fit, moved = _absorb_joint(store, task, module, stack, parent_joint[module], device)
+                    parent_rows.append(moved)
+                joint[module] = fit.basis
+                width, count = fit.basis.u.shape[1], len(task.new) + (task.parent.modules[module]["count"] if task.mode == "absorb" else 0)
+                result.modules.append(ModuleResult(
+                    module, *shapes, fit.q * width, fit.q * width, fit.explained, fit.explained, "joint",
+                    len(stack[0]) if task.mode == "fit" else count, "joint", width, fit.q,
+                ))
+            if task.new:
+                n = len(task.new)
+                new_rows.append(loadings_rows([t for t, _, _ in task.new], module, fit.core_a[:n].reshape(n, -1).cpu(),
+                                              fit.core_b[:n].reshape(n, -1).cpu(), fit.errors[:n].cpu(), fit.norms[:n].cpu()))
+            continue
+        for side in "AB":
+            x = stack["AB".index(side)].to(device) if stack is not None else None
+            limit, threshold = task.rule.limits(k)
+            if task.budgets and task.mode == "absorb":  # a budgeted store keeps each module's k
+                limit, threshold = len(parents[module, side].singular_values), None
+            if fit is not None:
+                dec = getattr(fit, side.lower())
+            elif task.mode == "project":
                 dec = parents[module, side]
             elif task.mode == "absorb":
                 dec = absorb(_to(parents[module, side], device), x, limit, threshold)
             else:
                 dec = centred_svd(x, limit, threshold, task.route)
-            if task.rule.needs_first_module and k is None and task.mode != "project":
+            if task.rule.needs_first_module and k is None and task.mode != "project" and not task.budgets:
                 k = result.decided_k = max(len(dec.singular_values), 1)
             bases[module, side] = _to(dec, "cpu")
             if task.quantize and task.mode != "project":
@@ -187,18 +227,22 @@ def compute_shard(task: ShardTask) -> ShardResult:
             explained(a), explained(b), a.route, a.count,
         ))
         if task.new:
-            new_rows.append(_project_new(task, module, shapes, stacks.pop(module), a, b, device))
+            new_rows.append(_project_new(task, module, shapes, stack, a, b, device))
     result.seconds["compute"] = time.perf_counter() - clock
+    for m in result.modules:
+        m.budget = task.budgets[m.module] if task.budgets else None
 
     clock = time.perf_counter()
     if task.mode != "project":
         tensors = {}
         for (module, side), dec in bases.items():
             tensors.update(basis_tensors(module, side, dec, packed.get((module, side))))
+        for m in joint:
+            tensors.update(joint_tensors(m, joint[m], next(r.count for r in result.modules if r.module == m)))
         result.file = store.write_object(task.version, basis_file(task.shard.name), encode_basis(tensors))
-    streams: list = [_sorted_rows(new_rows)]
+    streams: list = [_sorted_rows(new_rows), _sorted_rows(parent_rows)]
     if task.parent:
-        streams.append(_moved_parent_rows(store, task, parents, bases))
+        streams.append(_moved_parent_rows(store, task, parents, bases, set(parent_joint) if task.mode == "absorb" else set()))
     where = store.version_location(task.version)
     write_tables(where, staging_file(task.shard.name), merge_sorted(streams, LOADINGS_KEYS), LOADINGS_SCHEMA)
     result.seconds["write"] = time.perf_counter() - clock
@@ -207,14 +251,72 @@ def compute_shard(task: ShardTask) -> ShardResult:
     return result
 
 
+def _choose(task: ShardTask, module: str, stack, device) -> FlatFit | JointFit | None:
+    """Fit mode: the fit the method and the budget choose; None where the flat method's
+    component rule decides (no budget)."""
+    shapes = task.shapes[module]
+    if task.budgets:
+        methods = {"auto": ("flat", "joint"), "aligned": ("flat",)}.get(task.method, (task.method,))
+        n = len(stack[0])
+        return fit_within(stack[0].to(device), stack[1].to(device), shapes, task.budgets[module] * n, methods, task.route)
+    if task.method == "joint":
+        (r, d_in), (d_out, _) = shapes
+        n = len(stack[0])
+        return fit_joint_module(stack[0].to(device).view(n, r, d_in), stack[1].to(device).view(n, d_out, r), task.rule.components, r)
+    return None
+
+
+def _joint_cores(basis: JointBasis, stack, shapes, q: int, device):
+    (r, d_in), (d_out, _) = shapes
+    n = len(stack[0])
+    return joint_cores(basis, stack[0].to(device).view(n, r, d_in), stack[1].to(device).view(n, d_out, r), q)
+
+
+def _absorb_joint(store, task, module, stack, parent: JointBasis, device) -> tuple[JointFit, pa.Table]:
+    """A joint module's re-base: the parent's adapters, rebuilt from their cores, join the new
+    ones; the alternating fit starts from the parent's bases. The parent's rows are measured
+    against what they rebuilt, and that added error is combined with their stored one in
+    quadrature (as linalg.loadings.Move does for flat modules)."""
+    (r, d_in), (d_out, _) = shapes = task.shapes[module]
+    rows = [t for batch in _parent_batches(store, task, [module]) for _, t in _by_module(batch)]
+    old = pa.concat_tables(rows) if rows else LOADINGS_SCHEMA.empty_table()
+    old_a, old_b = _rebuild_joint(parent, old, shapes, task.parent.modules[module]["core_rank"])
+    q = task.parent.modules[module]["core_rank"]
+    n = len(task.new)
+    a = torch.cat([stack[0].to(device).view(n, r, d_in), old_a.to(device)])
+    b = torch.cat([stack[1].to(device).view(n, d_out, r), old_b.to(device)])
+    fit = fit_joint_module(a, b, parent.u.shape[1], q, init=parent)
+    norm = _column(old, "norm")
+    moved = relative(fit.errors[n:].cpu() * fit.norms[n:].cpu(), norm)
+    error = _column(old, "error").hypot(moved)
+    table = loadings_rows(old.column("task_id").to_pylist(), module, fit.core_a[n:].reshape(len(old), -1).cpu(),
+                          fit.core_b[n:].reshape(len(old), -1).cpu(), error, norm, measured=False)
+    return fit, table
+
+
+def _rebuild_joint(basis: JointBasis, rows: pa.Table, shapes, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (n, r, d_in), (n, d_out, r) that stored joint rows rebuild, zero-padded to r."""
+    n, c = rows.num_rows, basis.u.shape[1]
+    core_a = loadings_matrix(rows, "a", q * c).view(n, q, c)
+    core_b = loadings_matrix(rows, "b", q * c).view(n, c, q)
+    return joint_rebuild(basis, core_a, core_b, shapes[0][0])
+
+
+def _parent_result(task: ShardTask, module: str) -> ModuleResult:
+    """A module kept as the parent stored it."""
+    e = task.parent.modules[module]
+    return ModuleResult(module, tuple(e["a_shape"]), tuple(e["b_shape"]), e["k_a"], e["k_b"], e["explained_variance_a"],
+                        e["explained_variance_b"], e["svd_route"], e["count"], e.get("method", "flat"), e.get("width", 0),
+                        e.get("core_rank", 0))
+
+
 # -- reading ---------------------------------------------------------------------------------
 
 
 def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, list[torch.Tensor]]:
     """[(N, r*d_in), (N, d_out*r)] float32 stacks per module; non-finite rows are reported."""
     n = len(task.new)
-    first = task.new[0][2]
-    stacks = {m: [torch.empty(n, info.shape[0] * info.shape[1]) for info in first[m]] for m in task.shard.modules}
+    stacks = {m: [torch.empty(n, math.prod(shape)) for shape in task.shapes[m]] for m in task.shard.modules}
     result.stack_bytes = sum(4 * x.numel() for pair in stacks.values() for x in pair)
     for begin, batch in _read_batches(task):
         requests = [(path, [info for m in task.shard.modules for info in infos[m]]) for _, path, infos in batch]
@@ -223,7 +325,7 @@ def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, list[torch.T
         for offset, (request, buffers) in enumerate(zip(requests, blobs)):
             for position, (info, buffer) in enumerate(zip(request[1], buffers)):
                 module, side = task.shard.modules[position // 2], position % 2
-                stacks[module][side][begin + offset] = decode(buffer, info).reshape(-1)
+                stacks[module][side][begin + offset] = _padded(decode(buffer, info), side, task.shapes[module][0][0])
                 result.bytes_read += len(buffer)
     for module, pair in stacks.items():
         for side, stack in enumerate(pair):
@@ -233,6 +335,15 @@ def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, list[torch.T
                 if not torch.isfinite(stack[row]).all():
                     result.nonfinite.setdefault(row, f"NaN or Inf in {module} lora_{'AB'[side]}")
     return stacks
+
+
+def _padded(factor: torch.Tensor, side: int, rank: int) -> torch.Tensor:
+    """A flattened factor zero-padded to the collection's rank (lora_A rows, lora_B columns): B A
+    is unchanged."""
+    extra = rank - factor.shape[side]
+    if extra:
+        factor = torch.nn.functional.pad(factor, (0, 0, 0, extra) if side == 0 else (0, extra))
+    return factor.reshape(-1)
 
 
 def _read_batches(task: ShardTask) -> Iterator[tuple[int, list]]:
@@ -248,25 +359,34 @@ def _read_batches(task: ShardTask) -> Iterator[tuple[int, list]]:
         yield begin, task.new[begin:]
 
 
-def _parent_bases(store: Store, task: ShardTask) -> dict[tuple[str, str], Decomposition]:
+def _parent_bases(store: Store, task: ShardTask) -> tuple[dict[tuple[str, str], Decomposition], dict[str, JointBasis]]:
+    """The parent's bases of this shard's modules: (module, side) -> flat, module -> joint."""
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted({task.parent.basis[m] for m in task.shard.modules}):
         tensors.update(store.read_basis(path, task.parent.checksums[path]))
-    return {(m, side): read_decomposition(tensors, m, side) for m in task.shard.modules for side in "AB"}
+    joint = {m: j for m in task.shard.modules if (j := read_joint(tensors, m)) is not None}
+    flat = {(m, side): read_decomposition(tensors, m, side) for m in task.shard.modules if m not in joint for side in "AB"}
+    return flat, joint
 
 
-def _parent_batches(store: Store, task: ShardTask) -> Iterator[pa.RecordBatch]:
-    """The parent's rows of this shard's modules, without the ones the new version replaces."""
-    modules = pa.array(task.shard.modules, pa.string())
+def _parent_batches(store: Store, task: ShardTask, modules: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """The parent's rows of these modules (default: the shard's), without the ones the new
+    version replaces."""
+    modules = pa.array(modules or task.shard.modules, pa.string())
     for batch in without(read_batches(store.location, task.parent.loadings, LOADINGS_SCHEMA.names), set(task.parent.drop)):
         yield batch.filter(pc.is_in(batch.column("module"), value_set=modules))
 
 
-def _add_parent_rows(store, task, parents, stacks, result) -> None:
+def _add_parent_rows(store, task, parents, parent_joint, stacks, result) -> None:
     """Full re-base from the store: the parent's adapters, rebuilt, join the new rows."""
     rebuilt: dict[str, list[list[torch.Tensor]]] = {m: [[], []] for m in task.shard.modules}
     for batch in _parent_batches(store, task):
         for module, rows in _by_module(batch):
+            if module in parent_joint:
+                a, b = _rebuild_joint(parent_joint[module], rows, task.shapes[module], task.parent.modules[module]["core_rank"])
+                rebuilt[module][0].append(a.reshape(len(a), -1))
+                rebuilt[module][1].append(b.reshape(len(b), -1))
+                continue
             for side, column in enumerate("ab"):
                 dec = parents[module, "AB"[side]]
                 rebuilt[module][side].append(reconstruct(loadings_matrix(rows, column), dec.components, dec.mean))
@@ -293,17 +413,36 @@ def _align(task: ShardTask, stacks, parents) -> None:
 def _project_new(task, module, shapes, stack, a: Decomposition, b: Decomposition, device) -> pa.Table:
     """Rows for the new adapters: loadings on the new basis, exact delta-W error, and ||B A||."""
     n = len(task.new)
-    la, lb, error, norm = project_factors(stack[0][:n].to(device), stack[1][:n].to(device), a, b, shapes)
+    xa, xb = stack[0][:n].to(device), stack[1][:n].to(device)
+    la, lb, error, norm = project_factors(xa, xb, a, b, shapes)
+    ranks = torch.tensor([infos[module][0].shape[0] for _, _, infos in task.new])
+    for rank in ranks[ranks < shapes[0][0]].unique().tolist():
+        rows = (ranks == rank).nonzero().flatten().to(device)
+        error[rows] = _cut_error(xa[rows], xb[rows], la[rows], lb[rows], a, b, shapes, rank)
     return loadings_rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), error.cpu(), norm.cpu())
 
 
-def _moved_parent_rows(store, task, parents, bases) -> Iterator[pa.Table]:
-    """The parent's rows on the new basis, their errors estimated (linalg.loadings.Move)."""
-    if task.mode == "project":
-        yield from (pa.Table.from_batches([b]) for b in _parent_batches(store, task))
+def _cut_error(xa, xb, la, lb, a: Decomposition, b: Decomposition, shapes, rank: int) -> torch.Tensor:
+    """Relative delta-W errors of adapters of a lower rank than the collection's, as export
+    writes them: the rebuild cut to their own rank (linalg.gauge.cut_rank)."""
+    n, device = len(xa), xa.device
+    rebuilt_a = reconstruct(la, a.components.to(device), a.mean.to(device)).view(n, *shapes[0])
+    rebuilt_b = reconstruct(lb, b.components.to(device), b.mean.to(device)).view(n, *shapes[1])
+    cut_a, cut_b = pad_rank(*cut_rank(rebuilt_a, rebuilt_b, rank), shapes[0][0])
+    return relative(*product_error(xa.view(n, *shapes[0]), xb.view(n, *shapes[1]), cut_a, cut_b))
+
+
+def _moved_parent_rows(store, task, parents, bases, skip: set[str]) -> Iterator[pa.Table]:
+    """The parent's rows on the new basis, their errors estimated (linalg.loadings.Move); the
+    modules in `skip` were moved already (joint ones in a re-base)."""
+    modules = [m for m in task.shard.modules if m not in skip]
+    if not modules:
         return
-    moves = {m: Move((parents[m, "A"], parents[m, "B"]), (bases[m, "A"], bases[m, "B"]), task.shapes[m]) for m in task.shard.modules}
-    for batch in _parent_batches(store, task):
+    if task.mode == "project":
+        yield from (pa.Table.from_batches([b]) for b in _parent_batches(store, task, modules))
+        return
+    moves = {m: Move((parents[m, "A"], parents[m, "B"]), (bases[m, "A"], bases[m, "B"]), task.shapes[m]) for m in modules}
+    for batch in _parent_batches(store, task, modules):
         tables = []
         for module, rows in _by_module(batch):
             norm = torch.from_numpy(rows.column("norm").to_numpy().astype(np.float64))
@@ -352,6 +491,10 @@ def _sorted_rows(tables: list[pa.Table]) -> Iterator[pa.Table]:
 
 
 # -- small helpers ---------------------------------------------------------------------------
+
+
+def _column(rows: pa.Table, name: str) -> torch.Tensor:
+    return torch.from_numpy(rows.column(name).to_numpy().astype(np.float64))
 
 
 def _to(dec: Decomposition, device) -> Decomposition:

@@ -27,6 +27,8 @@ BATCH = 32
 def evaluate(store: Store, source: Location, holdout: float = 0.1, seed: int = 0) -> dict:
     manifest = store.manifest()
     modules = manifest["modules"]
+    if any(e.get("method") == "joint" for e in modules.values()):
+        raise PipelineError(f"{store} has joint modules: evaluate builds flat bases (as the Python API does) and cannot mirror them yet")
     k = max(max(e["k_a"], e["k_b"]) for e in modules.values())
     refs = discover(source)
     if len(refs) < 3:

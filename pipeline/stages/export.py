@@ -16,8 +16,9 @@ from pipeline import peft_format
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location
 from pipeline.io.safetensors_ranges import DTYPES
-from pipeline.io.store import CATALOG, LOADINGS, Store, basis_key
+from pipeline.io.store import CATALOG, LOADINGS, Store, basis_key, read_joint
 from pipeline.linalg.decompose import reconstruct
+from pipeline.linalg.gauge import cut_rank, joint_rebuild
 
 
 @dataclass
@@ -48,9 +49,10 @@ def export_batch(task: ExportTask) -> list[str]:
         basis.update(store.read_basis(path, manifest["files"][path]))
     written = []
     for task_id, out in zip(task.task_ids, task.outs):
-        weights = rebuild(manifest["modules"], basis, loadings[task_id], DTYPES[catalog[task_id]["dtype"]])
+        ranks = adapter_ranks(catalog[task_id], manifest["modules"])
+        weights = rebuild(manifest["modules"], basis, loadings[task_id], DTYPES[catalog[task_id]["dtype"]], ranks)
         config = catalog[task_id]["config_json"] or json.dumps(
-            peft_format.minimal_config({m: e["a_shape"][0] for m, e in manifest["modules"].items()}, manifest.get("base_model")),
+            peft_format.minimal_config(ranks, manifest.get("base_model")),
             indent=2,
         )
         write_peft_folder(out, weights, config)
@@ -58,19 +60,37 @@ def export_batch(task: ExportTask) -> list[str]:
     return written
 
 
+def adapter_ranks(row: dict, modules: dict[str, dict]) -> dict[str, int]:
+    """Each module's rank in the adapter's own config (the catalog's rank without one)."""
+    config = json.loads(row["config_json"]) if row["config_json"] else {}
+    if "r" in config:
+        return {m: peft_format.module_rank(config, m) for m in modules}
+    return {m: min(row["rank"] or e["a_shape"][0], e["a_shape"][0]) for m, e in modules.items()}
+
+
 def rebuild(
-    modules: dict[str, dict], basis: dict[str, torch.Tensor], loadings: dict[str, tuple[list, list]], dtype: torch.dtype
+    modules: dict[str, dict], basis: dict[str, torch.Tensor], loadings: dict[str, tuple[list, list]], dtype: torch.dtype,
+    ranks: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """PEFT state dict of one adapter from its loadings: lora_A (r, d_in), lora_B (d_out, r)."""
+    """PEFT state dict of one adapter from its loadings: lora_A (r, d_in), lora_B (d_out, r) at
+    its own rank r (`ranks`; default the collection's). A flat rebuild of a lower-rank adapter
+    is cut to its best rank-r factors; a joint one keeps its core's leading r columns (its rank
+    is at most r)."""
     weights = {}
     for module, entry in modules.items():
-        for side, values, shape in (("A", loadings[module][0], entry["a_shape"]), ("B", loadings[module][1], entry["b_shape"])):
-            flat = reconstruct(
-                torch.tensor(values, dtype=torch.float32),
-                basis[basis_key(module, side, "components")],
-                basis[basis_key(module, side, "mean")],
-            )
-            weights[peft_format.weight_key(module, side)] = flat.reshape(shape).to(dtype)
+        values_a, values_b = (torch.tensor(v, dtype=torch.float32) for v in loadings[module])
+        rank = (ranks or {}).get(module, entry["a_shape"][0])
+        joint = read_joint(basis, module)
+        if joint is not None:
+            c, q = entry["width"], entry["core_rank"]
+            a, b = joint_rebuild(joint, values_a.view(1, q, c)[:, :rank], values_b.view(1, c, q)[:, :, :rank], rank)
+        else:
+            a, b = (reconstruct(values, basis[basis_key(module, side, "components")], basis[basis_key(module, side, "mean")]).view(1, *shape)
+                    for values, side, shape in ((values_a, "A", entry["a_shape"]), (values_b, "B", entry["b_shape"])))
+            if rank < entry["a_shape"][0]:
+                a, b = cut_rank(a, b, rank)
+        weights[peft_format.weight_key(module, "A")] = a[0].to(dtype)
+        weights[peft_format.weight_key(module, "B")] = b[0].to(dtype)
     return weights
 
 

@@ -35,7 +35,8 @@ def describe(store: Store, version: str | None = None) -> dict:
             catalog.filter(quarantined).column("reason").to_pylist(),
         )),
         "modules": len(modules),
-        "k": {m: [e["k_a"], e["k_b"]] for m, e in modules.items()},
+        "k": {m: [e["k_a"], e["k_b"]] for m, e in modules.items() if e.get("method") != "joint"},
+        "methods": {m: _choice(e) for m, e in modules.items()},
         "explained_variance": {m: [e["explained_variance_a"], e["explained_variance_b"]] for m, e in modules.items()},
         "svd_routes": sorted({e["svd_route"] for e in modules.values()}),
         "original_bytes": manifest["original_bytes"],
@@ -66,7 +67,7 @@ def stored_bytes(store: Store, manifest: dict, manifest_bytes: int) -> dict[str,
     for path, entry in manifest["files"].items():
         if path.endswith(".safetensors"):
             tensors = store.tensor_bytes(path)
-            components = sum(n for key, n in tensors.items() if ".components" in key)
+            components = sum(n for key, n in tensors.items() if ".components" in key or key.endswith((".joint.u", ".joint.v")))
             means = sum(n for key, n in tensors.items() if key.endswith(".mean"))
             sizes["components"] += components
             sizes["means"] += means
@@ -77,9 +78,33 @@ def stored_bytes(store: Store, manifest: dict, manifest_bytes: int) -> dict[str,
             sizes["metadata"] += entry["bytes"]
     sizes["total"] = sum(sizes.values())
     sizes["float32_components"] = sum(
-        4 * (e["k_a"] * e["a_shape"][0] * e["a_shape"][1] + e["k_b"] * e["b_shape"][0] * e["b_shape"][1]) for e in manifest["modules"].values()
+        4 * e["width"] * (e["a_shape"][1] + e["b_shape"][0]) if e.get("method") == "joint"
+        else 4 * (e["k_a"] * e["a_shape"][0] * e["a_shape"][1] + e["k_b"] * e["b_shape"][0] * e["b_shape"][1])
+        for e in manifest["modules"].values()
     )
     return sizes
+
+
+def _choice(entry: dict) -> dict:
+    """What a module stores: flat k per side, or joint width c and core rank q."""
+    if entry.get("method") == "joint":
+        return {"method": "joint", "width": entry["width"], "core_rank": entry["core_rank"]}
+    return {"method": "flat", "k": [entry["k_a"], entry["k_b"]]}
+
+
+def _methods_line(methods: dict[str, dict]) -> str:
+    """e.g. 'flat 20 modules (k 4..12), joint 4 modules (c 24..40, q 8)'."""
+    parts = []
+    for method, fields in (("flat", ("k",)), ("joint", ("width", "core_rank"))):
+        chosen = [c for c in methods.values() if c["method"] == method]
+        if not chosen:
+            continue
+        ranges = []
+        for name, label in zip(fields, ("c", "q") if method == "joint" else ("k",)):
+            values = sorted({v for c in chosen for v in (c[name] if isinstance(c[name], list) else [c[name]])})
+            ranges.append(f"{label} {values[0]}" + (f"..{values[-1]}" if len(values) > 1 else ""))
+        parts.append(f"{method} {len(chosen)} module{'s' * (len(chosen) != 1)} ({', '.join(ranges)})")
+    return ", ".join(parts)
 
 
 def _per_adapter(task_ids: list[str], errors: np.ndarray) -> dict[str, dict[str, float]]:
@@ -91,7 +116,6 @@ def _per_adapter(task_ids: list[str], errors: np.ndarray) -> dict[str, dict[str,
 
 
 def format_info(info: dict) -> str:
-    ks = sorted({k for pair in info["k"].values() for k in pair})
     ev = [v for pair in info["explained_variance"].values() for v in pair]
     b, quantization = info["stored_bytes"], info["quantization"]
     q = f" ({quantization['scheme']}; {b['float32_components']:,} as float32)" if quantization else ""
@@ -100,7 +124,7 @@ def format_info(info: dict) -> str:
         f"version      {info['version']}{' (current)' if info['current'] else ''} by {info['operation']}, parent {info['parent'] or '-'}, created {info['created']}",
         f"base model   {info['base_model'] or '-'}",
         f"adapters     {info['adapters']['ok']} ok ({info['adapters']['in_basis']} in the basis, the rest projected), {info['adapters']['quarantined']} quarantined",
-        f"modules      {info['modules']}, k per module {ks[0]}..{ks[-1]}" if len(ks) > 1 else f"modules      {info['modules']}, k = {ks[0]}",
+        f"modules      {info['modules']}: {_methods_line(info['methods'])}",
         f"explained    variance {min(ev):.3f}..{max(ev):.3f} (per module and side)",
         f"bytes        {info['original_bytes']:,} original -> {info['store_bytes']:,} stored ({info['compression_ratio']:.1f}x)",
         f"stored       components {b['components']:,}{q}, means {b['means']:,}, other basis fields {b['basis_other']:,}, "

@@ -103,7 +103,8 @@ def grow(
         if changes.missing:
             log.info("%d adapter(s) in the store are no longer in the source; they stay", len(changes.missing))
         options = dataclasses.replace(options, rule=parameters_rule(manifest["parameters"]), route=manifest["parameters"]["svd_route"],
-                                      quantize=manifest["parameters"].get("quantize"), method=manifest["parameters"].get("method", "flat"))
+                                      quantize=manifest["parameters"].get("quantize"), method=manifest["parameters"].get("method", "flat"),
+                                      ratio=manifest["parameters"].get("ratio"), budget_bytes=manifest["parameters"].get("budget_bytes"))
         if from_source:
             to_read = refs  # adapters gone from the source join as rebuilt from the store
         else:

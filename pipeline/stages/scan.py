@@ -72,8 +72,9 @@ class ScannedAdapter:
         return (self.config or {}).get("base_model_name_or_path")
 
     def layout(self) -> tuple:
-        """What must agree across a collection: modules and their factor shapes."""
-        return tuple((m, tuple(a.shape), tuple(b.shape)) for m, (a, b) in sorted(self.modules.items()))
+        """What must agree across a collection: modules and their d_in, d_out (ranks may differ:
+        lower ones are zero-padded to the collection's)."""
+        return tuple((m, a.shape[1], b.shape[0]) for m, (a, b) in sorted(self.modules.items()))
 
 
 def scan_batch(refs: list[AdapterRef]) -> list[ScannedAdapter]:
@@ -213,13 +214,20 @@ def check_collection(adapters: list[ScannedAdapter], reference: dict | None = No
     if not good:
         return
     if reference is not None:
-        layout = tuple((m, tuple(e["a_shape"]), tuple(e["b_shape"])) for m, e in sorted(reference["modules"].items()))
+        layout = tuple((m, e["a_shape"][1], e["b_shape"][0]) for m, e in sorted(reference["modules"].items()))
+        ranks = {m: e["a_shape"][0] for m, e in reference["modules"].items()}
     else:
         layout = Counter(a.layout() for a in good).most_common(1)[0][0]
+        ranks = {}
     modules = {m for m, _, _ in layout}
-    shapes = {m: (sa, sb) for m, sa, sb in layout}
+    dims = {m: (d_in, d_out) for m, d_in, d_out in layout}
     for a in good:
         if a.layout() == layout:
+            above = [m for m in sorted(a.modules) if a.modules[m][0].shape[0] > ranks.get(m, a.modules[m][0].shape[0])]
+            if above:
+                m = above[0]
+                a.quarantine(f"module {m!r}: rank {a.modules[m][0].shape[0]} is above the store's {ranks[m]} "
+                             "(compress the collection again to raise it)")
             continue
         mine = set(a.modules)
         if mine != modules:
@@ -230,7 +238,6 @@ def check_collection(adapters: list[ScannedAdapter], reference: dict | None = No
                 + (f"; extra {len(extra)} (e.g. {extra[0]!r})" if extra else "")
             )
             continue
-        module = next(m for m in sorted(mine) if (tuple(a.modules[m][0].shape), tuple(a.modules[m][1].shape)) != shapes[m])
-        (ra, _), (rb, _) = a.modules[module][0].shape, shapes[module][0]
-        what = f"rank {ra} differs from the collection's rank {rb}" if ra != rb else "factor shapes differ from the collection's"
-        a.quarantine(f"module {module!r}: {what}")
+        module = next(m for m in sorted(mine) if (a.modules[m][0].shape[1], a.modules[m][1].shape[0]) != dims[m])
+        (_, d_in), (d_out, _) = a.modules[module][0].shape, a.modules[module][1].shape
+        a.quarantine(f"module {module!r}: d_in x d_out {d_in} x {d_out} differs from the collection's {dims[module][0]} x {dims[module][1]}")

@@ -117,6 +117,10 @@ def load(uri: str, version: str | None = None, endpoint_url: str | None = None) 
     for path in sorted({e["basis"] for e in manifest["modules"].values()}):
         tensors.update(store.read_basis(path, manifest["files"][path], decode=False))
     decoded = decode_basis(tensors)
+    joint = sorted(m for m, e in manifest["modules"].items() if e.get("method") == "joint")
+    if joint:
+        raise PipelineError(f"{store} {version} has {len(joint)} joint module(s) (e.g. {joint[0]!r}): the Python API reads flat and "
+                            "aligned stores; export its adapters with `lora-subspace export`")
     modules = {}
     for module, entry in manifest["modules"].items():
         decs = [read_decomposition(decoded, module, side) for side in "AB"]

@@ -44,6 +44,8 @@ def verify(store: Store, version: str | None = None) -> dict:
 
 
 def _check_module(module: str, entry: dict, tensors: dict[str, torch.Tensor], scheme: str | None) -> list[str]:
+    if entry.get("method") == "joint":
+        return _check_joint(module, entry, tensors)
     failures = []
     for side, k, shape in (("A", entry["k_a"], entry["a_shape"]), ("B", entry["k_b"], entry["b_shape"])):
         width = shape[0] * shape[1]
@@ -59,11 +61,37 @@ def _check_module(module: str, entry: dict, tensors: dict[str, torch.Tensor], sc
         if not all(torch.isfinite(t).all() for t in [components, *fields]):
             failures.append(f"{module} lora_{side}: non-finite values in the basis")
             continue
-        gram = components.double() @ components.double().T
-        drift = float((gram - torch.eye(k, dtype=torch.float64)).abs().max()) if k else 0.0
+        drift = _drift(components.T)
         if drift > ORTHONORMAL_TOLERANCE[scheme]:
             failures.append(f"{module} lora_{side}: components are not orthonormal (max |V V^T - I| = {drift:.2e})")
     return failures
+
+
+def _check_joint(module: str, entry: dict, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """U (d_out, c) and V (d_in, c) present, finite, orthonormal; rows of q * c loadings."""
+    failures = []
+    c, q = entry["width"], entry["core_rank"]
+    if entry["k_a"] != q * c or entry["k_b"] != q * c:
+        failures.append(f"{module}: joint loadings widths {entry['k_a']}, {entry['k_b']} are not core_rank x width = {q * c}")
+    for name, d in (("u", entry["b_shape"][0]), ("v", entry["a_shape"][1])):
+        matrix = tensors.get(basis_key(module, "joint", name))
+        if matrix is None:
+            failures.append(f"{module}: basis has no joint {name.upper()}")
+        elif tuple(matrix.shape) != (d, c):
+            failures.append(f"{module}: joint {name.upper()} is {list(matrix.shape)}, the manifest says [{d}, {c}]")
+        elif not torch.isfinite(matrix).all():
+            failures.append(f"{module}: non-finite values in joint {name.upper()}")
+        elif _drift(matrix) > ORTHONORMAL_TOLERANCE[None]:
+            failures.append(f"{module}: joint {name.upper()} is not orthonormal (max |X^T X - I| = {_drift(matrix):.2e})")
+    return failures
+
+
+def _drift(columns: torch.Tensor) -> float:
+    """max |X^T X - I| of a matrix's columns, in float64."""
+    if not columns.shape[1]:
+        return 0.0
+    gram = columns.double().T @ columns.double()
+    return float((gram - torch.eye(gram.shape[0], dtype=torch.float64)).abs().max())
 
 
 def _check_loadings(store: Store, version: str, manifest: dict) -> list[str]:

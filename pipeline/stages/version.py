@@ -31,6 +31,7 @@ from pipeline.io.store import (
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.progress import Progress
 from pipeline.runners import Runner
+from pipeline.linalg.budget import FLOAT_BYTES, fits
 from pipeline.stages.compute import LOADINGS_KEYS, LOADINGS_SCHEMA, ComponentRule, Mode, Parent, ShardResult, ShardTask, compute_shard
 from pipeline.stages.plan import Shard, largest_shard_bytes, plan_shards
 from pipeline.stages.scan import ScannedAdapter
@@ -63,7 +64,9 @@ class Options:
     route: str = "auto"
     max_error: float | None = None  # flag new adapters above this delta-W error
     quantize: str | None = None  # int8 | nf4: bases stored packed (linalg.quantize)
-    method: str = "flat"  # flat (vlora's) | aligned (factors put in one gauge first: linalg.gauge)
+    method: str = "auto"  # flat (vlora's) | aligned (one gauge first) | joint (shared U, V) | auto: flat, or with a budget the better
+    ratio: float | None = None  # byte budget: the stored bytes are at most the adapters' tensor bytes / ratio
+    budget_bytes: int | None = None  # byte budget given as bytes (turned into a ratio of the collection's)
 
 
 @dataclass
@@ -175,9 +178,34 @@ def _compute_all(change, source, store, version, runner, options, seconds):
 
 
 def module_shapes(change: Change, good: list[ScannedAdapter]) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """lora_A and lora_B shapes per module at the collection's largest rank (lower ranks are
+    zero-padded to it)."""
     if change.parent_manifest:
         return {m: (tuple(e["a_shape"]), tuple(e["b_shape"])) for m, e in change.parent_manifest["modules"].items()}
-    return {m: (tuple(a.shape), tuple(b.shape)) for m, (a, b) in good[0].modules.items()}
+    shapes = {}
+    for module, (a, b) in good[0].modules.items():
+        rank = max(x.modules[module][0].shape[0] for x in good)
+        shapes[module] = ((rank, a.shape[1]), (b.shape[0], rank))
+    return shapes
+
+
+def module_budgets(change: Change, good: list[ScannedAdapter], shapes, rows: int, options: Options) -> dict[str, float] | None:
+    """Stored floats per adapter per module that a byte budget allows: each module gets the
+    budget's share of its own tensor bytes. A re-base keeps the parent's; None without a budget."""
+    parent = change.parent_manifest
+    if parent and "budget" in next(iter(parent["modules"].values())):
+        return {m: e["budget"] for m, e in parent["modules"].items()}
+    if parent or not (options.ratio or options.budget_bytes):
+        return None
+    module_bytes = {m: sum(x.end - x.start for a in good for x in a.modules[m]) for m in shapes}
+    ratio = options.ratio or sum(module_bytes.values()) / options.budget_bytes
+    budgets = {m: size / ratio / FLOAT_BYTES / len(good) for m, size in module_bytes.items()}
+    for module, per_adapter in budgets.items():
+        (r, d_in), (d_out, _) = shapes[module]
+        if not fits(per_adapter * rows, rows, r, d_in, d_out):
+            raise PipelineError(f"a budget of 1/{ratio:.3g} of the adapters' bytes is too small for module {module!r}: "
+                                f"no method fits {per_adapter * rows * FLOAT_BYTES:.0f} bytes")
+    return budgets
 
 
 def _plan(change: Change, shapes, rows: int, options: Options, parallelism: int) -> list[Shard]:
@@ -199,6 +227,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     rows = len(good)
     if change.refit:  # the parent's adapters not read again join, rebuilt
         rows += change.parent_manifest["adapters"]["ok"] - sum(change.parent_status.get(a.task_id) == "ok" for a in good)
+    budgets = module_budgets(change, good, shapes, rows, options)
     shards = _plan(change, shapes, rows, options, runner.num_cpus)
     peak = largest_shard_bytes(shards, widths, max(rows, 1))
     log.info("plan: %d adapters to read, %d modules in %d shards (largest needs ~%.0f MiB)", len(good), len(shapes), len(shards), peak / 2**20)
@@ -212,9 +241,9 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
         drop = frozenset(a.task_id for a in good)
         basis = {m: e["basis"] for m, e in change.parent_manifest["modules"].items()}
         checksums = {path: change.parent_manifest["files"][path] for path in set(basis.values())}
-        parent = Parent(basis, checksums, version_path(change.parent, LOADINGS), drop, change.refit)
+        parent = Parent(basis, checksums, version_path(change.parent, LOADINGS), drop, change.refit, change.parent_manifest["modules"])
 
-    inputs = _digest([change.operation, change.mode, change.parent, change.refit, dataclasses.asdict(options.rule), options.route, options.quantize, options.method,
+    inputs = _digest([change.operation, change.mode, change.parent, change.refit, dataclasses.asdict(options.rule), options.route, options.quantize, options.method, budgets,
                       [(a.task_id, a.location.uri, a.weights_bytes, a.weights_tag) for a in good]])
     finished = store.finished_shards(version)
     # The adapters' own filesystem reads them: a manifest source lists folders on one filesystem
@@ -225,7 +254,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
         new = [(a.task_id, a.weights_path, {m: a.modules[m] for m in shard.modules}) for a in good]
         key = _digest([inputs, shard.modules, fixed_k])
         return ShardTask(shard, change.mode, options.rule, store.location, version, reader, new, shapes, parent, fixed_k, options.route,
-                         options.quantize, options.method, key)
+                         options.quantize, options.method, budgets, key)
 
     progress = Progress("compute", len(shards), "shards")
     results: list[ShardResult | None] = [None] * len(shards)
@@ -246,7 +275,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
 
     pending = list(shards)
     fixed_k = None
-    if options.rule.needs_first_module and change.mode != "project":
+    if options.rule.needs_first_module and change.mode != "project" and not budgets:
         # vlora's rule: k comes from the first module's lora_A, so that shard runs first.
         run([task(shards[0])])
         if results[0].nonfinite:
@@ -345,7 +374,9 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
             modules[m.module] = {
                 "basis": basis, "a_shape": list(m.a_shape), "b_shape": list(m.b_shape), "k_a": m.k_a, "k_b": m.k_b,
                 "explained_variance_a": round(m.explained_a, 6), "explained_variance_b": round(m.explained_b, 6),
-                "svd_route": m.route, "count": m.count,
+                "svd_route": m.route, "count": m.count, "method": m.method,
+                **({"width": m.width, "core_rank": m.core_rank} if m.method == "joint" else {}),
+                **({"budget": m.budget} if m.budget is not None else {}),
             }
     if not all(r.file for r in results):  # shared with the parent: listed so prune keeps them
         for path in {e["basis"] for e in modules.values()} - set(files):
@@ -374,7 +405,8 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
     manifest = {
         **manifest_fields(version, change.parent, change.operation),
         "source": redact(source.uri) if source else (change.parent_manifest or {}).get("source"),
-        "parameters": rule_parameters(options.rule, options.route, options.quantize, options.method),
+        "parameters": {**rule_parameters(options.rule, options.route, options.quantize, options.method),
+                       "ratio": options.ratio, "budget_bytes": options.budget_bytes},
         "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
         "original_bytes": catalog.original_bytes,
         "base_model": good[0].base_model if good else change.parent_manifest.get("base_model"),

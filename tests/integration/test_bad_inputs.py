@@ -48,8 +48,11 @@ def _nan(tensors):
     return tensors
 
 
-def _rank4(tensors):
-    return {k: (v[:4] if ".lora_A." in k else v[:, :4]).contiguous() for k, v in tensors.items()}
+def _narrower(tensors):
+    """One module's lora_A loses an input column: d_in differs (a pair still, rank unchanged)."""
+    key = sorted(k for k in tensors if ".lora_A." in k)[0]
+    tensors[key] = tensors[key][:, :-1].contiguous()
+    return tensors
 
 
 def _drop_module(tensors):
@@ -118,7 +121,7 @@ BAD = {
     "offsets-past-end": (_offsets_past_end, "lie outside the file"),
     "has-nan": (lambda f: _rewrite(f, _nan), "NaN or Inf in model.layers.1.self_attn.q_proj lora_B"),
     "config-contradicts": (lambda f: _set_config(f, r=4), "has rank 8 but the config says r=4"),
-    "other-rank": (lambda f: (_rewrite(f, _rank4), _set_config(f, r=4)), "rank 4 differs from the collection's rank 8"),
+    "other-width": (lambda f: _rewrite(f, _narrower), "d_in x d_out 63 x 64 differs from the collection's 64 x 64"),
     "fewer-modules": (lambda f: _rewrite(f, _drop_module), "module set differs from the collection's; missing 1"),
     "other-base": (lambda f: _set_config(f, base_model_name_or_path="someone/else"), "base model 'someone/else' differs"),
     "wrong-type": (lambda f: _set_config(f, lora_alpha="sixteen"), "config field 'lora_alpha' has type str"),

@@ -1,0 +1,121 @@
+"""Byte budgets: per module, the method and its parameters (flat k, or joint width c and core rank
+q) that leave the lowest mean delta-W error in a given number of stored float32 values.
+
+Stored floats, per module of n adapters of rank r:
+  flat:  (k + 1) r (d_in + d_out) for the components and means of both sides, 2 k n loadings;
+  joint: c (d_in + d_out) for U and V, 2 c q n for the factored cores.
+Errors are exact (from the factors, never from d_out x d_in products): each candidate is fitted
+and measured. Joint candidates share one fit at the widest c; a narrower winner is refitted
+warm-started from it. Pure tensor math: the compute stage and the benchmark call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.linalg.decompose import Decomposition, centred_svd
+from pipeline.linalg.gauge import JointBasis, fit_joint, joint_cores
+from pipeline.linalg.loadings import project_factors
+
+FLOAT_BYTES = 4
+
+
+def flat_floats(n: int, k: int, r: int, d_in: int, d_out: int) -> int:
+    return (k + 1) * r * (d_in + d_out) + 2 * k * n
+
+
+def joint_floats(n: int, c: int, q: int, d_in: int, d_out: int) -> int:
+    return c * (d_in + d_out) + 2 * c * q * n
+
+
+def flat_components(budget: float, n: int, r: int, d_in: int, d_out: int) -> int:
+    """The largest k (at most n) whose flat storage fits `budget` floats; 0 when none does."""
+    k = int((budget - r * (d_in + d_out)) // (r * (d_in + d_out) + 2 * n))
+    return max(0, min(k, n))
+
+
+def joint_width(budget: float, n: int, q: int, d_in: int, d_out: int) -> int:
+    """The largest c whose U, V and rank-q factored cores fit `budget` floats; 0 when none does."""
+    return max(0, min(d_in, d_out, int(budget // (d_in + d_out + 2 * n * q))))
+
+
+def core_ranks(r: int) -> list[int]:
+    """The core ranks q tried: r, r/2, r/4 (a smaller q buys a wider c)."""
+    return sorted({max(1, r // 2**i) for i in range(3)}, reverse=True)
+
+
+def fits(budget: float, n: int, r: int, d_in: int, d_out: int) -> bool:
+    """Whether any method fits `budget` floats (flat k=1 or joint c=q=1)."""
+    return flat_components(budget, n, r, d_in, d_out) > 0 or joint_width(budget, n, 1, d_in, d_out) > 0
+
+
+@dataclass
+class FlatFit:
+    a: Decomposition
+    b: Decomposition
+    error: float  # mean relative delta-W error
+    method: str = "flat"
+
+
+@dataclass
+class JointFit:
+    basis: JointBasis
+    q: int
+    core_a: torch.Tensor  # (n, q, c)
+    core_b: torch.Tensor  # (n, c, q)
+    errors: torch.Tensor  # (n,) relative delta-W errors
+    norms: torch.Tensor  # (n,) ||B A||
+    method: str = "joint"
+
+    @property
+    def error(self) -> float:
+        return float(self.errors.mean())
+
+    @property
+    def explained(self) -> float:
+        """The fraction of the collection's delta-W energy the bases and cores keep."""
+        total = float(self.norms.pow(2).sum())
+        return 1.0 - float((self.errors * self.norms).pow(2).sum()) / total if total else 1.0
+
+
+def fit_flat(xa: torch.Tensor, xb: torch.Tensor, shapes, k: int, route: str = "auto") -> FlatFit:
+    a, b = centred_svd(xa, k, None, route), centred_svd(xb, k, None, route)
+    return FlatFit(a, b, float(project_factors(xa, xb, a, b, shapes)[2].mean()))
+
+
+def fit_joint_module(a: torch.Tensor, b: torch.Tensor, c: int, q: int, init: JointBasis | None = None) -> JointFit:
+    """Joint bases of width c for factors a (n, r, d_in), b (n, d_out, r), rank-q cores."""
+    basis = fit_joint(a, b, c, init=init)
+    return JointFit(basis, q, *joint_cores(basis, a, b, q))
+
+
+def fit_within(xa: torch.Tensor, xb: torch.Tensor, shapes, budget: float, methods: tuple[str, ...] = ("flat", "joint"),
+               route: str = "auto") -> FlatFit | JointFit:
+    """The fit of the lowest mean delta-W error among `methods` within `budget` floats, for one
+    module's flattened factors xa (n, r*d_in), xb (n, d_out*r)."""
+    (r, d_in), (d_out, _) = shapes
+    n = len(xa)
+    candidates: list[FlatFit | JointFit] = []
+    k = flat_components(budget, n, r, d_in, d_out)
+    if "flat" in methods and k:
+        candidates.append(fit_flat(xa, xb, shapes, k, route))
+    widths = {q: joint_width(budget, n, q, d_in, d_out) for q in core_ranks(r)}
+    widths = {q: c for q, c in widths.items() if c >= q}  # a core's rank is at most c
+    if "joint" in methods and widths:
+        a, b = xa.view(n, r, d_in), xb.view(n, d_out, r)
+        widest = fit_joint(a, b, max(widths.values()))
+        joint = []
+        for q, c in widths.items():
+            narrowed = JointBasis(widest.u[:, :c], widest.v[:, :c], 0.0, widest.total, 0)
+            joint.append(JointFit(narrowed, q, *joint_cores(narrowed, a, b, q)))
+        best = min(joint, key=lambda f: f.error)
+        if best.basis.u.shape[1] < widest.u.shape[1]:  # columns cut from a wider fit: refit them
+            best = min(best, fit_joint_module(a, b, best.basis.u.shape[1], best.q, init=best.basis), key=lambda f: f.error)
+        else:
+            best.basis = widest
+        candidates.append(best)
+    if not candidates:
+        raise ValueError(f"no method among {methods} fits {budget:.0f} floats for {n} adapters of shapes {shapes}")
+    return min(candidates, key=lambda f: f.error)
