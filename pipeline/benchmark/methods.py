@@ -1,8 +1,9 @@
-"""Flat, aligned and joint bases side by side at equal bytes, on a collection and on its gauge
-twin (the same delta W, every adapter's factors re-parameterised A -> R A, B -> B R^T): what a
-basis fitted to the factors loses when the adapters' gauges differ, and what the gauge-invariant
-methods of pipeline.linalg.gauge recover. In memory, one module at a time; the pipeline's compress
-is the flat method.
+"""Flat, aligned, joint and auto side by side at the flat method's bytes with k components, on a
+collection and on its gauge twin (the same delta W, every adapter's factors re-parameterised
+A -> R A, B -> B R^T): what a basis fitted to the factors loses when the adapters' gauges differ,
+and what the gauge-invariant methods recover. In memory, one module at a time, with the math
+compress runs (pipeline.linalg.budget): joint picks its width c and core rank q for the bytes,
+auto takes, per module, the better of flat and joint, as `compress --method auto` does.
 """
 
 from __future__ import annotations
@@ -12,47 +13,44 @@ import time
 import torch
 
 from pipeline.adapter import Adapter
-from pipeline.linalg.decompose import centred_svd
-from pipeline.linalg.gauge import align, fit_joint, joint_cores
-from pipeline.linalg.loadings import project_factors
+from pipeline.linalg.budget import fit_flat, fit_within, flat_floats
+from pipeline.linalg.gauge import align
 
-METHODS = ("flat", "aligned", "joint")
-
-
-def flat_floats(n: int, k: int, r: int, d_in: int, d_out: int) -> int:
-    """Floats one module takes with the flat method: components, means, loadings."""
-    return (k + 1) * r * (d_in + d_out) + 2 * k * n
-
-
-def joint_width(budget: int, n: int, q: int, d_in: int, d_out: int) -> int:
-    """The widest c whose U, V and rank-q factored cores fit `budget` floats."""
-    return max(1, min(d_in, d_out, budget // (d_in + d_out + 2 * n * q)))
+METHODS = ("flat", "aligned", "joint", "auto")
 
 
 def compare(adapters: list[Adapter], k: int) -> dict:
     """Mean relative delta-W error (over adapters, of the mean over modules) and seconds of each
-    method, the joint one at the flat method's bytes with q = r."""
-    n = len(adapters)
-    errors = {m: torch.zeros(n, dtype=torch.float64) for m in METHODS}
+    method; auto's seconds are flat's plus joint's (it fits both)."""
+    errors = dict.fromkeys(METHODS, 0.0)
     seconds = dict.fromkeys(METHODS, 0.0)
-    widths = {}
+    chosen = {"flat": 0, "joint": 0}
+    joint_shapes = set()
     modules = adapters[0].layer_names
     for module in modules:
-        a = torch.stack([x.lora_a[module].float() for x in adapters])
-        b = torch.stack([x.lora_b[module].float() for x in adapters])
-        r, d_in, d_out = a.shape[1], a.shape[2], b.shape[1]
-        for method in METHODS:
+        xa = torch.stack([x.lora_a[module].float() for x in adapters]).reshape(len(adapters), -1)
+        xb = torch.stack([x.lora_b[module].float() for x in adapters]).reshape(len(adapters), -1)
+        shapes = (tuple(adapters[0].lora_a[module].shape), tuple(adapters[0].lora_b[module].shape))
+        (r, d_in), (d_out, _) = shapes
+        fits = {}
+        for method in ("flat", "aligned", "joint"):
             started = time.perf_counter()
-            if method == "joint":
-                c = widths[module] = joint_width(flat_floats(n, k, r, d_in, d_out), n, r, d_in, d_out)
-                error = joint_cores(fit_joint(a, b, c), a, b, r)[2]
+            if method == "flat":
+                fits[method] = fit_flat(xa, xb, shapes, k)
+            elif method == "aligned":
+                a, b = align(xa.view(-1, r, d_in), xb.view(-1, d_out, r), k)
+                fits[method] = fit_flat(a.to(torch.float32).reshape(len(xa), -1), b.to(torch.float32).reshape(len(xb), -1), shapes, k)
             else:
-                fa, fb = (a, b) if method == "flat" else (x.to(torch.float32) for x in align(a, b, k))
-                xa, xb = fa.reshape(n, -1), fb.reshape(n, -1)
-                error = project_factors(xa, xb, centred_svd(xa, k), centred_svd(xb, k), ((r, d_in), (d_out, r)))[2]
+                fits[method] = fit_within(xa, xb, shapes, flat_floats(len(xa), k, r, d_in, d_out), ("joint",))
+                joint_shapes.add((fits[method].basis.u.shape[1], fits[method].q))
             seconds[method] += time.perf_counter() - started
-            errors[method] += error.to(torch.float64) / len(modules)
+            errors[method] += fits[method].error / len(modules)
+        best = min(("flat", "joint"), key=lambda m: fits[m].error)
+        chosen[best] += 1
+        errors["auto"] += fits[best].error / len(modules)
+    seconds["auto"] = seconds["flat"] + seconds["joint"]
     return {
-        **{m: {"error": float(errors[m].mean()), "seconds": round(seconds[m], 3)} for m in METHODS},
-        "joint_width": sorted(set(widths.values())),
+        **{m: {"error": errors[m], "seconds": round(seconds[m], 3)} for m in METHODS},
+        "joint_width_rank": sorted(joint_shapes),
+        "auto_chose": chosen,
     }

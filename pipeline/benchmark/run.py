@@ -263,8 +263,8 @@ def _library(source: Location, config: dict) -> dict:
 
 
 def _methods(root: Location, config: dict) -> dict:
-    """Flat, aligned and joint at equal bytes on `methods` adapters of the preset and on their gauge
-    twin (pipeline.benchmark.methods), float32."""
+    """Flat, aligned, joint and auto at equal bytes on `methods` adapters of the preset and on their
+    gauge twin (pipeline.benchmark.methods), float32."""
     figures = {}
     for structure in ("shared", "gauge"):
         where = root.child(f"methods-{config['preset']}-{config['seed']}", structure)
@@ -307,6 +307,9 @@ def _ratios_and_targets(f: dict) -> tuple[dict, list[dict]]:
         ratios["gauge_best_over_flat_on_twin"] = best / max(shared["flat"]["error"], 1e-12)
         targets.append(_target("gauge twin: best invariant method at the flat bytes within 1.5x of flat on the un-rotated twin",
                                ratios["gauge_best_over_flat_on_twin"], "<=", 1.5))
+        ratios["joint_seconds_over_flat"] = shared["joint"]["seconds"] / max(shared["flat"]["seconds"], 1e-9)
+        targets.append(_target("joint fit (width and rank search included) at most 3x the flat method's compute",
+                               ratios["joint_seconds_over_flat"], "<=", 3.0))
     vlora = f.get("vlora", {})
     if "seconds" in vlora:
         ratios["vlora_over_ours"] = vlora["seconds"] / ours["seconds"]
@@ -360,10 +363,11 @@ def format_table(f: dict) -> str:
                      f"{q['added_error']['mean']:.5f}, max {q['added_error']['max']:.5f}")
     if "methods" in f:
         m = f["methods"]
-        lines.append(f"methods at equal bytes ({c['methods']} adapters, joint c {m['shared']['joint_width']}): delta-W error mean, seconds")
+        lines.append(f"methods at equal bytes ({c['methods']} adapters, k {c['components']}): delta-W error mean, seconds")
         for structure in ("shared", "gauge"):
             lines.append(f"  {structure:8}" + "".join(f"  {name} {m[structure][name]['error']:.4f} ({m[structure][name]['seconds']:.1f} s)"
                                                      for name in methods.METHODS))
+            lines.append(f"            joint (c, q) {m[structure]['joint_width_rank']}, auto chose {m[structure]['auto_chose']}")
     for mode, lib in f.get("library", {}).items():
         row(f"Subspace build, {mode}", lib["seconds"], {"driver": lib["peak_rss_mib"]})
     vlora = f.get("vlora")

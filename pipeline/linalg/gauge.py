@@ -140,24 +140,30 @@ class JointBasis:
 
 def fit_joint(a: torch.Tensor, b: torch.Tensor, c: int, iterations: int = JOINT_ITERATIONS,
               init: JointBasis | None = None) -> JointBasis:
-    """Shared U, V of width c for factors a (n, r, d_in), b (n, d_out, r), by alternating exact
-    maximisations (each step cannot lose captured energy). `init` warm-starts from earlier bases
-    (a re-base); otherwise V starts as the top-c eigenvectors of sum_i A_i^T B_i^T B_i A_i."""
-    a, b = a.to(torch.float64), b.to(torch.float64)
+    """Shared U, V of width c for factors a (n, r, d_in), b (n, d_out, r), by alternating
+    maximisations (none loses captured energy). `init` warm-starts from earlier bases (a re-base);
+    otherwise V starts as the top-c eigenvectors of sum_i A_i^T B_i^T B_i A_i. Each step is exact
+    at the first, later ones maximise over the span of the previous bases and one block power
+    step (_leading), so no d x d matrix is formed or diagonalised after the first."""
+    # Float32 factors are worked on in float32 (the products are d x n r x c); sums of energies
+    # are float64. Float64 factors stay float64.
+    work = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    a, b = a.to(work), b.to(work)
     d_out, d_in = b.shape[1], a.shape[2]
     c = min(c, d_out, d_in)
-    btb = b.transpose(1, 2) @ b  # (n, r, r)
-    total = float(torch.einsum("nij,nji->", btb, a @ a.transpose(1, 2)))
+    total = float(torch.einsum("nij,nji->", (b.transpose(1, 2) @ b).double(), (a @ a.transpose(1, 2)).double()))
     if init is not None:
-        v = init.v.to(torch.float64)[:, :c]
+        u, v = init.u.to(a)[:, :c], init.v.to(a)[:, :c]
     else:
-        v = _top(torch.einsum("nri,nrs,nsj->ij", a, btb, a), c)
+        u, v = None, _leading(_columns(a.transpose(1, 2), b), c, None)
+    av = a @ v  # (n, r, c)
     energy, done = 0.0, 0
     for done in range(1, iterations + 1):
-        u = _top(_sum_outer(b, a @ v), c)
+        u = _leading(_columns(b, av.transpose(1, 2)), c, u)
         btu = b.transpose(1, 2) @ u  # (n, r, c)
-        v = _top(_sum_outer(a.transpose(1, 2), btu), c)
-        gained = float((btu.transpose(1, 2) @ (a @ v)).pow(2).sum())
+        v = _leading(_columns(a.transpose(1, 2), btu.transpose(1, 2)), c, v)
+        av = a @ v
+        gained = float((btu.transpose(1, 2) @ av).double().pow(2).sum())
         if gained - energy <= JOINT_TOLERANCE * max(gained, 1e-300):
             energy = gained
             break
@@ -195,14 +201,38 @@ def cut_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return a_hat[:, :rank].to(torch.float32), b_hat[:, :, :rank].to(torch.float32)
 
 
-def _sum_outer(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """sum_i F_i G_i G_i^T F_i^T for f (n, d, r), g (n, r, c), as one (d, n r) product: with
-    G_i^T = Q_i R_i (thin QR), G_i G_i^T = R_i^T R_i, so each term is (F_i R_i^T)(F_i R_i^T)^T and
-    r, not c, columns per adapter enter the product."""
-    r_factor = torch.linalg.qr(g.transpose(1, 2), mode="r").R  # (n, min(c, r), r)
-    y = f @ r_factor.transpose(1, 2)  # (n, d, min(c, r))
-    flat = y.transpose(0, 1).reshape(y.shape[1], -1)
-    return flat @ flat.T
+def _columns(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Y (d, n r) with Y Y^T = sum_i F_i G_i^T G_i F_i^T, for f (n, d, r) and g (n, m, r): with
+    G_i = Q_i R_i (thin QR), G_i^T G_i = R_i^T R_i, so F_i R_i^T are adapter i's columns."""
+    r_factor = torch.linalg.qr(g, mode="r").R  # (n, min(m, r), r)
+    y = f @ r_factor.transpose(1, 2)  # (n, d, min(m, r))
+    return y.transpose(0, 1).reshape(y.shape[1], -1)
+
+
+def _leading(y: torch.Tensor, count: int, previous: torch.Tensor | None) -> torch.Tensor:
+    """Orthonormal columns spanning the top `count` left singular directions of y (d, m): exact
+    from the m x m Gram when m <= d (or count is near d); otherwise the best `count` columns
+    within span(P, Y Y^T P), P = `previous` (or a seeded random range of Y Y^T): Rayleigh-Ritz on a
+    2 count-wide block, never worse than P, exact once the alternating fit has converged."""
+    d, m = y.shape
+    if m <= d:
+        u = y @ _top(y.T @ y, min(count, m))
+        q = torch.linalg.qr(u).Q
+        return q if count <= m else torch.cat([q, _complement(q, count - m)], dim=1)
+    if 2 * count >= d:
+        return _top(y @ y.T, count)
+    if previous is None:  # a range of Y Y^T, not of Y: Y's columns depend on the adapters' gauges
+        probe = torch.randn(d, count, generator=torch.Generator().manual_seed(0), dtype=y.dtype).to(y.device)
+        previous = torch.linalg.qr(y @ (y.T @ probe)).Q
+    block = torch.linalg.qr(torch.cat([previous, y @ (y.T @ previous)], dim=1)).Q  # (d, 2 count)
+    small = block.T @ y
+    return block @ _top(small @ small.T, count)
+
+
+def _complement(u: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` orthonormal columns orthogonal to u's (any: they capture nothing)."""
+    basis = torch.linalg.qr(torch.cat([u, torch.eye(u.shape[0], dtype=u.dtype, device=u.device)], dim=1)).Q
+    return basis[:, u.shape[1]: u.shape[1] + count]
 
 
 def _top(square: torch.Tensor, count: int) -> torch.Tensor:

@@ -121,7 +121,7 @@ BAD = {
     "offsets-past-end": (_offsets_past_end, "lie outside the file"),
     "has-nan": (lambda f: _rewrite(f, _nan), "NaN or Inf in model.layers.1.self_attn.q_proj lora_B"),
     "config-contradicts": (lambda f: _set_config(f, r=4), "has rank 8 but the config says r=4"),
-    "other-width": (lambda f: _rewrite(f, _narrower), "d_in x d_out 63 x 64 differs from the collection's 64 x 64"),
+    "other-width": (lambda f: _rewrite(f, _narrower), "d_in x d_out 255 x 256 differs from the collection's 256 x 256"),
     "fewer-modules": (lambda f: _rewrite(f, _drop_module), "module set differs from the collection's; missing 1"),
     "other-base": (lambda f: _set_config(f, base_model_name_or_path="someone/else"), "base model 'someone/else' differs"),
     "wrong-type": (lambda f: _set_config(f, lora_alpha="sixteen"), "config field 'lora_alpha' has type str"),
