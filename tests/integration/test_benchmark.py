@@ -80,3 +80,31 @@ def test_a_bad_setting_is_refused_by_name(tmp_path):
     assert "preset must be one of" in json.loads(done.stdout.splitlines()[-1])["error"]
     done, _ = _benchmark(tmp_path, "colour=blue")
     assert done.returncode == 1 and "unknown key 'colour'" in done.stdout
+
+
+def test_trained_step_on_a_model_built_from_a_config(tmp_path):
+    """The peft-training step end to end on a tiny BERT built from a config (the headline run
+    uses all-MiniLM-L6-v2): adapters trained by peft, compressed by flat and auto at one budget,
+    exported and scored."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from pipeline.benchmark.trained import vocabulary
+
+    model_dir = tmp_path / "bert"
+    model_dir.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *vocabulary()]) + "\n")
+    BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
+    config = BertConfig(vocab_size=len(vocabulary()) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    BertModel(config).save_pretrained(model_dir)
+    done, f = _benchmark(tmp_path, f"workdir={tmp_path / 'work'}", "trained=4", f"trained_model={model_dir}", "trained_steps=3",
+                         "trained_ratio=1.5", "methods=0", "vlora=false", "floors=false", "rebase=false", "quantize=false", "library=false")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    t = f["trained"]
+    assert t["adapters"] == 4 and 0 <= t["original"]["accuracy"] <= 1
+    for method in ("flat", "auto"):
+        assert 0 <= t[method]["accuracy"] <= 1 and 0 <= t[method]["error"] < 1.5 and t[method]["store_bytes"] > 0
+        assert sum(t[method]["methods"].values()) == 4  # query and value of 2 layers
+    assert t["flat"]["methods"] == {"flat": 4, "joint": 0}
+    assert t["auto"]["error"] <= t["flat"]["error"] + 1e-6  # auto tries flat too, and keeps the better
+    assert "peft-trained adapters" in done.stdout
+    assert any(target["name"].startswith("peft-trained adapters") for target in f["targets"])
