@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("folder")
     ve.add_argument("--version", help="a version id (default: current)")
 
-    ev = sub.add_parser("evaluate", parents=[common], help="held-out delta-W error of a basis built like the store's, against baselines")
-    ev.add_argument("store", help="the store whose k the basis uses")
+    ev = sub.add_parser("evaluate", parents=[common, ray_options], help="held-out delta-W error of a basis built like the store's, against baselines")
+    ev.add_argument("store", help="the store whose method and parameters (k, budget, quantization) the basis is built with")
     ev.add_argument("source", help="the collection (folder or manifest, as compress takes it)")
     ev.add_argument("--holdout", type=_fraction, default=0.1, help="fraction of adapters held out (default 0.1)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
@@ -420,7 +420,7 @@ def cmd_vlora_export(args) -> dict:
 def cmd_evaluate(args) -> dict:
     from pipeline.stages.evaluate import evaluate, format_evaluation
 
-    result = evaluate(Store(Location(args.store, args.endpoint_url)), Location(args.source, args.endpoint_url), args.holdout, args.seed)
+    result = evaluate(Store(Location(args.store, args.endpoint_url)), Location(args.source, args.endpoint_url), _ray(args), args.holdout, args.seed)
     if not args.json:
         print(format_evaluation(result))
     return result

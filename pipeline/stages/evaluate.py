@@ -1,35 +1,37 @@
-"""Evaluate: will a basis serve future uploads? A basis is built from the collection without a
-random held-out fraction (as the store was built: its k), the held-out adapters are projected on
-it, and their delta-W errors are set next to two baselines: the mean adapter alone (k = 0), and
-each adapter's own best rank-q approximation (its truncated SVD) at the bytes per adapter the
-store spends. Built with the Python API's streaming build, so memory holds one batch of adapters.
+"""Evaluate: will a basis serve future uploads? The collection without a random held-out fraction
+is compressed as the store was (its method, k rule or byte budget, quantization; the same Ray
+pipeline, into a scratch store), the held-out adapters are projected on the result, and their
+delta-W errors are set next to two baselines: the mean adapter alone (the mean factors of the
+rest), and each adapter's own best rank-q approximation (its truncated SVD) at the bytes per
+adapter the basis spends. Memory is the pipeline's, plus one adapter at a time for the baselines.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import tempfile
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
 
 from pipeline.adapter import Adapter
 from pipeline.errors import PipelineError
-from pipeline.io.adapters import discover
+from pipeline.io.adapters import AdapterRef, discover
 from pipeline.io.location import Location
-from pipeline.io.store import Store
+from pipeline.io.store import LOADINGS, Store
 from pipeline.linalg.gauge import canonical_factors
 from pipeline.linalg.metrics import relative_product_error
-from pipeline.stages.version import error_summary
-from pipeline.subspace import Subspace
+from pipeline.runners import Runner
+from pipeline.stages.compress import compress
+from pipeline.stages.rebase import grow
+from pipeline.stages.version import Options, error_summary, parameters_rule
 
-BATCH = 32
 
-
-def evaluate(store: Store, source: Location, holdout: float = 0.1, seed: int = 0) -> dict:
+def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.1, seed: int = 0) -> dict:
     manifest = store.manifest()
-    modules = manifest["modules"]
-    if any(e.get("method") == "joint" for e in modules.values()):
-        raise PipelineError(f"{store} has joint modules: evaluate builds flat bases (as the Python API does) and cannot mirror them yet")
-    k = max(max(e["k_a"], e["k_b"]) for e in modules.values())
     refs = discover(source)
     if len(refs) < 3:
         raise PipelineError(f"evaluate needs at least 3 adapters under {source}, found {len(refs)}")
@@ -37,50 +39,118 @@ def evaluate(store: Store, source: Location, holdout: float = 0.1, seed: int = 0
     if len(held) >= len(refs) - 1:
         raise PipelineError(f"--holdout {holdout} leaves fewer than 2 adapters to build the basis from")
     train = [r for i, r in enumerate(refs) if i not in set(held)]
-    sub = Subspace.from_adapters_streaming([r.location.uri for r in train], [r.task_id for r in train], k, BATCH, source.endpoint_url)
-    q = _rank_at_bytes(sub, len(train), k)
+    held_refs = [refs[i] for i in held]
+    with tempfile.TemporaryDirectory(prefix="lora-subspace-evaluate-") as scratch:
+        where = Location(scratch, source.endpoint_url)  # the listings name the adapters' URIs: read them at their endpoint
+        built = Store(where.child("store"))
+        compress(_listing(where, "train.parquet", train), built, runner, like(manifest))
+        grow(_listing(where, "all.parquet", train + held_refs), built, runner, "project", Options())
+        basis_errors = _module_errors(built, [r.task_id for r in held_refs])
+        fitted = built.manifest()
+    modules = fitted["modules"]
+    per_adapter_bytes = _bytes_per_adapter(modules, len(train))
+    q = _rank_at_bytes(modules, per_adapter_bytes)
+    means = _mean_factors(train, source.endpoint_url)
     rows = {"basis": [], "mean_adapter": [], "own_svd": []}
-    for i in held:
-        adapter = Adapter.load(refs[i].location.uri, source.endpoint_url)
-        projection = sub.project(adapter, refs[i].task_id)
-        rows["basis"].append(list(projection.error.values()))
+    for ref in held_refs:
+        adapter = Adapter.load(ref.location.uri, source.endpoint_url)
+        rows["basis"].append([basis_errors[ref.task_id][m] for m in sorted(modules)])
         mean_errors, own_errors = [], []
-        for module, mb in sub.modules.items():
+        for module in sorted(modules):
             a, b = adapter.lora_a[module].float()[None], adapter.lora_b[module].float()[None]
-            mean_a, mean_b = mb.a.mean.reshape(mb.shapes[0])[None], mb.b.mean.reshape(mb.shapes[1])[None]
-            mean_errors.append(float(relative_product_error(a, b, mean_a, mean_b)[0]))
+            mean_a, mean_b = _padded(means[module], a.shape[1])
+            mean_errors.append(float(relative_product_error(a, b, mean_a[None], mean_b[None])[0]))
             s = canonical_factors(a, b)[2][0]
             own_errors.append(float(s[q:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-300)))
         rows["mean_adapter"].append(mean_errors)
         rows["own_svd"].append(own_errors)
-    summaries = {}
-    for name, errors in rows.items():
-        errors = np.array(errors)
-        summaries[name] = error_summary(errors.mean(axis=1), errors.max(axis=1))
+    summaries = {name: error_summary(np.array(e).mean(axis=1), np.array(e).max(axis=1)) for name, e in rows.items()}
+    chosen = sorted({e.get("method", "flat") for e in modules.values()})
     return {
-        "store": str(store), "source": str(source), "k": k, "adapters": len(refs), "held_out": len(held), "seed": seed,
-        "own_svd_rank": q, "bytes_per_adapter": _bytes_per_adapter(sub, len(train), k),
-        "held_out_ids": [refs[i].task_id for i in held], "error": summaries,
+        "store": str(store), "source": str(source), "methods": chosen, "k": _ks(modules), "adapters": len(refs), "held_out": len(held),
+        "seed": seed, "own_svd_rank": q, "bytes_per_adapter": per_adapter_bytes, "held_out_ids": [r.task_id for r in held_refs],
+        "error": summaries,
     }
 
 
-def _bytes_per_adapter(sub: Subspace, n: int, k: int) -> float:
-    """float32 bytes per adapter of a flat store of n adapters: its share of the bases and means,
-    and its loadings."""
-    floats = sum((k + 1) * (mb.a.mean.numel() + mb.b.mean.numel()) + 2 * k * n for mb in sub.modules.values())
+def like(manifest: dict) -> Options:
+    """Compress options that build a store the way the manifest's was built."""
+    p = manifest["parameters"]
+    return dataclasses.replace(Options(), rule=parameters_rule(p), route=p["svd_route"], quantize=p.get("quantize"),
+                               method=p.get("method", "flat"), ratio=p.get("ratio"), budget_bytes=p.get("budget_bytes"))
+
+
+def _listing(where: Location, name: str, refs: list[AdapterRef]) -> Location:
+    """A Parquet manifest of refs (their URIs and task ids), for compress and project to read."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"uri": [r.location.uri for r in refs], "task_id": [r.task_id for r in refs]}), sink)
+    where.write_bytes(sink.getvalue().to_pybytes(), name)
+    return where.child(name)
+
+
+def _module_errors(store: Store, task_ids: list[str]) -> dict[str, dict[str, float]]:
+    rows = store.read_table(store.current_version(), LOADINGS, task_ids, columns=["task_id", "module", "error"]).to_pylist()
+    errors: dict[str, dict[str, float]] = {}
+    for row in rows:
+        errors.setdefault(row["task_id"], {})[row["module"]] = row["error"]
+    return errors
+
+
+def _mean_factors(refs: list[AdapterRef], endpoint_url: str | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each module's mean lora_A and lora_B over refs (zero-padded to the largest rank), read one
+    adapter at a time."""
+    sums: dict[str, list[torch.Tensor]] = {}
+    for ref in refs:
+        adapter = Adapter.load(ref.location.uri, endpoint_url)
+        for module in adapter.layer_names:
+            a, b = adapter.lora_a[module].double(), adapter.lora_b[module].double()
+            if module in sums:
+                rank = max(a.shape[0], sums[module][0].shape[0])
+                sums[module] = [x + y for x, y in zip(_padded(sums[module], rank), _padded((a, b), rank))]
+            else:
+                sums[module] = [a, b]
+    return {m: (a / len(refs), b / len(refs)) for m, (a, b) in sums.items()}
+
+
+def _padded(factors, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = factors
+    extra = rank - a.shape[0]
+    if extra <= 0:
+        return a.float(), b.float()
+    return torch.nn.functional.pad(a, (0, 0, 0, extra)).float(), torch.nn.functional.pad(b, (0, extra)).float()
+
+
+def _bytes_per_adapter(modules: dict[str, dict], n: int) -> float:
+    """float32 bytes per adapter of the bases and loadings: its share of the bases (and means),
+    and its own loadings."""
+    floats = 0
+    for e in modules.values():
+        (r, d_in), (d_out, _) = e["a_shape"], e["b_shape"]
+        if e.get("method") == "joint":
+            floats += e["width"] * (d_in + d_out) + 2 * e["width"] * e["core_rank"] * n
+        else:
+            floats += (e["k_a"] + 1) * r * d_in + (e["k_b"] + 1) * d_out * r + (e["k_a"] + e["k_b"]) * n
     return 4 * floats / n
 
 
-def _rank_at_bytes(sub: Subspace, n: int, k: int) -> int:
-    """The largest q whose rank-q factors (q (d_in + d_out) floats per module) fit the store's bytes
-    per adapter (at least 1, at most the adapter's rank)."""
-    per_rank = 4 * sum(mb.shapes[0][1] + mb.shapes[1][0] for mb in sub.modules.values())
-    return int(min(max(_bytes_per_adapter(sub, n, k) // per_rank, 1), sub.rank))
+def _rank_at_bytes(modules: dict[str, dict], per_adapter_bytes: float) -> int:
+    """The largest q whose rank-q factors (q (d_in + d_out) floats per module) fit the bytes per
+    adapter (at least 1, at most the collection's rank)."""
+    per_rank = 4 * sum(e["a_shape"][1] + e["b_shape"][0] for e in modules.values())
+    rank = max(e["a_shape"][0] for e in modules.values())
+    return int(min(max(per_adapter_bytes // per_rank, 1), rank))
+
+
+def _ks(modules: dict[str, dict]) -> list[int]:
+    """The flat modules' k, smallest and largest (empty when every module is joint)."""
+    ks = sorted({k for e in modules.values() if e.get("method", "flat") != "joint" for k in (e["k_a"], e["k_b"])})
+    return [ks[0], ks[-1]] if ks else []
 
 
 def format_evaluation(result: dict) -> str:
     lines = [
-        f"held out {result['held_out']} of {result['adapters']} adapters (seed {result['seed']}); basis of the rest, k = {result['k']}",
+        f"held out {result['held_out']} of {result['adapters']} adapters (seed {result['seed']}); basis of the rest, built as the store's "
+        f"({', '.join(result['methods'])}{', k ' + '..'.join(map(str, sorted(set(result['k'])))) if result['k'] else ''})",
         f"delta-W error of the held-out adapters (relative)    {'mean':>7} {'p95':>7} {'max':>7}",
     ]
     names = {"basis": "the basis", "mean_adapter": "the mean adapter alone",

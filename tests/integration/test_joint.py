@@ -71,6 +71,11 @@ def test_auto_budget_chooses_joint_where_the_gauges_differ(runner, tmp_path, cap
     error = _relative(b @ a, _delta_w(src / "adapter-00005"))
     assert error == pytest.approx(_recorded(tmp_path / "auto", "adapter-00005"), rel=1e-3)
     assert json.loads((tmp_path / "out" / peft_format.CONFIG_FILE).read_text())["r"] == 4
+    # What reads joint stores: export, verify, info (above), re-base and evaluate (elsewhere). The
+    # Python API and quantize work on flat bases and refuse one with joint modules by name.
+    capsys.readouterr()
+    assert run_cli("quantize", tmp_path / "auto", "--bits", 8) == 1
+    assert "joint module(s)" in capsys.readouterr().err
 
 
 def test_auto_keeps_the_flat_method_where_the_factors_share_structure(runner, tmp_path, capsys):
