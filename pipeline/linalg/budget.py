@@ -4,9 +4,9 @@ q) that leave the lowest mean delta-W error in a given number of stored float32 
 Stored floats, per module of n adapters of rank r:
   flat:  (k + 1) r (d_in + d_out) for the components and means of both sides, 2 k n loadings;
   joint: c (d_in + d_out) for U and V, 2 c q n for the factored cores.
-Errors are exact (from the factors, never from d_out x d_in products): each candidate is fitted
-and measured. Joint candidates share one fit at the widest c; a narrower winner is refitted
-warm-started from it. Pure tensor math: the compute stage and the benchmark call it.
+Errors are exact (from the factors, never from d_out x d_in products). The flat candidate is fitted
+and measured; the joint core ranks are ranked on a short fit at the widest c, and the winner is
+fitted in full, warm-started from it, and measured. Pure tensor math: the compute stage and the benchmark call it.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.linalg.decompose import Decomposition, centred_svd
-from pipeline.linalg.gauge import JointBasis, fit_joint, joint_cores
+from pipeline.linalg.gauge import JointBasis, core_rank_errors, fit_joint, joint_cores
 from pipeline.linalg.loadings import project_factors
 
 FLOAT_BYTES = 4
+SCREEN_ITERATIONS = 2  # of the joint fit that ranks the core ranks q before the winner's full fit
 
 
 def flat_floats(n: int, k: int, r: int, d_in: int, d_out: int) -> int:
@@ -105,17 +106,13 @@ def fit_within(xa: torch.Tensor, xb: torch.Tensor, shapes, budget: float, method
     widths = {q: c for q, c in widths.items() if c >= q}  # a core's rank is at most c
     if "joint" in methods and widths:
         a, b = xa.view(n, r, d_in), xb.view(n, d_out, r)
-        widest = fit_joint(a, b, max(widths.values()))
-        joint = []
-        for q, c in widths.items():
-            narrowed = JointBasis(widest.u[:, :c], widest.v[:, :c], 0.0, widest.total, 0)
-            joint.append(JointFit(narrowed, q, *joint_cores(narrowed, a, b, q)))
-        best = min(joint, key=lambda f: f.error)
-        if best.basis.u.shape[1] < widest.u.shape[1]:  # columns cut from a wider fit: refit them
-            best = min(best, fit_joint_module(a, b, best.basis.u.shape[1], best.q, init=best.basis), key=lambda f: f.error)
-        else:
-            best.basis = widest
-        candidates.append(best)
+        # Screen the core ranks on a short fit at the widest c, then fit the winner in full,
+        # warm-started from the screen's leading columns.
+        widest = fit_joint(a, b, max(widths.values()), iterations=SCREEN_ITERATIONS)
+        screened = core_rank_errors(widest, a, b, widths)
+        q = min(screened, key=screened.get)
+        c = widths[q]
+        candidates.append(fit_joint_module(a, b, c, q, init=JointBasis(widest.u[:, :c], widest.v[:, :c], 0.0, widest.total, 0)))
     if not candidates:
         raise ValueError(f"no method among {methods} fits {budget:.0f} floats for {n} adapters of shapes {shapes}")
     return min(candidates, key=lambda f: f.error)

@@ -142,26 +142,30 @@ def fit_joint(a: torch.Tensor, b: torch.Tensor, c: int, iterations: int = JOINT_
               init: JointBasis | None = None) -> JointBasis:
     """Shared U, V of width c for factors a (n, r, d_in), b (n, d_out, r), by alternating
     maximisations (none loses captured energy). `init` warm-starts from earlier bases (a re-base);
-    otherwise V starts as the top-c eigenvectors of sum_i A_i^T B_i^T B_i A_i. Each step is exact
-    at the first, later ones maximise over the span of the previous bases and one block power
-    step (_leading), so no d x d matrix is formed or diagonalised after the first."""
+    otherwise V starts from sum_i A_i^T B_i^T B_i A_i. Each step maximises over the span of the
+    previous bases and one block power step (_leading); no d x d matrix is formed unless c is
+    near d."""
     # Float32 factors are worked on in float32 (the products are d x n r x c); sums of energies
     # are float64. Float64 factors stay float64.
     work = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     a, b = a.to(work), b.to(work)
-    d_out, d_in = b.shape[1], a.shape[2]
+    n, r, d_in = a.shape
+    d_out = b.shape[1]
     c = min(c, d_out, d_in)
+    # The factors side by side, (d, n r): sum_i F_i M_i F_i^T is then one product with a block diagonal.
+    b_side = b.transpose(0, 1).reshape(d_out, n * r)
+    a_side = a.permute(2, 0, 1).reshape(d_in, n * r)
     total = float(torch.einsum("nij,nji->", (b.transpose(1, 2) @ b).double(), (a @ a.transpose(1, 2)).double()))
     if init is not None:
         u, v = init.u.to(a)[:, :c], init.v.to(a)[:, :c]
     else:
-        u, v = None, _leading(_columns(a.transpose(1, 2), b), c, None)
+        u, v = None, _leading(_Gram(a_side, b.transpose(1, 2) @ b), c, None)
     av = a @ v  # (n, r, c)
     energy, done = 0.0, 0
     for done in range(1, iterations + 1):
-        u = _leading(_columns(b, av.transpose(1, 2)), c, u)
+        u = _leading(_Gram(b_side, av @ av.transpose(1, 2)), c, u)
         btu = b.transpose(1, 2) @ u  # (n, r, c)
-        v = _leading(_columns(a.transpose(1, 2), btu.transpose(1, 2)), c, v)
+        v = _leading(_Gram(a_side, btu @ btu.transpose(1, 2)), c, v)
         av = a @ v
         gained = float((btu.transpose(1, 2) @ av).double().pow(2).sum())
         if gained - energy <= JOINT_TOLERANCE * max(gained, 1e-300):
@@ -169,6 +173,29 @@ def fit_joint(a: torch.Tensor, b: torch.Tensor, c: int, iterations: int = JOINT_
             break
         energy = gained
     return JointBasis(u.to(torch.float32), v.to(torch.float32), energy, total, done)
+
+
+class _Gram:
+    """sum_i F_i M_i F_i^T (d x d) for factors side by side f (d, n r) and PSD weights m (n, r, r),
+    applied to blocks without being formed."""
+
+    def __init__(self, f: torch.Tensor, m: torch.Tensor):
+        self.f, self.m = f, m
+
+    def _weighted(self, z: torch.Tensor) -> torch.Tensor:
+        n, r, _ = self.m.shape
+        return (self.m @ z.view(n, r, -1)).view(n * r, -1)
+
+    def apply(self, p: torch.Tensor) -> torch.Tensor:
+        return self.f @ self._weighted(self.f.T @ p)
+
+    def quadratic(self, p: torch.Tensor) -> torch.Tensor:
+        """p^T G p."""
+        z = self.f.T @ p
+        return z.T @ self._weighted(z)
+
+    def dense(self) -> torch.Tensor:
+        return self.apply(torch.eye(self.f.shape[0], dtype=self.f.dtype, device=self.f.device))
 
 
 def joint_cores(basis: JointBasis, a: torch.Tensor, b: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,6 +215,24 @@ def joint_cores(basis: JointBasis, a: torch.Tensor, b: torch.Tensor, q: int) -> 
     return core_a[:, :q].to(torch.float32), core_b[:, :, :q].to(torch.float32), error, norm2.sqrt()
 
 
+def core_rank_errors(basis: JointBasis, a: torch.Tensor, b: torch.Tensor, widths: dict[int, int]) -> dict[int, float]:
+    """Mean relative delta-W error of each candidate (core rank q -> width c) on the leading c
+    columns of the bases: one float64 product of the factors with the bases, sliced per candidate;
+    the core's singular values from r x r factors (thin QRs), as joint_cores splits the error."""
+    u, v = basis.u.to(torch.float64), basis.v.to(torch.float64)
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    av, utb = a @ v, u.T @ b  # (n, r, C), (n, C, r)
+    norm2 = torch.einsum("nij,nji->n", b.transpose(1, 2) @ b, a @ a.transpose(1, 2))
+    errors = {}
+    for q, c in widths.items():
+        rb = torch.linalg.qr(utb[:, :c], mode="r").R
+        ra = torch.linalg.qr(av[:, :, :c].transpose(1, 2), mode="r").R
+        s = torch.linalg.svdvals(rb @ ra.transpose(1, 2))
+        error2 = (norm2 - s.pow(2).sum(dim=1)).clamp_min(0) + s[:, q:].pow(2).sum(dim=1)
+        errors[q] = float(torch.where(norm2 > 0, (error2 / norm2.clamp_min(1e-300)).sqrt(), error2.sqrt()).mean())
+    return errors
+
+
 def joint_rebuild(basis: JointBasis, core_a: torch.Tensor, core_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard LoRA factors A' (n, rank, d_in) = Q V^T and B' (n, d_out, rank) = U P, zero-padded
     from q to the adapter's rank so its config stays valid."""
@@ -201,38 +246,19 @@ def cut_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return a_hat[:, :rank].to(torch.float32), b_hat[:, :, :rank].to(torch.float32)
 
 
-def _columns(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Y (d, n r) with Y Y^T = sum_i F_i G_i^T G_i F_i^T, for f (n, d, r) and g (n, m, r): with
-    G_i = Q_i R_i (thin QR), G_i^T G_i = R_i^T R_i, so F_i R_i^T are adapter i's columns."""
-    r_factor = torch.linalg.qr(g, mode="r").R  # (n, min(m, r), r)
-    y = f @ r_factor.transpose(1, 2)  # (n, d, min(m, r))
-    return y.transpose(0, 1).reshape(y.shape[1], -1)
-
-
-def _leading(y: torch.Tensor, count: int, previous: torch.Tensor | None) -> torch.Tensor:
-    """Orthonormal columns spanning the top `count` left singular directions of y (d, m): exact
-    from the m x m Gram when m <= d (or count is near d); otherwise the best `count` columns
-    within span(P, Y Y^T P), P = `previous` (or a seeded random range of Y Y^T): Rayleigh-Ritz on a
-    2 count-wide block, never worse than P, exact once the alternating fit has converged."""
-    d, m = y.shape
-    if m <= d:
-        u = y @ _top(y.T @ y, min(count, m))
-        q = torch.linalg.qr(u).Q
-        return q if count <= m else torch.cat([q, _complement(q, count - m)], dim=1)
+def _leading(gram: _Gram, count: int, previous: torch.Tensor | None) -> torch.Tensor:
+    """Orthonormal columns spanning the top `count` eigenvectors of the Gram: the best `count`
+    columns within span(P, G P), P = `previous` (or a seeded random range of G), by Rayleigh-Ritz
+    on the 2 count-wide block: never worse than P, and exact once the alternating fit has
+    converged. Exact (G formed, d x d) when count is near d."""
+    d = gram.f.shape[0]
     if 2 * count >= d:
-        return _top(y @ y.T, count)
-    if previous is None:  # a range of Y Y^T, not of Y: Y's columns depend on the adapters' gauges
-        probe = torch.randn(d, count, generator=torch.Generator().manual_seed(0), dtype=y.dtype).to(y.device)
-        previous = torch.linalg.qr(y @ (y.T @ probe)).Q
-    block = torch.linalg.qr(torch.cat([previous, y @ (y.T @ previous)], dim=1)).Q  # (d, 2 count)
-    small = block.T @ y
-    return block @ _top(small @ small.T, count)
-
-
-def _complement(u: torch.Tensor, count: int) -> torch.Tensor:
-    """`count` orthonormal columns orthogonal to u's (any: they capture nothing)."""
-    basis = torch.linalg.qr(torch.cat([u, torch.eye(u.shape[0], dtype=u.dtype, device=u.device)], dim=1)).Q
-    return basis[:, u.shape[1]: u.shape[1] + count]
+        return _top(gram.dense(), count)
+    if previous is None:
+        probe = torch.randn(d, count, generator=torch.Generator().manual_seed(0), dtype=gram.f.dtype).to(gram.f.device)
+        previous = torch.linalg.qr(gram.apply(probe)).Q
+    block = torch.linalg.qr(torch.cat([previous, gram.apply(previous)], dim=1)).Q  # (d, 2 count)
+    return block @ _top(gram.quadratic(block), count)
 
 
 def _top(square: torch.Tensor, count: int) -> torch.Tensor:
