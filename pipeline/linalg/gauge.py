@@ -145,10 +145,9 @@ def fit_joint(a: torch.Tensor, b: torch.Tensor, c: int, iterations: int = JOINT_
     otherwise V starts from sum_i A_i^T B_i^T B_i A_i. Each step maximises over the span of the
     previous bases and one block power step (_leading); no d x d matrix is formed unless c is
     near d."""
-    # Float32 factors are worked on in float32 (the products are d x n r x c); sums of energies
-    # are float64. Float64 factors stay float64.
-    work = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-    a, b = a.to(work), b.to(work)
+    # float64 throughout: in float32 the stopping iteration, and so the bases, can differ with
+    # the rounding of threaded sums (1e-3 changes of rebuilt delta W between runs).
+    a, b = a.to(torch.float64), b.to(torch.float64)
     n, r, d_in = a.shape
     d_out = b.shape[1]
     c = min(c, d_out, d_in)

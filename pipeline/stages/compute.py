@@ -173,7 +173,7 @@ def compute_shard(task: ShardTask) -> ShardResult:
     clock = time.perf_counter()
     k = task.fixed_k
     bases: dict[tuple[str, str], Decomposition] = {}
-    joint: dict[str, JointBasis] = {}
+    joint: dict[str, tuple[JointBasis, int]] = {}  # module -> bases to write, adapters they have seen
     packed: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     new_rows: list[pa.Table] = []
     parent_rows: list[pa.Table] = []  # joint absorb: the parent's rows, refitted with the new ones
@@ -182,25 +182,12 @@ def compute_shard(task: ShardTask) -> ShardResult:
         stack = stacks.pop(module, None)
         fit = _choose(task, module, stack, device) if task.mode == "fit" else None
         if isinstance(fit, JointFit) or (task.mode != "fit" and module in parent_joint):
-            if task.mode == "project":
-                result.modules.append(_parent_result(task, module))
-                if task.new:
-                    basis, q = parent_joint[module], task.parent.modules[module]["core_rank"]
-                    fit = JointFit(basis, q, *_joint_cores(basis, stack, shapes, q, device))
-            else:
-                if task.mode == "absorb":
-                    fit, moved = _absorb_joint(store, task, module, stack, parent_joint[module], device)
-                    parent_rows.append(moved)
-                joint[module] = fit.basis
-                width, count = fit.basis.u.shape[1], len(task.new) + (task.parent.modules[module]["count"] if task.mode == "absorb" else 0)
-                result.modules.append(ModuleResult(
-                    module, *shapes, fit.q * width, fit.q * width, fit.explained, fit.explained, "joint",
-                    len(stack[0]) if task.mode == "fit" else count, "joint", width, fit.q,
-                ))
-            if task.new:
-                n = len(task.new)
-                new_rows.append(loadings_rows([t for t, _, _ in task.new], module, fit.core_a[:n].reshape(n, -1).cpu(),
-                                              fit.core_b[:n].reshape(n, -1).cpu(), fit.errors[:n].cpu(), fit.norms[:n].cpu()))
+            summary, basis, rows, moved = _joint_module(store, task, module, stack, fit, parent_joint.get(module), device)
+            result.modules.append(summary)
+            if basis is not None:
+                joint[module] = basis, summary.count
+            new_rows += [rows] if rows is not None else []
+            parent_rows += [moved] if moved is not None else []
             continue
         for side in "AB":
             x = stack["AB".index(side)].to(device) if stack is not None else None
@@ -237,8 +224,8 @@ def compute_shard(task: ShardTask) -> ShardResult:
         tensors = {}
         for (module, side), dec in bases.items():
             tensors.update(basis_tensors(module, side, dec, packed.get((module, side))))
-        for m in joint:
-            tensors.update(joint_tensors(m, joint[m], next(r.count for r in result.modules if r.module == m)))
+        for module, (basis, count) in joint.items():
+            tensors.update(joint_tensors(module, basis, count))
         result.file = store.write_object(task.version, basis_file(task.shard.name), encode_basis(tensors))
     streams: list = [_sorted_rows(new_rows), _sorted_rows(parent_rows)]
     if task.parent:
@@ -264,6 +251,32 @@ def _choose(task: ShardTask, module: str, stack, device) -> FlatFit | JointFit |
         n = len(stack[0])
         return fit_joint_module(stack[0].to(device).view(n, r, d_in), stack[1].to(device).view(n, d_out, r), task.rule.components, r)
     return None
+
+
+def _joint_module(store, task: ShardTask, module: str, stack, fit: JointFit | None, parent: JointBasis | None, device):
+    """A joint module: (its result, the bases to write (None: the parent's are kept), rows of the
+    new adapters, the parent's rows moved to the new bases (a re-base)); None where there are none."""
+    shapes = task.shapes[module]
+    moved = None
+    if task.mode == "project":
+        summary = _parent_result(task, module)
+        if not task.new:
+            return summary, None, None, None
+        q = task.parent.modules[module]["core_rank"]
+        fit = JointFit(parent, q, *_joint_cores(parent, stack, shapes, q, device))
+    else:
+        if task.mode == "absorb":
+            fit, moved = _absorb_joint(store, task, module, stack, parent, device)
+            count = task.parent.modules[module]["count"] + len(task.new)
+        else:
+            count = len(stack[0])  # with a full re-base's rebuilt rows
+        width = fit.basis.u.shape[1]
+        summary = ModuleResult(module, *shapes, fit.q * width, fit.q * width, fit.explained, fit.explained, "joint", count, "joint",
+                               width, fit.q)
+    n = len(task.new)
+    rows = loadings_rows([t for t, _, _ in task.new], module, fit.core_a[:n].reshape(n, -1).cpu(), fit.core_b[:n].reshape(n, -1).cpu(),
+                         fit.errors[:n].cpu(), fit.norms[:n].cpu()) if n else None
+    return summary, None if task.mode == "project" else fit.basis, rows, moved
 
 
 def _joint_cores(basis: JointBasis, stack, shapes, q: int, device):

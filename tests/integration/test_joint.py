@@ -125,12 +125,12 @@ def test_joint_is_invariant_to_each_adapters_gauge(runner, tmp_path):
         for module in (MODULE, "model.layers.0.self_attn.v_proj"):
             original = _delta_w(src / task_id, module)
             rebuilt, rebuilt_twin = _delta_w(tmp_path / "out-src" / task_id, module), _delta_w(tmp_path / "out-twin" / task_id, module)
-            # float32 files and float32 work: the twin's own delta W differs from the original by
-            # ~1e-6 (R's condition times float32 rounding) and the fits by float32 rounding (the
-            # float64 math is invariant to 1e-6: tests/unit/test_gauge.py); the flat method's
-            # rebuilds of the two differ by order 1.
+            # float32 files: the twin's own delta W differs from the original by ~1e-6 (R's
+            # condition times float32 rounding), the float64 fits by little more (in float64 the
+            # math is invariant to 1e-6: tests/unit/test_gauge.py); the flat method's rebuilds of
+            # the two differ by order 1.
             assert _relative(_delta_w(twin / task_id, module), original) < 2e-5
-            assert _relative(rebuilt_twin, rebuilt) < 1e-3
+            assert _relative(rebuilt_twin, rebuilt) < 1e-4
             assert _relative(rebuilt, original) < 0.3
 
 
