@@ -302,8 +302,9 @@ def _absorb_joint(store, task, module, stack, parent: JointBasis, device) -> tup
     norm = _column(old, "norm")
     moved = relative(fit.errors[n:].cpu() * fit.norms[n:].cpu(), norm)
     error = _column(old, "error").hypot(moved)
-    table = loadings_rows(old.column("task_id").to_pylist(), module, fit.core_a[n:].reshape(len(old), -1).cpu(),
-                          fit.core_b[n:].reshape(len(old), -1).cpu(), error, norm, measured=False)
+    width = q * parent.u.shape[1]  # stated: there may be no rows left (all replaced)
+    table = loadings_rows(old.column("task_id").to_pylist(), module, fit.core_a[n:].reshape(len(old), width).cpu(),
+                          fit.core_b[n:].reshape(len(old), width).cpu(), error, norm, measured=False)
     return fit, table
 
 

@@ -22,7 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.io.adapters import AdapterRef, discover
 from pipeline.io.location import Location
 from pipeline.io.store import LOADINGS, Store
-from pipeline.linalg.gauge import canonical_factors
+from pipeline.linalg.gauge import canonical_factors, pad_rank
 from pipeline.linalg.metrics import relative_product_error
 from pipeline.runners import Runner
 from pipeline.stages.compress import compress
@@ -57,9 +57,10 @@ def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.
         rows["basis"].append([basis_errors[ref.task_id][m] for m in sorted(modules)])
         mean_errors, own_errors = [], []
         for module in sorted(modules):
-            a, b = adapter.lora_a[module].float()[None], adapter.lora_b[module].float()[None]
-            mean_a, mean_b = _padded(means[module], a.shape[1])
-            mean_errors.append(float(relative_product_error(a, b, mean_a[None], mean_b[None])[0]))
+            rank = max(adapter.lora_a[module].shape[0], means[module][0].shape[0])
+            a, b = (x.float()[None] for x in _padded((adapter.lora_a[module], adapter.lora_b[module]), rank))
+            mean_a, mean_b = (x.float()[None] for x in _padded(means[module], rank))
+            mean_errors.append(float(relative_product_error(a, b, mean_a, mean_b)[0]))
             s = canonical_factors(a, b)[2][0]
             own_errors.append(float(s[q:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-300)))
         rows["mean_adapter"].append(mean_errors)
@@ -113,11 +114,8 @@ def _mean_factors(refs: list[AdapterRef], endpoint_url: str | None) -> dict[str,
 
 
 def _padded(factors, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b = factors
-    extra = rank - a.shape[0]
-    if extra <= 0:
-        return a.float(), b.float()
-    return torch.nn.functional.pad(a, (0, 0, 0, extra)).float(), torch.nn.functional.pad(b, (0, extra)).float()
+    a, b = pad_rank(factors[0][None], factors[1][None], rank)
+    return a[0], b[0]
 
 
 def _bytes_per_adapter(modules: dict[str, dict], n: int) -> float:

@@ -29,9 +29,9 @@ from pipeline.io.store import (
     version_path,
 )
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
+from pipeline.linalg.budget import FLOAT_BYTES, fits
 from pipeline.progress import Progress
 from pipeline.runners import Runner
-from pipeline.linalg.budget import FLOAT_BYTES, fits
 from pipeline.stages.compute import LOADINGS_KEYS, LOADINGS_SCHEMA, ComponentRule, Mode, Parent, ShardResult, ShardTask, compute_shard
 from pipeline.stages.plan import Shard, largest_shard_bytes, plan_shards
 from pipeline.stages.scan import ScannedAdapter
@@ -65,7 +65,7 @@ class Options:
     max_error: float | None = None  # flag new adapters above this delta-W error
     quantize: str | None = None  # int8 | nf4: bases stored packed (linalg.quantize)
     method: str = "auto"  # flat (vlora's) | aligned (one gauge first) | joint (shared U, V) | auto: flat, or with a budget the better
-    ratio: float | None = None  # byte budget: the stored bytes are at most the adapters' tensor bytes / ratio
+    ratio: float | None = None  # byte budget: bases and loadings (float32 values) at most the adapters' tensor bytes / ratio
     budget_bytes: int | None = None  # byte budget given as bytes (turned into a ratio of the collection's)
 
 

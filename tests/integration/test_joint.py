@@ -172,6 +172,8 @@ def test_mixed_ranks_compress_and_export_at_each_adapters_rank(runner, tmp_path,
         # The error recorded is the error of what export writes, cut to the adapter's rank.
         error = _relative(b @ a, _delta_w(src / task_id))
         assert error == pytest.approx(_recorded(store, task_id), rel=1e-3, abs=1e-5)
+    # evaluate builds the same way from a mixed collection, baselines included.
+    assert run_cli("evaluate", store, src, "--holdout", "0.3") == 0
 
 
 def test_joint_rebase_warm_starts_from_the_stored_bases(runner, tmp_path, capsys):
@@ -192,3 +194,8 @@ def test_joint_rebase_warm_starts_from_the_stored_bases(runner, tmp_path, capsys
     assert run_cli("export", store, "adapter-00025", "--out", tmp_path / "out") == 0
     a, b = _factors(tmp_path / "out")
     assert _relative(b @ a, _delta_w(src / "adapter-00025")) == pytest.approx(_recorded(store, "adapter-00025"), rel=1e-3)
+    # Every adapter uploaded again, changed: the parent's rows are all replaced, none carried over.
+    make_collection(src, 28, preset="micro", structure="gauge", shared_dim=3, seed=1)
+    assert run_cli("rebase", store, src) == 0
+    assert run_cli("verify", store) == 0
+    assert Store(Location(str(store))).manifest()["adapters"]["ok"] == 28
