@@ -47,7 +47,9 @@ JOBS: dict[str, dict[str, Field]] = {
         "source": Field(str, required=True), "store": Field(str, required=True, flag="--out"),
         "components": Field(int, flag="--components"), "variance_threshold": Field(float, flag="--variance-threshold"),
         "adaptive": Field(bool, flag="--adaptive"), "svd_route": Field(str, flag="--svd-route"),
-        "chunk_size": Field(int, flag="--chunk-size"), **_WRITING, **_COMMON,
+        "chunk_size": Field(int, flag="--chunk-size"), "method": Field(str, flag="--method"),
+        "ratio": Field((int, float), flag="--ratio"), "budget_bytes": Field((str, int), flag="--budget-bytes"),
+        "quantize": Field(str, flag="--quantize"), **_WRITING, **_COMMON,
     },
     "rebase": {
         "source": Field(str, required=True), "store": Field(str, required=True),
