@@ -11,9 +11,10 @@ original's (with the original's head: the head is not part of the adapter).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -112,10 +113,15 @@ def accuracy(model_dir: Path, adapter: Path, head_file: Path, task: str, seed: i
 
 
 def _cli(*args) -> dict:
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args), "--json"], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"lora-subspace {args[0]} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout) if done.stdout.strip() else {}
+    """A lora-subspace command in this process (one embedded Ray for all of them); its JSON."""
+    from pipeline import cli
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = cli.main([*map(str, args), "--json"])
+    if status:
+        raise RuntimeError(f"lora-subspace {args[0]} failed (exit {status})")
+    return json.loads(printed.getvalue()) if printed.getvalue().strip() else {}
 
 
 def run(model_dir: Path, workdir: Path, adapters: int, steps: int, ratio: float, num_cpus: int) -> dict:
