@@ -47,9 +47,15 @@ def core_ranks(r: int) -> list[int]:
     return sorted({max(1, r // 2**i) for i in range(3)}, reverse=True)
 
 
-def fits(budget: float, n: int, r: int, d_in: int, d_out: int) -> bool:
-    """Whether any method fits `budget` floats (flat k=1 or joint c=q=1)."""
-    return flat_components(budget, n, r, d_in, d_out) > 0 or joint_width(budget, n, 1, d_in, d_out) > 0
+def candidates(method: str) -> tuple[str, ...]:
+    """The fits a compress method chooses among under a budget (aligned factors are fitted flat)."""
+    return {"auto": ("flat", "joint"), "aligned": ("flat",)}.get(method, (method,))
+
+
+def fits(budget: float, n: int, r: int, d_in: int, d_out: int, methods: tuple[str, ...] = ("flat", "joint")) -> bool:
+    """Whether one of `methods` fits `budget` floats (flat k=1 or joint c=q=1)."""
+    return ("flat" in methods and flat_components(budget, n, r, d_in, d_out) > 0) or (
+        "joint" in methods and joint_width(budget, n, 1, d_in, d_out) > 0)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pipeline.io.store import (
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg import quantize
 from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, reconstruct
-from pipeline.linalg.budget import FlatFit, JointFit, fit_joint_module, fit_within
+from pipeline.linalg.budget import FlatFit, JointFit, candidates, fit_joint_module, fit_within
 from pipeline.linalg.gauge import JointBasis, align_rows, cut_rank, joint_cores, joint_rebuild, pad_rank
 from pipeline.linalg.incremental import absorb
 from pipeline.linalg.loadings import Move, project_factors
@@ -243,9 +243,8 @@ def _choose(task: ShardTask, module: str, stack, device) -> FlatFit | JointFit |
     component rule decides (no budget)."""
     shapes = task.shapes[module]
     if task.budgets:
-        methods = {"auto": ("flat", "joint"), "aligned": ("flat",)}.get(task.method, (task.method,))
         n = len(stack[0])
-        return fit_within(stack[0].to(device), stack[1].to(device), shapes, task.budgets[module] * n, methods, task.route)
+        return fit_within(stack[0].to(device), stack[1].to(device), shapes, task.budgets[module] * n, candidates(task.method), task.route)
     if task.method == "joint":
         (r, d_in), (d_out, _) = shapes
         n = len(stack[0])

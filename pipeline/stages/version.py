@@ -29,7 +29,7 @@ from pipeline.io.store import (
     version_path,
 )
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
-from pipeline.linalg.budget import FLOAT_BYTES, fits
+from pipeline.linalg.budget import FLOAT_BYTES, candidates, fits
 from pipeline.progress import Progress
 from pipeline.runners import Runner
 from pipeline.stages.compute import LOADINGS_KEYS, LOADINGS_SCHEMA, ComponentRule, Mode, Parent, ShardResult, ShardTask, compute_shard
@@ -202,9 +202,9 @@ def module_budgets(change: Change, good: list[ScannedAdapter], shapes, rows: int
     budgets = {m: size / ratio / FLOAT_BYTES / len(good) for m, size in module_bytes.items()}
     for module, per_adapter in budgets.items():
         (r, d_in), (d_out, _) = shapes[module]
-        if not fits(per_adapter * rows, rows, r, d_in, d_out):
+        if not fits(per_adapter * rows, rows, r, d_in, d_out, candidates(options.method)):
             raise PipelineError(f"a budget of 1/{ratio:.3g} of the adapters' bytes is too small for module {module!r}: "
-                                f"no method fits {per_adapter * rows * FLOAT_BYTES:.0f} bytes")
+                                f"no {' or '.join(candidates(options.method))} fit takes {per_adapter * rows * FLOAT_BYTES:.0f} bytes")
     return budgets
 
 

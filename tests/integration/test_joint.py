@@ -93,6 +93,9 @@ def test_budget_too_small_is_a_clear_error(runner, tmp_path, capsys):
     make_collection(tmp_path / "src", 4, preset="micro")
     assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--budget-bytes", "100") == 1
     assert "too small for module" in capsys.readouterr().err
+    # Room for joint bases but not for a flat basis: refused for the flat method alone, by name.
+    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--ratio", 4, "--method", "flat") == 1
+    assert "no flat fit takes" in capsys.readouterr().err
     assert not (tmp_path / "store" / "LATEST").exists()
 
 
@@ -199,3 +202,22 @@ def test_joint_rebase_warm_starts_from_the_stored_bases(runner, tmp_path, capsys
     assert run_cli("rebase", store, src) == 0
     assert run_cli("verify", store) == 0
     assert Store(Location(str(store))).manifest()["adapters"]["ok"] == 28
+
+
+@pytest.mark.parametrize("structure, method, ratio", [("gauge", "auto", 4), ("same-init", "flat", 2)])
+def test_a_budget_in_chunks_keeps_each_modules_choice(runner, tmp_path, structure, method, ratio):
+    """--chunk-size with a budget: the first chunk chooses per module, later chunks are absorbed
+    with the same method and parameters (flat: the same k; joint: the same c and q)."""
+    src = tmp_path / "src"
+    make_collection(src, 20, preset="micro", structure=structure, shared_dim=3)
+    store = tmp_path / "store"
+    assert run_cli("compress", src, "--out", store, "--ratio", ratio, "--chunk-size", 8, "--method", method) == 0
+    s = Store(Location(str(store)))
+    first, last = s.manifest("v000001")["modules"], s.manifest()["modules"]
+    assert s.manifest()["version"] == "v000003" and s.manifest()["adapters"]["ok"] == 20
+    assert {e["method"] for e in last.values()} == {"joint" if structure == "gauge" else "flat"}
+    for module, entry in last.items():
+        keep = ("method", "width", "core_rank") if entry["method"] == "joint" else ("method", "k_a", "k_b")
+        assert all(entry[key] == first[module][key] for key in (*keep, "budget"))
+    assert last[MODULE]["count"] == 20
+    assert run_cli("verify", store, "--all") == 0
