@@ -12,10 +12,11 @@ matrix is formed.
 Canonical factors: B = Q_b R_b and A^T = Q_a R_a (thin QR), then the SVD X S Y^T of the r x r
 R_b R_a^T gives dW = (Q_b X) S (Q_a Y)^T; the balanced factors B^ = Q_b X S^1/2, A^ = S^1/2 Y^T Q_a^T,
 with the sign of each pair fixed, depend on dW alone (for distinct singular values). Aligned
-factors then rotate every adapter's canonical factors by an orthogonal R_i (orthogonal
-Procrustes): towards a reference first, then towards the adapter's own rebuild by a rank-k flat
-fit of the aligned collection, a few rounds. A flat SVD of aligned factors sees structure that
-lives in factor space, whatever each adapter's gauge (`compress --method aligned`).
+factors then re-parameterise every adapter's canonical factors: by an orthogonal R_i towards a
+reference first (orthogonal Procrustes), then by invertible R_i towards the adapter's own
+rebuild by a rank-k flat fit of the aligned collection (Gauss-Newton steps). A flat SVD of
+aligned factors sees structure that lives in factor space, whatever each adapter's gauge
+(`compress --method aligned`).
 
 Adapters of different ranks are zero-padded to the largest: B A is unchanged.
 """
@@ -32,7 +33,7 @@ from pipeline.linalg.decompose import Decomposition, centred_svd, project, recon
 JOINT_ITERATIONS = 10
 JOINT_TOLERANCE = 1e-5  # relative gain of the captured energy below which the fit stops
 ALIGN_ROUNDS = 3
-REFINE_ROUNDS = 20
+REFINE_ROUNDS = 30
 
 
 def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,36 +63,38 @@ def canonical_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, t
 
 def align(a: torch.Tensor, b: torch.Tensor, components: int | None = None, rounds: int = ALIGN_ROUNDS,
           refine: int = REFINE_ROUNDS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Canonical factors of every adapter, each rotated by an orthogonal R_i (B A unchanged).
-    First towards the collection's reference (orthogonal Procrustes: R_i A^_i near the reference
-    A, B^_i R_i^T near the reference B), the reference starting as the adapter of largest ||B A||
-    and then the mean of the aligned factors, `rounds` times. Then, given `components` k,
-    `refine` rounds towards each adapter's own rebuild by a rank-k flat fit of the aligned
-    collection: the structure sought is a k-dimensional one, not closeness to a mean (on the
-    synthetic gauge collection, 20 rounds take the flat error from 0.30-0.43 to 0.07-0.11)."""
+    """Canonical factors of every adapter, re-parameterised (B A unchanged) into one gauge.
+    First an orthogonal R_i towards the collection's reference (orthogonal Procrustes: R_i A^_i
+    near the reference A, B^_i R_i^T near the reference B), the reference starting as the adapter
+    of largest ||B A|| and then the mean of the aligned factors, `rounds` times. Then, given
+    `components` k, `refine` Gauss-Newton steps of an invertible R_i towards each adapter's own
+    rebuild by a rank-k flat fit of the aligned collection (_gl_step): the structure sought is a
+    k-dimensional one, and balancing (the canonical form) moved every adapter off it by a
+    non-orthogonal R. On the synthetic gauge collection these steps take the flat error from
+    0.30-0.43 (reference only) to 0.029-0.031, against 0.026 for the un-rotated twin."""
     a_hat, b_hat, s = canonical_factors(a, b)
     first = int(s.pow(2).sum(dim=1).argmax())
     ref_a, ref_b = a_hat[first].expand_as(a_hat), b_hat[first].expand_as(b_hat)
-    for round_ in range(rounds + (refine if components else 0)):
+    for _ in range(rounds):
         a_hat, b_hat = _procrustes(a_hat, b_hat, ref_a, ref_b)
-        if round_ + 1 < rounds:
-            ref_a, ref_b = a_hat.mean(dim=0).expand_as(a_hat), b_hat.mean(dim=0).expand_as(b_hat)
-        elif components:
-            ref_a, ref_b = _flat_rebuild(a_hat, components), _flat_rebuild(b_hat, components)
+        ref_a, ref_b = a_hat.mean(dim=0).expand_as(a_hat), b_hat.mean(dim=0).expand_as(b_hat)
+    for _ in range(refine if components else 0):
+        a_hat, b_hat = _gl_step(a_hat, b_hat, _flat_rebuild(a_hat, components), _flat_rebuild(b_hat, components))
     return a_hat, b_hat
 
 
 def align_to(a: torch.Tensor, b: torch.Tensor, basis_a: Decomposition, basis_b: Decomposition,
              rounds: int = REFINE_ROUNDS) -> tuple[torch.Tensor, torch.Tensor]:
-    """New adapters' canonical factors rotated into the gauge of a collection already aligned and
-    fitted (bases of its flattened lora_A and lora_B): towards the bases' means first, then
-    `rounds` times towards each adapter's own rebuild on the bases. B A is unchanged."""
+    """New adapters' canonical factors put into the gauge of a collection already aligned and
+    fitted (bases of its flattened lora_A and lora_B): rotated towards the bases' means first,
+    then `rounds` Gauss-Newton steps towards each adapter's own rebuild on the bases. B A is
+    unchanged."""
     a_hat, b_hat, _ = canonical_factors(a, b)
     ref_a = basis_a.mean.to(a_hat).view(a_hat.shape[1:]).expand_as(a_hat)
     ref_b = basis_b.mean.to(b_hat).view(b_hat.shape[1:]).expand_as(b_hat)
-    for _ in range(rounds + 1):
-        a_hat, b_hat = _procrustes(a_hat, b_hat, ref_a, ref_b)
-        ref_a, ref_b = _rebuild_on(a_hat, basis_a), _rebuild_on(b_hat, basis_b)
+    a_hat, b_hat = _procrustes(a_hat, b_hat, ref_a, ref_b)
+    for _ in range(rounds):
+        a_hat, b_hat = _gl_step(a_hat, b_hat, _rebuild_on(a_hat, basis_a), _rebuild_on(b_hat, basis_b))
     return a_hat, b_hat
 
 
@@ -112,6 +115,25 @@ def _procrustes(a_hat, b_hat, ref_a, ref_b):
     u, _, vh = torch.linalg.svd(ref_a @ a_hat.transpose(1, 2) + ref_b.transpose(1, 2) @ b_hat)
     rotation = u @ vh
     return rotation @ a_hat, b_hat @ rotation.transpose(1, 2)
+
+
+def _gl_step(a_hat, b_hat, ref_a, ref_b):
+    """Each adapter's factors re-parameterised (R A, B R^-1) by one Gauss-Newton step towards the
+    references: R = I + E, E the least-squares solution of the linearised E A ~ ref_A - A,
+    B E ~ B - ref_B, i.e. the Sylvester equation E (A A^T) + (B^T B) E = (ref_A - A) A^T +
+    B^T (B - ref_B), solved in the two matrices' eigenbases. R^-1 is applied exactly, so B A is
+    unchanged to rounding. Directions where both A A^T and B^T B vanish (zero-padded ranks) are
+    left alone."""
+    gram_a, gram_b = a_hat @ a_hat.transpose(1, 2), b_hat.transpose(1, 2) @ b_hat
+    rhs = (ref_a - a_hat) @ a_hat.transpose(1, 2) + b_hat.transpose(1, 2) @ (b_hat - ref_b)
+    values_a, vectors_a = torch.linalg.eigh(gram_a)
+    values_b, vectors_b = torch.linalg.eigh(gram_b)
+    denominator = values_b[:, :, None] + values_a[:, None, :]
+    scale = denominator.amax(dim=(1, 2), keepdim=True)
+    rotated = vectors_b.transpose(1, 2) @ rhs @ vectors_a
+    step = torch.where(denominator > 1e-12 * scale, rotated / denominator.clamp_min(1e-300), torch.zeros_like(rotated))
+    r = torch.eye(a_hat.shape[1], dtype=a_hat.dtype, device=a_hat.device) + vectors_b @ step @ vectors_a.transpose(1, 2)
+    return r @ a_hat, b_hat @ torch.linalg.inv(r)
 
 
 def _flat_rebuild(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -52,7 +52,8 @@ def test_project_and_rebase_align_new_adapters_to_the_basis(runner, tmp_path, ca
     assert len(projected["read_errors"]) == 4 and len(rebased["read_errors"]) == 4
     # New uploads in their own gauges land as well as the collection did.
     assert projected["read_error"]["mean"] < 2 * projected["error"]["mean"]
-    assert rebased["error"]["mean"] <= projected["error"]["mean"] * 1.01
+    # Absorbing them (k = 3, truncated) moves the stored adapters a little: errors within 2%.
+    assert rebased["error"]["mean"] <= projected["error"]["mean"] * 1.02
     assert run_cli("verify", store, "--all") == 0
     # The library aligns what it adds to an aligned store the same way.
     sub = Subspace.load(str(store))
