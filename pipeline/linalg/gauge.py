@@ -33,7 +33,8 @@ from pipeline.linalg.decompose import Decomposition, centred_svd, project, recon
 JOINT_ITERATIONS = 10
 JOINT_TOLERANCE = 1e-5  # relative gain of the captured energy below which the fit stops
 ALIGN_ROUNDS = 3
-REFINE_ROUNDS = 30
+REFINE_ROUNDS = 20  # orthogonal rounds towards the rank-k structure
+GAUSS_NEWTON_STEPS = 30  # then invertible ones
 
 
 def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,24 +63,26 @@ def canonical_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def align(a: torch.Tensor, b: torch.Tensor, components: int | None = None, rounds: int = ALIGN_ROUNDS,
-          refine: int = REFINE_ROUNDS) -> tuple[torch.Tensor, torch.Tensor]:
+          refine: int = REFINE_ROUNDS, steps: int = GAUSS_NEWTON_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical factors of every adapter, re-parameterised (B A unchanged) into one gauge.
     First an orthogonal R_i towards the collection's reference (orthogonal Procrustes: R_i A^_i
     near the reference A, B^_i R_i^T near the reference B), the reference starting as the adapter
     of largest ||B A|| and then the mean of the aligned factors, `rounds` times. Then, given
-    `components` k, `refine` Gauss-Newton steps of an invertible R_i towards each adapter's own
-    rebuild by a rank-k flat fit of the aligned collection (_gl_step): the structure sought is a
-    k-dimensional one, and balancing (the canonical form) moved every adapter off it by a
-    non-orthogonal R. On the synthetic gauge collection these steps take the flat error from
-    0.30-0.43 (reference only) to 0.029-0.031, against 0.026 for the un-rotated twin."""
+    `components` k, towards each adapter's own rebuild by a rank-k flat fit of the aligned
+    collection (the structure sought is a k-dimensional one): `refine` orthogonal rounds, then
+    `steps` Gauss-Newton steps of an invertible R_i (_gl_step), since balancing (the canonical
+    form) moved every adapter off that structure by a non-orthogonal R. Measured flat errors on
+    two qwen0.5b-shaped gauge modules: 0.35-0.50 reference only, 0.051-0.097 after the orthogonal
+    rounds, 0.040-0.048 after both (0.027 for the un-rotated twin)."""
     a_hat, b_hat, s = canonical_factors(a, b)
     first = int(s.pow(2).sum(dim=1).argmax())
     ref_a, ref_b = a_hat[first].expand_as(a_hat), b_hat[first].expand_as(b_hat)
     for _ in range(rounds):
         a_hat, b_hat = _procrustes(a_hat, b_hat, ref_a, ref_b)
         ref_a, ref_b = a_hat.mean(dim=0).expand_as(a_hat), b_hat.mean(dim=0).expand_as(b_hat)
-    for _ in range(refine if components else 0):
-        a_hat, b_hat = _gl_step(a_hat, b_hat, _flat_rebuild(a_hat, components), _flat_rebuild(b_hat, components))
+    for step, count in ((_procrustes, refine), (_gl_step, steps)) if components else ():
+        for _ in range(count):
+            a_hat, b_hat = step(a_hat, b_hat, _flat_rebuild(a_hat, components), _flat_rebuild(b_hat, components))
     return a_hat, b_hat
 
 
@@ -132,7 +135,11 @@ def _gl_step(a_hat, b_hat, ref_a, ref_b):
     scale = denominator.amax(dim=(1, 2), keepdim=True)
     rotated = vectors_b.transpose(1, 2) @ rhs @ vectors_a
     step = torch.where(denominator > 1e-12 * scale, rotated / denominator.clamp_min(1e-300), torch.zeros_like(rotated))
-    r = torch.eye(a_hat.shape[1], dtype=a_hat.dtype, device=a_hat.device) + vectors_b @ step @ vectors_a.transpose(1, 2)
+    identity = torch.eye(a_hat.shape[1], dtype=a_hat.dtype, device=a_hat.device)
+    r = identity + vectors_b @ step @ vectors_a.transpose(1, 2)
+    # A step that would make R singular or non-finite (an ill-conditioned adapter) is not taken.
+    sound = torch.isfinite(r).all(dim=(1, 2)) & (torch.linalg.cond(torch.nan_to_num(r)) < 1e6)
+    r = torch.where(sound[:, None, None], r, identity)
     return r @ a_hat, b_hat @ torch.linalg.inv(r)
 
 
