@@ -63,7 +63,6 @@ class FlatFit:
     a: Decomposition
     b: Decomposition
     error: float  # mean relative delta-W error
-    method: str = "flat"
 
 
 @dataclass
@@ -74,7 +73,6 @@ class JointFit:
     core_b: torch.Tensor  # (n, c, q)
     errors: torch.Tensor  # (n,) relative delta-W errors
     norms: torch.Tensor  # (n,) ||B A||
-    method: str = "joint"
 
     @property
     def error(self) -> float:

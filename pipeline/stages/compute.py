@@ -458,8 +458,7 @@ def _moved_parent_rows(store, task, parents, bases, skip: set[str]) -> Iterator[
     for batch in _parent_batches(store, task, modules):
         tables = []
         for module, rows in _by_module(batch):
-            norm = torch.from_numpy(rows.column("norm").to_numpy().astype(np.float64))
-            error = torch.from_numpy(rows.column("error").to_numpy().astype(np.float64))
+            norm, error = _column(rows, "norm"), _column(rows, "error")
             new_a, new_b, error, _ = moves[module](loadings_matrix(rows, "a"), loadings_matrix(rows, "b"), error, norm)
             tables.append(loadings_rows(rows.column("task_id").to_pylist(), module, new_a, new_b, error, norm, measured=False))
         yield from _sorted_rows(tables)
