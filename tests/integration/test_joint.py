@@ -221,3 +221,21 @@ def test_a_budget_in_chunks_keeps_each_modules_choice(runner, tmp_path, structur
         assert all(entry[key] == first[module][key] for key in (*keep, "budget"))
     assert last[MODULE]["count"] == 20
     assert run_cli("verify", store, "--all") == 0
+
+
+def test_quantize_keeps_joint_modules_float32(runner, tmp_path):
+    """--quantize packs flat components (tested with the flat method); a budgeted store's joint U
+    and V stay float32, verify accepts them, and export rebuilds what is recorded."""
+    src = tmp_path / "src"
+    make_collection(src, 24, preset="micro", structure="gauge", shared_dim=3)
+    store = tmp_path / "store"
+    assert run_cli("compress", src, "--out", store, "--ratio", 4, "--quantize", "int8") == 0
+    s = Store(Location(str(store)))
+    manifest = s.manifest()
+    assert manifest["quantization"]["scheme"] == "int8" and manifest["modules"][MODULE]["method"] == "joint"
+    tensors = s.read_basis(manifest["modules"][MODULE]["basis"], decode=False)
+    assert tensors[f"{MODULE}.joint.u"].dtype == torch.float32
+    assert run_cli("verify", store) == 0
+    assert run_cli("export", store, "adapter-00004", "--out", tmp_path / "out") == 0
+    a, b = _factors(tmp_path / "out")
+    assert _relative(b @ a, _delta_w(src / "adapter-00004")) == pytest.approx(_recorded(store, "adapter-00004"), rel=1e-3)
