@@ -43,7 +43,8 @@ def test_local_run_measures_every_step_and_compares_with_vlora(tmp_path):
     targets = {t["name"]: t for t in f["targets"]}
     assert targets["delta-W error equal to vlora's within bf16 rounding (relative)"]["met"] is True
     assert all(isinstance(t["met"], bool) and t["target"] for t in f["targets"])
-    assert f["ratios"]["vlora_over_ours"] == pytest.approx(f["vlora"]["seconds"] / c["seconds"], rel=1e-3)
+    # Ratios are written rounded to 6 decimals: at this size vlora's is ~4e-4, so allow the rounding.
+    assert f["ratios"]["vlora_over_ours"] == pytest.approx(f["vlora"]["seconds"] / c["seconds"], rel=1e-3, abs=1e-6)
     int8, nf4 = f["quantize"]["int8"], f["quantize"]["nf4"]
     assert int8["bytes_before"] == nf4["bytes_before"]  # both from the float version
     assert int8["bytes_before"]["components"] > 3.9 * int8["bytes_after"]["components"] > nf4["bytes_after"]["components"]
