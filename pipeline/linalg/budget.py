@@ -39,7 +39,7 @@ def flat_components(budget: float, n: int, r: int, d_in: int, d_out: int) -> int
 
 def joint_width(budget: float, n: int, q: int, d_in: int, d_out: int) -> int:
     """The largest c whose U, V and rank-q factored cores fit `budget` floats; 0 when none does."""
-    return max(0, min(d_in, d_out, int(budget // (d_in + d_out + 2 * n * q))))
+    return max(0, min(d_in, d_out, int(budget // joint_floats(n, 1, q, d_in, d_out))))
 
 
 def core_ranks(r: int) -> list[int]:
@@ -102,10 +102,10 @@ def fit_within(xa: torch.Tensor, xb: torch.Tensor, shapes, budget: float, method
     module's flattened factors xa (n, r*d_in), xb (n, d_out*r)."""
     (r, d_in), (d_out, _) = shapes
     n = len(xa)
-    candidates: list[FlatFit | JointFit] = []
+    found: list[FlatFit | JointFit] = []
     k = flat_components(budget, n, r, d_in, d_out)
     if "flat" in methods and k:
-        candidates.append(fit_flat(xa, xb, shapes, k, route))
+        found.append(fit_flat(xa, xb, shapes, k, route))
     widths = {q: joint_width(budget, n, q, d_in, d_out) for q in core_ranks(r)}
     widths = {q: c for q, c in widths.items() if c >= q}  # a core's rank is at most c
     if "joint" in methods and widths:
@@ -116,7 +116,7 @@ def fit_within(xa: torch.Tensor, xb: torch.Tensor, shapes, budget: float, method
         screened = core_rank_errors(widest, a, b, widths)
         q = min(screened, key=screened.get)
         c = widths[q]
-        candidates.append(fit_joint_module(a, b, c, q, init=JointBasis(widest.u[:, :c], widest.v[:, :c], 0.0, widest.total, 0)))
-    if not candidates:
+        found.append(fit_joint_module(a, b, c, q, init=JointBasis(widest.u[:, :c], widest.v[:, :c], 0.0, widest.total, 0)))
+    if not found:
         raise ValueError(f"no method among {methods} fits {budget:.0f} floats for {n} adapters of shapes {shapes}")
-    return min(candidates, key=lambda f: f.error)
+    return min(found, key=lambda f: f.error)

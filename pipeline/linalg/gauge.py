@@ -183,7 +183,7 @@ def fit_joint(a: torch.Tensor, b: torch.Tensor, c: int, iterations: int = JOINT_
     # The factors side by side, (d, n r): sum_i F_i M_i F_i^T is then one product with a block diagonal.
     b_side = b.transpose(0, 1).reshape(d_out, n * r)
     a_side = a.permute(2, 0, 1).reshape(d_in, n * r)
-    total = float(torch.einsum("nij,nji->", (b.transpose(1, 2) @ b).double(), (a @ a.transpose(1, 2)).double()))
+    total = float(torch.einsum("nij,nji->", b.transpose(1, 2) @ b, a @ a.transpose(1, 2)))
     if init is not None:
         u, v = init.u.to(a)[:, :c], init.v.to(a)[:, :c]
     else:
@@ -195,7 +195,7 @@ def fit_joint(a: torch.Tensor, b: torch.Tensor, c: int, iterations: int = JOINT_
         btu = b.transpose(1, 2) @ u  # (n, r, c)
         v = _leading(_Gram(a_side, btu @ btu.transpose(1, 2)), c, v)
         av = a @ v
-        gained = float((btu.transpose(1, 2) @ av).double().pow(2).sum())
+        gained = float((btu.transpose(1, 2) @ av).pow(2).sum())
         if gained - energy <= JOINT_TOLERANCE * max(gained, 1e-300):
             energy = gained
             break

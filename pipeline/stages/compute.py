@@ -177,12 +177,14 @@ def compute_shard(task: ShardTask) -> ShardResult:
     packed: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     new_rows: list[pa.Table] = []
     parent_rows: list[pa.Table] = []  # joint absorb: the parent's rows, refitted with the new ones
+    # A joint re-base refits the parent's rows of its joint modules: read them in one pass.
+    joint_rows = _rows_by_module(store, task, sorted(parent_joint)) if task.mode == "absorb" and parent_joint else {}
     for module in task.shard.modules:
         shapes = task.shapes[module]
         stack = stacks.pop(module, None)
         fit = _choose(task, module, stack, device) if task.mode == "fit" else None
         if isinstance(fit, JointFit) or (task.mode != "fit" and module in parent_joint):
-            summary, basis, rows, moved = _joint_module(store, task, module, stack, fit, parent_joint.get(module), device)
+            summary, basis, rows, moved = _joint_module(task, module, stack, fit, parent_joint.get(module), joint_rows.get(module), device)
             result.modules.append(summary)
             if basis is not None:
                 joint[module] = basis, summary.count
@@ -252,9 +254,10 @@ def _choose(task: ShardTask, module: str, stack, device) -> FlatFit | JointFit |
     return None
 
 
-def _joint_module(store, task: ShardTask, module: str, stack, fit: JointFit | None, parent: JointBasis | None, device):
+def _joint_module(task: ShardTask, module: str, stack, fit: JointFit | None, parent: JointBasis | None, old: pa.Table | None, device):
     """A joint module: (its result, the bases to write (None: the parent's are kept), rows of the
-    new adapters, the parent's rows moved to the new bases (a re-base)); None where there are none."""
+    new adapters, the parent's rows `old` moved to the new bases (a re-base)); None where there
+    are none."""
     shapes = task.shapes[module]
     moved = None
     if task.mode == "project":
@@ -265,7 +268,7 @@ def _joint_module(store, task: ShardTask, module: str, stack, fit: JointFit | No
         fit = JointFit(parent, q, *_joint_cores(parent, stack, shapes, q, device))
     else:
         if task.mode == "absorb":
-            fit, moved = _absorb_joint(store, task, module, stack, parent, device)
+            fit, moved = _absorb_joint(task, module, stack, parent, old, device)
             count = task.parent.modules[module]["count"] + len(task.new)
         else:
             count = len(stack[0])  # with a full re-base's rebuilt rows
@@ -284,16 +287,14 @@ def _joint_cores(basis: JointBasis, stack, shapes, q: int, device):
     return joint_cores(basis, stack[0].to(device).view(n, r, d_in), stack[1].to(device).view(n, d_out, r), q)
 
 
-def _absorb_joint(store, task, module, stack, parent: JointBasis, device) -> tuple[JointFit, pa.Table]:
+def _absorb_joint(task, module, stack, parent: JointBasis, old: pa.Table, device) -> tuple[JointFit, pa.Table]:
     """A joint module's re-base: the parent's adapters, rebuilt from their cores, join the new
     ones; the alternating fit starts from the parent's bases. The parent's rows are measured
     against what they rebuilt, and that added error is combined with their stored one in
     quadrature (as linalg.loadings.Move does for flat modules)."""
     (r, d_in), (d_out, _) = shapes = task.shapes[module]
-    rows = [t for batch in _parent_batches(store, task, [module]) for _, t in _by_module(batch)]
-    old = pa.concat_tables(rows) if rows else LOADINGS_SCHEMA.empty_table()
-    old_a, old_b = _rebuild_joint(parent, old, shapes, task.parent.modules[module]["core_rank"])
     q = task.parent.modules[module]["core_rank"]
+    old_a, old_b = _rebuild_joint(parent, old, shapes, q)
     n = len(task.new)
     a = torch.cat([stack[0].to(device).view(n, r, d_in), old_a.to(device)])
     b = torch.cat([stack[1].to(device).view(n, d_out, r), old_b.to(device)])
@@ -385,9 +386,18 @@ def _parent_bases(store: Store, task: ShardTask) -> tuple[dict[tuple[str, str], 
 def _parent_batches(store: Store, task: ShardTask, modules: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """The parent's rows of these modules (default: the shard's), without the ones the new
     version replaces."""
-    modules = pa.array(modules or task.shard.modules, pa.string())
+    modules = pa.array(task.shard.modules if modules is None else modules, pa.string())
     for batch in without(read_batches(store.location, task.parent.loadings, LOADINGS_SCHEMA.names), set(task.parent.drop)):
         yield batch.filter(pc.is_in(batch.column("module"), value_set=modules))
+
+
+def _rows_by_module(store: Store, task: ShardTask, modules: list[str]) -> dict[str, pa.Table]:
+    """The parent's rows of these modules (without the replaced ones), in one pass."""
+    tables: dict[str, list[pa.Table]] = {m: [] for m in modules}
+    for batch in _parent_batches(store, task, modules):
+        for module, rows in _by_module(batch):
+            tables[module].append(rows)
+    return {m: pa.concat_tables(t) if t else LOADINGS_SCHEMA.empty_table() for m, t in tables.items()}
 
 
 def _add_parent_rows(store, task, parents, parent_joint, stacks, result) -> None:

@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.io.adapters import AdapterRef, discover
 from pipeline.io.location import Location
 from pipeline.io.store import LOADINGS, Store
+from pipeline.linalg.budget import joint_floats
 from pipeline.linalg.gauge import canonical_factors, pad_rank
 from pipeline.linalg.metrics import relative_product_error
 from pipeline.runners import Runner
@@ -125,7 +126,7 @@ def _bytes_per_adapter(modules: dict[str, dict], n: int) -> float:
     for e in modules.values():
         (r, d_in), (d_out, _) = e["a_shape"], e["b_shape"]
         if e.get("method") == "joint":
-            floats += e["width"] * (d_in + d_out) + 2 * e["width"] * e["core_rank"] * n
+            floats += joint_floats(n, e["width"], e["core_rank"], d_in, d_out)
         else:
             floats += (e["k_a"] + 1) * r * d_in + (e["k_b"] + 1) * d_out * r + (e["k_a"] + e["k_b"]) * n
     return 4 * floats / n

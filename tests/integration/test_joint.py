@@ -239,3 +239,21 @@ def test_quantize_keeps_joint_modules_float32(runner, tmp_path):
     assert run_cli("export", store, "adapter-00004", "--out", tmp_path / "out") == 0
     a, b = _factors(tmp_path / "out")
     assert _relative(b @ a, _delta_w(src / "adapter-00004")) == pytest.approx(_recorded(store, "adapter-00004"), rel=1e-3)
+
+
+def test_an_upload_of_a_higher_rank_than_the_stores_is_quarantined(runner, tmp_path, capsys):
+    src = tmp_path / "src"
+    make_collection(src, 6, preset="micro")
+    store = tmp_path / "store"
+    assert run_cli("compress", src, "--out", store, "--components", 3) == 0
+    template = src / "adapter-00000"
+    weights = {k: torch.cat([v, v]) if ".lora_A." in k else torch.cat([v, v], dim=1) for k, v in load_file(str(template / peft_format.WEIGHTS_FILE)).items()}
+    (src / "wider").mkdir()
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(src / "wider" / peft_format.WEIGHTS_FILE))
+    config = json.loads((template / peft_format.CONFIG_FILE).read_text())
+    (src / "wider" / peft_format.CONFIG_FILE).write_text(json.dumps({**config, "r": 8}))
+    capsys.readouterr()
+    assert run_cli("rebase", store, src, "--json") == 0
+    quarantined = json.loads(capsys.readouterr().out)["versions"][0]["quarantined"]
+    assert "rank 8 is above the store's 4" in quarantined["wider"]
+    assert Store(Location(str(store))).manifest()["adapters"] == {"ok": 6, "quarantined": 1, "in_basis": 6}
