@@ -1,5 +1,6 @@
 """`ray job submit --working-dir . -- python -m jobs.<job> --config ...` against a real Ray head
-(`ray start --head` on loopback ports), with the store and the adapters on the moto S3 server."""
+(`ray start --head` on loopback ports), with the store and the adapters on the moto S3 server; and
+the README's `make dev` sequence as written, then `make dev-stop`."""
 
 import json
 import os
@@ -110,3 +111,84 @@ def test_submitted_jobs_compress_and_rebase_on_s3(ray_head, s3_endpoint, bucket,
     # A failing job fails the submission: a scheduler sees the exit status and the JSON line.
     status, line, output = _submit(ray_head, "rebase", config, f"store=s3://{bucket}/no-store-here/")
     assert status != 0 and line["status"] == "error" and "no store at" in line["error"], output
+
+
+def _readme_block(first_line):
+    """The lines of the README's fenced code block that starts with `first_line`."""
+    block = None
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            if block and block[0] == first_line:
+                return block
+            block = [] if block is None else None
+        elif block is not None:
+            block.append(line)
+    raise AssertionError(f"no code block starting with {first_line!r} in README.md")
+
+
+def _processes_of(state):
+    """The live processes of the dev cluster whose state folder is `state`: the head's process
+    tree, the S3 API, and anything naming the head's temp dir."""
+    temp = (state / "ray.tempdir").read_text().strip()
+    found = {}
+    for pid_file in ("ray.pid", "moto.pid"):
+        root = psutil.Process(int((state / pid_file).read_text()))
+        found |= {p.pid: p for p in [root, *root.children(recursive=True)]}
+    for process in psutil.process_iter(["cmdline"]):
+        if any(temp in part for part in process.info["cmdline"] or []):
+            found[process.pid] = process
+    return temp, list(found.values())
+
+
+def test_readme_dev_cluster_runs_the_documented_submission_and_stops_alone(runner, tmp_path):
+    """The README's `make dev` block, run as written in a shell without Ray settings (ports and
+    the state folder moved, so it runs beside anyone's `make dev`): the job runs on the dev head
+    with the venv's Python and reads the seeded adapters from the dev S3; `make dev-stop` then
+    stops that cluster and leaves this session's own Ray running."""
+    import ray
+
+    lines = _readme_block("make dev")
+    assert lines[1] == ". .dev/env" and lines[2].startswith(".venv/bin/ray job submit ") and lines[-1] == "make dev-stop"
+    state, s3_port, gcs_port, dashboard_port = tmp_path / "dev", _free_port(), _free_port(), _free_port()
+
+    def documented(line):
+        line = line.replace(":9000", f":{s3_port}").replace(":8265", f":{dashboard_port}")
+        line = line.replace(".dev/env", str(state / "env"))
+        # `make dev` without re-checking the venv (the session runs in it already).
+        return "make -s -o .venv/.installed dev" if line == "make dev" else line
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "LORA_SUBSPACE_"))} | {
+        "DEV_STATE": str(state), "DEV_S3_PORT": str(s3_port), "DEV_RAY_PORT": str(gcs_port),
+        "DEV_DASHBOARD_PORT": str(dashboard_port),
+    }
+
+    def shell(lines):
+        script = "set -e\n" + "\n".join(documented(line) for line in lines)
+        return subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600, stdin=subprocess.DEVNULL)
+
+    # This session's own Ray (the runner fixture's), taken before the dev cluster exists.
+    session = [p for p in psutil.Process().children(recursive=True) if p.name() in ("gcs_server", "raylet")]
+    assert {p.name() for p in session} == {"gcs_server", "raylet"}
+    try:
+        done = shell(lines[:-1])
+        output = done.stdout[-4000:] + done.stderr[-3000:]
+        assert done.returncode == 0, output
+        job = json.loads([line for line in done.stdout.splitlines() if line.startswith('{"job"')][-1])
+        assert (job["status"], job["version"], job["adapters"]) == ("ok", "v000001", 32), output
+        assert "Job 'raysubmit_" in done.stdout + done.stderr and "succeeded" in done.stdout + done.stderr, output
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}")
+        latest = json.loads(s3.get_object(Bucket="dev", Key="subspace/LATEST")["Body"].read())
+        assert latest["version"] == "v000001"
+        temp, cluster = _processes_of(state)
+        assert len(cluster) > 3
+
+        done = shell(lines[-1:])
+        assert done.returncode == 0 and "stopped" in done.stdout, done.stdout + done.stderr
+        assert not [p for p in cluster if p.is_running()], "dev-stop left processes of its cluster"
+        assert not os.path.exists(temp) and not state.exists()
+        # Every other Ray of this machine keeps running: this session's, at least.
+        assert all(p.is_running() for p in session)
+        assert ray.get(ray.remote(lambda: 42).remote(), timeout=120) == 42
+    finally:
+        subprocess.run(["infra/local/dev.sh", "stop"], cwd=REPO, env=env, capture_output=True, timeout=120)
