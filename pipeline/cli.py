@@ -187,10 +187,12 @@ def configure_logging(verbose: bool, log_format: str = "text") -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _ray(args):
+def _ray(args, *locations: Location):
+    """The runner, after checking that its tasks will find the local paths among `locations`."""
     from pipeline.runners.ray_runner import RayRunner
 
     runner = RayRunner(args.address, args.num_cpus)
+    runner.check_local_paths([location.root for location in locations if location.is_local])
     if runner.dashboard_url:
         log.info("Ray dashboard: %s", runner.dashboard_url)
     return runner
@@ -209,7 +211,7 @@ def cmd_compress(args) -> dict:
     options = Options(rule, args.memory_budget, args.strict, args.svd_route, quantize=args.quantize, method=args.method,
                       ratio=args.ratio, budget_bytes=args.budget_bytes)
     source, store = Location(args.source, args.endpoint_url), Store(Location(args.out, args.endpoint_url))
-    summaries = [s.to_dict() for s in compress(source, store, _ray(args), options, args.chunk_size)]
+    summaries = [s.to_dict() for s in compress(source, store, _ray(args, source, store.location), options, args.chunk_size)]
     if not args.json:
         for summary in summaries:
             _print_summary(summary)
@@ -246,7 +248,7 @@ def _grow(args, operation: str, **flags) -> dict:
 
     source, store = Location(args.source, args.endpoint_url), Store(Location(args.store, args.endpoint_url))
     options = Options(memory_budget=args.memory_budget, strict=args.strict, max_error=getattr(args, "max_error", None))
-    result = grow(source, store, _ray(args), operation, options, dry_run=args.dry_run, **flags)
+    result = grow(source, store, _ray(args, source, store.location), operation, options, dry_run=args.dry_run, **flags)
     if not args.json:
         d = result["diff"]
         print(
@@ -365,7 +367,7 @@ def cmd_export(args) -> dict:
             ids = [row["task_id"] for row in catalog if row["status"] == "ok"]
         batches = [ids[i : i + EXPORT_BATCH] for i in range(0, len(ids), EXPORT_BATCH)]
         tasks = [ExportTask(store.location, version, b, [out.child(t) for t in b]) for b in batches]
-        written = [w for _, ws in _ray(args).map_unordered(export_batch, tasks) for w in ws]
+        written = [w for _, ws in _ray(args, store.location, out).map_unordered(export_batch, tasks) for w in ws]
     if not args.json:
         print(f"exported {len(written)} adapter(s) from {store} {version} to {out}")
     return {"version": version, "exported": len(written), "out": str(out)}
@@ -420,7 +422,8 @@ def cmd_vlora_export(args) -> dict:
 def cmd_evaluate(args) -> dict:
     from pipeline.stages.evaluate import evaluate, format_evaluation
 
-    result = evaluate(Store(Location(args.store, args.endpoint_url)), Location(args.source, args.endpoint_url), _ray(args), args.holdout, args.seed)
+    store, source = Store(Location(args.store, args.endpoint_url)), Location(args.source, args.endpoint_url)
+    result = evaluate(store, source, _ray(args, store.location, source), args.holdout, args.seed)
     if not args.json:
         print(format_evaluation(result))
     return result

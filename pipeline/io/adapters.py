@@ -7,6 +7,7 @@ concurrently where the filesystem supports it (s3fs `cat_ranges`).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import posixpath
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ MANIFEST_SUFFIXES = (".txt", ".parquet")
 class FileStat:
     size: int
     tag: str  # ETag on S3, modification time locally: tells a changed upload from the same one
+    sha256: str | None = None  # of the content, where it was read (local weights files): a new time alone is no change
 
 
 @dataclass
@@ -149,6 +151,19 @@ def list_adapter_files(refs: list[AdapterRef]) -> list[dict[str, FileStat]]:
             out.append(_list_files(ref))
         except FileNotFoundError:
             out.append({})
+    return out
+
+
+def weights_sha256(refs: list[AdapterRef]) -> list[str | None]:
+    """The SHA-256 of each adapter's weights file (None where it is gone): what tells a copy
+    that did not keep file times from a changed upload."""
+    out = []
+    for ref in refs:
+        try:
+            with ref.location.fs.open(ref.location.path(peft_format.WEIGHTS_FILE), "rb") as handle:
+                out.append(hashlib.file_digest(handle, "sha256").hexdigest())
+        except FileNotFoundError:
+            out.append(None)
     return out
 
 

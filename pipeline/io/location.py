@@ -39,6 +39,11 @@ class Location:
                 f"{redact(self.uri)}: credentials in a URI are not accepted; "
                 "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or an instance role"
             )
+        if self.protocol == "file":
+            # Made absolute where the Location is built (the driver): a task gets the pickled
+            # absolute path and never resolves it against its own working directory.
+            prefix = "file://" if self.uri.startswith("file://") else ""
+            object.__setattr__(self, "uri", prefix + os.path.abspath(self.uri[len(prefix):]))
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
@@ -52,8 +57,6 @@ class Location:
     def root(self) -> str:
         """The root as a path of its filesystem (no protocol), without a trailing slash."""
         path = self.uri.split("://", 1)[1] if "://" in self.uri else self.uri
-        if self.protocol == "file":
-            path = os.path.abspath(path)
         return path.rstrip("/") or "/"
 
     @property

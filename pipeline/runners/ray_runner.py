@@ -10,10 +10,14 @@ from collections import Counter
 import ray
 from ray.exceptions import RayTaskError
 
+from pipeline.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 # Transient storage faults and lost workers are retried; a bug or bad input is not.
 MAX_RETRIES = 3
+# Local folders that every node of the cluster mounts at the same path (os.pathsep-separated).
+SHARED_PATHS_ENV = "LORA_SUBSPACE_SHARED_PATHS"
 
 
 class RayRunner:
@@ -32,6 +36,23 @@ class RayRunner:
         resources = ray.cluster_resources()
         self.has_gpus = resources.get("GPU", 0) > 0
         self.num_cpus = int(resources.get("CPU", 1))
+
+    def check_local_paths(self, paths: list[str]) -> None:
+        """Refuse absolute local paths that tasks on other hosts would not find: a node on another
+        host than the driver's sees its own disk, unless the path lies under a folder declared
+        shared in LORA_SUBSPACE_SHARED_PATHS. Nodes on the driver's host (an embedded Ray, or
+        `ray start` on this machine) see its files."""
+        hosts = _other_hosts() if paths else []
+        if not hosts:
+            return
+        shared = [os.path.abspath(p) for p in os.environ.get(SHARED_PATHS_ENV, "").split(os.pathsep) if p]
+        for path in paths:
+            if not any(os.path.commonpath([path, folder]) == folder for folder in shared):
+                others = ", ".join(hosts[:3]) + (f" and {len(hosts) - 3} more" if len(hosts) > 3 else "")
+                raise PipelineError(
+                    f"{path} is a local path, but the Ray cluster has nodes on other hosts ({others}) that would not see it: "
+                    f"use s3://..., or a file system every node mounts at the same path, declared in {SHARED_PATHS_ENV}"
+                )
 
     def map_unordered(self, fn, items, *, num_cpus=1, use_gpu=False, memory=None):
         options = {"num_cpus": num_cpus, "max_retries": MAX_RETRIES, "retry_exceptions": [OSError]}
@@ -60,6 +81,15 @@ class RayRunner:
                 raise exc.as_instanceof_cause() from None
             self.tasks_per_node[node] += 1
             yield index, result
+
+
+def _other_hosts() -> list[str]:
+    """Addresses of the live nodes that can run tasks and are not on the driver's host."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    me = ray.get_runtime_context().get_node_id()
+    mine = {n["NodeManagerAddress"] for n in nodes if n["NodeID"] == me}
+    workers = {n["NodeManagerAddress"] for n in nodes if any(n.get("Resources", {}).get(r, 0) > 0 for r in ("CPU", "GPU"))}
+    return sorted(workers - mine)
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,7 +11,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from pipeline.io.adapters import AdapterRef, FileStat, discover, list_adapter_files
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io.adapters import AdapterRef, FileStat, discover, list_adapter_files, weights_sha256
 from pipeline.io.location import Location
 from pipeline.io.store import CATALOG, Store
 from pipeline.peft_format import WEIGHTS_FILE
@@ -29,7 +32,7 @@ class Diff:
     """The source against the current version's catalog."""
 
     added: list[AdapterRef]
-    replaced: list[AdapterRef]  # same task id, different weights file (size or ETag/mtime)
+    replaced: list[AdapterRef]  # same task id, different weights: size, ETag, or (local) mtime and content
     pending: list[AdapterRef]  # projected earlier, not yet absorbed into the basis
     unchanged: int
     missing: list[str]  # in the store, gone from the source: kept
@@ -55,8 +58,7 @@ def diff(refs: list[AdapterRef], catalog: list[dict]) -> Diff:
             added.append(ref)  # a second ref with one id: scan quarantines it as a duplicate
             continue
         seen.add(ref.task_id)
-        weights = (ref.files or {}).get(WEIGHTS_FILE, FileStat(-1, ""))
-        if (weights.size, weights.tag) != (row["weights_bytes"], row["weights_tag"]):
+        if _changed((ref.files or {}).get(WEIGHTS_FILE, FileStat(-1, "")), row):
             replaced.append(ref)
         elif row["status"] == "ok" and not row["in_basis"]:
             pending.append(ref)
@@ -64,6 +66,37 @@ def diff(refs: list[AdapterRef], catalog: list[dict]) -> Diff:
             unchanged += 1
     missing = sorted(set(known) - seen)
     return Diff(added, replaced, pending, unchanged, missing)
+
+
+def _changed(weights: FileStat, row: dict) -> bool:
+    """A different size is a change; so is a different tag, unless both sides know the content's
+    SHA-256 and it is the same (a local copy that did not keep file times)."""
+    if weights.size != row["weights_bytes"]:
+        return True
+    if weights.tag == row["weights_tag"]:
+        return False
+    return weights.sha256 is None or weights.sha256 != row.get("weights_sha256")
+
+
+def _with_digests(refs: list[AdapterRef], catalog: list[dict], runner: Runner) -> list[AdapterRef]:
+    """Hash the weights files whose time changed but whose size did not, where the catalog has
+    the content's SHA-256 to compare with (local sources; S3 tags are ETags, which a copy keeps)."""
+    known = {row["task_id"]: row for row in catalog}
+    todo = []
+    for ref in refs:
+        row, weights = known.get(ref.task_id), (ref.files or {}).get(WEIGHTS_FILE)
+        if (row and weights and ref.location.is_local and row.get("weights_sha256") and weights.sha256 is None
+                and weights.size == row["weights_bytes"] and weights.tag != row["weights_tag"]):
+            todo.append(ref)
+    if not todo:
+        return refs
+    log.info("%d weights file(s) have new times but their old sizes: comparing their contents", len(todo))
+    batches = [todo[i : i + STAT_BATCH] for i in range(0, len(todo), STAT_BATCH)]
+    for index, digests in runner.map_unordered(weights_sha256, batches, num_cpus=1):
+        for ref, digest in zip(batches[index], digests):
+            weights = ref.files[WEIGHTS_FILE]
+            ref.files[WEIGHTS_FILE] = FileStat(weights.size, weights.tag, digest)
+    return refs
 
 
 def _with_files(refs: list[AdapterRef], runner: Runner) -> list[AdapterRef]:
@@ -94,12 +127,13 @@ def grow(
     run or when nothing changed)."""
     refs = _with_files(discover(source), runner)
     if dry_run:
-        return {"diff": diff(refs, _catalog(store, store.require_version())).to_dict(), "versions": []}
+        catalog = _catalog(store, store.require_version())
+        return {"diff": diff(_with_digests(refs, catalog, runner), catalog).to_dict(), "versions": []}
     with store.lock(operation) as lock:
         parent = store.require_version()
         manifest = store.manifest(parent)
         catalog = _catalog(store, parent)
-        changes = diff(refs, catalog)
+        changes = diff(_with_digests(refs, catalog, runner), catalog)
         if changes.missing:
             log.info("%d adapter(s) in the store are no longer in the source; they stay", len(changes.missing))
         options = dataclasses.replace(options, rule=parameters_rule(manifest["parameters"]), route=manifest["parameters"]["svd_route"],
@@ -133,6 +167,12 @@ def grow(
 
 
 def _catalog(store: Store, version: str) -> list[dict]:
-    """What discovery compares against, one small row per stored adapter."""
-    columns = ["task_id", "status", "weights_bytes", "weights_tag", "in_basis"]
+    """What discovery compares against, one small row per stored adapter (weights_sha256 is
+    absent from catalogs written before it existed)."""
+    where = store.version_location(version)
+    try:
+        present = set(pq.read_schema(where.path(CATALOG), filesystem=where.fs).names)
+    except (FileNotFoundError, pa.ArrowInvalid):
+        present = set()  # read_table says what is wrong with it
+    columns = ["task_id", "status", "weights_bytes", "weights_tag", "in_basis"] + (["weights_sha256"] if "weights_sha256" in present else [])
     return store.read_table(version, CATALOG, columns=columns).to_pylist()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pipeline import peft_format
 from pipeline.errors import AdapterError
-from pipeline.io.adapters import AdapterRef, read_adapter
+from pipeline.io.adapters import AdapterRef, read_adapter, weights_sha256
 from pipeline.io.location import Location, redact
 from pipeline.io.safetensors_ranges import TensorInfo
 
@@ -47,6 +47,7 @@ class ScannedAdapter:
     warnings: list[str] = field(default_factory=list)
     weights_bytes: int = 0
     weights_tag: str = ""
+    weights_sha256: str | None = None  # local sources: lets a later re-base tell a copied file from a changed one
     config: dict | None = None
     config_text: str = ""
     modules: dict[str, tuple[TensorInfo, TensorInfo]] = field(default_factory=dict)
@@ -98,6 +99,8 @@ def scan_adapter(ref: AdapterRef) -> ScannedAdapter:
                 )
             raise AdapterError(f"missing {peft_format.WEIGHTS_FILE}")
         scanned.weights_bytes, scanned.weights_tag = weights.size, weights.tag
+        if ref.location.is_local:
+            scanned.weights_sha256 = weights.sha256 or weights_sha256([ref])[0]
         scanned.config, scanned.config_text = _parse_config(raw.config, scanned.warnings)
         scanned.modules, scanned.dtype = _factor_layout(raw.tensors)
         _check_against_config(scanned)

@@ -53,6 +53,7 @@ CATALOG_SCHEMA = pa.schema([
     ("dtype", pa.string()),
     ("config_json", pa.string()),
     ("in_basis", pa.bool_()),
+    ("weights_sha256", pa.string()),  # null on S3 and in catalogs written before it existed
 ])
 
 
@@ -363,7 +364,7 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
     catalog = _CatalogTally()
     streams = [[catalog_table(scanned, in_basis)]]
     if parent_where:
-        rows = without(read_batches(parent_where, CATALOG), {a.task_id for a in scanned})
+        rows = without(_conformed(read_batches(parent_where, CATALOG), CATALOG_SCHEMA), {a.task_id for a in scanned})
         streams.append(_all_in_basis(rows) if change.refit else rows)
     files[version_path(version, CATALOG)] = write_tables(where, CATALOG, catalog.tap(merge_sorted(streams, ["task_id"])), CATALOG_SCHEMA).to_dict()
 
@@ -454,6 +455,15 @@ def parameters_rule(parameters: dict) -> ComponentRule:
     return ComponentRule(parameters["components"], parameters["variance_threshold"] or 0.6, parameters["adaptive"])
 
 
+def _conformed(batches, schema: pa.Schema):
+    """An older catalog's batches with the columns added since (nullable) as nulls."""
+    for batch in batches:
+        for name in schema.names:
+            if batch.schema.get_field_index(name) < 0:
+                batch = batch.append_column(schema.field(name), pa.nulls(batch.num_rows, schema.field(name).type))
+        yield batch
+
+
 def _all_in_basis(batches):
     """A full re-base fits the parent's adapters too: every ok row is now in the basis."""
     for batch in batches:
@@ -493,4 +503,5 @@ def catalog_table(adapters: list[ScannedAdapter], in_basis: bool) -> pa.Table:
         "dtype": [a.dtype for a in rows],
         "config_json": [a.config_text for a in rows],
         "in_basis": [in_basis and a.ok for a in rows],
+        "weights_sha256": [a.weights_sha256 for a in rows],
     }, schema=CATALOG_SCHEMA)

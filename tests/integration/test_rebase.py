@@ -1,10 +1,13 @@
 """Growing a store: discovery, project, incremental and full re-base, chunked compress, versions,
 rollback, prune and the writer lock, on local Ray with local folders."""
 
+import hashlib
 import json
 import os
 import shutil
+import struct
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -352,3 +355,78 @@ def test_bad_uploads_are_quarantined_and_never_replace_a_good_adapter(runner, up
     assert run_cli("export", store_path, ids[1], "--out", tmp_path / "kept") == 0
     exported = _weights(tmp_path / "kept")
     assert sum(float(torch.linalg.norm(exported[k] - good_before[k]) / torch.linalg.norm(good_before[k])) for k in exported) / len(exported) < 0.6
+
+
+def test_a_copy_without_file_times_is_up_to_date_and_a_same_size_change_is_replaced(runner, uploads, tmp_path, capsys):
+    ids = uploads(*uploads.ids[:8])
+    store = tmp_path / "store"
+    assert run_cli("compress", uploads.src, "--out", store, "--components", 4) == 0
+    # `cp -r` without -p: the same bytes, new modification times.
+    copy = tmp_path / "copy"
+    shutil.copytree(uploads.src, copy, copy_function=shutil.copyfile)
+    for task_id in ids:
+        os.utime(copy / task_id / peft_format.WEIGHTS_FILE, (2e9, 2e9))
+    capsys.readouterr()
+
+    assert run_cli("rebase", store, copy, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["diff"] == {"added": [], "replaced": [], "pending": [], "unchanged": 8, "missing": []}
+    assert result["versions"] == []
+    assert Store(Location(str(store))).versions() == ["v000001"]
+
+    # A real change of the same size (the last float of the file) is still a replacement.
+    changed = copy / ids[3] / peft_format.WEIGHTS_FILE
+    data = bytearray(changed.read_bytes())
+    data[-4:] = struct.pack("<f", struct.unpack("<f", data[-4:])[0] + 1.0)
+    changed.write_bytes(bytes(data))
+    os.utime(changed, (2e9, 2e9))
+    assert run_cli("rebase", store, copy, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["diff"]["replaced"] == [ids[3]] and result["diff"]["unchanged"] == 7
+    assert Store(Location(str(store))).versions() == ["v000001", "v000002"]
+
+
+def test_a_catalog_written_before_weights_sha256_still_reads_and_grows(runner, uploads, tmp_path, capsys):
+    ids = uploads(*uploads.ids[:6])
+    store_path = tmp_path / "store"
+    assert run_cli("compress", uploads.src, "--out", store_path, "--components", 4) == 0
+    # The catalog as stores of format 1 wrote it before the column existed, manifest to match.
+    store = Store(Location(str(store_path)))
+    catalog_path = store_path / "versions" / "v000001" / "catalog.parquet"
+    pq.write_table(pq.read_table(catalog_path).drop_columns(["weights_sha256"]), catalog_path, write_page_checksum=True)
+    manifest_path = store_path / "versions" / "v000001" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    data = catalog_path.read_bytes()
+    manifest["files"]["versions/v000001/catalog.parquet"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest_path.write_text(json.dumps(manifest))
+    assert run_cli("verify", store_path) == 0
+
+    added = uploads(*uploads.ids[6:8])
+    assert run_cli("rebase", store_path, uploads.src) == 0
+    assert store.versions() == ["v000001", "v000002"]
+    rows = {r["task_id"]: r for r in store.read_table("v000002", "catalog.parquet").to_pylist()}
+    assert [rows[t]["weights_sha256"] for t in ids] == [None] * len(ids)  # carried over as they were
+    for task_id in added:
+        assert rows[task_id]["weights_sha256"] == hashlib.sha256((uploads.src / task_id / peft_format.WEIGHTS_FILE).read_bytes()).hexdigest()
+    assert run_cli("verify", store_path, "--all") == 0
+
+
+def test_an_s3_copy_keeps_its_etags_and_is_up_to_date(runner, s3_endpoint, bucket, tmp_path, capsys):
+    import boto3
+
+    make_collection(tmp_path / "src", 6)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for path in sorted((tmp_path / "src").rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"adapters/{path.relative_to(tmp_path / 'src')}")
+    store, endpoint = f"s3://{bucket}/subspace", ["--endpoint-url", s3_endpoint]
+    assert run_cli("compress", f"s3://{bucket}/adapters", "--out", store, "--components", 4, *endpoint) == 0
+    # A server-side copy (what `aws s3 cp --recursive` does): new LastModified, the same ETag.
+    for item in s3.list_objects_v2(Bucket=bucket, Prefix="adapters/")["Contents"]:
+        s3.copy_object(Bucket=bucket, Key="copy/" + item["Key"].split("/", 1)[1], CopySource={"Bucket": bucket, "Key": item["Key"]})
+    capsys.readouterr()
+    assert run_cli("rebase", store, f"s3://{bucket}/copy", "--json", *endpoint) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["diff"]["unchanged"] == 6 and result["diff"]["replaced"] == [] and result["versions"] == []
+    catalog = Store(Location(store, s3_endpoint)).read_table("v000001", "catalog.parquet").to_pylist()
+    assert {row["weights_sha256"] for row in catalog} == {None}  # the ETag identifies the content on S3
