@@ -7,7 +7,8 @@
 #   .venv/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.compress ...
 # `infra/local/dev.sh stop` (`make dev-stop`) stops what this started and nothing else: other Ray
 # clusters of this machine keep running. Ray runs in a temp dir of its own, and only processes of
-# that run (its process group, their children, anything naming that temp dir) are stopped.
+# that run (the head's process tree, processes with this script's environment, anything naming
+# that temp dir) are stopped.
 # DEV_S3_PORT, DEV_RAY_PORT, DEV_DASHBOARD_PORT and DEV_STATE (the state folder, .dev) move it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
