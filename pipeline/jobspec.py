@@ -19,7 +19,7 @@ import yaml
 
 from pipeline import cli
 from pipeline.errors import PipelineError
-from pipeline.io.location import Location, redact
+from pipeline.io.location import Location
 from pipeline.io.store import Store
 
 
@@ -62,6 +62,7 @@ JOBS: dict[str, dict[str, Field]] = {
     "export": {
         "store": Field(str, required=True), "out": Field(str, required=True, flag="--out"),
         "task_ids": Field(list), "all": Field(bool, flag="--all"), "version": Field(str, flag="--version"),
+        "overwrite": Field(bool, flag="--overwrite"),
         **_COMMON,
     },
     # python -m jobs.benchmark: its own runner (pipeline.benchmark.run), defaults there.
@@ -156,8 +157,8 @@ def main(job: str, argv: list[str] | None = None) -> int:
             from pipeline.stages.history import prune
 
             line["pruned"] = prune(_store(config), config["prune_keep"])["removed"]
-    except (PipelineError, OSError) as exc:
-        line.update(status="error", error=redact(str(exc)))
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the scheduler gets its status line
+        line.update(status="error", error=cli.error_line(exc))
     line["seconds"] = round(time.perf_counter() - started, 3)
     print(json.dumps(line, default=str))
     sys.stdout.flush()

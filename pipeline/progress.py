@@ -8,12 +8,13 @@ import sys
 from tqdm import tqdm
 
 log = logging.getLogger("pipeline.progress")
+BARS = True  # on a terminal; off when logs must be JSON lines only
 
 
 class Progress:
     def __init__(self, stage: str, total: int, unit: str):
         self.stage, self.total, self.unit, self.done = stage, total, unit, 0
-        self._bar = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr) if sys.stderr.isatty() else None
+        self._bar = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr) if BARS and sys.stderr.isatty() else None
         self._next_log = 0.0
 
     def advance(self, count: int = 1) -> None:

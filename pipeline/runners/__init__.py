@@ -26,3 +26,35 @@ class SerialRunner:
     def map_unordered(self, fn, items, *, num_cpus=1, use_gpu=False, memory=None):
         for index, item in enumerate(items):
             yield index, fn(item)
+
+
+class LazyRunner:
+    """A runner made on first use: commands check their inputs before a cluster starts, and a
+    command that finds nothing to do starts none."""
+
+    def __init__(self, make: Callable[[], Runner]):
+        self._make = make
+        self._runner: Runner | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._runner is not None
+
+    @property
+    def runner(self) -> Runner:
+        if self._runner is None:
+            self._runner = self._make()
+        return self._runner
+
+    @property
+    def has_gpus(self) -> bool:
+        return self.runner.has_gpus
+
+    @property
+    def num_cpus(self) -> int:
+        return self.runner.num_cpus
+
+    def map_unordered(self, fn, items, **options):
+        if not items:
+            return iter(())
+        return self.runner.map_unordered(fn, items, **options)
