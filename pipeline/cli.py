@@ -283,24 +283,24 @@ def cmd_rebase(args) -> dict:
 def cmd_versions(args) -> dict:
     from pipeline.stages.history import format_versions, list_versions
 
-    rows = list_versions(Store(Location(args.store, args.endpoint_url)))
-    if not rows:
-        raise PipelineError(f"no published versions in {redact(args.store)}")
+    listing = list_versions(Store(Location(args.store, args.endpoint_url)))
+    if not listing["versions"]:
+        raise PipelineError(listing["pointer_problem"] or f"no published versions in {redact(args.store)}")
     if not args.json:
-        print(format_versions(rows))
-    return {"versions": rows}
+        print(format_versions(listing["versions"], listing["pointer_problem"]))
+    return listing
 
 
 def cmd_verify(args) -> dict:
-    from pipeline.stages.verify import verify
+    from pipeline.stages.verify import verify_store
 
     store = Store(Location(args.store, args.endpoint_url))
-    versions = [m["version"] for m in store.published()] if args.all else [store.require_version(args.version)]
-    reports = [verify(store, v) for v in versions]
+    reports = verify_store(store, args.version, args.all)
     bad = [r for r in reports if r["failures"]]
     if not args.json:
         for r in reports:
-            print(f"{r['version']}: {r['files']} objects, " + (f"{len(r['failures'])} problem(s)" if r["failures"] else "ok"))
+            objects = f"{r['files']} objects, " if r["files"] is not None else ""
+            print(f"{r['version']}: {objects}" + (f"{len(r['failures'])} problem(s)" if r["failures"] else "ok"))
             for failure in r["failures"][:SHOWN_FAILURES]:
                 print(f"  {failure}")
     if bad:
@@ -327,7 +327,7 @@ def cmd_rollback(args) -> dict:
 
     result = rollback(Store(Location(args.store, args.endpoint_url)), args.version)
     if not args.json:
-        print(f"{redact(args.store)} now points at {result['version']} (was {result['previous']})")
+        print(f"{redact(args.store)} now points at {result['version']} (was {result['previous'] or 'no readable version'})")
     return result
 
 

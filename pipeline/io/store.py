@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as load_safetensors
@@ -53,6 +54,12 @@ CATALOG = "catalog.parquet"
 REPORT = "report.json"
 LOADINGS_ROW_GROUP = 8192
 _VERSION_RE = re.compile(r"^v(\d{6})$")
+# A task id, and each part of an object path below a version folder: what scan accepts on the way
+# in (no part starts with '.', so '..' never passes). RE2 syntax too, for pyarrow.compute.
+_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._=+-]*"
+SAFE_TASK_ID = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
+_OBJECT_PATH_RE = re.compile(rf"^versions/v\d{{6}}(/{_SEGMENT})+$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,33 @@ class FileEntry:
 
     def to_dict(self) -> dict:
         return {"bytes": self.bytes, "sha256": self.sha256}
+
+
+# What a version folder is (Store.survey).
+PUBLISHED = "published"  # a sound manifest, and no run record or LATEST names it
+UNREADABLE = "unreadable"  # no run record (or LATEST names it), but its manifest is not sound
+UNFINISHED = "unfinished"  # a run record, and LATEST does not name it: a run at work or crashed
+LEFTOVER = "leftover"  # neither: what prune or a discard left of a version (objects newer ones use)
+_REPAIR = "`lora-subspace versions STORE` lists the sound versions, `lora-subspace rollback STORE VERSION` points LATEST at one"
+
+
+@dataclass(frozen=True)
+class VersionState:
+    version: str
+    state: str
+    manifest: dict | None = None  # PUBLISHED: the checked manifest
+    problem: str | None = None  # UNREADABLE: why, naming the object
+    run: dict | None = None  # UNFINISHED: the run record ({} when unreadable)
+
+
+@dataclass(frozen=True)
+class Survey:
+    current: str | None  # what LATEST names; None when absent or unreadable
+    problem: str | None  # LATEST absent, unreadable, or naming a version without a manifest
+    versions: list[VersionState]  # oldest first
+
+    def state(self, version: str) -> VersionState | None:
+        return next((s for s in self.versions if s.version == version), None)
 
 
 def basis_file(shard: str) -> str:
@@ -89,6 +123,99 @@ def basis_key(module: str, side: str, field: str) -> str:
 def check_bytes(data: bytes, expected: dict, name: str) -> None:
     if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
         raise IntegrityError(f"{redact(name)} does not match its manifest checksum: the object is corrupt or was replaced")
+
+
+# -- a store's own metadata is input: ids and paths are checked wherever they are read -------------
+
+def is_safe_task_id(task_id: object) -> bool:
+    """A task id as scan accepts it: relative, parts of letters, digits and ._=+-, none starting with '.'."""
+    return isinstance(task_id, str) and SAFE_TASK_ID.match(task_id) is not None
+
+
+def safe_task_id(task_id: object, where: str) -> str:
+    """`task_id` read from `where` (a store object), or IntegrityError: used as a path by export."""
+    if not is_safe_task_id(task_id):
+        raise IntegrityError(f"{where} holds task id {task_id!r}, which is not a safe relative path (letters, digits, ._=+- and /)")
+    return task_id
+
+
+def unsafe_task_ids(column) -> list:
+    """The values of a task_id column (pyarrow) that are not safe task ids (nulls too), in order."""
+    bad = pc.invert(pc.fill_null(pc.match_substring_regex(column, SAFE_TASK_ID.pattern), False))
+    return pc.filter(column, bad).to_pylist()
+
+
+def check_version_id(version: object, where: str | None = None) -> str:
+    """A version id (v + 6 digits); anything else (`../x`, a path into another store) is refused:
+    IntegrityError naming `where` when read from a store, PipelineError when the user typed it."""
+    if isinstance(version, str) and _VERSION_RE.match(version):
+        return version
+    if where is None:
+        raise PipelineError(f"{version!r} is not a version id (v and 6 digits, e.g. v000001)")
+    raise IntegrityError(f"{where}: {version!r} is not a version id (v and 6 digits)")
+
+
+def is_object_path(path: object) -> bool:
+    """A manifest's file path: `versions/vNNNNNN/...`, relative, no empty, '.' or '..' parts."""
+    return isinstance(path, str) and _OBJECT_PATH_RE.match(path) is not None
+
+
+def manifest_problems(manifest: object, version: str) -> list[str]:
+    """What makes a parsed manifest unusable: every field a reader relies on, with its type; every
+    file path a store path; every module's basis one of the files. Empty when it is sound."""
+    if not isinstance(manifest, dict):
+        return [f"not a JSON object ({type(manifest).__name__})"]
+    problems = []
+
+    def need(container: dict, key: str, kinds, label: str) -> bool:
+        value = container.get(key)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            problems.append(f"{label} is {'missing' if key not in container else type(value).__name__}")
+            return False
+        return True
+
+    if need(manifest, "format_version", int, "format_version") and manifest["format_version"] > FORMAT_VERSION:
+        problems.append(f"format_version {manifest['format_version']}: this lora-subspace reads up to {FORMAT_VERSION}")
+    if manifest.get("version") != version:
+        problems.append(f"version is {manifest.get('version')!r}, not {version!r}")
+    parent = manifest.get("parent")
+    if "parent" not in manifest:
+        problems.append("parent is missing")
+    elif parent is not None and not (isinstance(parent, str) and _VERSION_RE.match(parent)):
+        problems.append(f"parent {parent!r} is not a version id")
+    for key in ("operation", "created"):
+        need(manifest, key, str, key)
+    need(manifest, "original_bytes", int, "original_bytes")
+    need(manifest, "parameters", dict, "parameters")
+    if need(manifest, "adapters", dict, "adapters"):
+        for key in ("ok", "quarantined", "in_basis"):
+            need(manifest["adapters"], key, int, f"adapters.{key}")
+    files = manifest.get("files")
+    if need(manifest, "files", dict, "files"):
+        for path, entry in files.items():
+            if not is_object_path(path):
+                problems.append(f"file {path!r} is not a store path (versions/vNNNNNN/..., no '..')")
+            elif not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and entry["bytes"] >= 0
+                      and isinstance(entry.get("sha256"), str) and _SHA256_RE.match(entry["sha256"])):
+                problems.append(f"file {path!r}: entry is not {{bytes, sha256}}")
+    if need(manifest, "modules", dict, "modules"):
+        for module, entry in manifest["modules"].items():
+            label = f"module {module!r}"
+            if not isinstance(entry, dict):
+                problems.append(f"{label} is {type(entry).__name__}")
+                continue
+            if isinstance(files, dict) and entry.get("basis") not in files:
+                problems.append(f"{label}: basis {entry.get('basis')!r} is not one of the files")
+            for key in ("a_shape", "b_shape"):
+                shape = entry.get(key)
+                if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
+                    problems.append(f"{label}: {key} is {shape!r}")
+            for key in ("k_a", "k_b", "count") + (("width", "core_rank") if entry.get("method") == "joint" else ()):
+                need(entry, key, int, f"{label}.{key}")
+            for key in ("explained_variance_a", "explained_variance_b"):
+                need(entry, key, (int, float), f"{label}.{key}")
+            need(entry, "svd_route", str, f"{label}.svd_route")
+    return problems
 
 
 def encode_manifest(manifest: dict) -> bytes:
@@ -164,21 +291,36 @@ class Store:
     # -- versions and the pointer -------------------------------------------------------------
 
     def current_version(self) -> str | None:
+        """The version LATEST names (None without a LATEST); IntegrityError when LATEST is not a
+        JSON object naming a version id (empty, garbage, a path into another store)."""
         try:
             raw = self.location.read_bytes(POINTER)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise storage_error("read the store pointer of", self.location, exc) from None
-        pointer = json.loads(raw)
-        if pointer.get("format_version", 0) > FORMAT_VERSION:
+        where = self._uri(POINTER)
+        try:
+            pointer = json.loads(raw)
+        except ValueError:
+            pointer = raw
+        if not isinstance(pointer, dict):
+            what = "empty" if not raw.strip() else "not a JSON object"
+            raise IntegrityError(f"{where} is {what}: {_REPAIR}")
+        if isinstance(pointer.get("format_version"), int) and pointer["format_version"] > FORMAT_VERSION:
             raise PipelineError(
                 f"store {self} has format version {pointer['format_version']}; this lora-subspace reads up to {FORMAT_VERSION}"
             )
-        return pointer["version"]
+        try:
+            return check_version_id(pointer.get("version"), where)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc}: {_REPAIR}") from None
 
     def require_version(self, version: str | None = None) -> str:
-        version = version or self.current_version()
+        """`version` if given (checked to be a version id), else the current one."""
+        if version:
+            return check_version_id(version)
+        version = self.current_version()
         if version is None:
             raise PipelineError(f"no store at {self} (no {POINTER} pointer): run `lora-subspace compress` first")
         return version
@@ -186,10 +328,49 @@ class Store:
     def versions(self) -> list[str]:
         fs = self.location.fs
         try:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(self.location.path("versions"), detail=False)]
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(self.location.path("versions"), detail=False, refresh=True)]
         except FileNotFoundError:
             return []
         return sorted(n for n in names if _VERSION_RE.match(n))
+
+    def survey(self) -> Survey:
+        """Every version folder and what it is, with the pointer: readers' and cleanup's one view.
+
+        A version LATEST names is published, run record or not (a writer died after moving the
+        pointer); any other version with a run record is unfinished; one with neither a manifest
+        nor a run record is what a prune or a discard left (objects newer versions use)."""
+        try:
+            current, problem = self.current_version(), None
+            if current is None:
+                problem = f"no {POINTER} pointer in {self}"
+        except IntegrityError as exc:
+            current, problem = None, str(exc)
+        states = []
+        for version in self.versions():
+            where = self.version_location(version)
+            try:
+                run = json.loads(where.read_bytes(RUN))
+            except FileNotFoundError:
+                run = None
+            except ValueError:
+                run = {}
+            if run is not None and version != current:
+                states.append(VersionState(version, UNFINISHED, run=run if isinstance(run, dict) else {}))
+                continue
+            try:
+                states.append(VersionState(version, PUBLISHED, self._read_manifest(version)))
+            except FileNotFoundError:
+                states.append(VersionState(version, LEFTOVER))
+                if version == current:
+                    problem = f"{self._uri(POINTER)} names {version}, which has no manifest: {_REPAIR}"
+            except IntegrityError as exc:
+                states.append(VersionState(version, UNREADABLE, problem=str(exc)))
+        if current is not None and current not in {s.version for s in states}:
+            problem = f"{self._uri(POINTER)} names {current}, which is not in the store: {_REPAIR}"
+        return Survey(current, problem, states)
+
+    def _uri(self, *parts: str) -> str:
+        return redact(self.location.uri_of(self.location.path(*parts)))
 
     def new_version(self) -> str:
         self.location.fs.invalidate_cache()
@@ -212,7 +393,10 @@ class Store:
     def publish(self, version: str, manifest: dict, lock: WriterLock) -> None:
         """Write the manifest, then move the pointer: readers see the old version or the new.
         Refuses if this writer lost its lock, or the pointer moved since the work began (from
-        manifest["parent"]). Then the run's scratch (staging, run record) goes."""
+        manifest["parent"]). Then the run's scratch (staging, run record) goes.
+
+        Once the pointer has moved the version is published, whatever happens next: a failure
+        to remove the scratch is logged, and the next writer (any lock holder) removes it."""
         lock.check()
         current = self.current_version()
         if current != manifest["parent"]:
@@ -221,26 +405,55 @@ class Store:
             )
         where = self.version_location(version)
         where.write_bytes(encode_manifest(manifest), MANIFEST)
-        failpoints.reach("publish")
+        failpoints.reach("publish")  # crash points: after the manifest, the pointer, the staging, the run record
         self.set_pointer(version)
+        failpoints.reach("publish-pointer")
+        try:
+            self._finish(version)
+        except OSError as exc:
+            log.warning("%s is published; its run's scratch stays until the next writer removes it (%s)", version, redact(str(exc)))
+
+    def _finish(self, version: str) -> None:
+        """Remove a published version's scratch: staging, then the run record."""
+        where = self.version_location(version)
         where.remove("staging")
+        failpoints.reach("publish-staging")
         where.remove(RUN)
+        failpoints.reach("publish-run")
+
+    def finish_publication(self) -> None:
+        """Under the lock: if the writer that moved LATEST died before removing its version's
+        scratch, remove it now, so the version never again looks unfinished (whatever LATEST
+        points at next). Nothing to do with an unreadable LATEST."""
+        try:
+            current = self.current_version()
+        except IntegrityError:
+            return
+        if current is not None and self.version_location(current).exists(RUN):
+            log.info("%s is published (LATEST names it): removing the run record its writer left", current)
+            self._finish(current)
 
     def start_run(self, version: str, record: dict) -> None:
         self.version_location(version).write_bytes(json.dumps(record).encode(), RUN)
 
     def unfinished(self) -> list[tuple[str, dict]]:
         """Versions whose run never published them (newest first), with their run records: a
-        crashed run's leftovers, to resume or remove. Only meaningful under the lock."""
-        found = []
-        for version in reversed(self.versions()):
-            try:
-                found.append((version, json.loads(self.version_location(version).read_bytes(RUN))))
-            except FileNotFoundError:
-                continue
-            except ValueError:
-                found.append((version, {}))
-        return found
+        crashed run's leftovers, to resume or remove. Never the version LATEST names. Only
+        meaningful under the lock; IntegrityError when LATEST is unreadable (which version is
+        published is then unknown)."""
+        self.current_version()
+        return [(s.version, s.run) for s in reversed(self.survey().versions) if s.state == UNFINISHED]
+
+    def needed_objects(self) -> set[str]:
+        """Store-relative paths of every object a published version uses (its parents' shared
+        basis objects included): what cleanup must never delete. IntegrityError when LATEST or
+        a published-looking version's manifest is unreadable: what it needs is then unknown."""
+        self.current_version()
+        survey = self.survey()
+        bad = [s for s in survey.versions if s.state == UNREADABLE]
+        if bad:
+            raise IntegrityError(bad[0].problem)
+        return {path for s in survey.versions if s.state == PUBLISHED for path in s.manifest["files"]}
 
     def finished_shards(self, version: str) -> dict[str, dict]:
         """Shard name -> its done record, for the shards a run of this version finished."""
@@ -269,6 +482,10 @@ class Store:
         lock = WriterLock(self, operation, ttl)
         lock.acquire()
         try:
+            try:
+                self.finish_publication()
+            except OSError as exc:
+                raise storage_error("finish the last publication of", self.location, exc) from None
             yield lock
         finally:
             lock.release()
@@ -294,12 +511,19 @@ class Store:
             raise storage_error(f"delete {version} of", self.location, exc) from None
         return sum(objects[p]["size"] for p in doomed)
 
-    def discard(self, version: str) -> None:
-        """Remove an unpublished version's objects (best effort: they are invisible anyway)."""
+    def discard(self, version: str) -> bool:
+        """Remove an unpublished version's objects, under the lock. Never the version LATEST
+        names, nor an object a published version uses; nothing at all when either is unknown
+        (an unreadable LATEST or manifest). Best effort (the objects are invisible anyway):
+        returns whether the version is gone."""
         try:
-            self.version_location(version).remove()
-        except OSError:
-            pass
+            if self.current_version() == version:
+                return False
+            self.delete_version(version, keep=self.needed_objects())
+            return True
+        except PipelineError as exc:
+            log.warning("%s is left in place: %s", self.version_location(version), redact(str(exc)))
+            return False
 
     # -- writing a version's objects -------------------------------------------------------------
 
@@ -308,26 +532,43 @@ class Store:
         return FileEntry(len(data), hashlib.sha256(data).hexdigest())
 
     def published(self) -> list[dict]:
-        """Manifests of every published version, oldest first."""
-        found = []
-        for version in self.versions():
-            where = self.version_location(version)
-            try:
-                manifest = json.loads(where.read_bytes(MANIFEST))
-            except FileNotFoundError:
-                continue  # unpublished: a crashed or running write
-            if not where.exists(RUN):  # a manifest whose pointer never moved is not published
-                found.append(manifest)
-        return found
+        """Manifests of every published version whose manifest is sound, oldest first (see
+        `survey` for the others)."""
+        return [s.manifest for s in self.survey().versions if s.state == PUBLISHED]
 
     # -- reading ---------------------------------------------------------------------------------
 
     def manifest(self, version: str | None = None) -> dict:
+        """A version's manifest, checked (`manifest_problems`): PipelineError naming the object
+        when it is missing, not JSON or not a sound manifest."""
         version = self.require_version(version)
         try:
-            return json.loads(self.version_location(version).read_bytes(MANIFEST))
+            return self._read_manifest(version)
         except FileNotFoundError:
-            raise PipelineError(f"version {version} of {self} has no manifest") from None
+            raise PipelineError(f"version {version} of {self} has no manifest ({self._uri('versions', version, MANIFEST)} is missing)") from None
+
+    def raw_manifest(self, version: str) -> object:
+        """A version's manifest as parsed JSON, unchecked (verify lists its problems):
+        FileNotFoundError when absent, IntegrityError when not JSON."""
+        try:
+            raw = self.version_location(version).read_bytes(MANIFEST)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise storage_error(f"read the manifest of {version} of", self.location, exc) from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            what = "empty" if not raw.strip() else "not JSON"
+            raise IntegrityError(f"{self._uri('versions', version, MANIFEST)} is {what}") from None
+
+    def _read_manifest(self, version: str) -> dict:
+        manifest = self.raw_manifest(version)
+        problems = manifest_problems(manifest, version)
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise IntegrityError(f"{self._uri('versions', version, MANIFEST)} is not a valid manifest: {problems[0]}{more}")
+        return manifest
 
     def read_basis(self, path: str, expected: dict | None = None, decode: bool = True) -> dict[str, torch.Tensor]:
         """A basis object by its store-relative path (a version may use its parent's), checked
@@ -352,7 +593,12 @@ class Store:
         where = self.version_location(version)
         filters = [("task_id", "in", list(task_ids))] if task_ids is not None else None
         try:
-            return pq.read_table(where.path(name), filesystem=where.fs, columns=columns, filters=filters, page_checksum_verification=True)
+            table = pq.read_table(where.path(name), filesystem=where.fs, columns=columns, filters=filters, page_checksum_verification=True)
+            if "task_id" in table.column_names:
+                bad = unsafe_task_ids(table.column("task_id"))
+                if bad:
+                    safe_task_id(bad[0], where.uri_of(where.path(name)))
+            return table
         except FileNotFoundError:
             raise PipelineError(f"version {version} of {self} has no {name}") from None
         except (OSError, pa.ArrowInvalid) as exc:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pyarrow.compute as pc
 
+from pipeline.errors import IntegrityError
 from pipeline.io.store import CATALOG, LOADINGS, MANIFEST, Store
 
 
@@ -26,7 +27,7 @@ def describe(store: Store, version: str | None = None) -> dict:
         "parent": manifest["parent"],
         "operation": manifest["operation"],
         "created": manifest["created"],
-        "current": version == store.current_version(),
+        "current": version == _current(store),
         "base_model": manifest.get("base_model"),
         "parameters": manifest["parameters"],
         "adapters": manifest["adapters"],
@@ -51,6 +52,14 @@ def describe(store: Store, version: str | None = None) -> dict:
         },
         "per_adapter_error": per_adapter,
     }
+
+
+def _current(store: Store) -> str | None:
+    """What LATEST names; None when it is unreadable (info --version still describes a version)."""
+    try:
+        return store.current_version()
+    except IntegrityError:
+        return None
 
 
 def version_bytes(store: Store, version: str, manifest: dict | None = None) -> dict[str, int]:

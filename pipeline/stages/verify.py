@@ -1,6 +1,8 @@
-"""Verify: re-read everything a version references and check it: sizes and sha256 against the
-manifest, every tensor finite, every basis orthonormal and shaped as the manifest says, every
-loadings row finite and as long as its module's k, counts as the manifest says."""
+"""Verify: re-read everything a version references and check it: the manifest's fields, ids and
+paths, sizes and sha256 against the manifest, every tensor finite, every basis orthonormal and
+shaped as the manifest says, every loadings row finite and as long as its module's k, every task
+id a safe relative path, counts as the manifest says. With --all, every version of the store and
+the pointer: nothing to verify, or a LATEST that names no sound version, is a failure too."""
 
 from __future__ import annotations
 
@@ -10,21 +12,54 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from pipeline.errors import IntegrityError, PipelineError
-from pipeline.io.store import CATALOG, LOADINGS, Store, basis_key, check_bytes, decode_basis, version_path
+from pipeline.io.store import (
+    CATALOG, LOADINGS, MANIFEST, POINTER, PUBLISHED, UNREADABLE, Store, basis_key, check_bytes, decode_basis, is_object_path, manifest_problems,
+    unsafe_task_ids, version_path,
+)
 from pipeline.io.tables import read_batches
 
 # max |V V^T - I| allowed, by how components are stored. Packed ones are orthonormal only to their
 # rounding: measured at most 4e-3 (int8) and 0.1 (nf4) for k <= 64, D >= 64; a corrupt basis
 # (scaled, overwritten) is off by order 1.
 ORTHONORMAL_TOLERANCE = {None: 1e-4, "int8": 2e-2, "nf4": 0.25}
+SHOWN_IDS = 20  # unsafe task ids listed per table
+
+
+def verify_store(store: Store, version: str | None = None, every: bool = False) -> list[dict]:
+    """Reports ({"version", "files", "failures"}) of `version` (default the current one) or, with
+    `every`, of every published version and every version whose manifest is unreadable, after a
+    report of LATEST when it names no sound version. Unfinished versions are not checked."""
+    if not every:
+        return [verify(store, store.require_version(version))]
+    survey = store.survey()
+    checked = [s.version for s in survey.versions if s.state in (PUBLISHED, UNREADABLE)]
+    if not checked:
+        raise PipelineError(f"verify: nothing to verify: no published version in {store}" + (f" ({survey.problem})" if survey.problem else ""))
+    reports = [{"store": str(store), "version": POINTER, "files": None, "failures": [survey.problem]}] if survey.problem else []
+    return reports + [verify(store, v) for v in checked]
 
 
 def verify(store: Store, version: str | None = None) -> dict:
     version = store.require_version(version)
-    manifest = store.manifest(version)
+    report = {"store": str(store), "version": version, "files": None, "failures": []}
+    try:
+        manifest = store.raw_manifest(version)
+    except FileNotFoundError:
+        report["failures"] = [f"version {version} of {store} has no manifest"]
+        return report
+    except IntegrityError as exc:
+        report["failures"] = [str(exc)]
+        return report
+    problems = [f"{version_path(version, MANIFEST)}: {p}" for p in manifest_problems(manifest, version)]
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        report["failures"] = problems
+        return report
+    # A path that is not a store path is reported above and never read (it could lead anywhere).
+    files = {path: e for path, e in manifest["files"].items() if is_object_path(path) and isinstance(e, dict) and {"bytes", "sha256"} <= set(e)}
+    report["files"] = len(manifest["files"])
     failures: list[str] = []
     bases: dict[str, dict[str, torch.Tensor]] = {}
-    for path, entry in sorted(manifest["files"].items()):
+    for path, entry in sorted(files.items()):
         try:
             data = store.location.read_bytes(path)
             check_bytes(data, entry, path)
@@ -32,15 +67,19 @@ def verify(store: Store, version: str | None = None) -> dict:
                 bases[path] = decode_basis(load_safetensors(data))
         except FileNotFoundError:
             failures.append(f"{path}: missing")
-        except (IntegrityError, ValueError) as exc:  # safetensors raises ValueError-like errors on garbage
+        except (IntegrityError, ValueError, KeyError, TypeError) as exc:  # safetensors raises ValueError-like errors on garbage
             failures.append(f"{path}: {exc}")
+    if problems:  # the objects' invariants are not checked against an unsound manifest
+        report["failures"] = problems + failures
+        return report
     for module, entry in sorted(manifest["modules"].items()):
         if entry["basis"] in bases:
             failures += _check_module(module, entry, bases[entry["basis"]], (manifest.get("quantization") or {}).get("scheme"))
     if version_path(version, LOADINGS) in manifest["files"]:
         failures += _check_loadings(store, version, manifest)
     failures += _check_catalog(store, version, manifest)
-    return {"store": str(store), "version": version, "files": len(manifest["files"]), "failures": failures}
+    report["failures"] = failures
+    return report
 
 
 def _check_module(module: str, entry: dict, tensors: dict[str, torch.Tensor], scheme: str | None) -> list[str]:
@@ -98,8 +137,9 @@ def _check_loadings(store: Store, version: str, manifest: dict) -> list[str]:
     modules = manifest["modules"]
     failures, rows = [], 0
     try:
-        for batch in read_batches(store.version_location(version), LOADINGS, ["module", "a", "b", "error"]):
+        for batch in read_batches(store.version_location(version), LOADINGS, ["task_id", "module", "a", "b", "error"]):
             rows += batch.num_rows
+            failures += _unsafe_ids(LOADINGS, batch.column("task_id"))
             for column in ("a", "b"):
                 values = batch.column(column)
                 lengths = pc.list_value_length(values).to_numpy()
@@ -119,11 +159,23 @@ def _check_loadings(store: Store, version: str, manifest: dict) -> list[str]:
 
 
 def _check_catalog(store: Store, version: str, manifest: dict) -> list[str]:
+    failures, counts = [], {"ok": 0, "quarantined": 0}
     try:
-        status = store.read_table(version, CATALOG, columns=["status"]).column("status")
+        for batch in read_batches(store.version_location(version), CATALOG, ["task_id", "status"]):
+            failures += _unsafe_ids(CATALOG, batch.column("task_id"))
+            ok = int(pc.sum(pc.equal(batch.column("status"), "ok")).as_py() or 0)
+            counts["ok"] += ok
+            counts["quarantined"] += batch.num_rows - ok
+    except FileNotFoundError:
+        return [f"{CATALOG}: missing"]
     except (PipelineError, OSError, ValueError) as exc:
         return [f"{CATALOG}: unreadable: {exc}"]
-    ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
-    counts = {"ok": ok, "quarantined": len(status) - ok}
     expected = {k: manifest["adapters"][k] for k in counts}
-    return [] if counts == expected else [f"{CATALOG}: counts {counts}, the manifest says {expected}"]
+    return failures + ([] if counts == expected else [f"{CATALOG}: counts {counts}, the manifest says {expected}"])
+
+
+def _unsafe_ids(table: str, column) -> list[str]:
+    """A problem per task id that is not a safe relative path (export would write outside its folder)."""
+    bad = unsafe_task_ids(pc.unique(column))
+    shown = [f"{table}: task id {t!r} is not a safe relative path" for t in bad[:SHOWN_IDS]]
+    return shown + ([f"{table}: {len(bad) - SHOWN_IDS} more unsafe task id(s)"] if len(bad) > SHOWN_IDS else [])

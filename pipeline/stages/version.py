@@ -114,8 +114,10 @@ def write_version(change: Change, source: Location | None, store: Store, runner:
 
     A crashed run of the same operation from the same parent is resumed: its version id is
     reused and every shard it finished with the same inputs is taken as it is. Other crashed
-    runs' leftovers are removed (no one else writes: we hold the lock). A run that fails keeps
-    its finished shards for the next one, unless the failure is the input's.
+    runs' leftovers are removed (no one else writes: we hold the lock), never the published
+    version nor an object a published version uses. A run that fails on its input removes its
+    version; one stopped by storage, the cluster or an interrupt keeps its finished shards for
+    the next run and says where they are.
     """
     seconds: dict[str, float] = {"scan": change.scan_seconds}
     started = time.perf_counter() - change.scan_seconds
@@ -126,13 +128,21 @@ def write_version(change: Change, source: Location | None, store: Store, runner:
     except LockLost:
         raise  # the version is the new lock holder's now
     except PipelineError:
-        store.discard(version)
+        store.discard(version)  # final: the same input fails the same way
         raise
+    except OSError as exc:  # storage that failed after every retry: the next run may get through
+        detail = (redact(str(exc)).splitlines() or [""])[0]
+        raise PipelineError(f"storage: {exc.__class__.__name__}: {detail}; {_kept(store, version)}") from exc
     except BaseException:
-        log.warning("%s of %s stopped; its finished shards are kept for the next run to resume", version, store)
+        log.warning("%s stopped: %s", version, _kept(store, version))
         raise
     summary.seconds["total"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def _kept(store: Store, version: str) -> str:
+    return (f"the unfinished {version} stays at {store.version_location(version)}: the same command run again resumes "
+            "from its finished shards; any other writer, or prune, removes it")
 
 
 def _claim_version(store: Store, change: Change) -> str:
