@@ -10,7 +10,7 @@ import sys
 import traceback
 
 from pipeline.errors import PipelineError
-from pipeline.io.location import Location, redact
+from pipeline.io.location import Location, printable, redact
 from pipeline.io.store import Store
 
 log = logging.getLogger("lora-subspace")
@@ -230,15 +230,15 @@ def _print_summary(s: dict) -> None:
         print(f"  {len(s['read_errors'])} adapter(s) read this run: delta-W error mean {e['mean']:.4f} max {e['max']:.4f}")
         shown = sorted(s["read_errors"].items(), key=lambda item: -item[1])[:SHOWN_ERRORS]
         for task_id, error in shown:
-            print(f"    {task_id}: {error:.4f}")
+            print(f"    {printable(task_id)}: {error:.4f}")
         if len(s["read_errors"]) > len(shown):
             print(f"    ... {len(s['read_errors']) - len(shown)} more (--json, or report.json of the version)")
     for task_id, reason in s["quarantined"].items():
-        print(f"  quarantined {task_id}: {reason}")
+        print(f"  quarantined {printable(task_id)}: {reason}")
     for task_id, reason in s["kept_previous"].items():
-        print(f"  kept the earlier upload of {task_id}: the new one was quarantined ({reason})")
+        print(f"  kept the earlier upload of {printable(task_id)}: the new one was quarantined ({reason})")
     if s["flagged"]:
-        worst = ", ".join(f"{t} ({e:.3f})" for t, e in list(s["flagged"].items())[:5])
+        worst = ", ".join(f"{printable(t)} ({e:.3f})" for t, e in list(s["flagged"].items())[:5])
         print(f"  {len(s['flagged'])} adapter(s) the basis represents badly: {worst}; run `lora-subspace rebase`")
 
 
@@ -258,9 +258,9 @@ def _grow(args, operation: str, **flags) -> dict:
         if args.dry_run:
             for kind in ("added", "replaced", "pending"):
                 for task_id in d[kind]:
-                    print(f"  {kind:8} {task_id}")
+                    print(f"  {kind:8} {printable(task_id)}")
         elif d["replaced"]:
-            print(f"  replaced (re-uploaded under the same id): {', '.join(d['replaced'])}")
+            print(f"  replaced (re-uploaded under the same id): {', '.join(map(printable, d['replaced']))}")
         for summary in result["versions"]:
             _print_summary(summary)
         if not args.dry_run and not result["versions"]:

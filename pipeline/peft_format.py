@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 CONFIG_FILE = "adapter_config.json"
@@ -10,6 +11,15 @@ PICKLED_WEIGHTS_FILE = "adapter_model.bin"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, PICKLED_WEIGHTS_FILE)
 
 SIDES = ("A", "B")
+
+# What one adapter's config may make a run hold (its text is kept in the catalog): larger or
+# deeper configs are quarantined.
+MAX_CONFIG_BYTES = 256 * 1024
+MAX_CONFIG_DEPTH = 16  # nesting of objects and arrays
+MAX_PATTERNS = 1024  # entries of rank_pattern and alpha_pattern (each matched against every module)
+MAX_TARGET_MODULES = 4096
+MAX_RANK = 65536  # r and rank_pattern values
+MAX_ALPHA = 1e6  # magnitude of lora_alpha and alpha_pattern values
 
 # base_model.model.<module>.lora_A[.<adapter_name>].weight, as vlora and peft name them.
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
@@ -29,9 +39,15 @@ def weight_key(module: str, side: str) -> str:
 def pattern_value(patterns: dict, module: str, default):
     """Value of peft's `rank_pattern` / `alpha_pattern` for a module (peft's own matching rule)."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        if pattern_regex(pattern).match(module):
             return value
     return default
+
+
+@functools.lru_cache(maxsize=4 * MAX_PATTERNS)
+def pattern_regex(pattern: str) -> re.Pattern:
+    """A pattern key compiled once (re's own cache holds 512); re.error for an invalid one."""
+    return re.compile(rf"(.*\.)?({pattern})$")
 
 
 def module_rank(config: dict, module: str) -> int:

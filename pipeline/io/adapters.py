@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import posixpath
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
 from pipeline import peft_format
-from pipeline.errors import PipelineError
+from pipeline.errors import AdapterError, PipelineError
 from pipeline.io.location import Location, storage_error
 from pipeline.io.safetensors_ranges import (
     HEADER_PROBE_BYTES,
@@ -38,11 +39,14 @@ class FileStat:
 @dataclass
 class AdapterRef:
     """An adapter folder found by discovery. `files` maps file name -> stat, or is None when the
-    folder came from a manifest and has not been listed yet."""
+    folder came from a manifest and has not been listed yet. `root`: the source folder it was
+    found in (None: a manifest's folder, which is then its own bound); a local symbolic link
+    that leads out of it is refused."""
 
     task_id: str
     location: Location
     files: dict[str, FileStat] | None = None
+    root: str | None = None
 
 
 @dataclass
@@ -79,7 +83,7 @@ def discover(source: Location) -> list[AdapterRef]:
             raise PipelineError(f"source {source} does not exist")
         raise PipelineError(f"no adapters found under {source} (no folder holds {peft_format.CONFIG_FILE} or weights)")
     refs = [
-        AdapterRef(_task_id(source.root, folder), source.child(posixpath.relpath(folder, source.root)), files)
+        AdapterRef(_task_id(source.root, folder), source.child(posixpath.relpath(folder, source.root)), files, source.root)
         for folder, files in folders.items()
     ]
     return sorted(refs, key=lambda r: r.task_id)
@@ -129,12 +133,26 @@ def read_adapter(ref: AdapterRef) -> AdapterBytes:
     for malformed headers; storage errors propagate as OSError."""
     fs = ref.location.fs
     files = ref.files if ref.files is not None else _list_files(ref)
+    if ref.location.is_local:
+        _check_links(ref, files)
     result = AdapterBytes(files)
     if peft_format.CONFIG_FILE in files:
-        result.config = fs.cat_file(ref.location.path(peft_format.CONFIG_FILE))
+        # No more than a config may hold (a listed size can be stale): one byte over tells it is too big.
+        result.config = fs.cat_file(ref.location.path(peft_format.CONFIG_FILE), start=0, end=peft_format.MAX_CONFIG_BYTES + 1)
     if peft_format.WEIGHTS_FILE in files:
         result.tensors = read_tensor_table(ref.location.path(peft_format.WEIGHTS_FILE), files[peft_format.WEIGHTS_FILE].size, fs)
     return result
+
+
+def _check_links(ref: AdapterRef, files: dict[str, FileStat]) -> None:
+    """Refuse adapter files that symbolic links take out of the source (or, from a manifest, out
+    of the adapter's folder): their contents would be read and stored as the adapter's.
+    Discovery does not descend into linked folders."""
+    bound = os.path.realpath(ref.root or ref.location.root)
+    for name in sorted(files):
+        target = os.path.realpath(ref.location.path(name))
+        if os.path.commonpath([target, bound]) != bound:
+            raise AdapterError(f"{name} is a symbolic link that leads outside the source; it is not followed")
 
 
 def _list_files(ref: AdapterRef) -> dict[str, FileStat]:

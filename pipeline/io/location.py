@@ -27,6 +27,16 @@ def redact(text: str) -> str:
     return _QUERY_RE.sub("", _USERINFO_RE.sub("", text))
 
 
+def printable(text: str, limit: int = 256) -> str:
+    """A name from the outside world (task id, URI, tensor key) as it may appear in one line of a
+    message: control characters escaped as repr escapes them (a newline in a folder name cannot
+    break a log line), cut to `limit` characters."""
+    text = str(text)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class Location:
     uri: str

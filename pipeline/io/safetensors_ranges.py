@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.errors import AdapterError
+from pipeline.io.location import printable
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -28,6 +29,8 @@ ITEM_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 # One read of this many bytes usually holds the whole header; a larger header costs a second read.
 HEADER_PROBE_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_TENSORS = 200_000  # entries of one header (100,000 LoRA modules): what one scan record may hold
+MAX_NAME = 1024  # characters of a tensor name
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,15 @@ def parse_full_header(header: bytes, file_size: int) -> dict[str, TensorInfo]:
 def _tensor_infos(header: bytes, file_size: int, data_start: int) -> dict[str, TensorInfo]:
     try:
         entries = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise AdapterError("safetensors header is JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers of too many digits
         raise AdapterError(f"safetensors header is not valid JSON ({exc.__class__.__name__})") from None
     if not isinstance(entries, dict):
         raise AdapterError("safetensors header is not a JSON object")
     entries.pop("__metadata__", None)
+    if len(entries) > MAX_TENSORS:
+        raise AdapterError(f"safetensors header lists {len(entries)} tensors, more than the {MAX_TENSORS} accepted")
     data_size = file_size - data_start
     infos: dict[str, TensorInfo] = {}
     for name, entry in entries.items():
@@ -76,22 +83,25 @@ def _tensor_infos(header: bytes, file_size: int, data_start: int) -> dict[str, T
 
 
 def _tensor_info(name: str, entry, data_start: int, data_size: int) -> TensorInfo:
+    if len(name) > MAX_NAME:
+        raise AdapterError(f"tensor name of {len(name)} characters (at most {MAX_NAME}): {printable(repr(name), 64)}")
     if not isinstance(entry, dict):
         raise AdapterError(f"tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPES:
-        raise AdapterError(f"tensor {name!r}: unsupported dtype {dtype!r} (expected one of {sorted(DTYPES)})")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise AdapterError(f"tensor {name!r}: bad shape {shape!r}")
+        raise AdapterError(f"tensor {name!r}: unsupported dtype {printable(repr(dtype), 64)} (expected one of {sorted(DTYPES)})")
+    if not (isinstance(shape, list) and len(shape) <= 8 and all(isinstance(d, int) and 0 <= d < 2**62 for d in shape)):
+        raise AdapterError(f"tensor {name!r}: bad shape {printable(repr(shape), 64)}")
     if not (
         isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
         and 0 <= offsets[0] <= offsets[1] <= data_size
     ):
-        raise AdapterError(f"tensor {name!r}: data offsets {offsets!r} lie outside the file's {data_size} data bytes")
+        raise AdapterError(f"tensor {name!r}: data offsets {printable(repr(offsets), 64)} lie outside the file's {data_size} data bytes")
     expected = math.prod(shape) * ITEM_SIZE[dtype]
     if offsets[1] - offsets[0] != expected:
         raise AdapterError(
-            f"tensor {name!r}: shape {shape} of {dtype} needs {expected} bytes, offsets span {offsets[1] - offsets[0]}"
+            f"tensor {name!r}: shape {printable(repr(shape), 64)} of {dtype} needs {printable(str(expected), 32)} bytes, "
+            f"offsets span {offsets[1] - offsets[0]}"
         )
     return TensorInfo(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 

@@ -458,10 +458,16 @@ class Store:
     def finished_shards(self, version: str) -> dict[str, dict]:
         """Shard name -> its done record, for the shards a run of this version finished."""
         where = self.version_location(version)
+        staging = where.path("staging")
         try:
-            names = where.fs.ls(where.path("staging"), detail=False)
+            names = where.fs.ls(staging, detail=False, refresh=True)
         except FileNotFoundError:
             return {}
+        finally:
+            # Shard tasks in other processes write here next; a listing left in this process's
+            # cache (s3fs) would hide their objects from the assembly (FileNotFoundError) or
+            # hand it the ETags of the objects they replaced (FileExpired).
+            where.fs.invalidate_cache(staging)
         done = {}
         for path in names:
             name = path.rsplit("/", 1)[-1]
@@ -471,6 +477,15 @@ class Store:
                 except (FileNotFoundError, ValueError):
                     continue
         return done
+
+    def unfinish_shard(self, version: str, shard: str) -> None:
+        """Remove a shard's done record before its objects are written again: a record left
+        behind would vouch for objects that a task with other inputs then overwrote."""
+        where = self.version_location(version)
+        try:
+            where.fs.rm_file(where.path(done_file(shard)))
+        except FileNotFoundError:
+            pass
 
     def set_pointer(self, version: str) -> None:
         pointer = {"version": version, "format_version": FORMAT_VERSION}

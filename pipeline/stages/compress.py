@@ -13,7 +13,7 @@ import time
 
 from pipeline.errors import PipelineError
 from pipeline.io.adapters import AdapterRef, discover
-from pipeline.io.location import Location
+from pipeline.io.location import Location, printable
 from pipeline.io.store import Store
 from pipeline.progress import Progress
 from pipeline.runners import Runner
@@ -39,9 +39,9 @@ def scan(refs: list[AdapterRef], runner: Runner, reference: dict | None = None, 
     check_collection(adapters, reference)
     for a in adapters:
         for warning in a.warnings:
-            log.warning("%s: %s", a.task_id, warning)
+            log.warning("%s: %s", printable(a.task_id), warning)
         if not a.ok:
-            log.warning("quarantined %s: %s", a.task_id, a.reason)
+            log.warning("quarantined %s: %s", printable(a.task_id), a.reason)
     bad = [a for a in adapters if not a.ok]
     if strict and bad:
         raise PipelineError(f"--strict: {len(bad)} adapter(s) quarantined, first {bad[0].task_id!r}: {bad[0].reason}")

@@ -25,17 +25,17 @@ import torch
 from pipeline import failpoints
 from pipeline.io.adapters import read_ranges
 from pipeline.io.location import Location
-from pipeline.io.safetensors_ranges import TensorInfo, decode
+from pipeline.io.safetensors_ranges import DTYPES, TensorInfo, decode
 from pipeline.io.store import (
     FileEntry, Store, basis_file, basis_tensors, done_file, encode_basis, joint_tensors, read_decomposition, read_joint, staging_file,
 )
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg import quantize
-from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, reconstruct
+from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, project, reconstruct
 from pipeline.linalg.budget import FlatFit, JointFit, candidates, fit_joint_module, fit_within
 from pipeline.linalg.gauge import JointBasis, align_rows, cut_rank, joint_cores, joint_rebuild, pad_rank
 from pipeline.linalg.incremental import absorb
-from pipeline.linalg.loadings import Move, project_factors
+from pipeline.linalg.loadings import ERROR_ROWS, Move
 from pipeline.linalg.metrics import product_error, relative
 from pipeline.stages.plan import Shard
 
@@ -157,6 +157,9 @@ def compute_shard(task: ShardTask) -> ShardResult:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = ShardResult(task.shard)
     store = Store(task.store)
+    # First: a crashed run's record for this shard (other inputs, or it would not be recomputed)
+    # must not outlive the objects this task is about to overwrite.
+    store.unfinish_shard(task.version, task.shard.name)
     clock = time.perf_counter()
     stacks = _read_stacks(task, result) if task.new else {}
     if result.nonfinite:
@@ -235,6 +238,7 @@ def compute_shard(task: ShardTask) -> ShardResult:
     where = store.version_location(task.version)
     write_tables(where, staging_file(task.shard.name), merge_sorted(streams, LOADINGS_KEYS), LOADINGS_SCHEMA)
     result.seconds["write"] = time.perf_counter() - clock
+    failpoints.reach("shard-staged")
     # Last: this record says the shard's objects are complete, for a resumed run to reuse.
     store.write_object(task.version, done_file(task.shard.name), json.dumps({"key": task.key, "result": result.to_json()}).encode())
     return result
@@ -276,8 +280,18 @@ def _joint_module(task: ShardTask, module: str, stack, fit: JointFit | None, par
         summary = ModuleResult(module, *shapes, fit.q * width, fit.q * width, fit.explained, fit.explained, "joint", count, "joint",
                                width, fit.q)
     n = len(task.new)
-    rows = loadings_rows([t for t, _, _ in task.new], module, fit.core_a[:n].reshape(n, -1).cpu(), fit.core_b[:n].reshape(n, -1).cpu(),
-                         fit.errors[:n].cpu(), fit.norms[:n].cpu()) if n else None
+    rows = None
+    if n:
+        basis, core_a, core_b = fit.basis, fit.core_a[:n].to(torch.float32), fit.core_b[:n].to(torch.float32)
+        u, v = basis.u.to(device, torch.float32), basis.v.to(device, torch.float32)
+        xa, xb = stack[0][:n].to(device), stack[1][:n].to(device)
+
+        def written(index: torch.Tensor, rank: int):
+            # export.rebuild: the stored core cut to the adapter's rank, then U P and Q V^T
+            return joint_rebuild(JointBasis(u, v, 0.0, 0.0, 0), core_a[index][:, :rank].to(device), core_b[index][:, :, :rank].to(device), rank)
+
+        error, norm = _written_errors(task, module, xa, xb, written)
+        rows = loadings_rows([t for t, _, _ in task.new], module, core_a.reshape(n, -1).cpu(), core_b.reshape(n, -1).cpu(), error.cpu(), norm.cpu())
     return summary, None if task.mode == "project" else fit.basis, rows, moved
 
 
@@ -434,25 +448,47 @@ def _align(task: ShardTask, stacks, parents) -> None:
 
 
 def _project_new(task, module, shapes, stack, a: Decomposition, b: Decomposition, device) -> pa.Table:
-    """Rows for the new adapters: loadings on the new basis, exact delta-W error, and ||B A||."""
+    """Rows for the new adapters: loadings on the new basis, the delta-W error of what export
+    writes from them, and ||B A||."""
     n = len(task.new)
     xa, xb = stack[0][:n].to(device), stack[1][:n].to(device)
-    la, lb, error, norm = project_factors(xa, xb, a, b, shapes)
-    ranks = torch.tensor([infos[module][0].shape[0] for _, _, infos in task.new])
-    for rank in ranks[ranks < shapes[0][0]].unique().tolist():
-        rows = (ranks == rank).nonzero().flatten().to(device)
-        error[rows] = _cut_error(xa[rows], xb[rows], la[rows], lb[rows], a, b, shapes, rank)
+    (ca, ma), (cb, mb) = (a.components.to(device), a.mean.to(device)), (b.components.to(device), b.mean.to(device))
+    la, lb = project(xa, ca, ma), project(xb, cb, mb)
+
+    def written(index: torch.Tensor, rank: int):
+        # export.rebuild: the factors at the collection's rank, cut to the adapter's own
+        m = len(index)
+        rebuilt_a, rebuilt_b = reconstruct(la[index], ca, ma).view(m, *shapes[0]), reconstruct(lb[index], cb, mb).view(m, *shapes[1])
+        return cut_rank(rebuilt_a, rebuilt_b, rank) if rank < shapes[0][0] else (rebuilt_a, rebuilt_b)
+
+    error, norm = _written_errors(task, module, xa, xb, written)
     return loadings_rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), error.cpu(), norm.cpu())
 
 
-def _cut_error(xa, xb, la, lb, a: Decomposition, b: Decomposition, shapes, rank: int) -> torch.Tensor:
-    """Relative delta-W errors of adapters of a lower rank than the collection's, as export
-    writes them: the rebuild cut to their own rank (linalg.gauge.cut_rank)."""
+def _written_errors(task: ShardTask, module: str, xa: torch.Tensor, xb: torch.Tensor, written) -> tuple[torch.Tensor, torch.Tensor]:
+    """(relative delta-W error, ||B A||) float64 (n,) of the new adapters' factors as export
+    writes them: `written(rows, rank)` rebuilds rows (index tensor) at their own rank as
+    export.rebuild does, and the result is cast to the adapter's dtype, as the exported file holds
+    it. Measured against the adapter's own factors xa (n, r*d_in), xb (n, d_out*r), flattened at
+    the collection's rank r; rows go ERROR_ROWS at a time, grouped by rank and dtype."""
+    (r, d_in), (d_out, _) = task.shapes[module]
     n, device = len(xa), xa.device
-    rebuilt_a = reconstruct(la, a.components.to(device), a.mean.to(device)).view(n, *shapes[0])
-    rebuilt_b = reconstruct(lb, b.components.to(device), b.mean.to(device)).view(n, *shapes[1])
-    cut_a, cut_b = pad_rank(*cut_rank(rebuilt_a, rebuilt_b, rank), shapes[0][0])
-    return relative(*product_error(xa.view(n, *shapes[0]), xb.view(n, *shapes[1]), cut_a, cut_b))
+    error = torch.zeros(n, dtype=torch.float64, device=device)
+    norm = torch.zeros(n, dtype=torch.float64, device=device)
+    groups: dict[tuple[int, str], list[int]] = {}
+    for row, (_, _, infos) in enumerate(task.new):
+        groups.setdefault((infos[module][0].shape[0], infos[module][0].dtype), []).append(row)
+    for (rank, dtype), members in sorted(groups.items()):
+        for begin in range(0, len(members), ERROR_ROWS):
+            index = torch.tensor(members[begin : begin + ERROR_ROWS], device=device)
+            a, b = written(index, rank)
+            cast = DTYPES[dtype]
+            a, b = pad_rank(a.to(cast).to(torch.float64), b.to(cast).to(torch.float64), r)
+            # float64: a cut adapter's factors are in another gauge than its own, so the terms
+            # of product_error's expansion are large and cancel (float32 left ~1e-3 of noise)
+            diff, size = product_error(xa[index].view(-1, r, d_in).double(), xb[index].view(-1, d_out, r).double(), a, b)
+            error[index], norm[index] = relative(diff, size), size
+    return error, norm
 
 
 def _moved_parent_rows(store, task, parents, bases, skip: set[str]) -> Iterator[pa.Table]:

@@ -7,6 +7,7 @@ Per-adapter checks run in parallel tasks (`scan_batch`); checks against the rest
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -15,9 +16,11 @@ from dataclasses import dataclass, field
 from pipeline import peft_format
 from pipeline.errors import AdapterError
 from pipeline.io.adapters import AdapterRef, read_adapter, weights_sha256
-from pipeline.io.location import Location, redact
+from pipeline.io.location import Location, printable, redact
 from pipeline.io.safetensors_ranges import TensorInfo
 
+
+log = logging.getLogger(__name__)
 
 OK, QUARANTINED = "ok", "quarantined"
 
@@ -105,41 +108,98 @@ def scan_adapter(ref: AdapterRef) -> ScannedAdapter:
         scanned.modules, scanned.dtype = _factor_layout(raw.tensors)
         _check_against_config(scanned)
     except AdapterError as exc:
-        scanned.quarantine(str(exc))
+        scanned.quarantine(printable(str(exc), 1024))
     except OSError as exc:
-        scanned.quarantine(f"unreadable: {redact(str(exc)) or exc.__class__.__name__}")
+        scanned.quarantine(f"unreadable: {printable(redact(str(exc)), 512) or exc.__class__.__name__}")
+    except Exception as exc:  # noqa: BLE001 - whatever an upload makes a reader raise, it stops that upload only
+        log.warning("unexpected %s while scanning %s", exc.__class__.__name__, printable(ref.task_id))
+        scanned.quarantine(f"unreadable: unexpected {exc.__class__.__name__} while reading it: {printable(redact(str(exc)), 256)}")
+    if not scanned.ok:
+        scanned.modules = {}  # the driver keeps only what the catalog records of a quarantined upload
     return scanned
 
 
 def check_task_id(task_id: str) -> None:
     if not _SAFE_ID.match(task_id) or ".." in task_id.split("/"):
-        raise AdapterError(f"task id {task_id!r} is not a safe relative path (letters, digits, ._=+- and /)")
+        raise AdapterError(f"task id {printable(repr(task_id))} is not a safe relative path (letters, digits, ._=+- and /)")
 
 
 def _parse_config(raw: bytes | None, warnings: list[str]) -> tuple[dict | None, str]:
     if raw is None:
         warnings.append(f"no {peft_format.CONFIG_FILE}: rank read off the shapes, exported config assumes lora_alpha = r")
         return None, ""
+    if len(raw) > peft_format.MAX_CONFIG_BYTES:
+        raise AdapterError(f"{peft_format.CONFIG_FILE} is larger than {peft_format.MAX_CONFIG_BYTES} bytes, the most a config may hold")
     try:
         text = raw.decode("utf-8")
         config = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise AdapterError(f"{peft_format.CONFIG_FILE} is JSON nested too deeply (at most {peft_format.MAX_CONFIG_DEPTH} levels)") from None
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError, integers of too many digits
         warnings.append(f"{peft_format.CONFIG_FILE} is not valid JSON ({exc.__class__.__name__}): rank read off the shapes")
         return None, ""
     if not isinstance(config, dict):
         warnings.append(f"{peft_format.CONFIG_FILE} is not a JSON object: rank read off the shapes")
         return None, ""
+    depth = _depth(config)
+    if depth > peft_format.MAX_CONFIG_DEPTH:
+        raise AdapterError(f"{peft_format.CONFIG_FILE} is JSON nested {depth} levels deep (at most {peft_format.MAX_CONFIG_DEPTH})")
     for key, kind in _CONFIG_TYPES.items():
         value = config.get(key)
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             raise AdapterError(f"config field {key!r} has type {type(value).__name__}, expected {_type_names(kind)}")
     if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"peft_type {config.get('peft_type')!r} is not LORA")
+        raise AdapterError(f"peft_type {printable(repr(config.get('peft_type')), 64)} is not LORA")
     if config.get("use_dora"):
         raise AdapterError("DoRA adapters carry magnitude vectors that a factor subspace cannot hold")
-    if "r" in config and config["r"] <= 0:
-        raise AdapterError(f"config r={config['r']} is not a positive rank")
+    if "r" in config and not _bounded_rank(config["r"]):
+        raise AdapterError(f"config r={printable(repr(config['r']), 32)} is not a positive rank (at most {peft_format.MAX_RANK})")
+    _check_sizes(config)
     return config, text
+
+
+def _depth(value) -> int:
+    """Levels of objects and arrays in a parsed JSON value (iterative: any depth json parsed)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _check_sizes(config: dict) -> None:
+    """Bounds on the fields the run uses: ranks, scales, and patterns matched against every
+    module (peft_format's MAX_* limits)."""
+    alpha = config.get("lora_alpha")
+    if alpha is not None and not _bounded_alpha(alpha):
+        raise AdapterError(f"config lora_alpha={printable(str(alpha), 32)} is not a finite number of magnitude at most {peft_format.MAX_ALPHA:g}")
+    targets = config.get("target_modules")
+    if isinstance(targets, list) and len(targets) > peft_format.MAX_TARGET_MODULES:
+        raise AdapterError(f"config target_modules lists {len(targets)} modules (at most {peft_format.MAX_TARGET_MODULES})")
+    for field_name, valid, expected in (("rank_pattern", _bounded_rank, f"a rank from 1 to {peft_format.MAX_RANK}"),
+                                        ("alpha_pattern", _bounded_alpha, f"a finite number of magnitude at most {peft_format.MAX_ALPHA:g}")):
+        patterns = config.get(field_name) or {}
+        if len(patterns) > peft_format.MAX_PATTERNS:
+            raise AdapterError(f"config {field_name} has {len(patterns)} entries (at most {peft_format.MAX_PATTERNS})")
+        for pattern, value in patterns.items():
+            if not valid(value):
+                raise AdapterError(f"config {field_name}[{printable(repr(pattern), 64)}] = {printable(repr(value), 32)} is not {expected}")
+            try:
+                peft_format.pattern_regex(pattern)
+            except (re.error, RecursionError, OverflowError):
+                raise AdapterError(f"config {field_name} key {printable(repr(pattern), 64)} is not a valid regular expression") from None
+
+
+def _bounded_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= peft_format.MAX_RANK
+
+
+def _bounded_alpha(value) -> bool:
+    # abs() first: an integer too large for a float fails it (NaN and Inf too) before any conversion
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= peft_format.MAX_ALPHA
 
 
 def _type_names(kind) -> str:
@@ -201,7 +261,7 @@ def check_collection(adapters: list[ScannedAdapter], reference: dict | None = No
     first_uri: dict[str, str] = {}
     for adapter in adapters:
         if adapter.task_id in first_uri:
-            adapter.quarantine(f"duplicate task id (also at {redact(first_uri[adapter.task_id])})")
+            adapter.quarantine(f"duplicate task id (also at {printable(redact(first_uri[adapter.task_id]))})")
         else:
             first_uri[adapter.task_id] = adapter.location.uri
     good = [a for a in adapters if a.ok]
@@ -212,7 +272,7 @@ def check_collection(adapters: list[ScannedAdapter], reference: dict | None = No
         base = bases.most_common(1)[0][0]
         for a in good:
             if a.base_model and a.base_model != base:
-                a.quarantine(f"base model {a.base_model!r} differs from the collection's {base!r}")
+                a.quarantine(f"base model {printable(repr(a.base_model), 128)} differs from the collection's {printable(repr(base), 128)}")
     good = [a for a in good if a.ok]
     if not good:
         return

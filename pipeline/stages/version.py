@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from pipeline import __version__, failpoints
 from pipeline.errors import PipelineError
-from pipeline.io.location import Location, redact
+from pipeline.io.location import Location, printable, redact
 from pipeline.io.store import (
     CATALOG, FORMAT_VERSION, LOADINGS, LOADINGS_ROW_GROUP, REPORT, LockLost, Store, WriterLock, basis_file, staging_file,
     version_path,
@@ -183,7 +183,7 @@ def _compute_all(change, source, store, version, runner, options, seconds):
             raise PipelineError(f"--strict: adapter {good[index].task_id!r} quarantined: {reason}")
         for index, reason in nonfinite.items():
             good[index].quarantine(reason)
-            log.warning("quarantined %s: %s", good[index].task_id, reason)
+            log.warning("quarantined %s: %s", printable(good[index].task_id), reason)
     seconds["compute"] = time.perf_counter() - started
     return results, good
 

@@ -110,6 +110,42 @@ def _key_traversal(tensors):
     return tensors
 
 
+def _deep_header(folder):
+    """A header whose metadata nests 100,000 arrays: json raises RecursionError on it."""
+    data = _weights(folder).read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    body = json.dumps({k: v for k, v in header.items() if k != "__metadata__"})[1:-1]
+    raw = ('{"__metadata__": ' + "[" * 100_000 + "]" * 100_000 + ", " + body + "}").encode()
+    raw += b" " * (-len(raw) % 8)
+    _weights(folder).write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + length :])
+
+
+def _huge_config(folder):
+    """A 4 GiB config (sparse: nothing is written): read no further than a config may go."""
+    with open(_config(folder), "r+b") as handle:
+        handle.truncate(4 << 30)
+
+
+def _many_patterns(folder):
+    _set_config(folder, rank_pattern={f"layers\\.{i}\\.mlp": 8 for i in range(5000)})
+
+
+HOSTILE = {
+    "deep-config": (lambda f: _config(f).write_text("[" * 100_000 + "]" * 100_000), "adapter_config.json is JSON nested too deeply"),
+    "deeper-than-16": (lambda f: _set_config(f, extra=json.loads("[" * 500 + "]" * 500)), "nested 501 levels deep (at most 16)"),
+    "deep-header": (_deep_header, "safetensors header is JSON nested too deeply"),
+    "huge-config": (_huge_config, "adapter_config.json is larger than 262144 bytes"),
+    "padded-config": (lambda f: _config(f).write_text(_config(f).read_text() + " " * 300_000), "is larger than 262144 bytes"),
+    "many-patterns": (_many_patterns, "config rank_pattern has 5000 entries (at most 1024)"),
+    "many-targets": (lambda f: _set_config(f, target_modules=[f"m{i}" for i in range(10_000)]), "target_modules lists 10000 modules"),
+    "absurd-alpha": (lambda f: _config(f).write_text(_config(f).read_text().replace('"lora_alpha": 16', '"lora_alpha": 1e999')),
+                     "config lora_alpha=inf is not a finite number"),
+    "absurd-rank": (lambda f: _set_config(f, r=10**30), "is not a positive rank (at most 65536)"),
+    "bad-pattern": (lambda f: _set_config(f, rank_pattern={"(": 8}), "rank_pattern key '(' is not a valid regular expression"),
+    "pattern-value": (lambda f: _set_config(f, rank_pattern={"q_proj": [8]}), "rank_pattern['q_proj'] = [8] is not a rank"),
+}
+
 EVERY_FIELD_WRONG = {"r": "8", "lora_alpha": [16], "use_rslora": "yes", "rank_pattern": [], "alpha_pattern": 1,
                      "target_modules": 5, "base_model_name_or_path": 7}
 
@@ -136,6 +172,7 @@ BAD = {
                         "tensors that are not LoRA factors"),
     "key-traversal": (lambda f: _rewrite(f, _key_traversal), "module '../../../etc.self_attn.q_proj' has no lora_B"),
     "odd name;rm -rf": (lambda f: None, "is not a safe relative path"),
+    **HOSTILE,
 }
 WARNED = {
     "no-config": lambda f: _config(f).unlink(),
@@ -230,3 +267,47 @@ def test_task_ids_that_try_to_escape_are_quarantined_and_nothing_lands_outside(r
     assert run_cli("export", tmp_path / "store", "--all", "--out", tmp_path / "out") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fine-one"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["list.parquet", "out", "src", "store"]
+
+
+def test_hostile_uploads_are_quarantined_by_a_rebase_too(runner, tmp_path, capsys):
+    """The nightly re-base: uploads of every hostile kind arrive; it publishes with them
+    quarantined and prints its result."""
+    src = tmp_path / "src"
+    make_collection(src, GOOD)
+    assert run_cli("compress", src, "--out", tmp_path / "store", "--components", 4) == 0
+    for name, (edit, _) in HOSTILE.items():
+        _variant(src / "adapter-00000", src, name, edit)
+    capsys.readouterr()
+    assert run_cli("rebase", tmp_path / "store", src, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    (version,) = result["versions"]
+    assert set(version["quarantined"]) == set(HOSTILE)
+    for name, (_, reason) in HOSTILE.items():
+        assert reason in version["quarantined"][name], (name, version["quarantined"][name])
+    assert Store(Location(str(tmp_path / "store"))).manifest()["adapters"]["ok"] == GOOD
+
+
+def test_links_out_of_the_source_and_control_characters_in_names(runner, tmp_path, capsys, caplog):
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    make_collection(src, 3)
+    make_collection(outside, 1, seed=7)
+    linked = src / "linked"
+    linked.mkdir()
+    shutil.copy(_config(src / "adapter-00000"), _config(linked))
+    _weights(linked).symlink_to(_weights(outside / "adapter-00000"))
+    inside = src / "linked-inside"  # a link that stays in the source is followed
+    inside.mkdir()
+    shutil.copy(_config(src / "adapter-00001"), _config(inside))
+    _weights(inside).symlink_to(_weights(src / "adapter-00001"))
+    shutil.copytree(src / "adapter-00002", src / "line\nbreak")
+    assert run_cli("compress", src, "--out", tmp_path / "store", "--components", 2) == 0
+    printed = capsys.readouterr()
+    catalog = {r["task_id"]: r for r in pq.read_table(tmp_path / "store/versions/v000001/catalog.parquet").to_pylist()}
+    assert catalog["linked"]["status"] == "quarantined"
+    assert catalog["linked"]["reason"] == "adapter_model.safetensors is a symbolic link that leads outside the source; it is not followed"
+    assert catalog["linked-inside"]["status"] == "ok"
+    assert catalog["line\nbreak"]["status"] == "quarantined" and "'line\\nbreak'" in catalog["line\nbreak"]["reason"]
+    # Every printed and logged line that names it shows the escaped name: none is cut in two.
+    lines = (printed.out + printed.err + caplog.text).splitlines()
+    assert not [line for line in lines if line.startswith("break")]
+    assert any("quarantined line\\nbreak: " in line for line in lines)
