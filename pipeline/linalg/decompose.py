@@ -4,11 +4,20 @@ X is (N, D): one row per adapter, the flattened lora_A (or lora_B) of one module
 right singular vectors of X - mean. With N <= D the (N, N) Gram matrix is cheap; with N > D the
 (D, D) covariance is. Either is formed from float32 products of centred column (or row) blocks,
 summed in float64, so no float64 or centred copy of X is ever held, and diagonalised in float64.
-Float32 products blur the small end of the spectrum, so the kept directions are then refined by
-one float64 Rayleigh-Ritz step on X itself (the SVD of X projected on the leading eigenvectors and
-a few more). Against a float64 SVD (tests/unit/test_linalg.py): the variance the kept directions
-miss is within 1e-4 of the optimum, and singular values agree to 1e-4 down to 1e-2 of the largest
-(below that, noise-floor directions, to 1e-3); at about half the cost of float64 products.
+Centring keeps its rounding error relative to the spread of the rows, not their mean (a stack of
+adapters from one init has a mean ~1000x its spread): the float32 mean is corrected by the mean of
+the float32 residuals (per column block on the Gram route, by a first pass on the covariance
+route), and what is left of the blocks' column means is removed in float64 (double centring of
+the Gram matrix, centring of the projected columns). Float32 products blur the small end of the
+spectrum, by eta ~ n u |||X - mean|||_2^2 (u = 2^-24, n the inner length of one block product),
+so the kept directions are then refined by one float64 Rayleigh-Ritz step on X itself (the SVD of
+X - mean, in float64, projected on the leading eigenvectors and a few more). What that guarantees
+against a float64 SVD, derived from rounding error analysis for any BLAS kernel and checked in
+tests/unit/test_linalg.py: a singular value is never above the true one by more than the
+centring's rounding (~2u |||X - mean|||_2); its square is below the true one by at most
+min(2 eta, eta^2 / gap), gap its distance to the (k + OVERSAMPLE + 1)-th. Directions whose
+variance is below eta (a noise floor under a dominant structure) are therefore not resolved: the
+kept ones then miss at most their own variance more than the optimum.
 `--svd-route svd` is the float64 reference.
 
 Randomized SVD (Halko et al. 2011) serves k << min(N, D) when both are too large to form either
@@ -32,6 +41,9 @@ EXACT_LIMIT = 8192
 OVERSAMPLE = 10
 # Bytes of one float32 working block of X (its columns for the Gram route, its rows for covariance).
 BLOCK_BYTES = 32 << 20
+# Bytes of one float64 block of X - mean in the Rayleigh-Ritz step (cache-sized: the float64 pass
+# then costs about what a float32 one did).
+RITZ_BLOCK_BYTES = 1 << 20
 
 
 @dataclass
@@ -76,13 +88,15 @@ def centred_svd(
     """
     n, d = x.shape
     x = x.to(torch.float32)
-    mean = x.mean(dim=0).to(torch.float64)  # float32 pairwise sums: ~1e-7 relative, and 10x faster
+    # A float32 mean (10x faster than float64 sums); each route corrects it by the mean of the
+    # residuals, so its error (~u |mean|) does not reach the centred blocks.
+    base = x.mean(dim=0)
     if route == "auto":
         route = choose_route(n, d, None if threshold is not None else k)
     if route not in _ROUTES:
         raise ValueError(f"unknown SVD route {route!r} (expected auto or one of {sorted(_ROUTES)})")
     # With a threshold the whole spectrum decides k; otherwise only its top is needed.
-    estimate, total, leading = _ROUTES[route](x, mean, None if threshold is not None else k, niter)
+    estimate, total, leading, mean = _ROUTES[route](x, base, None if threshold is not None else k, niter)
     keep = components_to_keep(estimate, total, k, threshold)
     spectrum, directions = leading(keep)
     keep = _significant(spectrum, keep)
@@ -100,71 +114,114 @@ def components_to_keep(spectrum: torch.Tensor, total: float, k: int | None, thre
 
 # Each route takes `wanted`, the most components that can be kept (None: the whole spectrum is
 # needed), and returns an estimate of the singular values (descending; at least the top wanted +
-# OVERSAMPLE), the total variance, and a function giving the leading `keep` singular values and
-# right singular vectors (rows), float64, so only the kept ones are formed.
+# OVERSAMPLE), the total variance, a function giving the leading `keep` singular values and
+# right singular vectors (rows), float64, so only the kept ones are formed, and the mean (float64)
+# it centred by, from `base`, the float32 column mean.
 
 
-def _gram(x, mean, wanted, niter):
+def _gram(x, base, wanted, niter):
     n = x.shape[0]
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    for block in _centred_blocks(x, mean, dim=1):
+    shifts = []
+    for block in _centred_blocks(x, base, None, dim=1):
+        # A column block holds every row: the residuals' own mean corrects the float32 mean here.
+        shift = block.mean(dim=0)
+        block -= shift
+        shifts.append(shift)
         gram += (block @ block.T).to(torch.float64)
+    shift = torch.cat(shifts) if shifts else torch.zeros_like(base)
+    # Double centring (J G J, J = I - 11^T/n) removes what is left of the blocks' column means
+    # (the float32 shift's rounding) from the Gram matrix exactly, in O(n^2).
+    row = gram.mean(dim=1, keepdim=True)
+    gram = gram - row - row.T + row.mean()
     estimate, top = _spectrum(gram, wanted)
 
     def leading(keep):
-        # Rayleigh-Ritz: the SVD of U^T (X - mean) for the leading eigenvectors U of the Gram matrix.
-        u = top(keep + OVERSAMPLE).to(torch.float32)
-        projected = torch.cat([u.T @ block for block in _centred_blocks(x, mean, dim=1)], dim=1).to(torch.float64)
+        # Rayleigh-Ritz: the SVD of U^T J (X - mean) for the leading eigenvectors U of the Gram
+        # matrix, in float64 (J again through the blocks' float64 column means: one more row of U).
+        u = top(keep + OVERSAMPLE)
+        weights = torch.cat([u, torch.full((n, 1), 1.0 / max(n, 1), dtype=torch.float64, device=x.device)], dim=1).T.contiguous()
+        projected = torch.cat([weights @ block for block in _float64_blocks(x, mean, dim=1)], dim=1)
+        projected = projected[:-1] - u.sum(dim=0)[:, None] * projected[-1:]
         spectrum, rotation = _eig_desc(projected @ projected.T)
         return spectrum, (rotation.T @ projected) / spectrum.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
 
-    return estimate, float(gram.trace()), leading
+    mean = base.to(torch.float64) + shift.to(torch.float64)
+    return estimate, float(gram.trace()), leading, mean
 
 
-def _covariance(x, mean, wanted, niter):
-    d = x.shape[1]
+def _covariance(x, base, wanted, niter):
+    n, d = x.shape
+    # Row blocks: one pass for the residuals' mean (the float32 mean's correction), one for the products.
+    sums = torch.zeros(d, dtype=torch.float64, device=x.device)
+    for block in _centred_blocks(x, base, None, dim=0):
+        sums += block.sum(dim=0).to(torch.float64)
+    shift = (sums / max(n, 1)).to(torch.float32)
     cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-    for block in _centred_blocks(x, mean, dim=0):
+    for block in _centred_blocks(x, base, shift, dim=0):
         cov += (block.T @ block).to(torch.float64)
     estimate, top = _spectrum(cov, wanted)
 
     def leading(keep):
-        # Rayleigh-Ritz: the SVD of (X - mean) V for the leading eigenvectors V of the covariance.
+        # Rayleigh-Ritz: the SVD of J (X - mean) V for the leading eigenvectors V of the covariance,
+        # in float64 (J: the projected columns' own means removed).
         v = top(keep + OVERSAMPLE)
-        projected = torch.cat([block @ v.to(torch.float32) for block in _centred_blocks(x, mean, dim=0)]).to(torch.float64)
+        projected = torch.cat([block @ v for block in _float64_blocks(x, mean, dim=0)])
+        projected -= projected.mean(dim=0)
         spectrum, rotation = _eig_desc(projected.T @ projected)
         return spectrum, rotation.T @ v.T
 
-    return estimate, float(cov.trace()), leading
+    mean = base.to(torch.float64) + shift.to(torch.float64)
+    return estimate, float(cov.trace()), leading, mean
 
 
-def _svd(x, mean, wanted, niter):
-    centred = x.to(torch.float64) - mean
+def _svd(x, base, wanted, niter):
+    x64 = x.to(torch.float64)
+    mean = x64.mean(dim=0)
+    centred = x64 - mean
     _, s, vh = torch.linalg.svd(centred, full_matrices=False)
-    return s, float(centred.pow(2).sum()), lambda keep: (s[:keep], vh[:keep])
+    return s, float(centred.pow(2).sum()), lambda keep: (s[:keep], vh[:keep]), mean
 
 
-def _randomized(x, mean, wanted, niter):
+def _randomized(x, base, wanted, niter):
     if wanted is None:
         raise ValueError("the randomized route needs an explicit k and no variance threshold")
-    centred = x.to(torch.float64) - mean
+    x64 = x.to(torch.float64)
+    mean = x64.mean(dim=0)
+    centred = x64 - mean
     _, s, v = torch.svd_lowrank(centred, q=min(wanted + OVERSAMPLE, *centred.shape), niter=niter)
-    return s, float(centred.pow(2).sum()), lambda keep: (s[:keep], v[:, :keep].T)
+    return s, float(centred.pow(2).sum()), lambda keep: (s[:keep], v[:, :keep].T), mean
 
 
 _ROUTES: dict[str, Callable] = {"gram": _gram, "covariance": _covariance, "svd": _svd, "randomized": _randomized}
 
 
-def _centred_blocks(x: torch.Tensor, mean: torch.Tensor, dim: int) -> Iterator[torch.Tensor]:
-    """float32 blocks of x - mean: column blocks (dim=1) or row blocks (dim=0) of ~BLOCK_BYTES."""
+def _centred_blocks(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor | None, dim: int) -> Iterator[torch.Tensor]:
+    """float32 blocks of (x - hi) - lo: column blocks (dim=1) or row blocks (dim=0) of ~BLOCK_BYTES.
+    hi is the float32 mean, lo (or None) the small correction to it; x - hi cancels exactly where
+    x is within a factor 2 of hi (Sterbenz), so a block's rounding error is ~2u of its entries,
+    whatever the mean's size."""
     other = x.shape[1 - dim]
     step = max(BLOCK_BYTES // (4 * max(other, 1)), 1)
-    mean32 = mean.to(torch.float32)
     for start in range(0, x.shape[dim], step):
         if dim == 1:
-            yield x[:, start : start + step] - mean32[start : start + step]
+            block = x[:, start : start + step] - hi[start : start + step]
+            yield block if lo is None else block.sub_(lo[start : start + step])
         else:
-            yield x[start : start + step] - mean32
+            block = x[start : start + step] - hi
+            yield block if lo is None else block.sub_(lo)
+
+
+def _float64_blocks(x: torch.Tensor, mean: torch.Tensor, dim: int) -> Iterator[torch.Tensor]:
+    """float64 blocks of x - mean, column (dim=1) or row (dim=0) blocks of ~RITZ_BLOCK_BYTES: small
+    enough to stay in cache between the conversion and the product."""
+    other = x.shape[1 - dim]
+    step = max(RITZ_BLOCK_BYTES // (8 * max(other, 1)), 1)
+    for start in range(0, x.shape[dim], step):
+        if dim == 1:
+            yield x[:, start : start + step].to(torch.float64).sub_(mean[start : start + step])
+        else:
+            yield x[start : start + step].to(torch.float64).sub_(mean)
 
 
 def _spectrum(square: torch.Tensor, wanted: int | None) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
