@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--all", action="store_true", help="export every adapter (Ray-parallel) into OUT/<task_id>/")
     e.add_argument("--out", required=True, help="folder to write (path, file:// or s3://)")
     e.add_argument("--version", help="a version id (default: current)")
+    e.add_argument("--overwrite", action="store_true", help="write into target folders that already hold files "
+                   "(by default export refuses them: a rebuilt adapter would replace what is there)")
 
     q = sub.add_parser("quantize", parents=[common], help="publish a version with the components packed (int8 or nf4)")
     q.add_argument("store")
@@ -132,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("store")
     ve.add_argument("folder")
     ve.add_argument("--version", help="a version id (default: current)")
+    ve.add_argument("--overwrite", action="store_true", help="write into FOLDER even if it already holds files")
 
     ev = sub.add_parser("evaluate", parents=[common, ray_options], help="held-out delta-W error of a basis built like the store's, against baselines")
     ev.add_argument("store", help="the store whose method and parameters (k, budget, quantization) the basis is built with")
@@ -350,23 +353,18 @@ def cmd_info(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from pipeline.io.store import CATALOG
-    from pipeline.stages.export import ExportTask, export_batch
+    from pipeline.stages.export import export_batch, plan_export
 
     if bool(args.all) == bool(args.task_ids):
         raise PipelineError("export needs TASK_IDs or --all (not both)")
     store = Store(Location(args.store, args.endpoint_url))
     version = store.require_version(args.version)
     out = Location(args.out, args.endpoint_url)
+    # Every check (ids, targets, --out writable) before Ray starts or anything is written.
+    tasks = plan_export(store, version, None if args.all else args.task_ids, out, args.overwrite, EXPORT_BATCH)
     if len(args.task_ids) == 1:
-        written = export_batch(ExportTask(store.location, version, args.task_ids, [out]))
+        written = export_batch(tasks[0])
     else:
-        ids = args.task_ids
-        if args.all:
-            catalog = store.read_table(version, CATALOG, columns=["task_id", "status"]).to_pylist()
-            ids = [row["task_id"] for row in catalog if row["status"] == "ok"]
-        batches = [ids[i : i + EXPORT_BATCH] for i in range(0, len(ids), EXPORT_BATCH)]
-        tasks = [ExportTask(store.location, version, b, [out.child(t) for t in b]) for b in batches]
         written = [w for _, ws in _ray(args, store.location, out).map_unordered(export_batch, tasks) for w in ws]
     if not args.json:
         print(f"exported {len(written)} adapter(s) from {store} {version} to {out}")
@@ -410,10 +408,11 @@ def cmd_vlora_import(args) -> dict:
 
 def cmd_vlora_export(args) -> dict:
     from pipeline.stages import snapshot
-    from pipeline.vlora_format import write_vlora
+    from pipeline.vlora_format import check_folder, write_vlora
 
+    check_folder(args.folder, args.endpoint_url, args.overwrite)  # before loading the version
     sub = snapshot.load(args.store, args.version, args.endpoint_url)
-    written = write_vlora(sub, args.folder, args.endpoint_url)
+    written = write_vlora(sub, args.folder, args.endpoint_url, args.overwrite)
     if not args.json:
         print(f"wrote {written} tasks of {sub.origin[0]} {sub.origin[1]} to {Location(args.folder, args.endpoint_url)} (vlora layout)")
     return {"version": sub.origin[1], "tasks": written, "out": str(Location(args.folder, args.endpoint_url))}

@@ -21,6 +21,8 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline.errors import AdapterError, PipelineError
 from pipeline.io.location import Location
+from pipeline.io.store import is_safe_task_id
+from pipeline.io.targets import holding_files
 from pipeline.linalg.decompose import Decomposition
 from pipeline.stages.compute import ComponentRule
 from pipeline.stages.scan import check_task_id
@@ -87,13 +89,32 @@ def read_vlora(uri: str, endpoint_url: str | None = None) -> Subspace:
     return sub
 
 
-def write_vlora(sub: Subspace, uri: str, endpoint_url: str | None = None) -> int:
-    """Write the vlora layout (task files, the basis, the metadata last); returns the task count."""
+def check_folder(uri: str, endpoint_url: str | None = None, overwrite: bool = False) -> None:
+    """The vlora layout is written into a new or empty folder; into one holding files only with
+    `overwrite` (the files of the layout are replaced, others left)."""
+    where = Location(uri, endpoint_url)
+    if not overwrite and holding_files(where, [""]):
+        raise PipelineError(f"{where} already holds files; vlora-export writes only into a new or empty folder "
+                            "(--overwrite writes over them)")
+
+
+def write_vlora(sub: Subspace, uri: str, endpoint_url: str | None = None, overwrite: bool = False) -> int:
+    """Write the vlora layout (task files, the basis, the metadata last); returns the task count.
+    Every check comes first: a refused write leaves the folder as it was."""
     ranks = {mb.shapes[0][0] for mb in sub.modules.values()}
     if len(ranks) != 1:
         raise PipelineError(f"vlora holds one rank for every layer; this subspace has ranks {sorted(ranks)}")
     where = Location(uri, endpoint_url)
     tasks = sub.tasks
+    # A task id names a file (task_<id>.safetensors): one read from a store that is not a safe
+    # relative path would be written outside the folder.
+    unsafe = [t for t in tasks if not is_safe_task_id(t)]
+    if unsafe:
+        shown = ", ".join(repr(t) for t in unsafe[:10]) + (f" and {len(unsafe) - 10} more" if len(unsafe) > 10 else "")
+        holder = f"{sub.origin[0]} {sub.origin[1]}" if sub.origin else "the subspace"
+        raise PipelineError(f"{holder} holds task id(s) that are not safe relative paths, so not "
+                            f"file names under {where}: {shown}; nothing was written")
+    check_folder(uri, endpoint_url, overwrite)
     for task_id in tasks:
         t = tasks[task_id]
         data = {}

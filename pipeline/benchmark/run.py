@@ -226,10 +226,10 @@ def _export(store: Location, root: Location, endpoint: list, config: dict) -> di
     walls, inside = [], []
     for r in range(config["repeats"]):
         out = root.child("export", f"process-{r}")
-        run = _require(run_with_peaks(cli_argv("export", store.uri, "adapter-00000", "--out", out.uri, *endpoint)), "export")
+        run = _require(run_with_peaks(cli_argv("export", store.uri, "adapter-00000", "--out", out.uri, "--overwrite", *endpoint)), "export")
         walls.append(run.seconds)
         started = time.perf_counter()
-        _cli_in_process("export", store.uri, "adapter-00000", "--out", root.child("export", f"in-process-{r}").uri, *endpoint)
+        _cli_in_process("export", store.uri, "adapter-00000", "--out", root.child("export", f"in-process-{r}").uri, "--overwrite", *endpoint)
         inside.append(time.perf_counter() - started)
     startup = run_with_peaks([sys.executable, "-c", "import pipeline.cli"]).seconds
     return {"seconds": statistics.median(inside), "wall_seconds": statistics.median(walls), "interpreter_and_imports_seconds": startup}

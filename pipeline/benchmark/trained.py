@@ -142,7 +142,7 @@ def run(model_dir: Path, workdir: Path, adapters: int, steps: int, ratio: float,
         store, exported = workdir / f"store-{method}", workdir / f"exported-{method}"
         summary = _cli("compress", src, "--out", store, "--ratio", ratio, "--method", method, "--num-cpus", num_cpus)
         info = _cli("info", store)
-        _cli("export", store, "--all", "--out", exported, "--num-cpus", num_cpus)
+        _cli("export", store, "--all", "--out", exported, "--overwrite", "--num-cpus", num_cpus)
         acc = {t: accuracy(model_dir, exported / t, heads[t], task, seed) for t, task, seed, _ in plan}
         per_adapter = info["per_adapter_error"]
         figures[method] = {

@@ -14,10 +14,20 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-# Transient storage faults and lost workers are retried; a bug or bad input is not.
+# Lost workers and transient storage faults (resets, timeouts, throttling: the OSErrors left after
+# s3fs's own retries) are retried; a bug, bad input or a permanent storage error is not.
 MAX_RETRIES = 3
+PERMANENT = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
 # Local folders that every node of the cluster mounts at the same path (os.pathsep-separated).
 SHARED_PATHS_ENV = "LORA_SUBSPACE_SHARED_PATHS"
+
+
+class NotRetried(Exception):
+    """Carries a permanent OSError out of a task: not an OSError itself, so Ray does not retry it."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error)
+        self.error = error
 
 
 class RayRunner:
@@ -78,7 +88,7 @@ class RayRunner:
             except RayTaskError as exc:
                 for other in pending:
                     ray.cancel(other)
-                raise exc.as_instanceof_cause() from None
+                raise application_error(exc) from None
             self.tasks_per_node[node] += 1
             yield index, result
 
@@ -92,10 +102,22 @@ def _other_hosts() -> list[str]:
     return sorted(workers - mine)
 
 
+def application_error(exc: RayTaskError) -> BaseException:
+    """The task's own error for what users see as one line (PipelineError, OSError), without
+    Ray's wrapping, whose text is the remote traceback; anything else (a bug) keeps it."""
+    cause = exc.cause.error if isinstance(exc.cause, NotRetried) else exc.cause
+    if isinstance(cause, (PipelineError, OSError)):
+        return cause
+    return exc.as_instanceof_cause()
+
+
 @functools.lru_cache(maxsize=None)
 def _remote(fn):
     def on_node(item):
-        return ray.get_runtime_context().get_node_id(), fn(item)
+        try:
+            return ray.get_runtime_context().get_node_id(), fn(item)
+        except PERMANENT as exc:
+            raise NotRetried(exc) from None
 
     on_node.__name__ = on_node.__qualname__ = fn.__name__  # tasks keep their names in the dashboard
     return ray.remote(on_node)

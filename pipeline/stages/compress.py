@@ -14,7 +14,8 @@ import time
 from pipeline.errors import PipelineError
 from pipeline.io.adapters import AdapterRef, discover
 from pipeline.io.location import Location, printable
-from pipeline.io.store import Store
+from pipeline.io.store import LOCK, POINTER, Store
+from pipeline.io.targets import holding_files
 from pipeline.progress import Progress
 from pipeline.runners import Runner
 from pipeline.stages.scan import ScannedAdapter, check_collection, scan_batch
@@ -61,8 +62,19 @@ def chunks(refs: list[AdapterRef], size: int | None) -> list[list[AdapterRef]]:
     return out
 
 
+def check_out(store: Store) -> None:
+    """compress writes a store into a new or empty folder, or a version into an existing store
+    (its LATEST pointer, versions/ or writer LOCK there); never into a folder that holds other files."""
+    where = store.location
+    if where.exists(POINTER) or where.exists("versions") or where.exists(LOCK) or not holding_files(where, [""]):
+        return
+    raise PipelineError(f"--out {where} holds files and is not a store (no {POINTER}, no versions/): compress writes a new "
+                        "store only into a new or empty folder")
+
+
 def compress(source: Location, store: Store, runner: Runner, options: Options = Options(), chunk_size: int | None = None) -> list[Summary]:
     refs = discover(source)
+    check_out(store)
     store.check_writable()
     with store.lock("compress") as lock:
         summaries: list[Summary] = []

@@ -2,6 +2,10 @@
 
 Reads the version's basis objects once per batch and only the batch's rows of the loadings and
 catalog tables. Each adapter keeps its original config file and dtype.
+
+Everything that can be checked is checked before any adapter is rebuilt (`plan_export`): the
+ids against the catalog, the ids that become folder names against the safe-path rule, the target
+folders for files already there, and that --out can be written.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from pipeline import peft_format
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location
 from pipeline.io.safetensors_ranges import DTYPES
-from pipeline.io.store import CATALOG, LOADINGS, Store, basis_key, read_joint
+from pipeline.io.store import CATALOG, LOADINGS, Store, basis_key, is_safe_task_id, read_joint
+from pipeline.io.targets import check_writable, holding_files
 from pipeline.linalg.decompose import reconstruct
 from pipeline.linalg.gauge import cut_rank, joint_rebuild
+
+SHOWN_IDS = 10  # ids named in one error line
 
 
 @dataclass
@@ -27,6 +34,60 @@ class ExportTask:
     version: str
     task_ids: list[str]
     outs: list[Location]
+
+
+def plan_export(
+    store: Store, version: str, task_ids: list[str] | None, out: Location, overwrite: bool = False, batch: int = 16,
+) -> list[ExportTask]:
+    """The batches that export `task_ids` (None: every adapter compressed) of `version` to `out`,
+    after every check, so a refused export writes nothing. One id is written to `out` itself,
+    several to out/<task_id>/. Without `overwrite`, targets that already hold files are refused."""
+    ids = select(store, version, task_ids)
+    if task_ids is not None and len(task_ids) == 1:
+        targets = [""]
+    else:
+        # Ids come from the store's tables; one that is not a safe relative path would be a
+        # folder outside --out. Checked here, where they become paths, whatever read them.
+        unsafe = [t for t in ids if not is_safe_task_id(t)]
+        if unsafe:
+            raise PipelineError(f"{store} {version} holds task id(s) that are not safe relative paths, so not folders under "
+                                f"--out: {_names(unsafe)}; nothing was written (the others export by name)")
+        targets = ids
+    if not overwrite:
+        held = holding_files(out, targets)
+        if held == [""]:
+            raise PipelineError(f"--out {out} already holds files; export writes only into a new or empty folder "
+                                "(--overwrite writes over them)")
+        if held:
+            raise PipelineError(f"{len(held)} target folder(s) under --out {out} already hold files: {_names(held)}; "
+                                "nothing was written (--overwrite writes over them)")
+    if targets == [""]:
+        return [ExportTask(store.location, version, ids, [out])]  # written in-process: a storage error is one line
+    check_writable(out)  # before fanning out, not in every task
+    return [ExportTask(store.location, version, ids[i : i + batch], [out.child(t) for t in ids[i : i + batch]])
+            for i in range(0, len(ids), batch)]
+
+
+def select(store: Store, version: str, task_ids: list[str] | None) -> list[str]:
+    """`task_ids` without repeats, each checked against the catalog (its task_id and status
+    columns alone): unknown and quarantined ids are named in one error. None: every adapter ok."""
+    wanted = None if task_ids is None else list(dict.fromkeys(task_ids))
+    rows = store.read_table(version, CATALOG, wanted, columns=["task_id", "status"]).to_pylist()
+    status = {row["task_id"]: row["status"] for row in rows}
+    if wanted is None:
+        return sorted(t for t, s in status.items() if s == "ok")
+    unknown = [t for t in wanted if t not in status]
+    quarantined = [t for t in wanted if t in status and status[t] != "ok"]
+    problems = [f"no adapter {_names(unknown)}" if unknown else "",
+                f"quarantined, not compressed: {_names(quarantined)}" if quarantined else ""]
+    if unknown or quarantined:
+        raise PipelineError(f"cannot export from {store} version {version}: {'; '.join(p for p in problems if p)}")
+    return wanted
+
+
+def _names(ids: list[str]) -> str:
+    shown = ", ".join(repr(t) for t in ids[:SHOWN_IDS])
+    return shown + (f" and {len(ids) - SHOWN_IDS} more" if len(ids) > SHOWN_IDS else "")
 
 
 def export_batch(task: ExportTask) -> list[str]:
