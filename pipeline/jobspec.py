@@ -63,7 +63,6 @@ JOBS: dict[str, dict[str, Field]] = {
         "store": Field(str, required=True), "out": Field(str, required=True, flag="--out"),
         "task_ids": Field(list), "all": Field(bool, flag="--all"), "version": Field(str, flag="--version"),
         "overwrite": Field(bool, flag="--overwrite"),
-        "overwrite": Field(bool, flag="--overwrite"),
         **_COMMON,
     },
     # python -m jobs.benchmark: its own runner (pipeline.benchmark.run), defaults there.
