@@ -284,9 +284,9 @@ def cmd_rebase(args) -> dict:
 
 
 def cmd_versions(args) -> dict:
-    from pipeline.stages.history import format_versions, list_versions
+    from pipeline.stages.history import format_versions, version_listing
 
-    listing = list_versions(Store(Location(args.store, args.endpoint_url)))
+    listing = version_listing(Store(Location(args.store, args.endpoint_url)))
     if not listing["versions"]:
         raise PipelineError(listing["pointer_problem"] or f"no published versions in {redact(args.store)}")
     if not args.json:

@@ -161,13 +161,17 @@ def is_object_path(path: object) -> bool:
 
 
 def manifest_problems(manifest: object, version: str) -> list[str]:
-    """What makes a parsed manifest unusable: every field a reader relies on, with its type; every
-    file path a store path; every module's basis one of the files. Empty when it is sound."""
+    """What makes a parsed manifest unusable: every field a reader relies on, with its type (fields
+    that early format-1 manifests lack, `operation`, `adapters.in_basis` and a module's `count`,
+    only when present); every file path a store path; every module's basis one of the files.
+    Empty when it is sound."""
     if not isinstance(manifest, dict):
         return [f"not a JSON object ({type(manifest).__name__})"]
     problems = []
 
-    def need(container: dict, key: str, kinds, label: str) -> bool:
+    def need(container: dict, key: str, kinds, label: str, optional: bool = False) -> bool:
+        if optional and key not in container:
+            return False
         value = container.get(key)
         if isinstance(value, bool) or not isinstance(value, kinds):
             problems.append(f"{label} is {'missing' if key not in container else type(value).__name__}")
@@ -183,13 +187,13 @@ def manifest_problems(manifest: object, version: str) -> list[str]:
         problems.append("parent is missing")
     elif parent is not None and not (isinstance(parent, str) and _VERSION_RE.match(parent)):
         problems.append(f"parent {parent!r} is not a version id")
-    for key in ("operation", "created"):
-        need(manifest, key, str, key)
+    need(manifest, "created", str, "created")
+    need(manifest, "operation", str, "operation", optional=True)
     need(manifest, "original_bytes", int, "original_bytes")
     need(manifest, "parameters", dict, "parameters")
     if need(manifest, "adapters", dict, "adapters"):
         for key in ("ok", "quarantined", "in_basis"):
-            need(manifest["adapters"], key, int, f"adapters.{key}")
+            need(manifest["adapters"], key, int, f"adapters.{key}", optional=key == "in_basis")
     files = manifest.get("files")
     if need(manifest, "files", dict, "files"):
         for path, entry in files.items():
@@ -211,7 +215,7 @@ def manifest_problems(manifest: object, version: str) -> list[str]:
                 if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
                     problems.append(f"{label}: {key} is {shape!r}")
             for key in ("k_a", "k_b", "count") + (("width", "core_rank") if entry.get("method") == "joint" else ()):
-                need(entry, key, int, f"{label}.{key}")
+                need(entry, key, int, f"{label}.{key}", optional=key == "count")
             for key in ("explained_variance_a", "explained_variance_b"):
                 need(entry, key, (int, float), f"{label}.{key}")
             need(entry, "svd_route", str, f"{label}.svd_route")

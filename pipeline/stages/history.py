@@ -10,7 +10,12 @@ from pipeline.io.store import PUBLISHED, UNFINISHED, UNREADABLE, Store, check_ve
 log = logging.getLogger(__name__)
 
 
-def list_versions(store: Store) -> dict:
+def list_versions(store: Store) -> list[dict]:
+    """A row per published version whose manifest is sound, oldest first."""
+    return [row for row in version_listing(store)["versions"] if "problem" not in row]
+
+
+def version_listing(store: Store) -> dict:
     """{"versions": a row per published version (sound manifest) and per version whose manifest
     is unreadable (`problem`), oldest first; "pointer_problem": why LATEST names no sound version,
     or None}. Unfinished versions (a run at work or crashed) are not listed."""

@@ -335,3 +335,18 @@ def test_a_run_stopped_by_storage_says_where_its_version_is_and_the_next_run_res
     (store / "versions/v000002/loadings.parquet").rmdir()
     assert run_cli("rebase", store, collection.root / "full") == 0
     assert Store(Location(str(store))).current_version() == "v000002" and run_cli("verify", store) == 0
+
+
+def test_manifests_without_the_fields_early_stores_lack_still_read(collection, tmp_path, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(collection.grown, store)
+    path = store / "versions/v000001/manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["operation"], manifest["adapters"]["in_basis"]
+    for entry in manifest["modules"].values():
+        del entry["count"]
+    path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert run_cli("verify", store, "--all") == 0 and run_cli("versions", store) == 0
+    assert "v000001" in capsys.readouterr().out
+    assert run_cli("rollback", store, "v000001") == 0 and run_cli("export", store, collection.ids[0], "--out", tmp_path / "out") == 0
