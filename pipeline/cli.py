@@ -9,9 +9,9 @@ import re
 import sys
 import traceback
 
+from pipeline import __version__
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location, printable, redact
-from pipeline.io.store import Store
 
 log = logging.getLogger("lora-subspace")
 EXPORT_BATCH = 16
@@ -52,6 +52,7 @@ def _ratio(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-subspace", description="Compress LoRA adapter collections into shared subspaces.")
+    parser.add_argument("--version", action="version", version=f"lora-subspace {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS, or AWS_ENDPOINT_URL)")
     common.add_argument("--verbose", "-v", action="store_true", help="debug logs and tracebacks")
@@ -150,23 +151,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 an error stated in one line (input, storage, store), 2 a usage error
+    (argparse), 130 interrupted."""
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.log_format)
+    json_logs = args.log_format == "json"
+    args.json = args.json or json_logs  # stdout too carries JSON only
     try:
         result = COMMANDS[args.command](args)
-    except (PipelineError, OSError) as exc:
-        # OSError here is storage that failed after every retry: still one line, no secrets.
-        if args.verbose:
-            traceback.print_exc()
-        kind = "" if isinstance(exc, PipelineError) else f"storage: {exc.__class__.__name__}: "
-        print(f"lora-subspace: error: {kind}{redact(str(exc))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("lora-subspace: interrupted", file=sys.stderr)
-        return 130
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure is one line; -v adds the traceback
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        message = "lora-subspace: interrupted" if interrupted else f"lora-subspace: error: {error_line(exc)}"
+        if json_logs:
+            log.error(message, exc_info=args.verbose)
+        else:
+            if args.verbose:
+                traceback.print_exc()
+            print(message, file=sys.stderr)
+        return 130 if interrupted else 1
     if args.json:
-        print(json.dumps(result, indent=1, sort_keys=True, default=str))
+        print(json.dumps(result, indent=None if json_logs else 1, sort_keys=True, default=str))
     return 0
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for any failure, with no secrets: our own errors as they are; storage that failed
+    after every retry, and missing credentials, by kind; anything else named as unexpected."""
+    if isinstance(exc, PipelineError):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        text = f"storage: {exc.__class__.__name__}: {exc}"
+    elif exc.__class__.__module__.startswith("botocore"):
+        text = f"storage: {exc.__class__.__name__}: {exc}"
+    else:
+        text = f"unexpected {exc.__class__.__name__}: {exc} (run again with -v for the traceback, and report it)"
+    lines = redact(text).strip().splitlines()
+    return lines[0] if lines else exc.__class__.__name__
 
 
 class JsonFormatter(logging.Formatter):
@@ -175,6 +195,8 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
                  "logger": record.name, "message": redact(record.getMessage())}
+        if record.exc_info:
+            entry["traceback"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry)
 
 
@@ -183,22 +205,40 @@ def configure_logging(verbose: bool, log_format: str = "text") -> None:
     credentials included, so other libraries stay at INFO."""
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if log_format == "json":
+        from pipeline import progress
+
+        progress.BARS = False  # a terminal's progress bar is not a JSON line
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter())
     logging.getLogger().setLevel(logging.INFO)
+    for name in ("botocore", "aiobotocore"):  # "Found credentials in ..." on every run is noise
+        logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("pipeline", "lora-subspace"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _ray(args, *locations: Location):
-    """The runner, after checking that its tasks will find the local paths among `locations`."""
-    from pipeline.runners.ray_runner import RayRunner
+def _store(uri: str, endpoint_url: str | None):
+    from pipeline.io.store import Store  # imported on use: `--help` and `--version` stay fast
 
-    runner = RayRunner(args.address, args.num_cpus)
-    runner.check_local_paths([location.root for location in locations if location.is_local])
-    if runner.dashboard_url:
-        log.info("Ray dashboard: %s", runner.dashboard_url)
-    return runner
+    return Store(Location(uri, endpoint_url))
+
+
+def _ray(args, *locations: Location):
+    """A runner that joins or starts Ray on its first task, so that input checks before it fail in
+    a moment, not after Ray's start; on start, it checks that its tasks will find the local paths
+    among `locations`."""
+    from pipeline.runners import LazyRunner
+
+    def start():
+        from pipeline.runners.ray_runner import RayRunner
+
+        runner = RayRunner(args.address, args.num_cpus, quiet=args.log_format == "json")
+        runner.check_local_paths([location.root for location in locations if location.is_local])
+        if runner.dashboard_url:
+            log.info("Ray dashboard: %s", runner.dashboard_url)
+        return runner
+
+    return LazyRunner(start)
 
 
 def cmd_compress(args) -> dict:
@@ -213,7 +253,7 @@ def cmd_compress(args) -> dict:
     rule = ComponentRule(args.components, args.variance_threshold, args.adaptive)
     options = Options(rule, args.memory_budget, args.strict, args.svd_route, quantize=args.quantize, method=args.method,
                       ratio=args.ratio, budget_bytes=args.budget_bytes)
-    source, store = Location(args.source, args.endpoint_url), Store(Location(args.out, args.endpoint_url))
+    source, store = Location(args.source, args.endpoint_url), _store(args.out, args.endpoint_url)
     summaries = [s.to_dict() for s in compress(source, store, _ray(args, source, store.location), options, args.chunk_size)]
     if not args.json:
         for summary in summaries:
@@ -249,7 +289,7 @@ def _grow(args, operation: str, **flags) -> dict:
     from pipeline.stages.rebase import grow
     from pipeline.stages.version import Options
 
-    source, store = Location(args.source, args.endpoint_url), Store(Location(args.store, args.endpoint_url))
+    source, store = Location(args.source, args.endpoint_url), _store(args.store, args.endpoint_url)
     options = Options(memory_budget=args.memory_budget, strict=args.strict, max_error=getattr(args, "max_error", None))
     result = grow(source, store, _ray(args, source, store.location), operation, options, dry_run=args.dry_run, **flags)
     if not args.json:
@@ -286,9 +326,12 @@ def cmd_rebase(args) -> dict:
 def cmd_versions(args) -> dict:
     from pipeline.stages.history import format_versions, version_listing
 
-    listing = version_listing(Store(Location(args.store, args.endpoint_url)))
+    store = _store(args.store, args.endpoint_url)
+    listing = version_listing(store)
     if not listing["versions"]:
-        raise PipelineError(listing["pointer_problem"] or f"no published versions in {redact(args.store)}")
+        bucket = store.missing_bucket()
+        raise PipelineError(listing["pointer_problem"] or (f"bucket {bucket!r} does not exist (store {store})" if bucket else
+                                                           f"no published versions in {store}"))
     if not args.json:
         print(format_versions(listing["versions"], listing["pointer_problem"]))
     return listing
@@ -297,7 +340,7 @@ def cmd_versions(args) -> dict:
 def cmd_verify(args) -> dict:
     from pipeline.stages.verify import verify_store
 
-    store = Store(Location(args.store, args.endpoint_url))
+    store = _store(args.store, args.endpoint_url)
     reports = verify_store(store, args.version, args.all)
     bad = [r for r in reports if r["failures"]]
     if not args.json:
@@ -317,7 +360,7 @@ def cmd_verify(args) -> dict:
 def cmd_report(args) -> dict:
     from pipeline.stages.report import write_report
 
-    store = Store(Location(args.store, args.endpoint_url))
+    store = _store(args.store, args.endpoint_url)
     out = Location(args.out, args.endpoint_url)
     version = write_report(store, args.version, out)
     if not args.json:
@@ -328,7 +371,7 @@ def cmd_report(args) -> dict:
 def cmd_rollback(args) -> dict:
     from pipeline.stages.history import rollback
 
-    result = rollback(Store(Location(args.store, args.endpoint_url)), args.version)
+    result = rollback(_store(args.store, args.endpoint_url), args.version)
     if not args.json:
         print(f"{redact(args.store)} now points at {result['version']} (was {result['previous'] or 'no readable version'})")
     return result
@@ -337,7 +380,7 @@ def cmd_rollback(args) -> dict:
 def cmd_prune(args) -> dict:
     from pipeline.stages.history import prune
 
-    result = prune(Store(Location(args.store, args.endpoint_url)), args.keep)
+    result = prune(_store(args.store, args.endpoint_url), args.keep)
     if not args.json:
         print(f"removed {len(result['removed'])} version(s) ({result['bytes_freed']:,} bytes); kept {', '.join(result['kept'])}")
     return result
@@ -346,7 +389,7 @@ def cmd_prune(args) -> dict:
 def cmd_info(args) -> dict:
     from pipeline.stages.info import describe, format_info
 
-    info = describe(Store(Location(args.store, args.endpoint_url)), args.version)
+    info = describe(_store(args.store, args.endpoint_url), args.version)
     if not args.json:
         print(format_info(info))
     return info
@@ -357,7 +400,7 @@ def cmd_export(args) -> dict:
 
     if bool(args.all) == bool(args.task_ids):
         raise PipelineError("export needs TASK_IDs or --all (not both)")
-    store = Store(Location(args.store, args.endpoint_url))
+    store = _store(args.store, args.endpoint_url)
     version = store.require_version(args.version)
     out = Location(args.out, args.endpoint_url)
     # Every check (ids, targets, --out writable) before Ray starts or anything is written.
@@ -375,7 +418,8 @@ def cmd_quantize(args) -> dict:
     from pipeline.stages import snapshot
     from pipeline.stages.info import version_bytes
 
-    store = Store(Location(args.store, args.endpoint_url))
+    store = _store(args.store, args.endpoint_url)
+    _refuse_joint(store, None, "quantize packs flat bases only", "compress the collection again with --quantize int8 or nf4")
     sub = snapshot.load(args.store, None, args.endpoint_url)
     try:
         sub.quantize(args.bits)
@@ -394,14 +438,27 @@ def cmd_quantize(args) -> dict:
     return result
 
 
+def _refuse_joint(store, version: str | None, why: str, instead: str) -> None:
+    """Commands that go through the in-process Subspace, which reads flat and aligned modules."""
+    version = store.require_version(version)
+    joint = sorted(m for m, e in store.manifest(version)["modules"].items() if e.get("method") == "joint")
+    if joint:
+        raise PipelineError(f"{store} {version} has {len(joint)} joint module(s) (e.g. {joint[0]!r}): {why}; {instead}")
+
+
 def cmd_vlora_import(args) -> dict:
     from pipeline.stages import snapshot
     from pipeline.vlora_format import read_vlora
 
+    store = _store(args.store, args.endpoint_url)
+    current = store.current_version()
+    if current is not None and not args.replace:
+        raise PipelineError(f"store {store} already has versions (current {current}): add --replace to publish the "
+                            "imported subspace as its next version (earlier versions stay, for rollback)")
     sub = read_vlora(args.folder, args.endpoint_url)
     version = snapshot.save(sub, args.store, args.endpoint_url, replace=args.replace, operation="vlora-import")
     if not args.json:
-        print(f"{version} (vlora-import) published to {Store(Location(args.store, args.endpoint_url))}: "
+        print(f"{version} (vlora-import) published to {_store(args.store, args.endpoint_url)}: "
               f"{len(sub.task_ids)} tasks, {len(sub.modules)} modules")
     return {"version": version, "tasks": len(sub.task_ids), "modules": len(sub.modules)}
 
@@ -411,6 +468,8 @@ def cmd_vlora_export(args) -> dict:
     from pipeline.vlora_format import check_folder, write_vlora
 
     check_folder(args.folder, args.endpoint_url, args.overwrite)  # before loading the version
+    _refuse_joint(_store(args.store, args.endpoint_url), args.version, "vlora's layout holds flat bases only",
+                  "export its adapters as PEFT folders with `lora-subspace export --all`")
     sub = snapshot.load(args.store, args.version, args.endpoint_url)
     written = write_vlora(sub, args.folder, args.endpoint_url, args.overwrite)
     if not args.json:
@@ -421,7 +480,7 @@ def cmd_vlora_export(args) -> dict:
 def cmd_evaluate(args) -> dict:
     from pipeline.stages.evaluate import evaluate, format_evaluation
 
-    store, source = Store(Location(args.store, args.endpoint_url)), Location(args.source, args.endpoint_url)
+    store, source = _store(args.store, args.endpoint_url), Location(args.source, args.endpoint_url)
     result = evaluate(store, source, _ray(args, store.location, source), args.holdout, args.seed)
     if not args.json:
         print(format_evaluation(result))

@@ -13,10 +13,12 @@ import posixpath
 import re
 import uuid
 from dataclasses import dataclass
-
-import fsspec
+from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    import fsspec
 
 _USERINFO_RE = re.compile(r"(?<=://)[^/@]+@")
 _QUERY_RE = re.compile(r"\?.*$")
@@ -142,6 +144,8 @@ def _filesystem(protocol: str, endpoint_url: str | None) -> fsspec.AbstractFileS
             "connect_timeout": float(os.environ.get("LORA_SUBSPACE_S3_CONNECT_TIMEOUT", 10)),
             "read_timeout": float(os.environ.get("LORA_SUBSPACE_S3_READ_TIMEOUT", 60)),
         }
+    import fsspec  # on first use: the CLI's --help and --version do not pay for it
+
     try:
         return fsspec.filesystem(protocol, **options)
     except (ImportError, ValueError) as exc:

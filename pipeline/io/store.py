@@ -326,8 +326,21 @@ class Store:
             return check_version_id(version)
         version = self.current_version()
         if version is None:
+            bucket = self.missing_bucket()
+            if bucket:
+                raise PipelineError(f"bucket {bucket!r} does not exist (store {self}); check the name, region and --endpoint-url")
             raise PipelineError(f"no store at {self} (no {POINTER} pointer): run `lora-subspace compress` first")
         return version
+
+    def missing_bucket(self) -> str | None:
+        """The store's bucket when it is on object storage and the bucket does not exist."""
+        if self.location.is_local:
+            return None
+        bucket = self.location.root.split("/", 1)[0]
+        try:
+            return None if self.location.fs.exists(bucket) else bucket
+        except OSError:
+            return None  # unknown: the caller's own message stands
 
     def versions(self) -> list[str]:
         fs = self.location.fs
@@ -611,13 +624,20 @@ class Store:
         statistics exclude them are not read)."""
         where = self.version_location(version)
         filters = [("task_id", "in", list(task_ids))] if task_ids is not None else None
+        # The catalog keeps quarantined adapters under the id they came with, safe or not (it is
+        # never a path: they have no loadings and are never exported); every other id must be safe.
+        with_status = name == CATALOG and columns is not None and "task_id" in columns and "status" not in columns
+        read = columns + ["status"] if with_status else columns
         try:
-            table = pq.read_table(where.path(name), filesystem=where.fs, columns=columns, filters=filters, page_checksum_verification=True)
+            table = pq.read_table(where.path(name), filesystem=where.fs, columns=read, filters=filters, page_checksum_verification=True)
             if "task_id" in table.column_names:
-                bad = unsafe_task_ids(table.column("task_id"))
+                ids = table.column("task_id")
+                if "status" in table.column_names:
+                    ids = pc.filter(ids, pc.fill_null(pc.equal(table.column("status"), "ok"), True))
+                bad = unsafe_task_ids(ids)
                 if bad:
                     safe_task_id(bad[0], where.uri_of(where.path(name)))
-            return table
+            return table.drop_columns(["status"]) if with_status else table
         except FileNotFoundError:
             raise PipelineError(f"version {version} of {self} has no {name}") from None
         except (OSError, pa.ArrowInvalid) as exc:

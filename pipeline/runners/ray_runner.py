@@ -31,14 +31,20 @@ class NotRetried(Exception):
 
 
 class RayRunner:
-    """Joins the cluster at `address` (or RAY_ADDRESS); without one, starts an embedded local Ray."""
+    """Joins the cluster at `address` (or RAY_ADDRESS); without one, starts an embedded local Ray.
+    `quiet`: nothing of Ray's is printed but through the logging handlers (--log-format json)."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None):
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, quiet: bool = False):
         if not ray.is_initialized():
             # "local" starts a new embedded cluster, never one that `ray start` left on this machine.
             address = address or os.environ.get("RAY_ADDRESS") or "local"
             local = {"num_cpus": num_cpus, "include_dashboard": False} if address == "local" else {}
-            context = ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **local)
+            if quiet:
+                # Ray's own records (its start-up warnings) go through our handlers, JSON included;
+                # workers' output stays in Ray's session logs instead of being printed here raw.
+                logging.getLogger("ray").handlers.clear()
+                logging.getLogger("ray").propagate = True
+            context = ray.init(address=address, logging_level=logging.WARNING, log_to_driver=not quiet, **local)
             self.dashboard_url = context.dashboard_url or None
         else:
             self.dashboard_url = None
@@ -93,15 +99,6 @@ class RayRunner:
             yield index, result
 
 
-def _other_hosts() -> list[str]:
-    """Addresses of the live nodes that can run tasks and are not on the driver's host."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    me = ray.get_runtime_context().get_node_id()
-    mine = {n["NodeManagerAddress"] for n in nodes if n["NodeID"] == me}
-    workers = {n["NodeManagerAddress"] for n in nodes if any(n.get("Resources", {}).get(r, 0) > 0 for r in ("CPU", "GPU"))}
-    return sorted(workers - mine)
-
-
 def application_error(exc: RayTaskError) -> BaseException:
     """The task's own error for what users see as one line (PipelineError, OSError), without
     Ray's wrapping, whose text is the remote traceback; anything else (a bug) keeps it."""
@@ -109,6 +106,15 @@ def application_error(exc: RayTaskError) -> BaseException:
     if isinstance(cause, (PipelineError, OSError)):
         return cause
     return exc.as_instanceof_cause()
+
+
+def _other_hosts() -> list[str]:
+    """Addresses of the live nodes that can run tasks and are not on the driver's host."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    me = ray.get_runtime_context().get_node_id()
+    mine = {n["NodeManagerAddress"] for n in nodes if n["NodeID"] == me}
+    workers = {n["NodeManagerAddress"] for n in nodes if any(n.get("Resources", {}).get(r, 0) > 0 for r in ("CPU", "GPU"))}
+    return sorted(workers - mine)
 
 
 @functools.lru_cache(maxsize=None)

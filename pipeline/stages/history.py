@@ -26,27 +26,42 @@ def version_listing(store: Store) -> dict:
             rows.append({"version": s.version, "current": s.version == survey.current, "problem": s.problem})
         elif s.state == PUBLISHED:
             m = s.manifest
-            ks = [k for e in m["modules"].values() for k in (e["k_a"], e["k_b"])]
+            flat = [e for e in m["modules"].values() if e.get("method") != "joint"]
+            ks = [k for e in flat for k in (e["k_a"], e["k_b"])]
             rows.append({
                 "version": m["version"], "parent": m["parent"], "created": m["created"], "operation": m.get("operation", "compress"),
-                "adapters": m["adapters"], "k": [min(ks), max(ks)] if ks else [0, 0], "error": m.get("error") or {},
-                "current": m["version"] == survey.current,
+                "adapters": m["adapters"], "k": [min(ks), max(ks)] if ks else None, "bases": bases_label(m["modules"]),
+                "error": m.get("error") or {}, "current": m["version"] == survey.current,
             })
     return {"versions": rows, "pointer_problem": survey.problem if rows or survey.current else None}
 
 
+def bases_label(modules: dict[str, dict]) -> str:
+    """What a version's modules keep, as `info` names it: `k 8` for flat and aligned modules, `c 21
+    q 2` for joint ones (width and core rank), ranges where modules differ."""
+
+    def span(values: list[int]) -> str:
+        return f"{min(values)}" if min(values) == max(values) else f"{min(values)}..{max(values)}"
+
+    flat = [e for e in modules.values() if e.get("method") != "joint"]
+    joint = [e for e in modules.values() if e.get("method") == "joint"]
+    parts = [f"k {span([k for e in flat for k in (e['k_a'], e['k_b'])])}"] if flat else []
+    if joint:
+        parts.append(f"c {span([e['width'] for e in joint])} q {span([e['core_rank'] for e in joint])}")
+    return "; ".join(parts) or "-"
+
+
 def format_versions(rows: list[dict], pointer_problem: str | None = None) -> str:
-    lines = [f"{'':2}{'version':9} {'created':25} {'operation':12} {'parent':9} {'adapters':>8} {'quar.':>5} {'k':>7} {'err mean':>9} {'p95':>7} {'max':>7}"]
+    lines = [f"{'':2}{'version':9} {'created':25} {'operation':12} {'parent':9} {'adapters':>8} {'quar.':>5} {'bases':>12} {'err mean':>9} {'p95':>7} {'max':>7}"]
     for r in rows:
         mark = '*' if r['current'] else ' '
         if "problem" in r:
             lines.append(f"{mark} {r['version']:9} unreadable: {r['problem']}")
             continue
-        k = f"{r['k'][0]}" if r["k"][0] == r["k"][1] else f"{r['k'][0]}..{r['k'][1]}"
         e = r["error"]
         lines.append(
             f"{mark} {r['version']:9} {r['created']:25} {r['operation']:12} {r['parent'] or '-':9} "
-            f"{r['adapters']['ok']:8d} {r['adapters']['quarantined']:5d} {k:>7} "
+            f"{r['adapters']['ok']:8d} {r['adapters']['quarantined']:5d} {r['bases']:>12} "
             f"{e.get('mean', float('nan')):9.4f} {e.get('p95', float('nan')):7.4f} {e.get('max', float('nan')):7.4f}"
         )
     if pointer_problem:

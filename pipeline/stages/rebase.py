@@ -125,6 +125,7 @@ def grow(
 ) -> dict:
     """project or rebase: returns {"diff": ..., "versions": [summaries]} (no versions for a dry
     run or when nothing changed)."""
+    store.require_version()  # a missing store fails before the source is listed
     refs = _with_files(discover(source), runner)
     if dry_run:
         catalog = _catalog(store, store.require_version())

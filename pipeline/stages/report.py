@@ -53,9 +53,9 @@ def render(info: dict, history: list[dict]) -> str:
         _table(("task id", "reason"), sorted(info["quarantined"].items())) if info["quarantined"] else "<p>None.</p>",
         "<h2>Version history</h2>",
         _bars([r["version"] for r in history], [[r["error"].get("mean", 0.0) for r in history]], ("mean error",)),
-        _table(("version", "created", "operation", "parent", "adapters", "quarantined", "k", "mean error"), [
+        _table(("version", "created", "operation", "parent", "adapters", "quarantined", "bases", "mean error"), [
             (r["version"] + (" *" if r["current"] else ""), r["created"], r["operation"], r["parent"] or "-", r["adapters"]["ok"],
-             r["adapters"]["quarantined"], f"{r['k'][0]}..{r['k'][1]}", f"{r['error'].get('mean', float('nan')):.4f}")
+             r["adapters"]["quarantined"], r["bases"], f"{r['error'].get('mean', float('nan')):.4f}")
             for r in history
         ]),
         f"<p class=foot>lora-subspace {__version__}, {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</p>",

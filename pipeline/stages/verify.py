@@ -34,7 +34,9 @@ def verify_store(store: Store, version: str | None = None, every: bool = False) 
     survey = store.survey()
     checked = [s.version for s in survey.versions if s.state in (PUBLISHED, UNREADABLE)]
     if not checked:
-        raise PipelineError(f"verify: nothing to verify: no published version in {store}" + (f" ({survey.problem})" if survey.problem else ""))
+        bucket = store.missing_bucket()
+        where = f"bucket {bucket!r} does not exist (store {store})" if bucket else f"no published version in {store}"
+        raise PipelineError(f"verify: nothing to verify: {where}" + (f" ({survey.problem})" if survey.problem else ""))
     reports = [{"store": str(store), "version": POINTER, "files": None, "failures": [survey.problem]}] if survey.problem else []
     return reports + [verify(store, v) for v in checked]
 

@@ -104,6 +104,7 @@ class Summary:
     flagged: dict[str, float]
     changes: dict[str, int]
     seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)  # what the user asked for and did not get, and why
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -434,10 +435,33 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
     seconds["publish"] = time.perf_counter() - t1
     seconds["assemble"] = t1 - t0
     log.info("published %s (%s): %d adapters, %d quarantined", version, change.operation, catalog.ok, catalog.quarantined)
+    notes = capacity_notes(manifest, options.rule.components if change.mode == "fit" else None)
+    for note in notes:
+        log.warning("%s: %s", version, note)
     return Summary(
         change.operation, version, change.parent, str(store), catalog.ok, catalog.quarantined, quarantined, kept_previous,
         len(modules), len(results), error, read_error, read_errors, flagged, change.counts, {k: round(v, 3) for k, v in seconds.items()},
+        notes,
     )
+
+
+def capacity_notes(manifest: dict, components: int | None) -> list[str]:
+    """What a user would not otherwise notice: fewer components kept than asked for, and a version
+    that takes more bytes than the adapters it holds."""
+    notes = []
+    flat = {m: e for m, e in manifest["modules"].items() if e.get("method", "flat") != "joint"}
+    capped = {m: max(e["k_a"], e["k_b"]) for m, e in flat.items() if components and max(e["k_a"], e["k_b"]) < components}
+    if capped:
+        rows = manifest["adapters"]["in_basis"]
+        low, high = min(capped.values()), max(capped.values())
+        notes.append(f"--components {components}: k capped at {low if low == high else f'{low}..{high}'} in {len(capped)} of "
+                     f"{len(flat)} module(s): the centred factors of {rows} adapter(s) have at most {max(rows - 1, 0)} directions "
+                     "with variance, and directions without any are not stored")
+    stored = sum(entry["bytes"] for entry in manifest["files"].values())
+    if manifest["original_bytes"] and stored >= manifest["original_bytes"]:
+        notes.append(f"the version takes {stored:,} bytes, not less than the {manifest['original_bytes']:,} of the adapters it "
+                     "holds: keep fewer components (--components, --variance-threshold) or give a budget (--ratio)")
+    return notes
 
 
 def manifest_fields(version: str, parent: str | None, operation: str) -> dict:

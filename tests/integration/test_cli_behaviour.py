@@ -119,3 +119,37 @@ def test_capped_components_and_a_store_larger_than_its_input_are_noted(tmp_path,
     notes = " ".join(result["notes"])
     assert "k capped at 3" in notes and "4 adapter(s) have at most 3 directions" in notes
     assert "not less than the" in notes
+
+
+@pytest.mark.parametrize("command", [["info", "{store}"], ["versions", "{store}"], ["verify", "{store}", "--all"],
+                                     ["rebase", "{store}", str(MINILM)], ["export", "{store}", "x", "--out", "{tmp}/x"]])
+def test_a_missing_bucket_says_so(command, s3_endpoint, tmp_path, capsys):
+    args = [a.format(store="s3://no-such-bucket-here/store", tmp=tmp_path) for a in command]
+    assert run_cli(*args, "--endpoint-url", s3_endpoint) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "bucket 'no-such-bucket-here' does not exist" in err
+
+
+def test_messages_name_the_cli_options_and_joint_stores_read_as_info_does(runner, tmp_path, capsys):
+    from conftest import make_collection
+
+    make_collection(tmp_path / "src", 12, preset="micro", structure="gauge", shared_dim=3)
+    store = tmp_path / "joint"
+    assert run_cli("compress", tmp_path / "src", "--out", store, "--method", "joint", "--components", 8) == 0
+    capsys.readouterr()
+    assert run_cli("versions", store, "--json") == 0
+    listing = json.loads(capsys.readouterr().out)["versions"][0]
+    assert listing["bases"].startswith("c 8 q ") and listing["k"] is None
+    assert run_cli("quantize", store, "--bits", "8") == 1
+    err = capsys.readouterr().err
+    assert "joint module(s)" in err and "--quantize" in err and "Python API" not in err
+    assert run_cli("vlora-export", store, tmp_path / "vlora") == 1
+    assert "flat bases only" in capsys.readouterr().err and not (tmp_path / "vlora").exists()
+    flat = tmp_path / "flat"
+    assert run_cli("compress", tmp_path / "src", "--out", flat, "--components", 3) == 0
+    assert run_cli("vlora-export", flat, tmp_path / "vlora") == 0
+    capsys.readouterr()
+    assert run_cli("vlora-import", tmp_path / "vlora", flat) == 1
+    err = capsys.readouterr().err
+    assert "--replace" in err and "replace=True" not in err
