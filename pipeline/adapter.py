@@ -43,7 +43,10 @@ class Adapter:
         for module in self.lora_a:
             a, b = self.lora_a[module], self.lora_b[module]
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or 0 in (*a.shape, *b.shape):
-                raise AdapterError(f"module {module!r}: shapes lora_A {list(a.shape)} and lora_B {list(b.shape)} do not form a LoRA pair")
+                raise AdapterError(
+                    f"module {module!r}: shapes lora_A {list(a.shape)} and lora_B {list(b.shape)} "
+                    "do not form a LoRA pair"
+                )
         if not self.config_text and self.config is not None:
             self.config_text = json.dumps(self.config, indent=2)
 
@@ -84,7 +87,9 @@ class Adapter:
                 raise AdapterError(f"{key!r} is not a LoRA factor; it would be lost by compression")
             module, side = parsed
             if module in factors[side]:
-                raise AdapterError(f"module {module!r} has two lora_{side} tensors (several adapter names in one state dict?)")
+                raise AdapterError(
+                    f"module {module!r} has two lora_{side} tensors (several adapter names in one state dict?)"
+                )
             factors[side][module] = tensor
         return cls(factors["A"], factors["B"], config)
 
@@ -98,14 +103,20 @@ class Adapter:
         if not scanned.ok:
             raise AdapterError(f"{location}: {scanned.reason}")
         adapter = cls.from_state_dict(load_safetensors(location.read_bytes(peft_format.WEIGHTS_FILE)), scanned.config)
-        adapter.uri, adapter.config_text, adapter.weights_bytes = str(location), scanned.config_text, scanned.weights_bytes
+        adapter.uri, adapter.config_text, adapter.weights_bytes = (
+            str(location),
+            scanned.config_text,
+            scanned.weights_bytes,
+        )
         return adapter
 
     def save(self, uri: str, endpoint_url: str | None = None) -> None:
         """Write as a PEFT folder (weights, then config) that peft, vLLM, LoRAX and TGI load."""
         from pipeline.stages.export import write_peft_folder
 
-        config = self.config_text or json.dumps(peft_format.minimal_config({m: a.shape[0] for m, a in self.lora_a.items()}, None), indent=2)
+        config = self.config_text or json.dumps(
+            peft_format.minimal_config({m: a.shape[0] for m, a in self.lora_a.items()}, None), indent=2
+        )
         write_peft_folder(Location(uri, endpoint_url), self.state_dict(), config)
 
 

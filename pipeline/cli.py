@@ -51,52 +51,91 @@ def _ratio(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-subspace", description="Compress LoRA adapter collections into shared subspaces.")
+    parser = argparse.ArgumentParser(
+        prog="lora-subspace", description="Compress LoRA adapter collections into shared subspaces."
+    )
     parser.add_argument("--version", action="version", version=f"lora-subspace {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS, or AWS_ENDPOINT_URL)")
     common.add_argument("--verbose", "-v", action="store_true", help="debug logs and tracebacks")
     common.add_argument("--json", action="store_true", help="print the result as JSON")
-    common.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one JSON object per log line")
+    common.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="json: one JSON object per log line"
+    )
     ray_options = argparse.ArgumentParser(add_help=False)
     ray_options.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     ray_options.add_argument("--num-cpus", type=_positive, help="CPUs of the embedded local Ray (default: all)")
     writing = argparse.ArgumentParser(add_help=False)
-    writing.add_argument("--memory-budget", type=parse_size, default=parse_size("1GiB"), help="stacked bytes per shard task (default 1GiB)")
+    writing.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        default=parse_size("1GiB"),
+        help="stacked bytes per shard task (default 1GiB)",
+    )
     writing.add_argument("--strict", action="store_true", help="fail on any quarantined adapter")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", parents=[common, ray_options, writing], help="build a new store version from a collection")
+    c = sub.add_parser(
+        "compress", parents=[common, ray_options, writing], help="build a new store version from a collection"
+    )
     c.add_argument("source", help="folder or manifest (.txt/.parquet) of PEFT adapters: path, file:// or s3://")
     c.add_argument("--out", required=True, help="store URI (path, file:// or s3://)")
     k = c.add_mutually_exclusive_group()
     k.add_argument("--components", type=_positive, help="components per module and side")
     k.add_argument("--variance-threshold", type=_fraction, default=0.6, help="explained variance to keep (default 0.6)")
-    k.add_argument("--ratio", type=_ratio, help="byte budget: store at most 1/RATIO of the adapters' tensor bytes; each module gets "
-                   "the method and parameters of lowest delta-W error that fit")
-    k.add_argument("--budget-bytes", type=parse_size, help="byte budget in bytes (e.g. 200MiB), shared by modules as --ratio is")
+    k.add_argument(
+        "--ratio",
+        type=_ratio,
+        help="byte budget: store at most 1/RATIO of the adapters' tensor bytes; each module gets "
+        "the method and parameters of lowest delta-W error that fit",
+    )
+    k.add_argument(
+        "--budget-bytes", type=parse_size, help="byte budget in bytes (e.g. 200MiB), shared by modules as --ratio is"
+    )
     c.add_argument("--adaptive", action="store_true", help="choose k per module from the variance threshold")
     c.add_argument("--svd-route", default="auto", choices=["auto", "gram", "covariance", "svd", "randomized"])
-    c.add_argument("--method", choices=["auto", "flat", "aligned", "joint"], default="auto",
-                   help="auto (default): flat, or with a budget whichever of flat and joint fits it with less error; flat: vlora's; "
-                   "aligned: every adapter's factors put in one gauge first (needs --components); joint: shared bases of delta W "
-                   "(width --components, or from the budget)")
-    c.add_argument("--quantize", choices=["int8", "nf4"], help="store the components packed: int8 (4x smaller) or nf4 (7.5x)")
-    c.add_argument("--chunk-size", type=_positive, help="adapters per step: the first chunk is compressed, the rest absorbed "
-                   "incrementally, each publishing a version (bounds memory whatever the collection's size)")
+    c.add_argument(
+        "--method",
+        choices=["auto", "flat", "aligned", "joint"],
+        default="auto",
+        help="auto (default): flat, or with a budget whichever of flat and joint fits it with less error; "
+        "flat: vlora's; aligned: every adapter's factors put in one gauge first (needs --components); "
+        "joint: shared bases of delta W (width --components, or from the budget)",
+    )
+    c.add_argument(
+        "--quantize", choices=["int8", "nf4"], help="store the components packed: int8 (4x smaller) or nf4 (7.5x)"
+    )
+    c.add_argument(
+        "--chunk-size",
+        type=_positive,
+        help="adapters per step: the first chunk is compressed, the rest absorbed "
+        "incrementally, each publishing a version (bounds memory whatever the collection's size)",
+    )
 
     grow = argparse.ArgumentParser(add_help=False)
     grow.add_argument("store", help="store URI (path, file:// or s3://)")
     grow.add_argument("source", help="the collection, as given to compress: new and changed adapters are found in it")
     grow.add_argument("--dry-run", action="store_true", help="print what would change and write nothing")
-    p = sub.add_parser("project", parents=[common, ray_options, grow, writing], help="add new adapters on the current basis (basis unchanged)")
-    p.add_argument("--max-error", type=float, help="flag new adapters above this delta-W error (default: twice the store's p95)")
-    r = sub.add_parser("rebase", parents=[common, ray_options, grow, writing], help="absorb new adapters into the basis")
-    r.add_argument("--full", action="store_true", help="recompute the basis over the stored adapters (rebuilt) and the new ones")
+    p = sub.add_parser(
+        "project",
+        parents=[common, ray_options, grow, writing],
+        help="add new adapters on the current basis (basis unchanged)",
+    )
+    p.add_argument(
+        "--max-error", type=float, help="flag new adapters above this delta-W error (default: twice the store's p95)"
+    )
+    r = sub.add_parser(
+        "rebase", parents=[common, ray_options, grow, writing], help="absorb new adapters into the basis"
+    )
+    r.add_argument(
+        "--full", action="store_true", help="recompute the basis over the stored adapters (rebuilt) and the new ones"
+    )
     r.add_argument("--from-source", action="store_true", help="with --full: read every adapter from its original files")
     r.add_argument("--chunk-size", type=_positive, help="absorb new adapters this many at a time, a version each")
 
-    vf = sub.add_parser("verify", parents=[common], help="check a version's objects against their checksums and invariants")
+    vf = sub.add_parser(
+        "verify", parents=[common], help="check a version's objects against their checksums and invariants"
+    )
     vf.add_argument("store")
     vf.add_argument("--version", help="a version id (default: current)")
     vf.add_argument("--all", action="store_true", help="every published version")
@@ -115,19 +154,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", parents=[common, ray_options], help="write adapters back as PEFT folders")
     e.add_argument("store")
-    e.add_argument("task_ids", nargs="*", metavar="TASK_ID",
-                   help="the adapter(s) to export: one is written to OUT itself, several to OUT/<task_id>/")
+    e.add_argument(
+        "task_ids",
+        nargs="*",
+        metavar="TASK_ID",
+        help="the adapter(s) to export: one is written to OUT itself, several to OUT/<task_id>/",
+    )
     e.add_argument("--all", action="store_true", help="export every adapter (Ray-parallel) into OUT/<task_id>/")
     e.add_argument("--out", required=True, help="folder to write (path, file:// or s3://)")
     e.add_argument("--version", help="a version id (default: current)")
-    e.add_argument("--overwrite", action="store_true", help="write into target folders that already hold files "
-                   "(by default export refuses them: a rebuilt adapter would replace what is there)")
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into target folders that already hold files "
+        "(by default export refuses them: a rebuilt adapter would replace what is there)",
+    )
 
     q = sub.add_parser("quantize", parents=[common], help="publish a version with the components packed (int8 or nf4)")
     q.add_argument("store")
-    q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8: int8 with a scale per component; 4: nf4 in blocks of 64")
+    q.add_argument(
+        "--bits",
+        type=int,
+        choices=[8, 4],
+        required=True,
+        help="8: int8 with a scale per component; 4: nf4 in blocks of 64",
+    )
 
-    vi = sub.add_parser("vlora-import", parents=[common], help="publish a folder written by vlora's SharedSubspace.save as a version")
+    vi = sub.add_parser(
+        "vlora-import", parents=[common], help="publish a folder written by vlora's SharedSubspace.save as a version"
+    )
     vi.add_argument("folder", help="the vlora folder (subspace_meta.json, subspace.safetensors, task_*.safetensors)")
     vi.add_argument("store")
     vi.add_argument("--replace", action="store_true", help="publish over a store that already has versions")
@@ -137,8 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--version", help="a version id (default: current)")
     ve.add_argument("--overwrite", action="store_true", help="write into FOLDER even if it already holds files")
 
-    ev = sub.add_parser("evaluate", parents=[common, ray_options], help="held-out delta-W error of a basis built like the store's, against baselines")
-    ev.add_argument("store", help="the store whose method and parameters (k, budget, quantization) the basis is built with")
+    ev = sub.add_parser(
+        "evaluate",
+        parents=[common, ray_options],
+        help="held-out delta-W error of a basis built like the store's, against baselines",
+    )
+    ev.add_argument(
+        "store", help="the store whose method and parameters (k, budget, quantization) the basis is built with"
+    )
     ev.add_argument("source", help="the collection (folder or manifest, as compress takes it)")
     ev.add_argument("--holdout", type=_fraction, default=0.1, help="fraction of adapters held out (default 0.1)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
@@ -193,8 +254,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log collectors: time, level, logger, message."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
-                 "logger": record.name, "message": redact(record.getMessage())}
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
         if record.exc_info:
             entry["traceback"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry)
@@ -249,16 +314,32 @@ def cmd_compress(args) -> dict:
     if args.method == "aligned" and args.components is None:
         raise PipelineError("--method aligned needs --components (the rank of the structure the alignment looks for)")
     if args.method == "joint" and args.components is None and not (args.ratio or args.budget_bytes):
-        raise PipelineError("--method joint needs --components (the width of U and V) or a budget (--ratio or --budget-bytes)")
+        raise PipelineError(
+            "--method joint needs --components (the width of U and V) or a budget (--ratio or --budget-bytes)"
+        )
     rule = ComponentRule(args.components, args.variance_threshold, args.adaptive)
-    options = Options(rule, args.memory_budget, args.strict, args.svd_route, quantize=args.quantize, method=args.method,
-                      ratio=args.ratio, budget_bytes=args.budget_bytes)
+    options = Options(
+        rule,
+        args.memory_budget,
+        args.strict,
+        args.svd_route,
+        quantize=args.quantize,
+        method=args.method,
+        ratio=args.ratio,
+        budget_bytes=args.budget_bytes,
+    )
     source, store = Location(args.source, args.endpoint_url), _store(args.out, args.endpoint_url)
-    summaries = [s.to_dict() for s in compress(source, store, _ray(args, source, store.location), options, args.chunk_size)]
+    summaries = [
+        s.to_dict() for s in compress(source, store, _ray(args, source, store.location), options, args.chunk_size)
+    ]
     if not args.json:
         for summary in summaries:
             _print_summary(summary)
-    return {**summaries[-1], "versions": [s["version"] for s in summaries], "seconds_per_version": [s["seconds"] for s in summaries]}
+    return {
+        **summaries[-1],
+        "versions": [s["version"] for s in summaries],
+        "seconds_per_version": [s["seconds"] for s in summaries],
+    }
 
 
 def _print_summary(s: dict) -> None:
@@ -270,7 +351,9 @@ def _print_summary(s: dict) -> None:
     )
     if s["read_errors"]:
         e = s["read_error"]
-        print(f"  {len(s['read_errors'])} adapter(s) read this run: delta-W error mean {e['mean']:.4f} max {e['max']:.4f}")
+        print(
+            f"  {len(s['read_errors'])} adapter(s) read this run: delta-W error mean {e['mean']:.4f} max {e['max']:.4f}"
+        )
         shown = sorted(s["read_errors"].items(), key=lambda item: -item[1])[:SHOWN_ERRORS]
         for task_id, error in shown:
             print(f"    {printable(task_id)}: {error:.4f}")
@@ -296,7 +379,8 @@ def _grow(args, operation: str, **flags) -> dict:
         d = result["diff"]
         print(
             f"{'would change' if args.dry_run else 'found'}: {len(d['added'])} new, {len(d['replaced'])} replaced, "
-            f"{len(d['pending'])} projected but not in the basis, {d['unchanged']} unchanged, {len(d['missing'])} no longer in the source (kept)"
+            f"{len(d['pending'])} projected but not in the basis, "
+            f"{d['unchanged']} unchanged, {len(d['missing'])} no longer in the source (kept)"
         )
         if args.dry_run:
             for kind in ("added", "replaced", "pending"):
@@ -330,8 +414,10 @@ def cmd_versions(args) -> dict:
     listing = version_listing(store)
     if not listing["versions"]:
         bucket = store.missing_bucket()
-        raise PipelineError(listing["pointer_problem"] or (f"bucket {bucket!r} does not exist (store {store})" if bucket else
-                                                           f"no published versions in {store}"))
+        raise PipelineError(
+            listing["pointer_problem"]
+            or (f"bucket {bucket!r} does not exist (store {store})" if bucket else f"no published versions in {store}")
+        )
     if not args.json:
         print(format_versions(listing["versions"], listing["pointer_problem"]))
     return listing
@@ -373,7 +459,10 @@ def cmd_rollback(args) -> dict:
 
     result = rollback(_store(args.store, args.endpoint_url), args.version)
     if not args.json:
-        print(f"{redact(args.store)} now points at {result['version']} (was {result['previous'] or 'no readable version'})")
+        print(
+            f"{redact(args.store)} now points at {result['version']} "
+            f"(was {result['previous'] or 'no readable version'})"
+        )
     return result
 
 
@@ -382,7 +471,10 @@ def cmd_prune(args) -> dict:
 
     result = prune(_store(args.store, args.endpoint_url), args.keep)
     if not args.json:
-        print(f"removed {len(result['removed'])} version(s) ({result['bytes_freed']:,} bytes); kept {', '.join(result['kept'])}")
+        print(
+            f"removed {len(result['removed'])} version(s) ({result['bytes_freed']:,} bytes); "
+            f"kept {', '.join(result['kept'])}"
+        )
     return result
 
 
@@ -419,7 +511,9 @@ def cmd_quantize(args) -> dict:
     from pipeline.stages.info import version_bytes
 
     store = _store(args.store, args.endpoint_url)
-    _refuse_joint(store, None, "quantize packs flat bases only", "compress the collection again with --quantize int8 or nf4")
+    _refuse_joint(
+        store, None, "quantize packs flat bases only", "compress the collection again with --quantize int8 or nf4"
+    )
     sub = snapshot.load(args.store, None, args.endpoint_url)
     try:
         sub.quantize(args.bits)
@@ -432,9 +526,12 @@ def cmd_quantize(args) -> dict:
     result = {"version": version, "quantization": sub.quantization, "bytes_before": before, "bytes_after": after}
     if not args.json:
         added = sub.quantization["added_error"]
-        print(f"{version} ({sub.quantization['scheme']}) published to {store}: components "
-              f"{before['components']:,} -> {after['components']:,} bytes, store {before['total']:,} -> {after['total']:,} bytes; "
-              f"added delta-W error mean {added.get('mean', 0):.4f} max {added.get('max', 0):.4f}")
+        print(
+            f"{version} ({sub.quantization['scheme']}) published to {store}: components "
+            f"{before['components']:,} -> {after['components']:,} bytes, "
+            f"store {before['total']:,} -> {after['total']:,} bytes; "
+            f"added delta-W error mean {added.get('mean', 0):.4f} max {added.get('max', 0):.4f}"
+        )
     return result
 
 
@@ -453,13 +550,17 @@ def cmd_vlora_import(args) -> dict:
     store = _store(args.store, args.endpoint_url)
     current = store.current_version()
     if current is not None and not args.replace:
-        raise PipelineError(f"store {store} already has versions (current {current}): add --replace to publish the "
-                            "imported subspace as its next version (earlier versions stay, for rollback)")
+        raise PipelineError(
+            f"store {store} already has versions (current {current}): add --replace to publish the "
+            "imported subspace as its next version (earlier versions stay, for rollback)"
+        )
     sub = read_vlora(args.folder, args.endpoint_url)
     version = snapshot.save(sub, args.store, args.endpoint_url, replace=args.replace, operation="vlora-import")
     if not args.json:
-        print(f"{version} (vlora-import) published to {_store(args.store, args.endpoint_url)}: "
-              f"{len(sub.task_ids)} tasks, {len(sub.modules)} modules")
+        print(
+            f"{version} (vlora-import) published to {_store(args.store, args.endpoint_url)}: "
+            f"{len(sub.task_ids)} tasks, {len(sub.modules)} modules"
+        )
     return {"version": version, "tasks": len(sub.task_ids), "modules": len(sub.modules)}
 
 
@@ -468,12 +569,19 @@ def cmd_vlora_export(args) -> dict:
     from pipeline.vlora_format import check_folder, write_vlora
 
     check_folder(args.folder, args.endpoint_url, args.overwrite)  # before loading the version
-    _refuse_joint(_store(args.store, args.endpoint_url), args.version, "vlora's layout holds flat bases only",
-                  "export its adapters as PEFT folders with `lora-subspace export --all`")
+    _refuse_joint(
+        _store(args.store, args.endpoint_url),
+        args.version,
+        "vlora's layout holds flat bases only",
+        "export its adapters as PEFT folders with `lora-subspace export --all`",
+    )
     sub = snapshot.load(args.store, args.version, args.endpoint_url)
     written = write_vlora(sub, args.folder, args.endpoint_url, args.overwrite)
     if not args.json:
-        print(f"wrote {written} tasks of {sub.origin[0]} {sub.origin[1]} to {Location(args.folder, args.endpoint_url)} (vlora layout)")
+        print(
+            f"wrote {written} tasks of {sub.origin[0]} {sub.origin[1]} "
+            f"to {Location(args.folder, args.endpoint_url)} (vlora layout)"
+        )
     return {"version": sub.origin[1], "tasks": written, "out": str(Location(args.folder, args.endpoint_url))}
 
 
@@ -488,9 +596,20 @@ def cmd_evaluate(args) -> dict:
 
 
 COMMANDS = {
-    "compress": cmd_compress, "project": cmd_project, "rebase": cmd_rebase, "info": cmd_info, "export": cmd_export,
-    "verify": cmd_verify, "versions": cmd_versions, "report": cmd_report, "rollback": cmd_rollback, "prune": cmd_prune,
-    "quantize": cmd_quantize, "vlora-import": cmd_vlora_import, "vlora-export": cmd_vlora_export, "evaluate": cmd_evaluate,
+    "compress": cmd_compress,
+    "project": cmd_project,
+    "rebase": cmd_rebase,
+    "info": cmd_info,
+    "export": cmd_export,
+    "verify": cmd_verify,
+    "versions": cmd_versions,
+    "report": cmd_report,
+    "rollback": cmd_rollback,
+    "prune": cmd_prune,
+    "quantize": cmd_quantize,
+    "vlora-import": cmd_vlora_import,
+    "vlora-export": cmd_vlora_export,
+    "evaluate": cmd_evaluate,
 }
 
 if __name__ == "__main__":

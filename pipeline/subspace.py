@@ -81,8 +81,13 @@ class _Rows:
 
     @classmethod
     def empty(cls, k_a: int, k_b: int) -> _Rows:
-        return cls(torch.zeros(0, k_a), torch.zeros(0, k_b), torch.zeros(0, dtype=torch.float64),
-                   torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool))
+        return cls(
+            torch.zeros(0, k_a),
+            torch.zeros(0, k_b),
+            torch.zeros(0, dtype=torch.float64),
+            torch.zeros(0, dtype=torch.float64),
+            torch.zeros(0, dtype=torch.bool),
+        )
 
     def columns(self) -> tuple[torch.Tensor, ...]:
         return self.a, self.b, self.error, self.norm, self.measured
@@ -94,8 +99,11 @@ class _Rows:
         return _Rows(*(x[index.to(x.device)] for x in self.columns()))
 
 
+_DEFAULT_RULE = ComponentRule()  # vlora's rule: k from the variance threshold, decided on the first module's lora_A
+
+
 class Subspace:
-    def __init__(self, modules: dict[str, ModuleBasis], rule: ComponentRule = ComponentRule(), route: str = "auto"):
+    def __init__(self, modules: dict[str, ModuleBasis], rule: ComponentRule = _DEFAULT_RULE, route: str = "auto"):
         self.modules = dict(sorted(modules.items()))
         self.rule, self.route = rule, route
         self.task_ids: list[str] = []
@@ -104,7 +112,9 @@ class Subspace:
         self.source: str | None = None  # the collection's URI, when it came from a store
         self.origin: tuple[str, str] | None = None  # (store, version) last loaded from or saved to
         self.quarantined: list[dict] = []  # catalog rows of a store's quarantined adapters, kept on save
-        self._rows = {m: _Rows.empty(len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in self.modules.items()}
+        self._rows = {
+            m: _Rows.empty(len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in self.modules.items()
+        }
         self._index: dict[str, int] = {}
         self._catalog: list[dict] = []
         self._pending: list[Projection] = []
@@ -167,7 +177,9 @@ class Subspace:
         shapes = _layout(adapters, task_ids)
         rule = ComponentRule(None if adaptive_k else num_components, variance_threshold, adaptive_k)
         factors = {m: _factors(adapters, m, shapes[m], method, num_components) for m in shapes}
-        bases = _fit(rule, list(shapes), lambda m, side, k, t: centred_svd(factors[m]["AB".index(side)], k, t, svd_route))
+        bases = _fit(
+            rule, list(shapes), lambda m, side, k, t: centred_svd(factors[m]["AB".index(side)], k, t, svd_route)
+        )
         sub = cls({m: ModuleBasis(a, b, shapes[m]) for m, (a, b) in bases.items()}, rule, svd_route)
         sub.method = method
         sub._append(adapters, task_ids, in_basis=True)
@@ -191,23 +203,42 @@ class Subspace:
         paths = [str(p) for p in adapter_paths]
         if not paths:
             raise ValueError("need at least one adapter path")
-        task_ids = _task_ids(task_ids, len(paths)) if task_ids is not None else [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
+        task_ids = (
+            _task_ids(task_ids, len(paths))
+            if task_ids is not None
+            else [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
+        )
 
         def batches():
             for start in range(0, len(paths), batch_size):
-                yield [Adapter.load(p, endpoint_url) for p in paths[start : start + batch_size]], task_ids[start : start + batch_size]
+                yield (
+                    [Adapter.load(p, endpoint_url) for p in paths[start : start + batch_size]],
+                    task_ids[start : start + batch_size],
+                )
 
         rule, shapes, bases = ComponentRule(num_components + OVERSAMPLE), None, {}
         for batch, ids in batches():
             if shapes is None:
                 shapes = _layout(batch, ids)
-                bases = _fit(rule, list(shapes), lambda m, side, k, t: centred_svd(_stack(batch, m, side), k, t))
+                bases = _fit(
+                    rule, list(shapes), lambda m, side, k, t, batch=batch: centred_svd(_stack(batch, m, side), k, t)
+                )
                 continue
             _layout(batch, ids, shapes)
-            old = bases
-            bases = _fit(rule, list(shapes), lambda m, side, k, t: absorb(old[m]["AB".index(side)], _stack(batch, m, side), k, t))
-        sub = cls({m: ModuleBasis(truncate(a, num_components), truncate(b, num_components), shapes[m]) for m, (a, b) in bases.items()},
-                  ComponentRule(num_components))
+            bases = _fit(
+                rule,
+                list(shapes),
+                lambda m, side, k, t, old=bases, batch=batch: absorb(
+                    old[m]["AB".index(side)], _stack(batch, m, side), k, t
+                ),
+            )
+        sub = cls(
+            {
+                m: ModuleBasis(truncate(a, num_components), truncate(b, num_components), shapes[m])
+                for m, (a, b) in bases.items()
+            },
+            ComponentRule(num_components),
+        )
         for batch, ids in batches():
             sub._append(batch, ids, in_basis=True)
         return sub
@@ -221,8 +252,11 @@ class Subspace:
         self._check_fits(adapter, task_id)
         rows = self._project([adapter])
         return Projection(
-            task_id, {m: r.a[0].cpu() for m, r in rows.items()}, {m: r.b[0].cpu() for m, r in rows.items()},
-            {m: float(r.error[0]) for m, r in rows.items()}, {m: float(r.norm[0]) for m, r in rows.items()},
+            task_id,
+            {m: r.a[0].cpu() for m, r in rows.items()},
+            {m: r.b[0].cpu() for m, r in rows.items()},
+            {m: float(r.error[0]) for m, r in rows.items()},
+            {m: float(r.norm[0]) for m, r in rows.items()},
             _catalog_row(adapter, task_id, in_basis=False),
         )
 
@@ -233,7 +267,9 @@ class Subspace:
             for side, loadings in (("A", projection.loadings_a), ("B", projection.loadings_b)):
                 k = len(mb.side(side).singular_values)
                 if module not in loadings or tuple(loadings[module].shape) != (k,):
-                    raise ValueError(f"task {projection.task_id!r}: {module} loadings_{side.lower()} must have shape ({k},)")
+                    raise ValueError(
+                        f"task {projection.task_id!r}: {module} loadings_{side.lower()} must have shape ({k},)"
+                    )
         self._pending.append(projection)
 
     # -- step 3: absorb --------------------------------------------------------------------------
@@ -292,8 +328,12 @@ class Subspace:
             return t.to(device=device, dtype=dtype if t.is_floating_point() and dtype is not None else None)
 
         for mb in self.modules.values():
-            mb.a, mb.b = (dataclasses.replace(d, components=move(d.components), singular_values=move(d.singular_values), mean=move(d.mean))
-                          for d in (mb.a, mb.b))
+            mb.a, mb.b = (
+                dataclasses.replace(
+                    d, components=move(d.components), singular_values=move(d.singular_values), mean=move(d.mean)
+                )
+                for d in (mb.a, mb.b)
+            )
         for rows in self._rows.values():
             rows.a, rows.b = move(rows.a), move(rows.b)
         return self
@@ -308,7 +348,9 @@ class Subspace:
         scheme = quant.bits_scheme(bits)
         if self.quantization:
             raise ValueError(f"already quantized ({self.quantization['scheme']}); quantize the float subspace instead")
-        packed = {m: {side: quant.encode(mb.side(side).components, scheme) for side in "AB"} for m, mb in self.modules.items()}
+        packed = {
+            m: {side: quant.encode(mb.side(side).components, scheme) for side in "AB"} for m, mb in self.modules.items()
+        }
         bases = {m: (_decoded(mb.a, packed[m]["A"]), _decoded(mb.b, packed[m]["B"])) for m, mb in self.modules.items()}
         added = self._rebase(bases, packed, keep_loadings=True)
         per_task = torch.stack(list(added.values())) if added else torch.zeros(0, 0)
@@ -327,12 +369,16 @@ class Subspace:
         n = len(self.task_ids)
         params_original = sum(n * (mb.a.mean.numel() + mb.b.mean.numel()) for mb in self.modules.values())
         params = sum(
-            d.components.numel() + d.mean.numel() + n * len(d.singular_values) for mb in self.modules.values() for d in (mb.a, mb.b)
+            d.components.numel() + d.mean.numel() + n * len(d.singular_values)
+            for mb in self.modules.values()
+            for d in (mb.a, mb.b)
         )
         return {
             "num_tasks": n,
             "num_layers": len(self.modules),
-            "components_per_layer": {m: (len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in self.modules.items()},
+            "components_per_layer": {
+                m: (len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in self.modules.items()
+            },
             "original_bytes": original,
             "stored_bytes": stored,
             "compression_ratio": original / stored["total"] if stored["total"] else 0.0,
@@ -359,12 +405,19 @@ class Subspace:
         every task's loadings grow by zeros so all of them still rebuild exactly."""
         index = self._row(task_id)
         if num_expand > 0:
-            warnings.warn(f"get_trainable_params(num_expand={num_expand}) permanently adds {num_expand} directions per module and side",
-                          stacklevel=2)
+            warnings.warn(
+                f"get_trainable_params(num_expand={num_expand}) permanently adds {num_expand} "
+                "directions per module and side",
+                stacklevel=2,
+            )
             generator = torch.Generator().manual_seed(seed)
-            bases = {m: tuple(_expand(mb.side(s), num_expand, generator) for s in "AB") for m, mb in self.modules.items()}
+            bases = {
+                m: tuple(_expand(mb.side(s), num_expand, generator) for s in "AB") for m, mb in self.modules.items()
+            }
             self._rebase(bases)
-            self.rule = dataclasses.replace(self.rule, components=None if self.rule.components is None else self.rule.components + num_expand)
+            self.rule = dataclasses.replace(
+                self.rule, components=None if self.rule.components is None else self.rule.components + num_expand
+            )
         params = {}
         for module, rows in self._rows.items():
             params[f"{module}.loadings_a"] = rows.a[index].clone().detach().requires_grad_(True)
@@ -389,7 +442,10 @@ class Subspace:
 
     def __repr__(self) -> str:
         q = f", {self.quantization['scheme']}" if self.quantization else ""
-        return f"Subspace({len(self.modules)} modules, {len(self.task_ids) + len(self._pending)} tasks, k={self.num_components}{q})"
+        return (
+            f"Subspace({len(self.modules)} modules, {len(self.task_ids) + len(self._pending)} tasks, "
+            f"k={self.num_components}{q})"
+        )
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -474,8 +530,12 @@ class Subspace:
         catalog = [p.catalog or _catalog_row(None, p.task_id, in_basis=False) for p in pending]
         self._add([p.task_id for p in pending], rows, catalog)
 
-    def _rebase(self, bases: dict[str, tuple[Decomposition, Decomposition]], packed: dict | None = None,
-                keep_loadings: bool = False) -> dict[str, torch.Tensor]:
+    def _rebase(
+        self,
+        bases: dict[str, tuple[Decomposition, Decomposition]],
+        packed: dict | None = None,
+        keep_loadings: bool = False,
+    ) -> dict[str, torch.Tensor]:
         """Move every task to new bases (their errors estimated: linalg.loadings.Move); returns the
         relative change of each task's rebuilt delta W, per module. `packed`: the new bases'
         quantized components; without it, a quantized subspace packs the new bases itself."""
@@ -490,7 +550,9 @@ class Subspace:
             mb, rows = self.modules[module], self._rows[module]
             move = Move((mb.a, mb.b), (a, b), mb.shapes, keep_loadings)
             la, lb, error, change = move(rows.a, rows.b, rows.error, rows.norm)
-            self._rows[module] = _Rows(la.to(torch.float32), lb.to(torch.float32), error, rows.norm, rows.measured & (change == 0))
+            self._rows[module] = _Rows(
+                la.to(torch.float32), lb.to(torch.float32), error, rows.norm, rows.measured & (change == 0)
+            )
             self.modules[module] = ModuleBasis(a, b, mb.shapes, codes)
             moved[module] = change
         if scheme:  # the errors are now those of the packed basis, as compress --quantize records them
@@ -559,12 +621,21 @@ def _layout(adapters: list[Adapter], names: list[str], expected: dict[str, Shape
         mine = _shapes(adapter)
         if mine != expected:
             module = next(m for m in sorted(set(mine) | set(expected)) if mine.get(m) != expected.get(m))
-            raise ValueError(f"adapter {names[i]!r} does not fit: module {module!r} is {mine.get(module)}, expected {expected.get(module)}")
+            raise ValueError(
+                f"adapter {names[i]!r} does not fit: module {module!r} is {mine.get(module)}, "
+                f"expected {expected.get(module)}"
+            )
     return dict(sorted(expected.items()))
 
 
-def _factors(adapters: list[Adapter], module: str, shapes: Shapes, method: str, components: int | None = None,
-          bases: tuple[Decomposition, Decomposition] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(
+    adapters: list[Adapter],
+    module: str,
+    shapes: Shapes,
+    method: str,
+    components: int | None = None,
+    bases: tuple[Decomposition, Decomposition] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, D) float32 rows of lora_A and lora_B: as they are (flat), or aligned (linalg.gauge):
     among themselves towards `components` directions, or into the gauge of `bases`."""
     xa, xb = _stack(adapters, module, "A"), _stack(adapters, module, "B")
@@ -598,7 +669,12 @@ def _expand(dec: Decomposition, count: int, generator: torch.Generator) -> Decom
     return dataclasses.replace(
         dec,
         components=torch.cat([dec.components, extra.to(device, dtype)]),
-        singular_values=torch.cat([dec.singular_values, torch.zeros(count, dtype=dec.singular_values.dtype, device=dec.singular_values.device)]),
+        singular_values=torch.cat(
+            [
+                dec.singular_values,
+                torch.zeros(count, dtype=dec.singular_values.dtype, device=dec.singular_values.device),
+            ]
+        ),
     )
 
 
@@ -606,11 +682,20 @@ def _catalog_row(adapter: Adapter | None, task_id: str, in_basis: bool) -> dict:
     """The store's catalog row (version.CATALOG_SCHEMA) for an adapter given in memory."""
     config = (adapter.config if adapter else None) or {}
     return {
-        "task_id": task_id, "uri": adapter.uri if adapter else "", "status": "ok", "reason": "", "warnings": [],
-        "weights_bytes": adapter.size_bytes() - len(adapter.config_text.encode()) if adapter else 0, "weights_tag": "",
-        "rank": adapter.rank if adapter else 0, "lora_alpha": config.get("lora_alpha"), "use_rslora": bool(config.get("use_rslora")),
-        "base_model": config.get("base_model_name_or_path"), "dtype": adapter.dtype if adapter else "F32",
-        "config_json": adapter.config_text if adapter else "", "in_basis": in_basis,
+        "task_id": task_id,
+        "uri": adapter.uri if adapter else "",
+        "status": "ok",
+        "reason": "",
+        "warnings": [],
+        "weights_bytes": adapter.size_bytes() - len(adapter.config_text.encode()) if adapter else 0,
+        "weights_tag": "",
+        "rank": adapter.rank if adapter else 0,
+        "lora_alpha": config.get("lora_alpha"),
+        "use_rslora": bool(config.get("use_rslora")),
+        "base_model": config.get("base_model_name_or_path"),
+        "dtype": adapter.dtype if adapter else "F32",
+        "config_json": adapter.config_text if adapter else "",
+        "in_basis": in_basis,
     }
 
 

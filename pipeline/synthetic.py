@@ -49,8 +49,16 @@ PRESETS = {
 
 
 def generate(
-    out: Location, n: int, preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
-    shared_dim: int = 6, noise: float = 0.05, prefix: str = "adapter", structure: str = "shared", start: int = 0,
+    out: Location,
+    n: int,
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    shared_dim: int = 6,
+    noise: float = 0.05,
+    prefix: str = "adapter",
+    structure: str = "shared",
+    start: int = 0,
 ) -> list[str]:
     """Write adapter folders `<prefix>-NNNNN` (start .. start + n - 1) under out; returns their task ids."""
     if structure not in STRUCTURES:
@@ -72,9 +80,18 @@ def generate(
                     mean, scale = torch.randn(width, generator=gen) * 0.02, 0.02
                 sides[module, side] = (shape, mean, torch.randn(shared_dim, width, generator=gen) * scale)
     config = {
-        "peft_type": "LORA", "r": spec.rank, "lora_alpha": spec.alpha, "target_modules": sorted(spec.modules),
-        "base_model_name_or_path": f"synthetic/{preset}", "bias": "none", "lora_dropout": 0.0, "task_type": "CAUSAL_LM",
-        "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
+        "peft_type": "LORA",
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "target_modules": sorted(spec.modules),
+        "base_model_name_or_path": f"synthetic/{preset}",
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "task_type": "CAUSAL_LM",
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "fan_in_fan_out": False,
     }
     ids = []
     for index in range(start, start + n):
@@ -95,7 +112,9 @@ def generate(
                 weights[a_key], weights[b_key] = rotation @ weights[a_key], weights[b_key] @ rotation.T
         task_id = f"{prefix}-{index:05d}"
         folder = out.child(task_id)
-        folder.write_bytes(save_safetensors({k: v.to(dtype).contiguous() for k, v in weights.items()}), peft_format.WEIGHTS_FILE)
+        folder.write_bytes(
+            save_safetensors({k: v.to(dtype).contiguous() for k, v in weights.items()}), peft_format.WEIGHTS_FILE
+        )
         folder.write_bytes(json.dumps(config, indent=2).encode(), peft_format.CONFIG_FILE)
         ids.append(task_id)
     return ids

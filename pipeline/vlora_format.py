@@ -56,27 +56,52 @@ def read_vlora(uri: str, endpoint_url: str | None = None) -> Subspace:
     modules, to_orthonormal = {}, {}
     for layer in layers:
         try:
-            sides = [(tensors[f"{layer}.components_{s}"], tensors[f"{layer}.sv_{s}"], tensors[f"{layer}.mean_{s}"]) for s in "ab"]
+            sides = [
+                (tensors[f"{layer}.components_{s}"], tensors[f"{layer}.sv_{s}"], tensors[f"{layer}.mean_{s}"])
+                for s in "ab"
+            ]
         except KeyError as exc:
             raise PipelineError(f"{where}/{BASIS} has no {exc.args[0]}") from None
         decs = []
         for side, (components, sv, mean) in zip("AB", sides):
             width = mean.numel()
-            if components.dim() != 2 or components.shape[1] != width or sv.shape != (components.shape[0],) or width % rank:
-                raise PipelineError(f"{where}/{BASIS}: {layer} lora_{side} has components {list(components.shape)}, "
-                                    f"singular values {list(sv.shape)}, mean {list(mean.shape)} for rank {rank}")
+            if (
+                components.dim() != 2
+                or components.shape[1] != width
+                or sv.shape != (components.shape[0],)
+                or width % rank
+            ):
+                raise PipelineError(
+                    f"{where}/{BASIS}: {layer} lora_{side} has components {list(components.shape)}, "
+                    f"singular values {list(sv.shape)}, mean {list(mean.shape)} for rank {rank}"
+                )
             if not all(torch.isfinite(t).all() for t in (components, sv, mean)):
                 raise PipelineError(f"{where}/{BASIS}: NaN or Inf in {layer} lora_{side}")
             sv = sv.to(torch.float32)
             components, to_orthonormal[layer, side] = _orthonormal(components)
-            decs.append(Decomposition(components, sv, mean.to(torch.float32).reshape(-1), float((sv.double() ** 2).sum()), "vlora", len(task_ids)))
+            decs.append(
+                Decomposition(
+                    components,
+                    sv,
+                    mean.to(torch.float32).reshape(-1),
+                    float((sv.double() ** 2).sum()),
+                    "vlora",
+                    len(task_ids),
+                )
+            )
         a_width, b_width = decs[0].mean.numel(), decs[1].mean.numel()
         modules[layer] = ModuleBasis(decs[0], decs[1], ((rank, a_width // rank), (b_width // rank, rank)))
     sub = Subspace(modules, ComponentRule(int(meta.get("num_components") or 0) or None))
     for task_id in task_ids:
         try:
             loadings = load_safetensors(where.read_bytes(task_file(task_id)))
-            projection = Projection(task_id, *({m: _moved(loadings[f"{m}.loadings_{s.lower()}"], to_orthonormal[m, s]) for m in layers} for s in "AB"))
+            projection = Projection(
+                task_id,
+                *(
+                    {m: _moved(loadings[f"{m}.loadings_{s.lower()}"], to_orthonormal[m, s]) for m in layers}
+                    for s in "AB"
+                ),
+            )
         except FileNotFoundError:
             raise PipelineError(f"{where}: task {task_id!r} has no {task_file(task_id)}") from None
         except KeyError as exc:
@@ -94,8 +119,10 @@ def check_folder(uri: str, endpoint_url: str | None = None, overwrite: bool = Fa
     `overwrite` (the files of the layout are replaced, others left)."""
     where = Location(uri, endpoint_url)
     if not overwrite and holding_files(where, [""]):
-        raise PipelineError(f"{where} already holds files; vlora-export writes only into a new or empty folder "
-                            "(--overwrite writes over them)")
+        raise PipelineError(
+            f"{where} already holds files; vlora-export writes only into a new or empty folder "
+            "(--overwrite writes over them)"
+        )
 
 
 def write_vlora(sub: Subspace, uri: str, endpoint_url: str | None = None, overwrite: bool = False) -> int:
@@ -112,8 +139,10 @@ def write_vlora(sub: Subspace, uri: str, endpoint_url: str | None = None, overwr
     if unsafe:
         shown = ", ".join(repr(t) for t in unsafe[:10]) + (f" and {len(unsafe) - 10} more" if len(unsafe) > 10 else "")
         holder = f"{sub.origin[0]} {sub.origin[1]}" if sub.origin else "the subspace"
-        raise PipelineError(f"{holder} holds task id(s) that are not safe relative paths, so not "
-                            f"file names under {where}: {shown}; nothing was written")
+        raise PipelineError(
+            f"{holder} holds task id(s) that are not safe relative paths, so not "
+            f"file names under {where}: {shown}; nothing was written"
+        )
     check_folder(uri, endpoint_url, overwrite)
     for task_id in tasks:
         t = tasks[task_id]
@@ -129,7 +158,12 @@ def write_vlora(sub: Subspace, uri: str, endpoint_url: str | None = None, overwr
             basis[f"{layer}.sv_{s}"] = dec.singular_values.to("cpu", torch.float32).contiguous()
             basis[f"{layer}.mean_{s}"] = dec.mean.to("cpu", torch.float32).contiguous()
     where.write_bytes(save_safetensors(basis), BASIS)
-    meta = {"layer_names": sub.layer_names, "task_ids": list(tasks), "rank": ranks.pop(), "num_components": sub.num_components}
+    meta = {
+        "layer_names": sub.layer_names,
+        "task_ids": list(tasks),
+        "rank": ranks.pop(),
+        "num_components": sub.num_components,
+    }
     where.write_bytes(json.dumps(meta, indent=2).encode(), META)
     return len(tasks)
 
@@ -152,8 +186,18 @@ def _moved(loadings: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
 def _catalog_row(task_id: str, modules: dict[str, ModuleBasis]) -> dict:
     weights = sum(4 * (mb.a.mean.numel() + mb.b.mean.numel()) for mb in modules.values())
     return {
-        "task_id": task_id, "uri": "", "status": "ok", "reason": "",
+        "task_id": task_id,
+        "uri": "",
+        "status": "ok",
+        "reason": "",
         "warnings": ["imported from vlora: the original adapter is not available; size is its float32 factors' bytes"],
-        "weights_bytes": weights, "weights_tag": "", "rank": max(mb.shapes[0][0] for mb in modules.values()),
-        "lora_alpha": None, "use_rslora": False, "base_model": None, "dtype": "F32", "config_json": "", "in_basis": True,
+        "weights_bytes": weights,
+        "weights_tag": "",
+        "rank": max(mb.shapes[0][0] for mb in modules.values()),
+        "lora_alpha": None,
+        "use_rslora": False,
+        "base_model": None,
+        "dtype": "F32",
+        "config_json": "",
+        "in_basis": True,
     }

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 # Dummy credentials before Ray starts, so its workers inherit them; nothing here reaches AWS.
-os.environ.update({
-    "AWS_ACCESS_KEY_ID": "testing-key-id",
-    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-    "AWS_DEFAULT_REGION": "us-east-1",
-})
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+)
 os.environ.pop("AWS_PROFILE", None)
 # A short read timeout, so the fault-injection tests see a slow response time out and be retried.
 os.environ["LORA_SUBSPACE_S3_READ_TIMEOUT"] = "2"
@@ -84,8 +86,13 @@ def peft_base_model():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
     )
     return LlamaForCausalLM(config).eval()
 

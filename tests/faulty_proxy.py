@@ -12,7 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 _ERROR = "<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
-FLAKY = {503: ("SlowDown", "Please reduce your request rate."), 500: ("InternalError", "We encountered an internal error.")}
+FLAKY = {
+    503: ("SlowDown", "Please reduce your request rate."),
+    500: ("InternalError", "We encountered an internal error."),
+}
 
 
 class FaultyProxy:
@@ -20,7 +23,9 @@ class FaultyProxy:
     slow_seconds (when set), each kind at most `each` times: a retry of the same request goes
     through. With forbid_writes, every PUT/POST/DELETE gets 403 AccessDenied."""
 
-    def __init__(self, upstream: str, period: int = 5, slow_seconds: float = 0.0, each: int = 2, forbid_writes: bool = False):
+    def __init__(
+        self, upstream: str, period: int = 5, slow_seconds: float = 0.0, each: int = 2, forbid_writes: bool = False
+    ):
         self.upstream = urlsplit(upstream)
         self.period, self.slow_seconds, self.each, self.forbid_writes = period, slow_seconds, each, forbid_writes
         self.requests = 0
@@ -43,7 +48,9 @@ class FaultyProxy:
                     return
                 if fault in (403, 500, 503):
                     code, message = ("AccessDenied", "Access Denied") if fault == 403 else FLAKY[fault]
-                    self._reply(fault, _ERROR.format(code=code, message=message).encode(), {"Content-Type": "application/xml"})
+                    self._reply(
+                        fault, _ERROR.format(code=code, message=message).encode(), {"Content-Type": "application/xml"}
+                    )
                     return
                 if fault == "slow":
                     time.sleep(proxy.slow_seconds)
@@ -79,7 +86,11 @@ class FaultyProxy:
             if self.forbid_writes and method in ("PUT", "POST", "DELETE"):
                 fault = 403
             elif self.period and self.requests % self.period == 0:
-                kinds = [k for k in [503, 500, "reset"] + (["slow"] if self.slow_seconds else []) if self.injected.count(str(k)) < self.each]
+                kinds = [
+                    k
+                    for k in [503, 500, "reset"] + (["slow"] if self.slow_seconds else [])
+                    if self.injected.count(str(k)) < self.each
+                ]
                 if not kinds:
                     return None
                 fault = kinds[(self.requests // self.period) % len(kinds)]

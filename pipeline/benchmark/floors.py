@@ -40,4 +40,3 @@ def math_floor(fs, paths: list[str], components: int) -> dict:
             routes[centred_svd(x, components).route] += 1
             seconds += time.perf_counter() - started
     return {"seconds": seconds, "routes": dict(routes)}
-

@@ -30,7 +30,9 @@ def main(argv: list[str]) -> None:
     else:
         from pipeline.adapter import Adapter
 
-        sub = Subspace.from_adapters([Adapter.load(p, endpoint_url) for p in paths], ids, num_components=int(components))
+        sub = Subspace.from_adapters(
+            [Adapter.load(p, endpoint_url) for p in paths], ids, num_components=int(components)
+        )
     seconds = time.perf_counter() - started
     Path(out).write_text(json.dumps({"seconds": seconds, "adapters": len(sub.tasks), "error": sub.error_summary()}))
 

@@ -39,7 +39,9 @@ def compare(adapters: list[Adapter], k: int) -> dict:
                 fits[method] = fit_flat(xa, xb, shapes, k)
             elif method == "aligned":
                 a, b = align(xa.view(-1, r, d_in), xb.view(-1, d_out, r), k)
-                fits[method] = fit_flat(a.to(torch.float32).reshape(len(xa), -1), b.to(torch.float32).reshape(len(xb), -1), shapes, k)
+                fits[method] = fit_flat(
+                    a.to(torch.float32).reshape(len(xa), -1), b.to(torch.float32).reshape(len(xb), -1), shapes, k
+                )
             else:
                 fits[method] = fit_within(xa, xb, shapes, flat_floats(len(xa), k, r, d_in, d_out), ("joint",))
                 joint_shapes.add((fits[method].basis.u.shape[1], fits[method].q))

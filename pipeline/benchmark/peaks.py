@@ -47,7 +47,13 @@ def _sample(root: psutil.Process, child: subprocess.Popen, deadline: float) -> d
             break
         for process in processes:
             try:
-                kind = "driver" if process.pid == child.pid else "worker" if process.name().startswith("ray::") else "ray-system"
+                kind = (
+                    "driver"
+                    if process.pid == child.pid
+                    else "worker"
+                    if process.name().startswith("ray::")
+                    else "ray-system"
+                )
                 peaks[kind] = max(peaks.get(kind, 0), process.memory_info().rss >> 20)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue

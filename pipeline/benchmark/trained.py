@@ -25,8 +25,10 @@ NOUNS = ["movie", "meal", "phone", "trip", "book", "game", "song", "hotel", "cla
 GOOD = ["great", "wonderful", "excellent", "lovely", "superb", "fantastic"]
 BAD = ["terrible", "awful", "boring", "poor", "horrible", "dreadful"]
 TOPICS = {
-    "sports": ["team", "match", "goal", "player", "score"], "food": ["bread", "soup", "cheese", "pasta", "salad"],
-    "tech": ["laptop", "software", "chip", "server", "code"], "weather": ["rain", "storm", "sunny", "wind", "snow"],
+    "sports": ["team", "match", "goal", "player", "score"],
+    "food": ["bread", "soup", "cheese", "pasta", "salad"],
+    "tech": ["laptop", "software", "chip", "server", "code"],
+    "weather": ["rain", "storm", "sunny", "wind", "snow"],
 }
 FILLER = ["the", "a", "was", "is", "very", "today", "my", "this", "really", "quite", "and", "we", "saw", "it"]
 WH = ["what", "where", "why", "how", "when", "who"]
@@ -34,7 +36,16 @@ WH = ["what", "where", "why", "how", "when", "who"]
 
 def vocabulary() -> list[str]:
     """Every word the tasks use (a tokenizer for a model built from a config)."""
-    words = NOUNS + GOOD + BAD + [w for ws in TOPICS.values() for w in ws] + FILLER + WH + ["?", "."] + [str(d) for d in range(10)]
+    words = (
+        NOUNS
+        + GOOD
+        + BAD
+        + [w for ws in TOPICS.values() for w in ws]
+        + FILLER
+        + WH
+        + ["?", "."]
+        + [str(d) for d in range(10)]
+    )
     return sorted(set(words))
 
 
@@ -53,7 +64,11 @@ def examples(task: str, n: int, seed: int) -> tuple[list[str], list[int]]:
             text = " ".join(words)
         elif task == "question":
             label = rng.randrange(2)
-            text = f"{rng.choice(WH)} {filler[0]} {rng.choice(NOUNS)} ?" if label else f"{filler[0]} {rng.choice(NOUNS)} {filler[1]} ."
+            text = (
+                f"{rng.choice(WH)} {filler[0]} {rng.choice(NOUNS)} ?"
+                if label
+                else f"{filler[0]} {rng.choice(NOUNS)} {filler[1]} ."
+            )
         else:
             label = rng.randrange(4)
             text = f"{filler[0]} {rng.choice(list(TOPICS.values())[label])} {filler[1]} {rng.choice(NOUNS)}"
@@ -81,7 +96,9 @@ def train(model_dir: Path, task: str, data_seed: int, init_seed: int, out: Path,
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(init_seed)  # peft draws lora_A's init from the global generator
-    model = get_peft_model(AutoModel.from_pretrained(model_dir), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
+    model = get_peft_model(
+        AutoModel.from_pretrained(model_dir), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])
+    )
     torch.manual_seed(10_000 + data_seed)
     head = torch.nn.Linear(model.config.hidden_size, _classes(task))
     texts, labels = examples(task, steps * batch, data_seed)
@@ -89,7 +106,9 @@ def train(model_dir: Path, task: str, data_seed: int, init_seed: int, out: Path,
     model.train()
     for step in range(steps):
         rows = slice(step * batch, (step + 1) * batch)
-        loss = torch.nn.functional.cross_entropy(head(_encode(model, tokenizer, texts[rows])), torch.tensor(labels[rows]))
+        loss = torch.nn.functional.cross_entropy(
+            head(_encode(model, tokenizer, texts[rows])), torch.tensor(labels[rows])
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -129,7 +148,14 @@ def run(model_dir: Path, workdir: Path, adapters: int, steps: int, ratio: float,
     plan = []  # (task id, task, data seed, init seed)
     for index in range(adapters):
         own = index % 2 == 1
-        plan.append((f"{TASKS[index // 2 % len(TASKS)]}-{index:03d}", TASKS[index // 2 % len(TASKS)], index, 1000 + index if own else 0))
+        plan.append(
+            (
+                f"{TASKS[index // 2 % len(TASKS)]}-{index:03d}",
+                TASKS[index // 2 % len(TASKS)],
+                index,
+                1000 + index if own else 0,
+            )
+        )
     for task_id, task, data_seed, init_seed in plan:
         out = src / task_id
         heads[task_id] = out.with_name(out.name + ".head.safetensors")

@@ -39,16 +39,27 @@ def main(argv: list[str]) -> None:
     means, maxes = [], []
     for task_id, adapter in zip(ids, adapters):
         rebuilt = subspace.reconstruct(task_id)
-        errors = torch.stack([
-            relative_product_error(adapter.lora_a[m][None], adapter.lora_b[m][None], rebuilt.lora_a[m][None], rebuilt.lora_b[m][None])[0]
-            for m in subspace.layer_names
-        ])
+        errors = torch.stack(
+            [
+                relative_product_error(
+                    adapter.lora_a[m][None], adapter.lora_b[m][None], rebuilt.lora_a[m][None], rebuilt.lora_b[m][None]
+                )[0]
+                for m in subspace.layer_names
+            ]
+        )
         means.append(float(errors.mean()))
         maxes.append(float(errors.max()))
-    Path(out).write_text(json.dumps({
-        "seconds": fitted - started, "load_seconds": loaded - started, "fit_seconds": fitted - loaded,
-        "error": error_summary(np.array(means), np.array(maxes)), "cast": "float32",
-    }))
+    Path(out).write_text(
+        json.dumps(
+            {
+                "seconds": fitted - started,
+                "load_seconds": loaded - started,
+                "fit_seconds": fitted - loaded,
+                "error": error_summary(np.array(means), np.array(maxes)),
+                "cast": "float32",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -83,7 +83,9 @@ def discover(source: Location) -> list[AdapterRef]:
             raise PipelineError(f"source {source} does not exist")
         raise PipelineError(f"no adapters found under {source} (no folder holds {peft_format.CONFIG_FILE} or weights)")
     refs = [
-        AdapterRef(_task_id(source.root, folder), source.child(posixpath.relpath(folder, source.root)), files, source.root)
+        AdapterRef(
+            _task_id(source.root, folder), source.child(posixpath.relpath(folder, source.root)), files, source.root
+        )
         for folder, files in folders.items()
     ]
     return sorted(refs, key=lambda r: r.task_id)
@@ -123,8 +125,10 @@ def _from_manifest(manifest: Location) -> list[AdapterRef]:
         refs.append(AdapterRef(str(task_id), location))
     protocols = sorted({ref.location.protocol for ref in refs})
     if len(protocols) > 1:
-        raise PipelineError(f"manifest {manifest} lists adapters on more than one filesystem ({', '.join(protocols)}); "
-                            "use one manifest per filesystem")
+        raise PipelineError(
+            f"manifest {manifest} lists adapters on more than one filesystem ({', '.join(protocols)}); "
+            "use one manifest per filesystem"
+        )
     return sorted(refs, key=lambda r: (r.task_id, r.location.uri))
 
 
@@ -138,9 +142,13 @@ def read_adapter(ref: AdapterRef) -> AdapterBytes:
     result = AdapterBytes(files)
     if peft_format.CONFIG_FILE in files:
         # No more than a config may hold (a listed size can be stale): one byte over tells it is too big.
-        result.config = fs.cat_file(ref.location.path(peft_format.CONFIG_FILE), start=0, end=peft_format.MAX_CONFIG_BYTES + 1)
+        result.config = fs.cat_file(
+            ref.location.path(peft_format.CONFIG_FILE), start=0, end=peft_format.MAX_CONFIG_BYTES + 1
+        )
     if peft_format.WEIGHTS_FILE in files:
-        result.tensors = read_tensor_table(ref.location.path(peft_format.WEIGHTS_FILE), files[peft_format.WEIGHTS_FILE].size, fs)
+        result.tensors = read_tensor_table(
+            ref.location.path(peft_format.WEIGHTS_FILE), files[peft_format.WEIGHTS_FILE].size, fs
+        )
     return result
 
 

@@ -55,7 +55,7 @@ class Location:
             # Made absolute where the Location is built (the driver): a task gets the pickled
             # absolute path and never resolves it against its own working directory.
             prefix = "file://" if self.uri.startswith("file://") else ""
-            object.__setattr__(self, "uri", prefix + os.path.abspath(self.uri[len(prefix):]))
+            object.__setattr__(self, "uri", prefix + os.path.abspath(self.uri[len(prefix) :]))
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
@@ -132,7 +132,7 @@ class Location:
             self.fs.rm(path, recursive=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _filesystem(protocol: str, endpoint_url: str | None) -> fsspec.AbstractFileSystem:
     options: dict = {}
     if protocol in ("s3", "s3a"):

@@ -89,18 +89,26 @@ def _tensor_info(name: str, entry, data_start: int, data_size: int) -> TensorInf
         raise AdapterError(f"tensor {name!r}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPES:
-        raise AdapterError(f"tensor {name!r}: unsupported dtype {printable(repr(dtype), 64)} (expected one of {sorted(DTYPES)})")
+        raise AdapterError(
+            f"tensor {name!r}: unsupported dtype {printable(repr(dtype), 64)} (expected one of {sorted(DTYPES)})"
+        )
     if not (isinstance(shape, list) and len(shape) <= 8 and all(isinstance(d, int) and 0 <= d < 2**62 for d in shape)):
         raise AdapterError(f"tensor {name!r}: bad shape {printable(repr(shape), 64)}")
     if not (
-        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) for o in offsets)
         and 0 <= offsets[0] <= offsets[1] <= data_size
     ):
-        raise AdapterError(f"tensor {name!r}: data offsets {printable(repr(offsets), 64)} lie outside the file's {data_size} data bytes")
+        raise AdapterError(
+            f"tensor {name!r}: data offsets {printable(repr(offsets), 64)} "
+            f"lie outside the file's {data_size} data bytes"
+        )
     expected = math.prod(shape) * ITEM_SIZE[dtype]
     if offsets[1] - offsets[0] != expected:
         raise AdapterError(
-            f"tensor {name!r}: shape {printable(repr(shape), 64)} of {dtype} needs {printable(str(expected), 32)} bytes, "
+            f"tensor {name!r}: shape {printable(repr(shape), 64)} of {dtype} "
+            f"needs {printable(str(expected), 32)} bytes, "
             f"offsets span {offsets[1] - offsets[0]}"
         )
     return TensorInfo(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])

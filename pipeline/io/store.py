@@ -76,7 +76,10 @@ PUBLISHED = "published"  # a sound manifest, and no run record or LATEST names i
 UNREADABLE = "unreadable"  # no run record (or LATEST names it), but its manifest is not sound
 UNFINISHED = "unfinished"  # a run record, and LATEST does not name it: a run at work or crashed
 LEFTOVER = "leftover"  # neither: what prune or a discard left of a version (objects newer ones use)
-_REPAIR = "`lora-subspace versions STORE` lists the sound versions, `lora-subspace rollback STORE VERSION` points LATEST at one"
+_REPAIR = (
+    "`lora-subspace versions STORE` lists the sound versions, "
+    "`lora-subspace rollback STORE VERSION` points LATEST at one"
+)
 
 
 @dataclass(frozen=True)
@@ -122,10 +125,13 @@ def basis_key(module: str, side: str, field: str) -> str:
 
 def check_bytes(data: bytes, expected: dict, name: str) -> None:
     if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-        raise IntegrityError(f"{redact(name)} does not match its manifest checksum: the object is corrupt or was replaced")
+        raise IntegrityError(
+            f"{redact(name)} does not match its manifest checksum: the object is corrupt or was replaced"
+        )
 
 
 # -- a store's own metadata is input: ids and paths are checked wherever they are read -------------
+
 
 def is_safe_task_id(task_id: object) -> bool:
     """A task id as scan accepts it: relative, parts of letters, digits and ._=+-, none starting with '.'."""
@@ -135,7 +141,9 @@ def is_safe_task_id(task_id: object) -> bool:
 def safe_task_id(task_id: object, where: str) -> str:
     """`task_id` read from `where` (a store object), or IntegrityError: used as a path by export."""
     if not is_safe_task_id(task_id):
-        raise IntegrityError(f"{where} holds task id {task_id!r}, which is not a safe relative path (letters, digits, ._=+- and /)")
+        raise IntegrityError(
+            f"{where} holds task id {task_id!r}, which is not a safe relative path (letters, digits, ._=+- and /)"
+        )
     return task_id
 
 
@@ -199,8 +207,13 @@ def manifest_problems(manifest: object, version: str) -> list[str]:
         for path, entry in files.items():
             if not is_object_path(path):
                 problems.append(f"file {path!r} is not a store path (versions/vNNNNNN/..., no '..')")
-            elif not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and entry["bytes"] >= 0
-                      and isinstance(entry.get("sha256"), str) and _SHA256_RE.match(entry["sha256"])):
+            elif not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("bytes"), int)
+                and entry["bytes"] >= 0
+                and isinstance(entry.get("sha256"), str)
+                and _SHA256_RE.match(entry["sha256"])
+            ):
                 problems.append(f"file {path!r}: entry is not {{bytes, sha256}}")
     if need(manifest, "modules", dict, "modules"):
         for module, entry in manifest["modules"].items():
@@ -212,7 +225,9 @@ def manifest_problems(manifest: object, version: str) -> list[str]:
                 problems.append(f"{label}: basis {entry.get('basis')!r} is not one of the files")
             for key in ("a_shape", "b_shape"):
                 shape = entry.get(key)
-                if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
+                if not (
+                    isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)
+                ):
                     problems.append(f"{label}: {key} is {shape!r}")
             for key in ("k_a", "k_b", "count") + (("width", "core_rank") if entry.get("method") == "joint" else ()):
                 need(entry, key, int, f"{label}.{key}", optional=key == "count")
@@ -227,14 +242,19 @@ def encode_manifest(manifest: dict) -> bytes:
 
 
 def encode_basis(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"format_version": str(FORMAT_VERSION)})
+    return save_safetensors(
+        {k: v.contiguous() for k, v in tensors.items()}, metadata={"format_version": str(FORMAT_VERSION)}
+    )
 
 
-def basis_tensors(module: str, side: str, dec: Decomposition, packed: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def basis_tensors(
+    module: str, side: str, dec: Decomposition, packed: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """One module side's entries of a basis object; `packed`: its components as quantize.encode
     stored them (`M.S.components.int8` ...), in place of float32 components."""
     fields = {
-        "singular_values": dec.singular_values, "mean": dec.mean,
+        "singular_values": dec.singular_values,
+        "mean": dec.mean,
         "total_variance": torch.tensor([dec.total_variance], dtype=torch.float64),
         "count": torch.tensor([dec.count], dtype=torch.int64),
     }
@@ -279,8 +299,11 @@ def read_joint(tensors: dict[str, torch.Tensor], module: str) -> JointBasis | No
 def read_decomposition(tensors: dict[str, torch.Tensor], module: str, side: str) -> Decomposition:
     """A module side's Decomposition from a decoded basis object."""
     return Decomposition(
-        tensors[basis_key(module, side, "components")], tensors[basis_key(module, side, "singular_values")],
-        tensors[basis_key(module, side, "mean")], float(tensors[basis_key(module, side, "total_variance")]), "stored",
+        tensors[basis_key(module, side, "components")],
+        tensors[basis_key(module, side, "singular_values")],
+        tensors[basis_key(module, side, "mean")],
+        float(tensors[basis_key(module, side, "total_variance")]),
+        "stored",
         int(tensors[basis_key(module, side, "count")]),
     )
 
@@ -313,7 +336,8 @@ class Store:
             raise IntegrityError(f"{where} is {what}: {_REPAIR}")
         if isinstance(pointer.get("format_version"), int) and pointer["format_version"] > FORMAT_VERSION:
             raise PipelineError(
-                f"store {self} has format version {pointer['format_version']}; this lora-subspace reads up to {FORMAT_VERSION}"
+                f"store {self} has format version {pointer['format_version']}; "
+                f"this lora-subspace reads up to {FORMAT_VERSION}"
             )
         try:
             return check_version_id(pointer.get("version"), where)
@@ -328,7 +352,9 @@ class Store:
         if version is None:
             bucket = self.missing_bucket()
             if bucket:
-                raise PipelineError(f"bucket {bucket!r} does not exist (store {self}); check the name, region and --endpoint-url")
+                raise PipelineError(
+                    f"bucket {bucket!r} does not exist (store {self}); check the name, region and --endpoint-url"
+                )
             raise PipelineError(f"no store at {self} (no {POINTER} pointer): run `lora-subspace compress` first")
         return version
 
@@ -345,7 +371,10 @@ class Store:
     def versions(self) -> list[str]:
         fs = self.location.fs
         try:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(self.location.path("versions"), detail=False, refresh=True)]
+            names = [
+                p.rstrip("/").rsplit("/", 1)[-1]
+                for p in fs.ls(self.location.path("versions"), detail=False, refresh=True)
+            ]
         except FileNotFoundError:
             return []
         return sorted(n for n in names if _VERSION_RE.match(n))
@@ -418,7 +447,8 @@ class Store:
         current = self.current_version()
         if current != manifest["parent"]:
             raise PipelineError(
-                f"store {self} moved to {current} while this run worked from {manifest['parent']}; nothing was published"
+                f"store {self} moved to {current} "
+                f"while this run worked from {manifest['parent']}; nothing was published"
             )
         where = self.version_location(version)
         where.write_bytes(encode_manifest(manifest), MANIFEST)
@@ -428,7 +458,11 @@ class Store:
         try:
             self._finish(version)
         except OSError as exc:
-            log.warning("%s is published; its run's scratch stays until the next writer removes it (%s)", version, redact(str(exc)))
+            log.warning(
+                "%s is published; its run's scratch stays until the next writer removes it (%s)",
+                version,
+                redact(str(exc)),
+            )
 
     def _finish(self, version: str) -> None:
         """Remove a published version's scratch: staging, then the run record."""
@@ -577,7 +611,9 @@ class Store:
         try:
             return self._read_manifest(version)
         except FileNotFoundError:
-            raise PipelineError(f"version {version} of {self} has no manifest ({self._uri('versions', version, MANIFEST)} is missing)") from None
+            raise PipelineError(
+                f"version {version} of {self} has no manifest ({self._uri('versions', version, MANIFEST)} is missing)"
+            ) from None
 
     def raw_manifest(self, version: str) -> object:
         """A version's manifest as parsed JSON, unchecked (verify lists its problems):
@@ -599,7 +635,9 @@ class Store:
         problems = manifest_problems(manifest, version)
         if problems:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-            raise IntegrityError(f"{self._uri('versions', version, MANIFEST)} is not a valid manifest: {problems[0]}{more}")
+            raise IntegrityError(
+                f"{self._uri('versions', version, MANIFEST)} is not a valid manifest: {problems[0]}{more}"
+            )
         return manifest
 
     def read_basis(self, path: str, expected: dict | None = None, decode: bool = True) -> dict[str, torch.Tensor]:
@@ -619,7 +657,9 @@ class Store:
         header = json.loads(fs.cat_file(full, start=8, end=8 + length))
         return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
-    def read_table(self, version: str, name: str, task_ids: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:
+    def read_table(
+        self, version: str, name: str, task_ids: list[str] | None = None, columns: list[str] | None = None
+    ) -> pa.Table:
         """A Parquet table of a version; with task_ids, only those adapters' rows (row groups whose
         statistics exclude them are not read)."""
         where = self.version_location(version)
@@ -629,7 +669,9 @@ class Store:
         with_status = name == CATALOG and columns is not None and "task_id" in columns and "status" not in columns
         read = columns + ["status"] if with_status else columns
         try:
-            table = pq.read_table(where.path(name), filesystem=where.fs, columns=read, filters=filters, page_checksum_verification=True)
+            table = pq.read_table(
+                where.path(name), filesystem=where.fs, columns=read, filters=filters, page_checksum_verification=True
+            )
             if "task_id" in table.column_names:
                 ids = table.column("task_id")
                 if "status" in table.column_names:
@@ -658,8 +700,14 @@ class WriterLock:
     def __init__(self, store: Store, operation: str, ttl: float):
         self.store, self.ttl = store, ttl
         self.holder = {
-            "operation": operation, "host": socket.gethostname(), "pid": os.getpid(), "user": getpass.getuser(),
-            "since": _now(), "heartbeat": time.time(), "ttl": ttl, "token": uuid.uuid4().hex,
+            "operation": operation,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "user": getpass.getuser(),
+            "since": _now(),
+            "heartbeat": time.time(),
+            "ttl": ttl,
+            "token": uuid.uuid4().hex,
         }
         self.lost = False
         self._stop = threading.Event()
@@ -690,7 +738,9 @@ class WriterLock:
         current = self._read()
         if self.lost or current is None or current.get("token") != self.holder["token"]:
             self.lost = True
-            raise LockLost(f"lost the lock of store {self.store} to another writer ({_describe(current)}); nothing was published")
+            raise LockLost(
+                f"lost the lock of store {self.store} to another writer ({_describe(current)}); nothing was published"
+            )
 
     def release(self) -> None:
         self._stop.set()

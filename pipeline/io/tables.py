@@ -25,7 +25,13 @@ BATCH_ROWS = 8192
 def read_batches(location: Location, name: str, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """Batches of a table; every page read is checked against its CRC."""
     with location.fs.open(location.path(name), "rb") as handle:
-        yield from checked(pq.ParquetFile(handle, page_checksum_verification=True).iter_batches(batch_size=BATCH_ROWS, columns=columns), location, name)
+        yield from checked(
+            pq.ParquetFile(handle, page_checksum_verification=True).iter_batches(
+                batch_size=BATCH_ROWS, columns=columns
+            ),
+            location,
+            name,
+        )
 
 
 def checked(batches, location: Location, name: str):
@@ -46,7 +52,8 @@ def without(batches: Iterable[pa.RecordBatch], task_ids: set[str]) -> Iterator[p
 
 
 def merge_sorted(streams: list[Iterable[pa.RecordBatch | pa.Table]], keys: list[str]) -> Iterator[pa.Table]:
-    """Merge streams (of batches or tables) that are each sorted by keys (keys[0] is the task id) into one sorted stream.
+    """Merge streams (of batches or tables) that are each sorted by keys (keys[0] is the task id) into one
+    sorted stream.
 
     Rows are released only once every unfinished stream has moved past their task id, so all rows
     of one task id leave together and are put in key order.
@@ -110,7 +117,9 @@ class _HashingWriter:
         self.closed = True
 
 
-def write_tables(location: Location, name: str, tables: Iterable[pa.Table], schema: pa.Schema, row_group_size: int = BATCH_ROWS) -> FileEntry:
+def write_tables(
+    location: Location, name: str, tables: Iterable[pa.Table], schema: pa.Schema, row_group_size: int = BATCH_ROWS
+) -> FileEntry:
     """Stream tables into one zstd Parquet object; returns its size and sha256."""
     path = location.path(name)
     if location.is_local:

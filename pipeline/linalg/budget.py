@@ -55,7 +55,8 @@ def candidates(method: str) -> tuple[str, ...]:
 def fits(budget: float, n: int, r: int, d_in: int, d_out: int, methods: tuple[str, ...] = ("flat", "joint")) -> bool:
     """Whether one of `methods` fits `budget` floats (flat k=1 or joint c=q=1)."""
     return ("flat" in methods and flat_components(budget, n, r, d_in, d_out) > 0) or (
-        "joint" in methods and joint_width(budget, n, 1, d_in, d_out) > 0)
+        "joint" in methods and joint_width(budget, n, 1, d_in, d_out) > 0
+    )
 
 
 @dataclass
@@ -96,8 +97,14 @@ def fit_joint_module(a: torch.Tensor, b: torch.Tensor, c: int, q: int, init: Joi
     return JointFit(basis, q, *joint_cores(basis, a, b, q))
 
 
-def fit_within(xa: torch.Tensor, xb: torch.Tensor, shapes, budget: float, methods: tuple[str, ...] = ("flat", "joint"),
-               route: str = "auto") -> FlatFit | JointFit:
+def fit_within(
+    xa: torch.Tensor,
+    xb: torch.Tensor,
+    shapes,
+    budget: float,
+    methods: tuple[str, ...] = ("flat", "joint"),
+    route: str = "auto",
+) -> FlatFit | JointFit:
     """The fit of the lowest mean delta-W error among `methods` within `budget` floats, for one
     module's flattened factors xa (n, r*d_in), xb (n, d_out*r)."""
     (r, d_in), (d_out, _) = shapes
@@ -116,7 +123,9 @@ def fit_within(xa: torch.Tensor, xb: torch.Tensor, shapes, budget: float, method
         screened = core_rank_errors(widest, a, b, widths)
         q = min(screened, key=screened.get)
         c = widths[q]
-        found.append(fit_joint_module(a, b, c, q, init=JointBasis(widest.u[:, :c], widest.v[:, :c], 0.0, widest.total, 0)))
+        found.append(
+            fit_joint_module(a, b, c, q, init=JointBasis(widest.u[:, :c], widest.v[:, :c], 0.0, widest.total, 0))
+        )
     if not found:
         raise ValueError(f"no method among {methods} fits {budget:.0f} floats for {n} adapters of shapes {shapes}")
     return min(found, key=lambda f: f.error)

@@ -140,7 +140,9 @@ def _gram(x, base, wanted, niter):
         # Rayleigh-Ritz: the SVD of U^T J (X - mean) for the leading eigenvectors U of the Gram
         # matrix, in float64 (J again through the blocks' float64 column means: one more row of U).
         u = top(keep + OVERSAMPLE)
-        weights = torch.cat([u, torch.full((n, 1), 1.0 / max(n, 1), dtype=torch.float64, device=x.device)], dim=1).T.contiguous()
+        weights = torch.cat(
+            [u, torch.full((n, 1), 1.0 / max(n, 1), dtype=torch.float64, device=x.device)], dim=1
+        ).T.contiguous()
         projected = torch.cat([weights @ block for block in _float64_blocks(x, mean, dim=1)], dim=1)
         projected = projected[:-1] - u.sum(dim=0)[:, None] * projected[-1:]
         spectrum, rotation = _eig_desc(projected @ projected.T)
@@ -237,13 +239,20 @@ def _spectrum(square: torch.Tensor, wanted: int | None) -> tuple[torch.Tensor, C
         if "vectors" not in cache or cache["vectors"].shape[1] < count:
             if square.device.type == "cpu":
                 values, vectors = scipy.linalg.eigh(square.numpy(), subset_by_index=[n - count, n - 1], driver="evr")
-                cache["values"], cache["vectors"] = torch.from_numpy(values).flip(0).clamp_min(0).sqrt(), torch.from_numpy(vectors).flip(1)
+                cache["values"], cache["vectors"] = (
+                    torch.from_numpy(values).flip(0).clamp_min(0).sqrt(),
+                    torch.from_numpy(vectors).flip(1),
+                )
             else:
                 cache["values"], cache["vectors"] = _eig_desc(square)
         return cache["values"], cache["vectors"]
 
     if wanted is None:
-        values = torch.linalg.eigvalsh(square) if square.device.type != "cpu" else torch.from_numpy(scipy.linalg.eigvalsh(square.numpy()))
+        values = (
+            torch.linalg.eigvalsh(square)
+            if square.device.type != "cpu"
+            else torch.from_numpy(scipy.linalg.eigvalsh(square.numpy()))
+        )
         estimate = values.flip(0).clamp_min(0).sqrt()
     else:
         estimate = top(wanted + OVERSAMPLE)[0]

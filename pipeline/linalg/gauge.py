@@ -62,8 +62,14 @@ def canonical_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, t
     return a_hat * signs[:, :, None], b_hat * signs[:, None, :], s
 
 
-def align(a: torch.Tensor, b: torch.Tensor, components: int | None = None, rounds: int = ALIGN_ROUNDS,
-          refine: int = REFINE_ROUNDS, steps: int = GAUSS_NEWTON_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+def align(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    components: int | None = None,
+    rounds: int = ALIGN_ROUNDS,
+    refine: int = REFINE_ROUNDS,
+    steps: int = GAUSS_NEWTON_STEPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical factors of every adapter, re-parameterised (B A unchanged) into one gauge.
     First an orthogonal R_i towards the collection's reference (orthogonal Procrustes: R_i A^_i
     near the reference A, B^_i R_i^T near the reference B), the reference starting as the adapter
@@ -86,8 +92,9 @@ def align(a: torch.Tensor, b: torch.Tensor, components: int | None = None, round
     return a_hat, b_hat
 
 
-def align_to(a: torch.Tensor, b: torch.Tensor, basis_a: Decomposition, basis_b: Decomposition,
-             rounds: int = REFINE_ROUNDS) -> tuple[torch.Tensor, torch.Tensor]:
+def align_to(
+    a: torch.Tensor, b: torch.Tensor, basis_a: Decomposition, basis_b: Decomposition, rounds: int = REFINE_ROUNDS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """New adapters' canonical factors put into the gauge of a collection already aligned and
     fitted (bases of its flattened lora_A and lora_B): rotated towards the bases' means first,
     then `rounds` Gauss-Newton steps towards each adapter's own rebuild on the bases. B A is
@@ -101,8 +108,13 @@ def align_to(a: torch.Tensor, b: torch.Tensor, basis_a: Decomposition, basis_b: 
     return a_hat, b_hat
 
 
-def align_rows(xa: torch.Tensor, xb: torch.Tensor, shapes, components: int | None = None,
-               bases: tuple[Decomposition, Decomposition] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def align_rows(
+    xa: torch.Tensor,
+    xb: torch.Tensor,
+    shapes,
+    components: int | None = None,
+    bases: tuple[Decomposition, Decomposition] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened factors xa (n, r*d_in), xb (n, d_out*r) of one module put in one gauge: among
     themselves (align, towards a structure of `components` directions) or into the gauge of the
     lora_A and lora_B `bases` (align_to). float32, the same shapes."""
@@ -167,8 +179,9 @@ class JointBasis:
     iterations: int
 
 
-def fit_joint(a: torch.Tensor, b: torch.Tensor, c: int, iterations: int = JOINT_ITERATIONS,
-              init: JointBasis | None = None) -> JointBasis:
+def fit_joint(
+    a: torch.Tensor, b: torch.Tensor, c: int, iterations: int = JOINT_ITERATIONS, init: JointBasis | None = None
+) -> JointBasis:
     """Shared U, V of width c for factors a (n, r, d_in), b (n, d_out, r), by alternating
     maximisations (none loses captured energy). `init` warm-starts from earlier bases (a re-base);
     otherwise V starts from sum_i A_i^T B_i^T B_i A_i. Each step maximises over the span of the
@@ -190,7 +203,8 @@ def fit_joint(a: torch.Tensor, b: torch.Tensor, c: int, iterations: int = JOINT_
         u, v = None, _leading(_Gram(a_side, b.transpose(1, 2) @ b), c, None)
     av = a @ v  # (n, r, c)
     energy, done = 0.0, 0
-    for done in range(1, iterations + 1):
+    while done < iterations:
+        done += 1
         u = _leading(_Gram(b_side, av @ av.transpose(1, 2)), c, u)
         btu = b.transpose(1, 2) @ u  # (n, r, c)
         v = _leading(_Gram(a_side, btu @ btu.transpose(1, 2)), c, v)
@@ -226,7 +240,9 @@ class _Gram:
         return self.apply(torch.eye(self.f.shape[0], dtype=self.f.dtype, device=self.f.device))
 
 
-def joint_cores(basis: JointBasis, a: torch.Tensor, b: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def joint_cores(
+    basis: JointBasis, a: torch.Tensor, b: torch.Tensor, q: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Q (n, q, c), P (n, c, q), relative delta-W error (n,), ||B A|| (n,)) of each adapter on the bases: the
     best rank-q factors of its core U^T B A V, balanced and sign-fixed (so they depend on
     dW alone). The error is exact, from the Pythagorean split of dW - U C V^T into what the bases
@@ -261,7 +277,9 @@ def core_rank_errors(basis: JointBasis, a: torch.Tensor, b: torch.Tensor, widths
     return errors
 
 
-def joint_rebuild(basis: JointBasis, core_a: torch.Tensor, core_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def joint_rebuild(
+    basis: JointBasis, core_a: torch.Tensor, core_b: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard LoRA factors A' (n, rank, d_in) = Q V^T and B' (n, d_out, rank) = U P, zero-padded
     from q to the adapter's rank so its config stays valid."""
     return pad_rank(core_a @ basis.v.T, basis.u @ core_b, rank)

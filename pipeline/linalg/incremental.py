@@ -18,7 +18,9 @@ import torch
 from pipeline.linalg.decompose import Decomposition, components_to_keep, sign_flip
 
 
-def absorb(dec: Decomposition, rows: torch.Tensor, k: int | None = None, threshold: float | None = None) -> Decomposition:
+def absorb(
+    dec: Decomposition, rows: torch.Tensor, k: int | None = None, threshold: float | None = None
+) -> Decomposition:
     """The decomposition of the old rows plus `rows` (m, D), truncated like centred_svd."""
     n, m = dec.count, rows.shape[0]
     kept = len(dec.singular_values)
@@ -38,13 +40,21 @@ def absorb(dec: Decomposition, rows: torch.Tensor, k: int | None = None, thresho
     keep = components_to_keep(spectrum, total, k, threshold)
     components = (evecs[:, :keep].T @ z) / spectrum[:keep, None]
     new_mean = (n * mean + m * y_mean) / (n + m)
-    return Decomposition(sign_flip(components.to(torch.float32)), spectrum[:keep].to(torch.float32), new_mean.to(torch.float32),
-                         total, "incremental", n + m)
+    return Decomposition(
+        sign_flip(components.to(torch.float32)),
+        spectrum[:keep].to(torch.float32),
+        new_mean.to(torch.float32),
+        total,
+        "incremental",
+        n + m,
+    )
 
 
 def truncate(dec: Decomposition, k: int | None = None, threshold: float | None = None) -> Decomposition:
     keep = components_to_keep(dec.singular_values.to(torch.float64), dec.total_variance, k, threshold)
-    return Decomposition(dec.components[:keep], dec.singular_values[:keep], dec.mean, dec.total_variance, dec.route, dec.count)
+    return Decomposition(
+        dec.components[:keep], dec.singular_values[:keep], dec.mean, dec.total_variance, dec.route, dec.count
+    )
 
 
 def change_of_basis(old: Decomposition, new: Decomposition) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,8 +24,12 @@ def project_factors(xa: torch.Tensor, xb: torch.Tensor, a: Decomposition, b: Dec
     for i in range(0, n, ERROR_ROWS):
         rows = slice(i, i + ERROR_ROWS)
         m = len(la[rows])
-        diff, norm = product_error(xa[rows].to(torch.float32).view(m, *shapes[0]), xb[rows].to(torch.float32).view(m, *shapes[1]),
-                                   reconstruct(la[rows], ca, ma).view(m, *shapes[0]), reconstruct(lb[rows], cb, mb).view(m, *shapes[1]))
+        diff, norm = product_error(
+            xa[rows].to(torch.float32).view(m, *shapes[0]),
+            xb[rows].to(torch.float32).view(m, *shapes[1]),
+            reconstruct(la[rows], ca, ma).view(m, *shapes[0]),
+            reconstruct(lb[rows], cb, mb).view(m, *shapes[1]),
+        )
         diffs.append(diff)
         norms.append(norm)
     diff = torch.cat(diffs) if diffs else torch.zeros(0, dtype=torch.float64, device=device)
@@ -45,8 +49,13 @@ class Move:
     inequality would bound it, but overstates it by ~25% on typical collections where this
     estimate is within ~1%."""
 
-    def __init__(self, old: tuple[Decomposition, Decomposition], new: tuple[Decomposition, Decomposition], shapes: Shapes,
-                 keep_loadings: bool = False):
+    def __init__(
+        self,
+        old: tuple[Decomposition, Decomposition],
+        new: tuple[Decomposition, Decomposition],
+        shapes: Shapes,
+        keep_loadings: bool = False,
+    ):
         # keep_loadings: the rows keep their loadings (a basis rounded in place, e.g. quantized).
         self.keep = keep_loadings
         self.a, self.b = change_of_basis(old[0], new[0]), change_of_basis(old[1], new[1])

@@ -18,7 +18,9 @@ def _trace_of_products(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nij,nji->n", p.to(torch.float64), q.to(torch.float64))
 
 
-def product_error(a: torch.Tensor, b: torch.Tensor, a_hat: torch.Tensor, b_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def product_error(
+    a: torch.Tensor, b: torch.Tensor, a_hat: torch.Tensor, b_hat: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(||B A - B' A'||_F, ||B A||_F) per adapter, float64 (N,), for batches a (N, r, d_in) and
     b (N, d_out, r); the scale s is left out (it cancels in relative errors)."""
     da, db = a - a_hat, b - b_hat
@@ -87,6 +89,9 @@ class Drift:
         self.old_old, self.old_new, self.new_new = pair_grams(old, old), pair_grams(old, new), pair_grams(new, new)
 
     def __call__(self, old_a, old_b, new_a, new_b) -> torch.Tensor:
-        squared = (rebuilt_inner(self.old_old, old_a, old_b, old_a, old_b) - 2 * rebuilt_inner(self.old_new, old_a, old_b, new_a, new_b)
-                   + rebuilt_inner(self.new_new, new_a, new_b, new_a, new_b))
+        squared = (
+            rebuilt_inner(self.old_old, old_a, old_b, old_a, old_b)
+            - 2 * rebuilt_inner(self.old_new, old_a, old_b, new_a, new_b)
+            + rebuilt_inner(self.new_new, new_a, new_b, new_a, new_b)
+        )
         return squared.clamp_min(0).sqrt()

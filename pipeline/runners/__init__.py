@@ -15,7 +15,13 @@ class Runner(Protocol):
     num_cpus: int  # how many tasks run at once: the plan makes at least this many shards
 
     def map_unordered(
-        self, fn: Callable[[Any], Any], items: list, *, num_cpus: float = 1, use_gpu: bool = False, memory: int | None = None
+        self,
+        fn: Callable[[Any], Any],
+        items: list,
+        *,
+        num_cpus: float = 1,
+        use_gpu: bool = False,
+        memory: int | None = None,
     ) -> Iterator[tuple[int, Any]]: ...
 
 

@@ -66,7 +66,8 @@ class RayRunner:
             if not any(os.path.commonpath([path, folder]) == folder for folder in shared):
                 others = ", ".join(hosts[:3]) + (f" and {len(hosts) - 3} more" if len(hosts) > 3 else "")
                 raise PipelineError(
-                    f"{path} is a local path, but the Ray cluster has nodes on other hosts ({others}) that would not see it: "
+                    f"{path} is a local path, but the Ray cluster has nodes on other hosts ({others}) "
+                    "that would not see it: "
                     f"use s3://..., or a file system every node mounts at the same path, declared in {SHARED_PATHS_ENV}"
                 )
 
@@ -113,11 +114,13 @@ def _other_hosts() -> list[str]:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     me = ray.get_runtime_context().get_node_id()
     mine = {n["NodeManagerAddress"] for n in nodes if n["NodeID"] == me}
-    workers = {n["NodeManagerAddress"] for n in nodes if any(n.get("Resources", {}).get(r, 0) > 0 for r in ("CPU", "GPU"))}
+    workers = {
+        n["NodeManagerAddress"] for n in nodes if any(n.get("Resources", {}).get(r, 0) > 0 for r in ("CPU", "GPU"))
+    }
     return sorted(workers - mine)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _remote(fn):
     def on_node(item):
         try:

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 SCAN_BATCH = 64
 
 
-def scan(refs: list[AdapterRef], runner: Runner, reference: dict | None = None, strict: bool = False) -> list[ScannedAdapter]:
+def scan(
+    refs: list[AdapterRef], runner: Runner, reference: dict | None = None, strict: bool = False
+) -> list[ScannedAdapter]:
     """Validate adapters in parallel tasks, then against each other, or against a store's
     manifest (`reference`) when they join one."""
     batches = [refs[i : i + SCAN_BATCH] for i in range(0, len(refs), SCAN_BATCH)]
@@ -68,11 +70,18 @@ def check_out(store: Store) -> None:
     where = store.location
     if where.exists(POINTER) or where.exists("versions") or where.exists(LOCK) or not holding_files(where, [""]):
         return
-    raise PipelineError(f"--out {where} holds files and is not a store (no {POINTER}, no versions/): compress writes a new "
-                        "store only into a new or empty folder")
+    raise PipelineError(
+        f"--out {where} holds files and is not a store (no {POINTER}, no versions/): compress writes a new "
+        "store only into a new or empty folder"
+    )
 
 
-def compress(source: Location, store: Store, runner: Runner, options: Options = Options(), chunk_size: int | None = None) -> list[Summary]:
+_DEFAULT_OPTIONS = Options()
+
+
+def compress(
+    source: Location, store: Store, runner: Runner, options: Options = _DEFAULT_OPTIONS, chunk_size: int | None = None
+) -> list[Summary]:
     refs = discover(source)
     check_out(store)
     store.check_writable()

@@ -27,12 +27,21 @@ from pipeline.io.adapters import read_ranges
 from pipeline.io.location import Location
 from pipeline.io.safetensors_ranges import DTYPES, TensorInfo, decode
 from pipeline.io.store import (
-    FileEntry, Store, basis_file, basis_tensors, done_file, encode_basis, joint_tensors, read_decomposition, read_joint, staging_file,
+    FileEntry,
+    Store,
+    basis_file,
+    basis_tensors,
+    done_file,
+    encode_basis,
+    joint_tensors,
+    read_decomposition,
+    read_joint,
+    staging_file,
 )
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg import quantize
-from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, project, reconstruct
 from pipeline.linalg.budget import FlatFit, JointFit, candidates, fit_joint_module, fit_within
+from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, project, reconstruct
 from pipeline.linalg.gauge import JointBasis, align_rows, cut_rank, joint_cores, joint_rebuild, pad_rank
 from pipeline.linalg.incremental import absorb
 from pipeline.linalg.loadings import ERROR_ROWS, Move
@@ -43,15 +52,17 @@ READ_BYTES = 64 << 20  # raw tensor bytes per cat_ranges call: bounds what readi
 
 Mode = Literal["fit", "absorb", "project"]
 
-LOADINGS_SCHEMA = pa.schema([
-    ("task_id", pa.string()),
-    ("module", pa.string()),
-    ("a", pa.list_(pa.float32())),
-    ("b", pa.list_(pa.float32())),
-    ("error", pa.float32()),
-    ("measured", pa.bool_()),
-    ("norm", pa.float32()),
-])
+LOADINGS_SCHEMA = pa.schema(
+    [
+        ("task_id", pa.string()),
+        ("module", pa.string()),
+        ("a", pa.list_(pa.float32())),
+        ("b", pa.list_(pa.float32())),
+        ("error", pa.float32()),
+        ("measured", pa.bool_()),
+        ("norm", pa.float32()),
+    ]
+)
 LOADINGS_KEYS = ["task_id", "module"]
 
 
@@ -145,10 +156,21 @@ class ShardResult:
 
     @classmethod
     def from_json(cls, data: dict) -> ShardResult:
-        modules = [ModuleResult(**{**m, "a_shape": tuple(m["a_shape"]), "b_shape": tuple(m["b_shape"])}) for m in data["modules"]]
+        modules = [
+            ModuleResult(**{**m, "a_shape": tuple(m["a_shape"]), "b_shape": tuple(m["b_shape"])})
+            for m in data["modules"]
+        ]
         return cls(
-            Shard(data["shard"]["index"], tuple(data["shard"]["modules"])), FileEntry(**data["file"]) if data["file"] else None,
-            modules, {}, data["decided_k"], data["bytes_read"], data["requests"], data["stack_bytes"], data["seconds"], True,
+            Shard(data["shard"]["index"], tuple(data["shard"]["modules"])),
+            FileEntry(**data["file"]) if data["file"] else None,
+            modules,
+            {},
+            data["decided_k"],
+            data["bytes_read"],
+            data["requests"],
+            data["stack_bytes"],
+            data["seconds"],
+            True,
         )
 
 
@@ -187,7 +209,9 @@ def compute_shard(task: ShardTask) -> ShardResult:
         stack = stacks.pop(module, None)
         fit = _choose(task, module, stack, device) if task.mode == "fit" else None
         if isinstance(fit, JointFit) or (task.mode != "fit" and module in parent_joint):
-            summary, basis, rows, moved = _joint_module(task, module, stack, fit, parent_joint.get(module), joint_rows.get(module), device)
+            summary, basis, rows, moved = _joint_module(
+                task, module, stack, fit, parent_joint.get(module), joint_rows.get(module), device
+            )
             result.modules.append(summary)
             if basis is not None:
                 joint[module] = basis, summary.count
@@ -212,12 +236,22 @@ def compute_shard(task: ShardTask) -> ShardResult:
             bases[module, side] = _to(dec, "cpu")
             if task.quantize and task.mode != "project":
                 codes = packed[module, side] = quantize.encode(dec.components, task.quantize)
-                bases[module, side] = dataclasses.replace(bases[module, side], components=quantize.decode(codes, dec.mean.shape[0]))
+                bases[module, side] = dataclasses.replace(
+                    bases[module, side], components=quantize.decode(codes, dec.mean.shape[0])
+                )
         a, b = bases[module, "A"], bases[module, "B"]
-        result.modules.append(ModuleResult(
-            module, *shapes, len(a.singular_values), len(b.singular_values),
-            explained(a), explained(b), a.route, a.count,
-        ))
+        result.modules.append(
+            ModuleResult(
+                module,
+                *shapes,
+                len(a.singular_values),
+                len(b.singular_values),
+                explained(a),
+                explained(b),
+                a.route,
+                a.count,
+            )
+        )
         if task.new:
             new_rows.append(_project_new(task, module, shapes, stack, a, b, device))
     result.seconds["compute"] = time.perf_counter() - clock
@@ -234,13 +268,17 @@ def compute_shard(task: ShardTask) -> ShardResult:
         result.file = store.write_object(task.version, basis_file(task.shard.name), encode_basis(tensors))
     streams: list = [_sorted_rows(new_rows), _sorted_rows(parent_rows)]
     if task.parent:
-        streams.append(_moved_parent_rows(store, task, parents, bases, set(parent_joint) if task.mode == "absorb" else set()))
+        streams.append(
+            _moved_parent_rows(store, task, parents, bases, set(parent_joint) if task.mode == "absorb" else set())
+        )
     where = store.version_location(task.version)
     write_tables(where, staging_file(task.shard.name), merge_sorted(streams, LOADINGS_KEYS), LOADINGS_SCHEMA)
     result.seconds["write"] = time.perf_counter() - clock
     failpoints.reach("shard-staged")
     # Last: this record says the shard's objects are complete, for a resumed run to reuse.
-    store.write_object(task.version, done_file(task.shard.name), json.dumps({"key": task.key, "result": result.to_json()}).encode())
+    store.write_object(
+        task.version, done_file(task.shard.name), json.dumps({"key": task.key, "result": result.to_json()}).encode()
+    )
     return result
 
 
@@ -250,15 +288,26 @@ def _choose(task: ShardTask, module: str, stack, device) -> FlatFit | JointFit |
     shapes = task.shapes[module]
     if task.budgets:
         n = len(stack[0])
-        return fit_within(stack[0].to(device), stack[1].to(device), shapes, task.budgets[module] * n, candidates(task.method), task.route)
+        return fit_within(
+            stack[0].to(device),
+            stack[1].to(device),
+            shapes,
+            task.budgets[module] * n,
+            candidates(task.method),
+            task.route,
+        )
     if task.method == "joint":
         (r, d_in), (d_out, _) = shapes
         n = len(stack[0])
-        return fit_joint_module(stack[0].to(device).view(n, r, d_in), stack[1].to(device).view(n, d_out, r), task.rule.components, r)
+        return fit_joint_module(
+            stack[0].to(device).view(n, r, d_in), stack[1].to(device).view(n, d_out, r), task.rule.components, r
+        )
     return None
 
 
-def _joint_module(task: ShardTask, module: str, stack, fit: JointFit | None, parent: JointBasis | None, old: pa.Table | None, device):
+def _joint_module(
+    task: ShardTask, module: str, stack, fit: JointFit | None, parent: JointBasis | None, old: pa.Table | None, device
+):
     """A joint module: (its result, the bases to write (None: the parent's are kept), rows of the
     new adapters, the parent's rows `old` moved to the new bases (a re-base)); None where there
     are none."""
@@ -277,8 +326,19 @@ def _joint_module(task: ShardTask, module: str, stack, fit: JointFit | None, par
         else:
             count = len(stack[0])  # with a full re-base's rebuilt rows
         width = fit.basis.u.shape[1]
-        summary = ModuleResult(module, *shapes, fit.q * width, fit.q * width, fit.explained, fit.explained, "joint", count, "joint",
-                               width, fit.q)
+        summary = ModuleResult(
+            module,
+            *shapes,
+            fit.q * width,
+            fit.q * width,
+            fit.explained,
+            fit.explained,
+            "joint",
+            count,
+            "joint",
+            width,
+            fit.q,
+        )
     n = len(task.new)
     rows = None
     if n:
@@ -288,10 +348,22 @@ def _joint_module(task: ShardTask, module: str, stack, fit: JointFit | None, par
 
         def written(index: torch.Tensor, rank: int):
             # export.rebuild: the stored core cut to the adapter's rank, then U P and Q V^T
-            return joint_rebuild(JointBasis(u, v, 0.0, 0.0, 0), core_a[index][:, :rank].to(device), core_b[index][:, :, :rank].to(device), rank)
+            return joint_rebuild(
+                JointBasis(u, v, 0.0, 0.0, 0),
+                core_a[index][:, :rank].to(device),
+                core_b[index][:, :, :rank].to(device),
+                rank,
+            )
 
         error, norm = _written_errors(task, module, xa, xb, written)
-        rows = loadings_rows([t for t, _, _ in task.new], module, core_a.reshape(n, -1).cpu(), core_b.reshape(n, -1).cpu(), error.cpu(), norm.cpu())
+        rows = loadings_rows(
+            [t for t, _, _ in task.new],
+            module,
+            core_a.reshape(n, -1).cpu(),
+            core_b.reshape(n, -1).cpu(),
+            error.cpu(),
+            norm.cpu(),
+        )
     return summary, None if task.mode == "project" else fit.basis, rows, moved
 
 
@@ -317,8 +389,15 @@ def _absorb_joint(task, module, stack, parent: JointBasis, old: pa.Table, device
     moved = relative(fit.errors[n:].cpu() * fit.norms[n:].cpu(), norm)
     error = _column(old, "error").hypot(moved)
     width = q * parent.u.shape[1]  # stated: there may be no rows left (all replaced)
-    table = loadings_rows(old.column("task_id").to_pylist(), module, fit.core_a[n:].reshape(len(old), width).cpu(),
-                          fit.core_b[n:].reshape(len(old), width).cpu(), error, norm, measured=False)
+    table = loadings_rows(
+        old.column("task_id").to_pylist(),
+        module,
+        fit.core_a[n:].reshape(len(old), width).cpu(),
+        fit.core_b[n:].reshape(len(old), width).cpu(),
+        error,
+        norm,
+        measured=False,
+    )
     return fit, table
 
 
@@ -333,9 +412,20 @@ def _rebuild_joint(basis: JointBasis, rows: pa.Table, shapes, q: int) -> tuple[t
 def _parent_result(task: ShardTask, module: str) -> ModuleResult:
     """A module kept as the parent stored it."""
     e = task.parent.modules[module]
-    return ModuleResult(module, tuple(e["a_shape"]), tuple(e["b_shape"]), e["k_a"], e["k_b"], e["explained_variance_a"],
-                        e["explained_variance_b"], e["svd_route"], e["count"], e.get("method", "flat"), e.get("width", 0),
-                        e.get("core_rank", 0))
+    return ModuleResult(
+        module,
+        tuple(e["a_shape"]),
+        tuple(e["b_shape"]),
+        e["k_a"],
+        e["k_b"],
+        e["explained_variance_a"],
+        e["explained_variance_b"],
+        e["svd_route"],
+        e["count"],
+        e.get("method", "flat"),
+        e.get("width", 0),
+        e.get("core_rank", 0),
+    )
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -393,7 +483,9 @@ def _parent_bases(store: Store, task: ShardTask) -> tuple[dict[tuple[str, str], 
     for path in sorted({task.parent.basis[m] for m in task.shard.modules}):
         tensors.update(store.read_basis(path, task.parent.checksums[path]))
     joint = {m: j for m in task.shard.modules if (j := read_joint(tensors, m)) is not None}
-    flat = {(m, side): read_decomposition(tensors, m, side) for m in task.shard.modules if m not in joint for side in "AB"}
+    flat = {
+        (m, side): read_decomposition(tensors, m, side) for m in task.shard.modules if m not in joint for side in "AB"
+    }
     return flat, joint
 
 
@@ -401,7 +493,9 @@ def _parent_batches(store: Store, task: ShardTask, modules: list[str] | None = N
     """The parent's rows of these modules (default: the shard's), without the ones the new
     version replaces."""
     modules = pa.array(task.shard.modules if modules is None else modules, pa.string())
-    for batch in without(read_batches(store.location, task.parent.loadings, LOADINGS_SCHEMA.names), set(task.parent.drop)):
+    for batch in without(
+        read_batches(store.location, task.parent.loadings, LOADINGS_SCHEMA.names), set(task.parent.drop)
+    ):
         yield batch.filter(pc.is_in(batch.column("module"), value_set=modules))
 
 
@@ -420,7 +514,9 @@ def _add_parent_rows(store, task, parents, parent_joint, stacks, result) -> None
     for batch in _parent_batches(store, task):
         for module, rows in _by_module(batch):
             if module in parent_joint:
-                a, b = _rebuild_joint(parent_joint[module], rows, task.shapes[module], task.parent.modules[module]["core_rank"])
+                a, b = _rebuild_joint(
+                    parent_joint[module], rows, task.shapes[module], task.parent.modules[module]["core_rank"]
+                )
                 rebuilt[module][0].append(a.reshape(len(a), -1))
                 rebuilt[module][1].append(b.reshape(len(b), -1))
                 continue
@@ -458,14 +554,19 @@ def _project_new(task, module, shapes, stack, a: Decomposition, b: Decomposition
     def written(index: torch.Tensor, rank: int):
         # export.rebuild: the factors at the collection's rank, cut to the adapter's own
         m = len(index)
-        rebuilt_a, rebuilt_b = reconstruct(la[index], ca, ma).view(m, *shapes[0]), reconstruct(lb[index], cb, mb).view(m, *shapes[1])
+        rebuilt_a, rebuilt_b = (
+            reconstruct(la[index], ca, ma).view(m, *shapes[0]),
+            reconstruct(lb[index], cb, mb).view(m, *shapes[1]),
+        )
         return cut_rank(rebuilt_a, rebuilt_b, rank) if rank < shapes[0][0] else (rebuilt_a, rebuilt_b)
 
     error, norm = _written_errors(task, module, xa, xb, written)
     return loadings_rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), error.cpu(), norm.cpu())
 
 
-def _written_errors(task: ShardTask, module: str, xa: torch.Tensor, xb: torch.Tensor, written) -> tuple[torch.Tensor, torch.Tensor]:
+def _written_errors(
+    task: ShardTask, module: str, xa: torch.Tensor, xb: torch.Tensor, written
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(relative delta-W error, ||B A||) float64 (n,) of the new adapters' factors as export
     writes them: `written(rows, rank)` rebuilds rows (index tensor) at their own rank as
     export.rebuild does, and the result is cast to the adapter's dtype, as the exported file holds
@@ -486,7 +587,9 @@ def _written_errors(task: ShardTask, module: str, xa: torch.Tensor, xb: torch.Te
             a, b = pad_rank(a.to(cast).to(torch.float64), b.to(cast).to(torch.float64), r)
             # float64: a cut adapter's factors are in another gauge than its own, so the terms
             # of product_error's expansion are large and cancel (float32 left ~1e-3 of noise)
-            diff, size = product_error(xa[index].view(-1, r, d_in).double(), xb[index].view(-1, d_out, r).double(), a, b)
+            diff, size = product_error(
+                xa[index].view(-1, r, d_in).double(), xb[index].view(-1, d_out, r).double(), a, b
+            )
             error[index], norm[index] = relative(diff, size), size
     return error, norm
 
@@ -500,27 +603,33 @@ def _moved_parent_rows(store, task, parents, bases, skip: set[str]) -> Iterator[
     if task.mode == "project":
         yield from (pa.Table.from_batches([b]) for b in _parent_batches(store, task, modules))
         return
-    moves = {m: Move((parents[m, "A"], parents[m, "B"]), (bases[m, "A"], bases[m, "B"]), task.shapes[m]) for m in modules}
+    moves = {
+        m: Move((parents[m, "A"], parents[m, "B"]), (bases[m, "A"], bases[m, "B"]), task.shapes[m]) for m in modules
+    }
     for batch in _parent_batches(store, task, modules):
         tables = []
         for module, rows in _by_module(batch):
             norm, error = _column(rows, "norm"), _column(rows, "error")
             new_a, new_b, error, _ = moves[module](loadings_matrix(rows, "a"), loadings_matrix(rows, "b"), error, norm)
-            tables.append(loadings_rows(rows.column("task_id").to_pylist(), module, new_a, new_b, error, norm, measured=False))
+            tables.append(
+                loadings_rows(rows.column("task_id").to_pylist(), module, new_a, new_b, error, norm, measured=False)
+            )
         yield from _sorted_rows(tables)
 
 
 def loadings_rows(task_ids, module, la, lb, error, norm, measured=True) -> pa.Table:
     """Loadings table rows (LOADINGS_SCHEMA) of one module; `measured`: a bool, or one per row."""
-    return pa.table({
-        "task_id": pa.array(task_ids, pa.string()),
-        "module": pa.array([module] * len(task_ids), pa.string()),
-        "a": _lists(la),
-        "b": _lists(lb),
-        "error": pa.array(error.numpy().astype(np.float32)),
-        "measured": pa.array(np.full(len(task_ids), measured)),
-        "norm": pa.array(norm.numpy().astype(np.float32)),
-    })
+    return pa.table(
+        {
+            "task_id": pa.array(task_ids, pa.string()),
+            "module": pa.array([module] * len(task_ids), pa.string()),
+            "a": _lists(la),
+            "b": _lists(lb),
+            "error": pa.array(error.numpy().astype(np.float32)),
+            "measured": pa.array(np.full(len(task_ids), measured)),
+            "norm": pa.array(norm.numpy().astype(np.float32)),
+        }
+    )
 
 
 def _lists(values: torch.Tensor) -> pa.Array:
@@ -557,7 +666,12 @@ def _column(rows: pa.Table, name: str) -> torch.Tensor:
 
 def _to(dec: Decomposition, device) -> Decomposition:
     return Decomposition(
-        dec.components.to(device), dec.singular_values.to(device), dec.mean.to(device), dec.total_variance, dec.route, dec.count
+        dec.components.to(device),
+        dec.singular_values.to(device),
+        dec.mean.to(device),
+        dec.total_variance,
+        dec.route,
+        dec.count,
     )
 
 

@@ -42,7 +42,9 @@ def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.
     train = [r for i, r in enumerate(refs) if i not in set(held)]
     held_refs = [refs[i] for i in held]
     with tempfile.TemporaryDirectory(prefix="lora-subspace-evaluate-") as scratch:
-        where = Location(scratch, source.endpoint_url)  # the listings name the adapters' URIs: read them at their endpoint
+        where = Location(
+            scratch, source.endpoint_url
+        )  # the listings name the adapters' URIs: read them at their endpoint
         built = Store(where.child("store"))
         compress(_listing(where, "train.parquet", train), built, runner, like(manifest))
         grow(_listing(where, "all.parquet", train + held_refs), built, runner, "project", Options())
@@ -69,8 +71,16 @@ def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.
     summaries = {name: error_summary(np.array(e).mean(axis=1), np.array(e).max(axis=1)) for name, e in rows.items()}
     chosen = sorted({e.get("method", "flat") for e in modules.values()})
     return {
-        "store": str(store), "source": str(source), "methods": chosen, "k": _ks(modules), "adapters": len(refs), "held_out": len(held),
-        "seed": seed, "own_svd_rank": q, "bytes_per_adapter": per_adapter_bytes, "held_out_ids": [r.task_id for r in held_refs],
+        "store": str(store),
+        "source": str(source),
+        "methods": chosen,
+        "k": _ks(modules),
+        "adapters": len(refs),
+        "held_out": len(held),
+        "seed": seed,
+        "own_svd_rank": q,
+        "bytes_per_adapter": per_adapter_bytes,
+        "held_out_ids": [r.task_id for r in held_refs],
         "error": summaries,
     }
 
@@ -78,8 +88,15 @@ def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.
 def like(manifest: dict) -> Options:
     """Compress options that build a store the way the manifest's was built."""
     p = manifest["parameters"]
-    return dataclasses.replace(Options(), rule=parameters_rule(p), route=p["svd_route"], quantize=p.get("quantize"),
-                               method=p.get("method", "flat"), ratio=p.get("ratio"), budget_bytes=p.get("budget_bytes"))
+    return dataclasses.replace(
+        Options(),
+        rule=parameters_rule(p),
+        route=p["svd_route"],
+        quantize=p.get("quantize"),
+        method=p.get("method", "flat"),
+        ratio=p.get("ratio"),
+        budget_bytes=p.get("budget_bytes"),
+    )
 
 
 def _listing(where: Location, name: str, refs: list[AdapterRef]) -> Location:
@@ -91,7 +108,9 @@ def _listing(where: Location, name: str, refs: list[AdapterRef]) -> Location:
 
 
 def _module_errors(store: Store, task_ids: list[str]) -> dict[str, dict[str, float]]:
-    rows = store.read_table(store.current_version(), LOADINGS, task_ids, columns=["task_id", "module", "error"]).to_pylist()
+    rows = store.read_table(
+        store.current_version(), LOADINGS, task_ids, columns=["task_id", "module", "error"]
+    ).to_pylist()
     errors: dict[str, dict[str, float]] = {}
     for row in rows:
         errors.setdefault(row["task_id"], {})[row["module"]] = row["error"]
@@ -147,13 +166,17 @@ def _ks(modules: dict[str, dict]) -> list[int]:
 
 
 def format_evaluation(result: dict) -> str:
+    ks = ", k " + "..".join(map(str, sorted(set(result["k"])))) if result["k"] else ""
     lines = [
-        f"held out {result['held_out']} of {result['adapters']} adapters (seed {result['seed']}); basis of the rest, built as the store's "
-        f"({', '.join(result['methods'])}{', k ' + '..'.join(map(str, sorted(set(result['k'])))) if result['k'] else ''})",
+        f"held out {result['held_out']} of {result['adapters']} adapters (seed {result['seed']}); basis of the rest, "
+        f"built as the store's ({', '.join(result['methods'])}{ks})",
         f"delta-W error of the held-out adapters (relative)    {'mean':>7} {'p95':>7} {'max':>7}",
     ]
-    names = {"basis": "the basis", "mean_adapter": "the mean adapter alone",
-             "own_svd": f"each adapter's own rank-{result['own_svd_rank']} SVD, same bytes"}
+    names = {
+        "basis": "the basis",
+        "mean_adapter": "the mean adapter alone",
+        "own_svd": f"each adapter's own rank-{result['own_svd_rank']} SVD, same bytes",
+    }
     for key, name in names.items():
         e = result["error"][key]
         lines.append(f"  {name:50} {e['mean']:7.4f} {e['p95']:7.4f} {e['max']:7.4f}")

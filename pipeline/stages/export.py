@@ -37,7 +37,12 @@ class ExportTask:
 
 
 def plan_export(
-    store: Store, version: str, task_ids: list[str] | None, out: Location, overwrite: bool = False, batch: int = 16,
+    store: Store,
+    version: str,
+    task_ids: list[str] | None,
+    out: Location,
+    overwrite: bool = False,
+    batch: int = 16,
 ) -> list[ExportTask]:
     """The batches that export `task_ids` (None: every adapter compressed) of `version` to `out`,
     after every check, so a refused export writes nothing. One id is written to `out` itself,
@@ -50,22 +55,30 @@ def plan_export(
         # folder outside --out. Checked here, where they become paths, whatever read them.
         unsafe = [t for t in ids if not is_safe_task_id(t)]
         if unsafe:
-            raise PipelineError(f"{store} {version} holds task id(s) that are not safe relative paths, so not folders under "
-                                f"--out: {_names(unsafe)}; nothing was written (the others export by name)")
+            raise PipelineError(
+                f"{store} {version} holds task id(s) that are not safe relative paths, so not folders under "
+                f"--out: {_names(unsafe)}; nothing was written (the others export by name)"
+            )
         targets = ids
     if not overwrite:
         held = holding_files(out, targets)
         if held == [""]:
-            raise PipelineError(f"--out {out} already holds files; export writes only into a new or empty folder "
-                                "(--overwrite writes over them)")
+            raise PipelineError(
+                f"--out {out} already holds files; export writes only into a new or empty folder "
+                "(--overwrite writes over them)"
+            )
         if held:
-            raise PipelineError(f"{len(held)} target folder(s) under --out {out} already hold files: {_names(held)}; "
-                                "nothing was written (--overwrite writes over them)")
+            raise PipelineError(
+                f"{len(held)} target folder(s) under --out {out} already hold files: {_names(held)}; "
+                "nothing was written (--overwrite writes over them)"
+            )
     if targets == [""]:
         return [ExportTask(store.location, version, ids, [out])]  # written in-process: a storage error is one line
     check_writable(out)  # before fanning out, not in every task
-    return [ExportTask(store.location, version, ids[i : i + batch], [out.child(t) for t in ids[i : i + batch]])
-            for i in range(0, len(ids), batch)]
+    return [
+        ExportTask(store.location, version, ids[i : i + batch], [out.child(t) for t in ids[i : i + batch]])
+        for i in range(0, len(ids), batch)
+    ]
 
 
 def select(store: Store, version: str, task_ids: list[str] | None) -> list[str]:
@@ -78,8 +91,10 @@ def select(store: Store, version: str, task_ids: list[str] | None) -> list[str]:
         return sorted(t for t, s in status.items() if s == "ok")
     unknown = [t for t in wanted if t not in status]
     quarantined = [t for t in wanted if t in status and status[t] != "ok"]
-    problems = [f"no adapter {_names(unknown)}" if unknown else "",
-                f"quarantined, not compressed: {_names(quarantined)}" if quarantined else ""]
+    problems = [
+        f"no adapter {_names(unknown)}" if unknown else "",
+        f"quarantined, not compressed: {_names(quarantined)}" if quarantined else "",
+    ]
     if unknown or quarantined:
         raise PipelineError(f"cannot export from {store} version {version}: {'; '.join(p for p in problems if p)}")
     return wanted
@@ -130,7 +145,10 @@ def adapter_ranks(row: dict, modules: dict[str, dict]) -> dict[str, int]:
 
 
 def rebuild(
-    modules: dict[str, dict], basis: dict[str, torch.Tensor], loadings: dict[str, tuple[list, list]], dtype: torch.dtype,
+    modules: dict[str, dict],
+    basis: dict[str, torch.Tensor],
+    loadings: dict[str, tuple[list, list]],
+    dtype: torch.dtype,
     ranks: dict[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """PEFT state dict of one adapter from its loadings: lora_A (r, d_in), lora_B (d_out, r) at
@@ -146,8 +164,12 @@ def rebuild(
             c, q = entry["width"], entry["core_rank"]
             a, b = joint_rebuild(joint, values_a.view(1, q, c)[:, :rank], values_b.view(1, c, q)[:, :, :rank], rank)
         else:
-            a, b = (reconstruct(values, basis[basis_key(module, side, "components")], basis[basis_key(module, side, "mean")]).view(1, *shape)
-                    for values, side, shape in ((values_a, "A", entry["a_shape"]), (values_b, "B", entry["b_shape"])))
+            a, b = (
+                reconstruct(
+                    values, basis[basis_key(module, side, "components")], basis[basis_key(module, side, "mean")]
+                ).view(1, *shape)
+                for values, side, shape in ((values_a, "A", entry["a_shape"]), (values_b, "B", entry["b_shape"]))
+            )
             if rank < entry["a_shape"][0]:
                 a, b = cut_rank(a, b, rank)
         weights[peft_format.weight_key(module, "A")] = a[0].to(dtype)

@@ -28,11 +28,19 @@ def version_listing(store: Store) -> dict:
             m = s.manifest
             flat = [e for e in m["modules"].values() if e.get("method") != "joint"]
             ks = [k for e in flat for k in (e["k_a"], e["k_b"])]
-            rows.append({
-                "version": m["version"], "parent": m["parent"], "created": m["created"], "operation": m.get("operation", "compress"),
-                "adapters": m["adapters"], "k": [min(ks), max(ks)] if ks else None, "bases": bases_label(m["modules"]),
-                "error": m.get("error") or {}, "current": m["version"] == survey.current,
-            })
+            rows.append(
+                {
+                    "version": m["version"],
+                    "parent": m["parent"],
+                    "created": m["created"],
+                    "operation": m.get("operation", "compress"),
+                    "adapters": m["adapters"],
+                    "k": [min(ks), max(ks)] if ks else None,
+                    "bases": bases_label(m["modules"]),
+                    "error": m.get("error") or {},
+                    "current": m["version"] == survey.current,
+                }
+            )
     return {"versions": rows, "pointer_problem": survey.problem if rows or survey.current else None}
 
 
@@ -52,9 +60,12 @@ def bases_label(modules: dict[str, dict]) -> str:
 
 
 def format_versions(rows: list[dict], pointer_problem: str | None = None) -> str:
-    lines = [f"{'':2}{'version':9} {'created':25} {'operation':12} {'parent':9} {'adapters':>8} {'quar.':>5} {'bases':>12} {'err mean':>9} {'p95':>7} {'max':>7}"]
+    lines = [
+        f"{'':2}{'version':9} {'created':25} {'operation':12} {'parent':9} "
+        f"{'adapters':>8} {'quar.':>5} {'bases':>12} {'err mean':>9} {'p95':>7} {'max':>7}"
+    ]
     for r in rows:
-        mark = '*' if r['current'] else ' '
+        mark = "*" if r["current"] else " "
         if "problem" in r:
             lines.append(f"{mark} {r['version']:9} unreadable: {r['problem']}")
             continue
@@ -80,8 +91,10 @@ def rollback(store: Store, version: str) -> dict:
         if target is None:
             raise PipelineError(f"no version {version} in {store}")
         if target.state == UNFINISHED:
-            raise PipelineError(f"{version} of {store} was never published (its run did not finish: it has a run record); "
-                                "`lora-subspace versions` lists the published ones")
+            raise PipelineError(
+                f"{version} of {store} was never published (its run did not finish: it has a run record); "
+                "`lora-subspace versions` lists the published ones"
+            )
         if target.state != PUBLISHED:
             raise PipelineError(target.problem or f"version {version} of {store} has no manifest")
         if survey.current is None and survey.problem:

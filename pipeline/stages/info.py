@@ -31,10 +31,12 @@ def describe(store: Store, version: str | None = None) -> dict:
         "base_model": manifest.get("base_model"),
         "parameters": manifest["parameters"],
         "adapters": manifest["adapters"],
-        "quarantined": dict(zip(
-            catalog.filter(quarantined).column("task_id").to_pylist(),
-            catalog.filter(quarantined).column("reason").to_pylist(),
-        )),
+        "quarantined": dict(
+            zip(
+                catalog.filter(quarantined).column("task_id").to_pylist(),
+                catalog.filter(quarantined).column("reason").to_pylist(),
+            )
+        ),
         "modules": len(modules),
         "k": {m: [e["k_a"], e["k_b"]] for m, e in modules.items() if e.get("method") != "joint"},
         "methods": {m: _choice(e) for m, e in modules.items()},
@@ -76,7 +78,9 @@ def stored_bytes(store: Store, manifest: dict, manifest_bytes: int) -> dict[str,
     for path, entry in manifest["files"].items():
         if path.endswith(".safetensors"):
             tensors = store.tensor_bytes(path)
-            components = sum(n for key, n in tensors.items() if ".components" in key or key.endswith((".joint.u", ".joint.v")))
+            components = sum(
+                n for key, n in tensors.items() if ".components" in key or key.endswith((".joint.u", ".joint.v"))
+            )
             means = sum(n for key, n in tensors.items() if key.endswith(".mean"))
             sizes["components"] += components
             sizes["means"] += means
@@ -87,7 +91,8 @@ def stored_bytes(store: Store, manifest: dict, manifest_bytes: int) -> dict[str,
             sizes["metadata"] += entry["bytes"]
     sizes["total"] = sum(sizes.values())
     sizes["float32_components"] = sum(
-        4 * e["width"] * (e["a_shape"][1] + e["b_shape"][0]) if e.get("method") == "joint"
+        4 * e["width"] * (e["a_shape"][1] + e["b_shape"][0])
+        if e.get("method") == "joint"
         else 4 * (e["k_a"] * e["a_shape"][0] * e["a_shape"][1] + e["k_b"] * e["b_shape"][0] * e["b_shape"][1])
         for e in manifest["modules"].values()
     )
@@ -130,22 +135,32 @@ def format_info(info: dict) -> str:
     q = f" ({quantization['scheme']}; {b['float32_components']:,} as float32)" if quantization else ""
     lines = [
         f"store        {info['store']}",
-        f"version      {info['version']}{' (current)' if info['current'] else ''} by {info['operation']}, parent {info['parent'] or '-'}, created {info['created']}",
+        f"version      {info['version']}{' (current)' if info['current'] else ''} by {info['operation']}, "
+        f"parent {info['parent'] or '-'}, created {info['created']}",
         f"base model   {info['base_model'] or '-'}",
-        f"adapters     {info['adapters']['ok']} ok ({info['adapters']['in_basis']} in the basis, the rest projected), {info['adapters']['quarantined']} quarantined",
+        f"adapters     {info['adapters']['ok']} ok ({info['adapters']['in_basis']} in the basis, the rest projected), "
+        f"{info['adapters']['quarantined']} quarantined",
         f"modules      {info['modules']}: {_methods_line(info['methods'])}",
         f"explained    variance {min(ev):.3f}..{max(ev):.3f} (per module and side)",
-        f"bytes        {info['original_bytes']:,} original -> {info['store_bytes']:,} stored ({info['compression_ratio']:.1f}x)",
-        f"stored       components {b['components']:,}{q}, means {b['means']:,}, other basis fields {b['basis_other']:,}, "
-        f"loadings {b['loadings']:,}, metadata {b['metadata']:,}",
-        f"delta-W err  mean {info['error']['mean']:.4f}, max {info['error']['max']:.4f} (relative ||dW - dW'|| / ||dW||; estimated for adapters moved by incremental updates)",
+        f"bytes        {info['original_bytes']:,} original -> "
+        f"{info['store_bytes']:,} stored ({info['compression_ratio']:.1f}x)",
+        f"stored       components {b['components']:,}{q}, means {b['means']:,}, "
+        f"other basis fields {b['basis_other']:,}, loadings {b['loadings']:,}, metadata {b['metadata']:,}",
+        f"delta-W err  mean {info['error']['mean']:.4f}, max {info['error']['max']:.4f} "
+        "(relative ||dW - dW'|| / ||dW||; estimated for adapters moved by incremental updates)",
         f"worst        {', '.join(info['error']['worst'])}",
     ]
     if quantization:
         added = quantization.get("added_error")
-        lines.append(f"quantized    {quantization['scheme']}: " + (
-            f"added delta-W error mean {added['mean']:.4f}, max {added['max']:.4f} (measured when quantized; included above)" if added
-            else "errors above were measured on the quantized basis"))
+        lines.append(
+            f"quantized    {quantization['scheme']}: "
+            + (
+                f"added delta-W error mean {added['mean']:.4f}, max {added['max']:.4f} "
+                "(measured when quantized; included above)"
+                if added
+                else "errors above were measured on the quantized basis"
+            )
+        )
     for task_id, reason in info["quarantined"].items():
         lines.append(f"quarantined  {task_id}: {reason}")
     return "\n".join(lines)

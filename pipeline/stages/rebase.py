@@ -38,13 +38,21 @@ class Diff:
     missing: list[str]  # in the store, gone from the source: kept
 
     def counts(self) -> dict[str, int]:
-        return {"added": len(self.added), "replaced": len(self.replaced), "pending": len(self.pending),
-                "unchanged": self.unchanged, "missing": len(self.missing)}
+        return {
+            "added": len(self.added),
+            "replaced": len(self.replaced),
+            "pending": len(self.pending),
+            "unchanged": self.unchanged,
+            "missing": len(self.missing),
+        }
 
     def to_dict(self) -> dict:
         return {
-            "added": [r.task_id for r in self.added], "replaced": [r.task_id for r in self.replaced],
-            "pending": [r.task_id for r in self.pending], "unchanged": self.unchanged, "missing": self.missing,
+            "added": [r.task_id for r in self.added],
+            "replaced": [r.task_id for r in self.replaced],
+            "pending": [r.task_id for r in self.pending],
+            "unchanged": self.unchanged,
+            "missing": self.missing,
         }
 
 
@@ -85,8 +93,15 @@ def _with_digests(refs: list[AdapterRef], catalog: list[dict], runner: Runner) -
     todo = []
     for ref in refs:
         row, weights = known.get(ref.task_id), (ref.files or {}).get(WEIGHTS_FILE)
-        if (row and weights and ref.location.is_local and row.get("weights_sha256") and weights.sha256 is None
-                and weights.size == row["weights_bytes"] and weights.tag != row["weights_tag"]):
+        if (
+            row
+            and weights
+            and ref.location.is_local
+            and row.get("weights_sha256")
+            and weights.sha256 is None
+            and weights.size == row["weights_bytes"]
+            and weights.tag != row["weights_tag"]
+        ):
             todo.append(ref)
     if not todo:
         return refs
@@ -137,9 +152,15 @@ def grow(
         changes = diff(_with_digests(refs, catalog, runner), catalog)
         if changes.missing:
             log.info("%d adapter(s) in the store are no longer in the source; they stay", len(changes.missing))
-        options = dataclasses.replace(options, rule=parameters_rule(manifest["parameters"]), route=manifest["parameters"]["svd_route"],
-                                      quantize=manifest["parameters"].get("quantize"), method=manifest["parameters"].get("method", "flat"),
-                                      ratio=manifest["parameters"].get("ratio"), budget_bytes=manifest["parameters"].get("budget_bytes"))
+        options = dataclasses.replace(
+            options,
+            rule=parameters_rule(manifest["parameters"]),
+            route=manifest["parameters"]["svd_route"],
+            quantize=manifest["parameters"].get("quantize"),
+            method=manifest["parameters"].get("method", "flat"),
+            ratio=manifest["parameters"].get("ratio"),
+            budget_bytes=manifest["parameters"].get("budget_bytes"),
+        )
         if from_source:
             to_read = refs  # adapters gone from the source join as rebuilt from the store
         else:
@@ -175,5 +196,7 @@ def _catalog(store: Store, version: str) -> list[dict]:
         present = set(pq.read_schema(where.path(CATALOG), filesystem=where.fs).names)
     except (FileNotFoundError, pa.ArrowInvalid):
         present = set()  # read_table says what is wrong with it
-    columns = ["task_id", "status", "weights_bytes", "weights_tag", "in_basis"] + (["weights_sha256"] if "weights_sha256" in present else [])
+    columns = ["task_id", "status", "weights_bytes", "weights_tag", "in_basis"] + (
+        ["weights_sha256"] if "weights_sha256" in present else []
+    )
     return store.read_table(version, CATALOG, columns=columns).to_pylist()

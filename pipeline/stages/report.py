@@ -31,19 +31,43 @@ def render(info: dict, history: list[dict]) -> str:
     esc = html.escape
     sections = [
         f"<h1>lora-subspace report: {esc(info['store'])} {esc(info['version'])}</h1>",
-        "<table class=facts>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in (
-            ("version", f"{info['version']} ({info['operation']}){' current' if info['current'] else ''}, parent {info['parent'] or '-'}"),
-            ("created", info["created"]),
-            ("adapters", f"{info['adapters']['ok']} ok, {info['adapters'].get('in_basis', info['adapters']['ok'])} in the basis, "
-                         f"{info['adapters']['quarantined']} quarantined"),
-            ("modules", len(modules)),
-            ("compression", f"{info['original_bytes']:,} bytes of adapters -> {info['store_bytes']:,} bytes stored "
-                            f"({info['compression_ratio']:.1f}x)"),
-            ("delta-W error", f"mean {info['error']['mean']:.4f}, max {info['error']['max']:.4f} (relative, per adapter mean over modules)"),
-        )) + "</table>",
+        "<table class=facts>"
+        + "".join(
+            f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
+            for k, v in (
+                (
+                    "version",
+                    f"{info['version']} ({info['operation']}){' current' if info['current'] else ''}, "
+                    f"parent {info['parent'] or '-'}",
+                ),
+                ("created", info["created"]),
+                (
+                    "adapters",
+                    f"{info['adapters']['ok']} ok, "
+                    f"{info['adapters'].get('in_basis', info['adapters']['ok'])} in the basis, "
+                    f"{info['adapters']['quarantined']} quarantined",
+                ),
+                ("modules", len(modules)),
+                (
+                    "compression",
+                    f"{info['original_bytes']:,} bytes of adapters -> {info['store_bytes']:,} bytes stored "
+                    f"({info['compression_ratio']:.1f}x)",
+                ),
+                (
+                    "delta-W error",
+                    f"mean {info['error']['mean']:.4f}, max {info['error']['max']:.4f} "
+                    "(relative, per adapter mean over modules)",
+                ),
+            )
+        )
+        + "</table>",
         "<h2>Explained variance per module</h2>",
-        _bars(modules, [[info["explained_variance"][m][0] for m in modules], [info["explained_variance"][m][1] for m in modules]],
-              ("lora_A", "lora_B"), top=1.0),
+        _bars(
+            modules,
+            [[info["explained_variance"][m][0] for m in modules], [info["explained_variance"][m][1] for m in modules]],
+            ("lora_A", "lora_B"),
+            top=1.0,
+        ),
         "<h2>Components (k) per module</h2>",
         _bars(modules, [[info["k"][m][0] for m in modules], [info["k"][m][1] for m in modules]], ("k_a", "k_b")),
         "<h2>Reconstruction error over adapters</h2>",
@@ -53,16 +77,29 @@ def render(info: dict, history: list[dict]) -> str:
         _table(("task id", "reason"), sorted(info["quarantined"].items())) if info["quarantined"] else "<p>None.</p>",
         "<h2>Version history</h2>",
         _bars([r["version"] for r in history], [[r["error"].get("mean", 0.0) for r in history]], ("mean error",)),
-        _table(("version", "created", "operation", "parent", "adapters", "quarantined", "bases", "mean error"), [
-            (r["version"] + (" *" if r["current"] else ""), r["created"], r["operation"], r["parent"] or "-", r["adapters"]["ok"],
-             r["adapters"]["quarantined"], r["bases"], f"{r['error'].get('mean', float('nan')):.4f}")
-            for r in history
-        ]),
-        f"<p class=foot>lora-subspace {__version__}, {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</p>",
+        _table(
+            ("version", "created", "operation", "parent", "adapters", "quarantined", "bases", "mean error"),
+            [
+                (
+                    r["version"] + (" *" if r["current"] else ""),
+                    r["created"],
+                    r["operation"],
+                    r["parent"] or "-",
+                    r["adapters"]["ok"],
+                    r["adapters"]["quarantined"],
+                    r["bases"],
+                    f"{r['error'].get('mean', float('nan')):.4f}",
+                )
+                for r in history
+            ],
+        ),
+        f"<p class=foot>lora-subspace {__version__}, "
+        f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</p>",
     ]
     return (
         "<!doctype html><html><head><meta charset=utf-8><title>lora-subspace report</title><style>"
-        "body{font-family:sans-serif;max-width:780px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:.5em 0}"
+        "body{font-family:sans-serif;max-width:780px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}"
         "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;font-size:90%}.facts th{background:#f4f4f4}"
         "svg{background:#fafafa;border:1px solid #ddd}.foot{color:#888;font-size:80%}"
         "</style></head><body>" + "\n".join(sections) + "</body></html>\n"
@@ -79,13 +116,21 @@ def _bars(labels: list[str], series: list[list[float]], names: tuple[str, ...], 
         for j, values in enumerate(series):
             h = (HEIGHT - 2 * PAD) * values[i] / top
             x, y = PAD + i * group + j * bar, HEIGHT - PAD - h
-            parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(bar - 0.5, 0.5):.1f}" height="{h:.1f}" fill="{COLOURS[j % 2]}">'
-                         f"<title>{html.escape(label)} {names[j]}: {values[i]:.4g}</title></rect>")
+            parts.append(
+                f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(bar - 0.5, 0.5):.1f}" height="{h:.1f}" '
+                f'fill="{COLOURS[j % 2]}">'
+                f"<title>{html.escape(label)} {names[j]}: {values[i]:.4g}</title></rect>"
+            )
     if len(labels) <= 12:
-        parts += [f'<text x="{PAD + (i + 0.5) * group:.1f}" y="{HEIGHT - PAD + 14}" font-size="9" text-anchor="middle">'
-                  f"{html.escape(label[-18:])}</text>" for i, label in enumerate(labels)]
-    parts += [f'<text x="{WIDTH - PAD - 60 * (len(names) - j)}" y="14" font-size="11" fill="{COLOURS[j % 2]}">{n}</text>'
-              for j, n in enumerate(names)]
+        parts += [
+            f'<text x="{PAD + (i + 0.5) * group:.1f}" y="{HEIGHT - PAD + 14}" font-size="9" text-anchor="middle">'
+            f"{html.escape(label[-18:])}</text>"
+            for i, label in enumerate(labels)
+        ]
+    parts += [
+        f'<text x="{WIDTH - PAD - 60 * (len(names) - j)}" y="14" font-size="11" fill="{COLOURS[j % 2]}">{n}</text>'
+        for j, n in enumerate(names)
+    ]
     return _svg(parts)
 
 
@@ -98,23 +143,33 @@ def _histogram(values: np.ndarray, xlabel: str, bins: int = 24) -> str:
     parts = [_axes(top)]
     for i, count in enumerate(counts):
         h = (HEIGHT - 2 * PAD) * count / top
-        parts.append(f'<rect x="{PAD + i * width:.1f}" y="{HEIGHT - PAD - h:.1f}" width="{width - 1:.1f}" height="{h:.1f}" '
-                     f'fill="{COLOURS[0]}"><title>{edges[i]:.4f}..{edges[i + 1]:.4f}: {count} adapter(s)</title></rect>')
-    parts += [f'<text x="{PAD}" y="{HEIGHT - PAD + 14}" font-size="10">{edges[0]:.4f}</text>',
-              f'<text x="{WIDTH - PAD}" y="{HEIGHT - PAD + 14}" font-size="10" text-anchor="end">{edges[-1]:.4f}</text>',
-              f'<text x="{WIDTH / 2}" y="{HEIGHT - 6}" font-size="11" text-anchor="middle">{html.escape(xlabel)}</text>']
+        parts.append(
+            f'<rect x="{PAD + i * width:.1f}" y="{HEIGHT - PAD - h:.1f}" width="{width - 1:.1f}" height="{h:.1f}" '
+            f'fill="{COLOURS[0]}"><title>{edges[i]:.4f}..{edges[i + 1]:.4f}: {count} adapter(s)</title></rect>'
+        )
+    parts += [
+        f'<text x="{PAD}" y="{HEIGHT - PAD + 14}" font-size="10">{edges[0]:.4f}</text>',
+        f'<text x="{WIDTH - PAD}" y="{HEIGHT - PAD + 14}" font-size="10" text-anchor="end">{edges[-1]:.4f}</text>',
+        f'<text x="{WIDTH / 2}" y="{HEIGHT - 6}" font-size="11" text-anchor="middle">{html.escape(xlabel)}</text>',
+    ]
     return _svg(parts)
 
 
 def _axes(top: float) -> str:
-    return (f'<line x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - PAD}" y2="{HEIGHT - PAD}" stroke="#999"/>'
-            f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{HEIGHT - PAD}" stroke="#999"/>'
-            f'<text x="{PAD - 4}" y="{PAD + 4}" font-size="10" text-anchor="end">{top:.3g}</text>'
-            f'<text x="{PAD - 4}" y="{HEIGHT - PAD}" font-size="10" text-anchor="end">0</text>')
+    return (
+        f'<line x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - PAD}" y2="{HEIGHT - PAD}" stroke="#999"/>'
+        f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{HEIGHT - PAD}" stroke="#999"/>'
+        f'<text x="{PAD - 4}" y="{PAD + 4}" font-size="10" text-anchor="end">{top:.3g}</text>'
+        f'<text x="{PAD - 4}" y="{HEIGHT - PAD}" font-size="10" text-anchor="end">0</text>'
+    )
 
 
 def _svg(parts: list[str]) -> str:
-    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}">' + "".join(parts) + "</svg>"
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}">'
+        + "".join(parts)
+        + "</svg>"
+    )
 
 
 def _table(header: tuple[str, ...], rows) -> str:

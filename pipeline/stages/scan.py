@@ -19,7 +19,6 @@ from pipeline.io.adapters import AdapterRef, read_adapter, weights_sha256
 from pipeline.io.location import Location, printable, redact
 from pipeline.io.safetensors_ranges import TensorInfo
 
-
 log = logging.getLogger(__name__)
 
 OK, QUARANTINED = "ok", "quarantined"
@@ -113,7 +112,9 @@ def scan_adapter(ref: AdapterRef) -> ScannedAdapter:
         scanned.quarantine(f"unreadable: {printable(redact(str(exc)), 512) or exc.__class__.__name__}")
     except Exception as exc:  # noqa: BLE001 - whatever an upload makes a reader raise, it stops that upload only
         log.warning("unexpected %s while scanning %s", exc.__class__.__name__, printable(ref.task_id))
-        scanned.quarantine(f"unreadable: unexpected {exc.__class__.__name__} while reading it: {printable(redact(str(exc)), 256)}")
+        scanned.quarantine(
+            f"unreadable: unexpected {exc.__class__.__name__} while reading it: {printable(redact(str(exc)), 256)}"
+        )
     if not scanned.ok:
         scanned.modules = {}  # the driver keeps only what the catalog records of a quarantined upload
     return scanned
@@ -121,29 +122,41 @@ def scan_adapter(ref: AdapterRef) -> ScannedAdapter:
 
 def check_task_id(task_id: str) -> None:
     if not _SAFE_ID.match(task_id) or ".." in task_id.split("/"):
-        raise AdapterError(f"task id {printable(repr(task_id))} is not a safe relative path (letters, digits, ._=+- and /)")
+        raise AdapterError(
+            f"task id {printable(repr(task_id))} is not a safe relative path (letters, digits, ._=+- and /)"
+        )
 
 
 def _parse_config(raw: bytes | None, warnings: list[str]) -> tuple[dict | None, str]:
     if raw is None:
-        warnings.append(f"no {peft_format.CONFIG_FILE}: rank read off the shapes, exported config assumes lora_alpha = r")
+        warnings.append(
+            f"no {peft_format.CONFIG_FILE}: rank read off the shapes, exported config assumes lora_alpha = r"
+        )
         return None, ""
     if len(raw) > peft_format.MAX_CONFIG_BYTES:
-        raise AdapterError(f"{peft_format.CONFIG_FILE} is larger than {peft_format.MAX_CONFIG_BYTES} bytes, the most a config may hold")
+        raise AdapterError(
+            f"{peft_format.CONFIG_FILE} is larger than {peft_format.MAX_CONFIG_BYTES} bytes, the most a config may hold"
+        )
     try:
         text = raw.decode("utf-8")
         config = json.loads(text)
     except RecursionError:
-        raise AdapterError(f"{peft_format.CONFIG_FILE} is JSON nested too deeply (at most {peft_format.MAX_CONFIG_DEPTH} levels)") from None
+        raise AdapterError(
+            f"{peft_format.CONFIG_FILE} is JSON nested too deeply (at most {peft_format.MAX_CONFIG_DEPTH} levels)"
+        ) from None
     except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError, integers of too many digits
-        warnings.append(f"{peft_format.CONFIG_FILE} is not valid JSON ({exc.__class__.__name__}): rank read off the shapes")
+        warnings.append(
+            f"{peft_format.CONFIG_FILE} is not valid JSON ({exc.__class__.__name__}): rank read off the shapes"
+        )
         return None, ""
     if not isinstance(config, dict):
         warnings.append(f"{peft_format.CONFIG_FILE} is not a JSON object: rank read off the shapes")
         return None, ""
     depth = _depth(config)
     if depth > peft_format.MAX_CONFIG_DEPTH:
-        raise AdapterError(f"{peft_format.CONFIG_FILE} is JSON nested {depth} levels deep (at most {peft_format.MAX_CONFIG_DEPTH})")
+        raise AdapterError(
+            f"{peft_format.CONFIG_FILE} is JSON nested {depth} levels deep (at most {peft_format.MAX_CONFIG_DEPTH})"
+        )
     for key, kind in _CONFIG_TYPES.items():
         value = config.get(key)
         if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
@@ -153,7 +166,9 @@ def _parse_config(raw: bytes | None, warnings: list[str]) -> tuple[dict | None, 
     if config.get("use_dora"):
         raise AdapterError("DoRA adapters carry magnitude vectors that a factor subspace cannot hold")
     if "r" in config and not _bounded_rank(config["r"]):
-        raise AdapterError(f"config r={printable(repr(config['r']), 32)} is not a positive rank (at most {peft_format.MAX_RANK})")
+        raise AdapterError(
+            f"config r={printable(repr(config['r']), 32)} is not a positive rank (at most {peft_format.MAX_RANK})"
+        )
     _check_sizes(config)
     return config, text
 
@@ -175,22 +190,34 @@ def _check_sizes(config: dict) -> None:
     module (peft_format's MAX_* limits)."""
     alpha = config.get("lora_alpha")
     if alpha is not None and not _bounded_alpha(alpha):
-        raise AdapterError(f"config lora_alpha={printable(str(alpha), 32)} is not a finite number of magnitude at most {peft_format.MAX_ALPHA:g}")
+        raise AdapterError(
+            f"config lora_alpha={printable(str(alpha), 32)} is not a finite number "
+            f"of magnitude at most {peft_format.MAX_ALPHA:g}"
+        )
     targets = config.get("target_modules")
     if isinstance(targets, list) and len(targets) > peft_format.MAX_TARGET_MODULES:
-        raise AdapterError(f"config target_modules lists {len(targets)} modules (at most {peft_format.MAX_TARGET_MODULES})")
-    for field_name, valid, expected in (("rank_pattern", _bounded_rank, f"a rank from 1 to {peft_format.MAX_RANK}"),
-                                        ("alpha_pattern", _bounded_alpha, f"a finite number of magnitude at most {peft_format.MAX_ALPHA:g}")):
+        raise AdapterError(
+            f"config target_modules lists {len(targets)} modules (at most {peft_format.MAX_TARGET_MODULES})"
+        )
+    for field_name, valid, expected in (
+        ("rank_pattern", _bounded_rank, f"a rank from 1 to {peft_format.MAX_RANK}"),
+        ("alpha_pattern", _bounded_alpha, f"a finite number of magnitude at most {peft_format.MAX_ALPHA:g}"),
+    ):
         patterns = config.get(field_name) or {}
         if len(patterns) > peft_format.MAX_PATTERNS:
             raise AdapterError(f"config {field_name} has {len(patterns)} entries (at most {peft_format.MAX_PATTERNS})")
         for pattern, value in patterns.items():
             if not valid(value):
-                raise AdapterError(f"config {field_name}[{printable(repr(pattern), 64)}] = {printable(repr(value), 32)} is not {expected}")
+                raise AdapterError(
+                    f"config {field_name}[{printable(repr(pattern), 64)}] = {printable(repr(value), 32)} "
+                    f"is not {expected}"
+                )
             try:
                 peft_format.pattern_regex(pattern)
             except (re.error, RecursionError, OverflowError):
-                raise AdapterError(f"config {field_name} key {printable(repr(pattern), 64)} is not a valid regular expression") from None
+                raise AdapterError(
+                    f"config {field_name} key {printable(repr(pattern), 64)} is not a valid regular expression"
+                ) from None
 
 
 def _bounded_rank(value) -> bool:
@@ -233,7 +260,9 @@ def _factor_layout(tensors: dict[str, TensorInfo]) -> tuple[dict[str, tuple[Tens
             raise AdapterError(f"module {module!r} has no lora_{missing[0]}")
         a, b = pair["A"], pair["B"]
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1] or 0 in a.shape + b.shape:
-            raise AdapterError(f"module {module!r}: shapes lora_A {list(a.shape)} and lora_B {list(b.shape)} do not form a LoRA pair")
+            raise AdapterError(
+                f"module {module!r}: shapes lora_A {list(a.shape)} and lora_B {list(b.shape)} do not form a LoRA pair"
+            )
         modules[module] = (a, b)
     dtypes = {info.dtype for pair in modules.values() for info in pair}
     if len(dtypes) > 1:
@@ -272,7 +301,10 @@ def check_collection(adapters: list[ScannedAdapter], reference: dict | None = No
         base = bases.most_common(1)[0][0]
         for a in good:
             if a.base_model and a.base_model != base:
-                a.quarantine(f"base model {printable(repr(a.base_model), 128)} differs from the collection's {printable(repr(base), 128)}")
+                a.quarantine(
+                    f"base model {printable(repr(a.base_model), 128)} "
+                    f"differs from the collection's {printable(repr(base), 128)}"
+                )
     good = [a for a in good if a.ok]
     if not good:
         return
@@ -289,8 +321,10 @@ def check_collection(adapters: list[ScannedAdapter], reference: dict | None = No
             above = [m for m in sorted(a.modules) if a.modules[m][0].shape[0] > ranks.get(m, a.modules[m][0].shape[0])]
             if above:
                 m = above[0]
-                a.quarantine(f"module {m!r}: rank {a.modules[m][0].shape[0]} is above the store's {ranks[m]} "
-                             "(compress the collection again to raise it)")
+                a.quarantine(
+                    f"module {m!r}: rank {a.modules[m][0].shape[0]} is above the store's {ranks[m]} "
+                    "(compress the collection again to raise it)"
+                )
             continue
         mine = set(a.modules)
         if mine != modules:
@@ -303,4 +337,7 @@ def check_collection(adapters: list[ScannedAdapter], reference: dict | None = No
             continue
         module = next(m for m in sorted(mine) if (a.modules[m][0].shape[1], a.modules[m][1].shape[0]) != dims[m])
         (_, d_in), (d_out, _) = a.modules[module][0].shape, a.modules[module][1].shape
-        a.quarantine(f"module {module!r}: d_in x d_out {d_in} x {d_out} differs from the collection's {dims[module][0]} x {dims[module][1]}")
+        a.quarantine(
+            f"module {module!r}: d_in x d_out {d_in} x {d_out} "
+            f"differs from the collection's {dims[module][0]} x {dims[module][1]}"
+        )

@@ -16,8 +16,19 @@ import torch
 from pipeline.errors import IntegrityError, PipelineError
 from pipeline.io.location import Location
 from pipeline.io.store import (
-    CATALOG, LOADINGS, LOADINGS_ROW_GROUP, REPORT, Store, basis_file, basis_key, basis_tensors, decode_basis, encode_basis, encode_manifest,
-    read_decomposition, version_path,
+    CATALOG,
+    LOADINGS,
+    LOADINGS_ROW_GROUP,
+    REPORT,
+    Store,
+    basis_file,
+    basis_key,
+    basis_tensors,
+    decode_basis,
+    encode_basis,
+    encode_manifest,
+    read_decomposition,
+    version_path,
 )
 from pipeline.io.tables import write_tables
 from pipeline.linalg import quantize
@@ -31,7 +42,9 @@ BASIS_OBJECT_BYTES = 256 << 20  # components per basis object: export and re-bas
 TASKS_PER_TABLE = 512  # tasks whose loadings rows are encoded at once
 
 
-def save(sub: Subspace, uri: str, endpoint_url: str | None = None, replace: bool = False, operation: str = "save") -> str:
+def save(
+    sub: Subspace, uri: str, endpoint_url: str | None = None, replace: bool = False, operation: str = "save"
+) -> str:
     store = Store(Location(uri, endpoint_url))
     sub._flush()
     if not sub.task_ids:
@@ -40,7 +53,8 @@ def save(sub: Subspace, uri: str, endpoint_url: str | None = None, replace: bool
         parent = store.current_version()
         if parent is not None and not replace and sub.origin != (str(store), parent):
             raise PipelineError(
-                f"store {store} is at {parent}, which this subspace was not loaded from: load that version and change it, "
+                f"store {store} is at {parent}, which this subspace was not loaded from: "
+                "load that version and change it, "
                 "or save with replace=True to publish this subspace as the store's next version"
             )
         version = store.new_version()
@@ -80,24 +94,47 @@ def write(sub: Subspace, store: Store, version: str, parent: str | None, operati
         for module in shard.modules:
             mb = sub.modules[module]
             modules[module] = {
-                "basis": path, "a_shape": list(mb.shapes[0]), "b_shape": list(mb.shapes[1]),
-                "k_a": len(mb.a.singular_values), "k_b": len(mb.b.singular_values),
-                "explained_variance_a": round(explained(mb.a), 6), "explained_variance_b": round(explained(mb.b), 6),
-                "svd_route": mb.a.route, "count": mb.a.count,
+                "basis": path,
+                "a_shape": list(mb.shapes[0]),
+                "b_shape": list(mb.shapes[1]),
+                "k_a": len(mb.a.singular_values),
+                "k_b": len(mb.b.singular_values),
+                "explained_variance_a": round(explained(mb.a), 6),
+                "explained_variance_b": round(explained(mb.b), 6),
+                "svd_route": mb.a.route,
+                "count": mb.a.count,
             }
     where = store.version_location(version)
-    files[version_path(version, LOADINGS)] = write_tables(where, LOADINGS, _loadings_tables(sub), LOADINGS_SCHEMA, LOADINGS_ROW_GROUP).to_dict()
-    catalog = pa.Table.from_pylist(sorted(sub._catalog + sub.quarantined, key=lambda r: r["task_id"]), schema=CATALOG_SCHEMA)
+    files[version_path(version, LOADINGS)] = write_tables(
+        where, LOADINGS, _loadings_tables(sub), LOADINGS_SCHEMA, LOADINGS_ROW_GROUP
+    ).to_dict()
+    catalog = pa.Table.from_pylist(
+        sorted(sub._catalog + sub.quarantined, key=lambda r: r["task_id"]), schema=CATALOG_SCHEMA
+    )
     files[version_path(version, CATALOG)] = write_tables(where, CATALOG, [catalog], CATALOG_SCHEMA).to_dict()
     error = sub.error_summary()
-    adapters = {"ok": len(sub.task_ids), "quarantined": len(sub.quarantined), "in_basis": sum(bool(r["in_basis"]) for r in sub._catalog)}
-    report = {"version": version, "operation": operation, "adapters": adapters, "error": error, "quantization": sub.quantization}
-    files[version_path(version, REPORT)] = store.write_object(version, REPORT, json.dumps(report, indent=1).encode()).to_dict()
+    adapters = {
+        "ok": len(sub.task_ids),
+        "quarantined": len(sub.quarantined),
+        "in_basis": sum(bool(r["in_basis"]) for r in sub._catalog),
+    }
+    report = {
+        "version": version,
+        "operation": operation,
+        "adapters": adapters,
+        "error": error,
+        "quantization": sub.quantization,
+    }
+    files[version_path(version, REPORT)] = store.write_object(
+        version, REPORT, json.dumps(report, indent=1).encode()
+    ).to_dict()
     first = sub._catalog[0] if sub._catalog else {}
     return {
         **manifest_fields(version, parent, operation),
         "source": sub.source,
-        "parameters": rule_parameters(sub.rule, sub.route, sub.quantization["scheme"] if sub.quantization else None, sub.method),
+        "parameters": rule_parameters(
+            sub.rule, sub.route, sub.quantization["scheme"] if sub.quantization else None, sub.method
+        ),
         "adapters": adapters,
         "original_bytes": sum(r["weights_bytes"] + len((r["config_json"] or "").encode()) for r in sub._catalog),
         "base_model": first.get("base_model"),
@@ -119,18 +156,26 @@ def load(uri: str, version: str | None = None, endpoint_url: str | None = None) 
     decoded = decode_basis(tensors)
     joint = sorted(m for m, e in manifest["modules"].items() if e.get("method") == "joint")
     if joint:
-        raise PipelineError(f"{store} {version} has {len(joint)} joint module(s) (e.g. {joint[0]!r}): the Python API reads flat and "
-                            "aligned stores; export its adapters with `lora-subspace export`")
+        raise PipelineError(
+            f"{store} {version} has {len(joint)} joint module(s) (e.g. {joint[0]!r}): the Python API reads flat and "
+            "aligned stores; export its adapters with `lora-subspace export`"
+        )
     modules = {}
     for module, entry in manifest["modules"].items():
         decs = [read_decomposition(decoded, module, side) for side in "AB"]
         for dec in decs:
             dec.route = entry["svd_route"]
         packed = {
-            side: {f: tensors[basis_key(module, side, f"components.{f}")] for f in quantize.FIELDS if basis_key(module, side, f"components.{f}") in tensors}
+            side: {
+                f: tensors[basis_key(module, side, f"components.{f}")]
+                for f in quantize.FIELDS
+                if basis_key(module, side, f"components.{f}") in tensors
+            }
             for side in "AB"
         }
-        modules[module] = ModuleBasis(decs[0], decs[1], (tuple(entry["a_shape"]), tuple(entry["b_shape"])), packed if packed["A"] else None)
+        modules[module] = ModuleBasis(
+            decs[0], decs[1], (tuple(entry["a_shape"]), tuple(entry["b_shape"])), packed if packed["A"] else None
+        )
     p = manifest["parameters"]
     sub = Subspace(modules, parameters_rule(p), p["svd_route"])
     catalog = store.read_table(version, CATALOG).to_pylist()
@@ -140,7 +185,11 @@ def load(uri: str, version: str | None = None, endpoint_url: str | None = None) 
     rows, n = {}, len(ids)
     for j, module in enumerate(sorted(modules)):
         part = table.slice(j * n, n)
-        if part.num_rows != n or part.column("module").unique().to_pylist() not in ([module], []) or part.column("task_id").to_pylist() != ids:
+        if (
+            part.num_rows != n
+            or part.column("module").unique().to_pylist() not in ([module], [])
+            or part.column("task_id").to_pylist() != ids
+        ):
             raise IntegrityError(f"{LOADINGS} of {store} {version} does not hold one row per adapter and module")
         rows[module] = _Rows(
             loadings_matrix(part, "a", modules[module].a.singular_values.numel()),
@@ -153,7 +202,11 @@ def load(uri: str, version: str | None = None, endpoint_url: str | None = None) 
         raise IntegrityError(f"{LOADINGS} of {store} {version} has {table.num_rows} rows, expected {n * len(modules)}")
     sub._add(ids, rows, ok)
     sub.quarantined = [r for r in catalog if r["status"] != "ok"]
-    sub.quantization, sub.source, sub.origin = manifest.get("quantization"), manifest.get("source"), (str(store), version)
+    sub.quantization, sub.source, sub.origin = (
+        manifest.get("quantization"),
+        manifest.get("source"),
+        (str(store), version),
+    )
     sub.method = p.get("method", "flat")
     return sub
 
@@ -179,8 +232,15 @@ def _loadings_tables(sub: Subspace):
         index = torch.tensor(order[start : start + TASKS_PER_TABLE], dtype=torch.long)
         ids = [sub.task_ids[i] for i in index.tolist()]
         tables = [
-            loadings_rows(ids, module, rows.a[index.to(rows.a.device)].cpu(), rows.b[index.to(rows.b.device)].cpu(),
-                          rows.error[index], rows.norm[index], rows.measured[index].numpy())
+            loadings_rows(
+                ids,
+                module,
+                rows.a[index.to(rows.a.device)].cpu(),
+                rows.b[index.to(rows.b.device)].cpu(),
+                rows.error[index],
+                rows.norm[index],
+                rows.measured[index].numpy(),
+            )
             for module, rows in sub._rows.items()
         ]
         yield pa.concat_tables(tables).sort_by([(k, "ascending") for k in LOADINGS_KEYS])

@@ -13,8 +13,20 @@ from safetensors.torch import load as load_safetensors
 
 from pipeline.errors import IntegrityError, PipelineError
 from pipeline.io.store import (
-    CATALOG, LOADINGS, MANIFEST, POINTER, PUBLISHED, UNREADABLE, Store, basis_key, check_bytes, decode_basis, is_object_path, manifest_problems,
-    unsafe_task_ids, version_path,
+    CATALOG,
+    LOADINGS,
+    MANIFEST,
+    POINTER,
+    PUBLISHED,
+    UNREADABLE,
+    Store,
+    basis_key,
+    check_bytes,
+    decode_basis,
+    is_object_path,
+    manifest_problems,
+    unsafe_task_ids,
+    version_path,
 )
 from pipeline.io.tables import read_batches
 
@@ -37,7 +49,11 @@ def verify_store(store: Store, version: str | None = None, every: bool = False) 
         bucket = store.missing_bucket()
         where = f"bucket {bucket!r} does not exist (store {store})" if bucket else f"no published version in {store}"
         raise PipelineError(f"verify: nothing to verify: {where}" + (f" ({survey.problem})" if survey.problem else ""))
-    reports = [{"store": str(store), "version": POINTER, "files": None, "failures": [survey.problem]}] if survey.problem else []
+    reports = (
+        [{"store": str(store), "version": POINTER, "files": None, "failures": [survey.problem]}]
+        if survey.problem
+        else []
+    )
     return reports + [verify(store, v) for v in checked]
 
 
@@ -57,7 +73,11 @@ def verify(store: Store, version: str | None = None) -> dict:
         report["failures"] = problems
         return report
     # A path that is not a store path is reported above and never read (it could lead anywhere).
-    files = {path: e for path, e in manifest["files"].items() if is_object_path(path) and isinstance(e, dict) and {"bytes", "sha256"} <= set(e)}
+    files = {
+        path: e
+        for path, e in manifest["files"].items()
+        if is_object_path(path) and isinstance(e, dict) and {"bytes", "sha256"} <= set(e)
+    }
     report["files"] = len(manifest["files"])
     failures: list[str] = []
     bases: dict[str, dict[str, torch.Tensor]] = {}
@@ -69,14 +89,21 @@ def verify(store: Store, version: str | None = None) -> dict:
                 bases[path] = decode_basis(load_safetensors(data))
         except FileNotFoundError:
             failures.append(f"{path}: missing")
-        except (IntegrityError, ValueError, KeyError, TypeError) as exc:  # safetensors raises ValueError-like errors on garbage
+        except (
+            IntegrityError,
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as exc:  # safetensors raises ValueError-like errors on garbage
             failures.append(f"{path}: {exc}")
     if problems:  # the objects' invariants are not checked against an unsound manifest
         report["failures"] = problems + failures
         return report
     for module, entry in sorted(manifest["modules"].items()):
         if entry["basis"] in bases:
-            failures += _check_module(module, entry, bases[entry["basis"]], (manifest.get("quantization") or {}).get("scheme"))
+            failures += _check_module(
+                module, entry, bases[entry["basis"]], (manifest.get("quantization") or {}).get("scheme")
+            )
     if version_path(version, LOADINGS) in manifest["files"]:
         failures += _check_loadings(store, version, manifest)
     failures += _check_catalog(store, version, manifest)
@@ -97,7 +124,9 @@ def _check_module(module: str, entry: dict, tensors: dict[str, torch.Tensor], sc
             failures.append(f"{module} lora_{side}: basis has no {exc.args[0]}")
             continue
         if tuple(components.shape) != (k, width):
-            failures.append(f"{module} lora_{side}: components are {list(components.shape)}, the manifest says [{k}, {width}]")
+            failures.append(
+                f"{module} lora_{side}: components are {list(components.shape)}, the manifest says [{k}, {width}]"
+            )
             continue
         if not all(torch.isfinite(t).all() for t in [components, *fields]):
             failures.append(f"{module} lora_{side}: non-finite values in the basis")
@@ -113,7 +142,9 @@ def _check_joint(module: str, entry: dict, tensors: dict[str, torch.Tensor]) -> 
     failures = []
     c, q = entry["width"], entry["core_rank"]
     if entry["k_a"] != q * c or entry["k_b"] != q * c:
-        failures.append(f"{module}: joint loadings widths {entry['k_a']}, {entry['k_b']} are not core_rank x width = {q * c}")
+        failures.append(
+            f"{module}: joint loadings widths {entry['k_a']}, {entry['k_b']} are not core_rank x width = {q * c}"
+        )
     for name, d in (("u", entry["b_shape"][0]), ("v", entry["a_shape"][1])):
         matrix = tensors.get(basis_key(module, "joint", name))
         if matrix is None:
@@ -123,7 +154,9 @@ def _check_joint(module: str, entry: dict, tensors: dict[str, torch.Tensor]) -> 
         elif not torch.isfinite(matrix).all():
             failures.append(f"{module}: non-finite values in joint {name.upper()}")
         elif _drift(matrix) > ORTHONORMAL_TOLERANCE[None]:
-            failures.append(f"{module}: joint {name.upper()} is not orthonormal (max |X^T X - I| = {_drift(matrix):.2e})")
+            failures.append(
+                f"{module}: joint {name.upper()} is not orthonormal (max |X^T X - I| = {_drift(matrix):.2e})"
+            )
     return failures
 
 
@@ -145,9 +178,14 @@ def _check_loadings(store: Store, version: str, manifest: dict) -> list[str]:
             for column in ("a", "b"):
                 values = batch.column(column)
                 lengths = pc.list_value_length(values).to_numpy()
-                expected = np.array([modules[m][f"k_{column}"] if m in modules else -1 for m in batch.column("module").to_pylist()])
+                expected = np.array(
+                    [modules[m][f"k_{column}"] if m in modules else -1 for m in batch.column("module").to_pylist()]
+                )
                 if (lengths != expected).any():
-                    failures.append(f"{LOADINGS}: {int((lengths != expected).sum())} row(s) with loadings '{column}' of the wrong length")
+                    failures.append(
+                        f"{LOADINGS}: {int((lengths != expected).sum())} row(s) "
+                        f"with loadings '{column}' of the wrong length"
+                    )
                 if not np.isfinite(values.flatten().to_numpy(zero_copy_only=False)).all():
                     failures.append(f"{LOADINGS}: non-finite loadings '{column}'")
             if not np.isfinite(batch.column("error").to_numpy(zero_copy_only=False)).all():

@@ -25,36 +25,56 @@ from pipeline import __version__, failpoints
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location, printable, redact
 from pipeline.io.store import (
-    CATALOG, FORMAT_VERSION, LOADINGS, LOADINGS_ROW_GROUP, REPORT, LockLost, Store, WriterLock, basis_file, staging_file,
+    CATALOG,
+    FORMAT_VERSION,
+    LOADINGS,
+    LOADINGS_ROW_GROUP,
+    REPORT,
+    LockLost,
+    Store,
+    WriterLock,
+    basis_file,
+    staging_file,
     version_path,
 )
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg.budget import FLOAT_BYTES, candidates, fits
 from pipeline.progress import Progress
 from pipeline.runners import Runner
-from pipeline.stages.compute import LOADINGS_KEYS, LOADINGS_SCHEMA, ComponentRule, Mode, Parent, ShardResult, ShardTask, compute_shard
+from pipeline.stages.compute import (
+    LOADINGS_KEYS,
+    LOADINGS_SCHEMA,
+    ComponentRule,
+    Mode,
+    Parent,
+    ShardResult,
+    ShardTask,
+    compute_shard,
+)
 from pipeline.stages.plan import Shard, largest_shard_bytes, plan_shards
 from pipeline.stages.scan import ScannedAdapter
 
 log = logging.getLogger(__name__)
 
-CATALOG_SCHEMA = pa.schema([
-    ("task_id", pa.string()),
-    ("uri", pa.string()),
-    ("status", pa.string()),
-    ("reason", pa.string()),
-    ("warnings", pa.list_(pa.string())),
-    ("weights_bytes", pa.int64()),
-    ("weights_tag", pa.string()),
-    ("rank", pa.int32()),
-    ("lora_alpha", pa.float64()),
-    ("use_rslora", pa.bool_()),
-    ("base_model", pa.string()),
-    ("dtype", pa.string()),
-    ("config_json", pa.string()),
-    ("in_basis", pa.bool_()),
-    ("weights_sha256", pa.string()),  # null on S3 and in catalogs written before it existed
-])
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("task_id", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("warnings", pa.list_(pa.string())),
+        ("weights_bytes", pa.int64()),
+        ("weights_tag", pa.string()),
+        ("rank", pa.int32()),
+        ("lora_alpha", pa.float64()),
+        ("use_rslora", pa.bool_()),
+        ("base_model", pa.string()),
+        ("dtype", pa.string()),
+        ("config_json", pa.string()),
+        ("in_basis", pa.bool_()),
+        ("weights_sha256", pa.string()),  # null on S3 and in catalogs written before it existed
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -65,8 +85,11 @@ class Options:
     route: str = "auto"
     max_error: float | None = None  # flag new adapters above this delta-W error
     quantize: str | None = None  # int8 | nf4: bases stored packed (linalg.quantize)
-    method: str = "auto"  # flat (vlora's) | aligned (one gauge first) | joint (shared U, V) | auto: flat, or with a budget the better
-    ratio: float | None = None  # byte budget: bases and loadings (float32 values) at most the adapters' tensor bytes / ratio
+    # flat (vlora's) | aligned (one gauge first) | joint (shared U, V) | auto: flat, or with a budget the better
+    method: str = "auto"
+    ratio: float | None = (
+        None  # byte budget: bases and loadings (float32 values) at most the adapters' tensor bytes / ratio
+    )
     budget_bytes: int | None = None  # byte budget given as bytes (turned into a ratio of the collection's)
 
 
@@ -110,7 +133,9 @@ class Summary:
         return dict(self.__dict__)
 
 
-def write_version(change: Change, source: Location | None, store: Store, runner: Runner, options: Options, lock: WriterLock) -> Summary:
+def write_version(
+    change: Change, source: Location | None, store: Store, runner: Runner, options: Options, lock: WriterLock
+) -> Summary:
     """Compute, assemble and publish one version, holding the store's lock.
 
     A crashed run of the same operation from the same parent is resumed: its version id is
@@ -142,21 +167,29 @@ def write_version(change: Change, source: Location | None, store: Store, runner:
 
 
 def _kept(store: Store, version: str) -> str:
-    return (f"the unfinished {version} stays at {store.version_location(version)}: the same command run again resumes "
-            "from its finished shards; any other writer, or prune, removes it")
+    return (
+        f"the unfinished {version} stays at {store.version_location(version)}: the same command run again resumes "
+        "from its finished shards; any other writer, or prune, removes it"
+    )
 
 
 def _claim_version(store: Store, change: Change) -> str:
     resumed = None
     for version, run in store.unfinished():
-        if resumed is None and (run.get("operation"), run.get("mode"), run.get("parent")) == (change.operation, change.mode, change.parent):
+        if resumed is None and (run.get("operation"), run.get("mode"), run.get("parent")) == (
+            change.operation,
+            change.mode,
+            change.parent,
+        ):
             resumed = version
             log.info("resuming %s: a crashed %s from %s", version, change.operation, change.parent)
         else:
             log.info("removing %s: leftovers of a crashed run", version)
             store.discard(version)
     version = resumed or store.new_version()
-    store.start_run(version, {"operation": change.operation, "mode": change.mode, "parent": change.parent, "started": time.time()})
+    store.start_run(
+        version, {"operation": change.operation, "mode": change.mode, "parent": change.parent, "started": time.time()}
+    )
     return version
 
 
@@ -174,7 +207,9 @@ def _compute_all(change, source, store, version, runner, options, seconds):
             change.mode = "project"  # only quarantined ones: record them, keep the basis
         if not good and change.mode == "fit" and not change.refit:
             first = change.adapters[0]
-            raise PipelineError(f"no usable adapters: all {len(change.adapters)} quarantined (e.g. {first.task_id!r}: {first.reason})")
+            raise PipelineError(
+                f"no usable adapters: all {len(change.adapters)} quarantined (e.g. {first.task_id!r}: {first.reason})"
+            )
         results = _compute_shards(change, good, source, store, version, runner, options)
         nonfinite = {i: reason for r in results for i, reason in r.nonfinite.items()}
         if not nonfinite:
@@ -201,7 +236,9 @@ def module_shapes(change: Change, good: list[ScannedAdapter]) -> dict[str, tuple
     return shapes
 
 
-def module_budgets(change: Change, good: list[ScannedAdapter], shapes, rows: int, options: Options) -> dict[str, float] | None:
+def module_budgets(
+    change: Change, good: list[ScannedAdapter], shapes, rows: int, options: Options
+) -> dict[str, float] | None:
     """Stored floats per adapter per module that a byte budget allows: each module gets the
     budget's share of its own tensor bytes. A re-base keeps the parent's; None without a budget."""
     parent = change.parent_manifest
@@ -215,8 +252,10 @@ def module_budgets(change: Change, good: list[ScannedAdapter], shapes, rows: int
     for module, per_adapter in budgets.items():
         (r, d_in), (d_out, _) = shapes[module]
         if not fits(per_adapter * rows, rows, r, d_in, d_out, candidates(options.method)):
-            raise PipelineError(f"a budget of 1/{ratio:.3g} of the adapters' bytes is too small for module {module!r}: "
-                                f"no {' or '.join(candidates(options.method))} fit takes {per_adapter * rows * FLOAT_BYTES:.0f} bytes")
+            raise PipelineError(
+                f"a budget of 1/{ratio:.3g} of the adapters' bytes is too small for module {module!r}: "
+                f"no {' or '.join(candidates(options.method))} fit takes {per_adapter * rows * FLOAT_BYTES:.0f} bytes"
+            )
     return budgets
 
 
@@ -238,13 +277,25 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
     rows = len(good)
     if change.refit:  # the parent's adapters not read again join, rebuilt
-        rows += change.parent_manifest["adapters"]["ok"] - sum(change.parent_status.get(a.task_id) == "ok" for a in good)
+        rows += change.parent_manifest["adapters"]["ok"] - sum(
+            change.parent_status.get(a.task_id) == "ok" for a in good
+        )
     budgets = module_budgets(change, good, shapes, rows, options)
     shards = _plan(change, shapes, rows, options, runner.num_cpus)
     peak = largest_shard_bytes(shards, widths, max(rows, 1))
-    log.info("plan: %d adapters to read, %d modules in %d shards (largest needs ~%.0f MiB)", len(good), len(shapes), len(shards), peak / 2**20)
+    log.info(
+        "plan: %d adapters to read, %d modules in %d shards (largest needs ~%.0f MiB)",
+        len(good),
+        len(shapes),
+        len(shards),
+        peak / 2**20,
+    )
     if peak > options.memory_budget:
-        log.warning("one shard needs ~%.0f MiB, over the %.0f MiB budget: use --chunk-size", peak / 2**20, options.memory_budget / 2**20)
+        log.warning(
+            "one shard needs ~%.0f MiB, over the %.0f MiB budget: use --chunk-size",
+            peak / 2**20,
+            options.memory_budget / 2**20,
+        )
     # Declared to Ray so it does not pack more shards on a node than fit; never above the budget,
     # so a single oversized module is still scheduled rather than left infeasible.
     memory = min(peak, options.memory_budget)
@@ -253,10 +304,29 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
         drop = frozenset(a.task_id for a in good)
         basis = {m: e["basis"] for m, e in change.parent_manifest["modules"].items()}
         checksums = {path: change.parent_manifest["files"][path] for path in set(basis.values())}
-        parent = Parent(basis, checksums, version_path(change.parent, LOADINGS), drop, change.refit, change.parent_manifest["modules"])
+        parent = Parent(
+            basis,
+            checksums,
+            version_path(change.parent, LOADINGS),
+            drop,
+            change.refit,
+            change.parent_manifest["modules"],
+        )
 
-    inputs = _digest([change.operation, change.mode, change.parent, change.refit, dataclasses.asdict(options.rule), options.route, options.quantize, options.method, budgets,
-                      [(a.task_id, a.location.uri, a.weights_bytes, a.weights_tag) for a in good]])
+    inputs = _digest(
+        [
+            change.operation,
+            change.mode,
+            change.parent,
+            change.refit,
+            dataclasses.asdict(options.rule),
+            options.route,
+            options.quantize,
+            options.method,
+            budgets,
+            [(a.task_id, a.location.uri, a.weights_bytes, a.weights_tag) for a in good],
+        ]
+    )
     finished = store.finished_shards(version)
     # The adapters' own filesystem reads them: a manifest source lists folders on one filesystem
     # that is not the manifest's (discovery refuses a mix).
@@ -265,8 +335,23 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     def task(shard, fixed_k=None):
         new = [(a.task_id, a.weights_path, {m: a.modules[m] for m in shard.modules}) for a in good]
         key = _digest([inputs, shard.modules, fixed_k])
-        return ShardTask(shard, change.mode, options.rule, store.location, version, reader, new, shapes, parent, fixed_k, options.route,
-                         options.quantize, options.method, budgets, key)
+        return ShardTask(
+            shard,
+            change.mode,
+            options.rule,
+            store.location,
+            version,
+            reader,
+            new,
+            shapes,
+            parent,
+            fixed_k,
+            options.route,
+            options.quantize,
+            options.method,
+            budgets,
+            key,
+        )
 
     progress = Progress("compute", len(shards), "shards")
     results: list[ShardResult | None] = [None] * len(shards)
@@ -335,7 +420,9 @@ def error_summary(means: np.ndarray, maxes: np.ndarray) -> dict[str, float]:
     if not len(means):
         return {}
     return {
-        "mean": float(means.mean()), "p50": float(np.median(means)), "p95": float(np.quantile(means, 0.95)),
+        "mean": float(means.mean()),
+        "p50": float(np.median(means)),
+        "p95": float(np.quantile(means, 0.95)),
         "max": float(maxes.max()),
     }
 
@@ -365,28 +452,45 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
     errors = _ErrorTally(new_ids)
     staged = [read_batches(where, staging_file(r.shard.name)) for r in results]
     merged = errors.tap(merge_sorted(staged, LOADINGS_KEYS))
-    files[version_path(version, LOADINGS)] = write_tables(where, LOADINGS, merged, LOADINGS_SCHEMA, LOADINGS_ROW_GROUP).to_dict()
+    files[version_path(version, LOADINGS)] = write_tables(
+        where, LOADINGS, merged, LOADINGS_SCHEMA, LOADINGS_ROW_GROUP
+    ).to_dict()
 
     # Catalog: the parent's rows, except those this run replaces. A replacement that was
     # quarantined does not push out an earlier upload that compressed fine.
     in_basis = change.mode != "project"
-    kept_previous = {a.task_id: a.reason for a in change.adapters if not a.ok and change.parent_status.get(a.task_id) == "ok"}
+    kept_previous = {
+        a.task_id: a.reason for a in change.adapters if not a.ok and change.parent_status.get(a.task_id) == "ok"
+    }
     scanned = [a for a in change.adapters if a.task_id not in kept_previous]
     catalog = _CatalogTally()
     streams = [[catalog_table(scanned, in_basis)]]
     if parent_where:
         rows = without(_conformed(read_batches(parent_where, CATALOG), CATALOG_SCHEMA), {a.task_id for a in scanned})
         streams.append(_all_in_basis(rows) if change.refit else rows)
-    files[version_path(version, CATALOG)] = write_tables(where, CATALOG, catalog.tap(merge_sorted(streams, ["task_id"])), CATALOG_SCHEMA).to_dict()
+    files[version_path(version, CATALOG)] = write_tables(
+        where, CATALOG, catalog.tap(merge_sorted(streams, ["task_id"])), CATALOG_SCHEMA
+    ).to_dict()
 
     modules = {}
     for r in results:
         for m in r.modules:
-            basis = version_path(version, basis_file(r.shard.name)) if r.file else change.parent_manifest["modules"][m.module]["basis"]
+            basis = (
+                version_path(version, basis_file(r.shard.name))
+                if r.file
+                else change.parent_manifest["modules"][m.module]["basis"]
+            )
             modules[m.module] = {
-                "basis": basis, "a_shape": list(m.a_shape), "b_shape": list(m.b_shape), "k_a": m.k_a, "k_b": m.k_b,
-                "explained_variance_a": round(m.explained_a, 6), "explained_variance_b": round(m.explained_b, 6),
-                "svd_route": m.route, "count": m.count, "method": m.method,
+                "basis": basis,
+                "a_shape": list(m.a_shape),
+                "b_shape": list(m.b_shape),
+                "k_a": m.k_a,
+                "k_b": m.k_b,
+                "explained_variance_a": round(m.explained_a, 6),
+                "explained_variance_b": round(m.explained_b, 6),
+                "svd_route": m.route,
+                "count": m.count,
+                "method": m.method,
                 **({"width": m.width, "core_rank": m.core_rank} if m.method == "joint" else {}),
                 **({"budget": m.budget} if m.budget is not None else {}),
             }
@@ -397,36 +501,57 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
     error = errors.summary()
     watched = np.array(list(errors.watched.values())).reshape(-1, 2)
     read_error = error_summary(watched[:, 0], watched[:, 1])
-    read_errors = {} if change.operation == "compress" else {t: round(e[0], 6) for t, e in sorted(errors.watched.items())}
+    read_errors = (
+        {} if change.operation == "compress" else {t: round(e[0], 6) for t, e in sorted(errors.watched.items())}
+    )
     flagged = _flag(read_errors, change, options)
     quarantined = {a.task_id: a.reason for a in change.adapters if not a.ok}
     report = {
-        "version": version, "operation": change.operation,
+        "version": version,
+        "operation": change.operation,
         "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
-        "changes": change.counts, "quarantined": quarantined, "kept_previous": kept_previous,
+        "changes": change.counts,
+        "quarantined": quarantined,
+        "kept_previous": kept_previous,
         "warnings": {a.task_id: a.warnings for a in change.adapters if a.warnings},
-        "error": error, "read_error": read_error, "read_errors": read_errors, "flagged": flagged,
+        "error": error,
+        "read_error": read_error,
+        "read_errors": read_errors,
+        "flagged": flagged,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "shards": [
-            {"name": r.shard.name, "modules": len(r.shard.modules), "bytes_read": r.bytes_read, "requests": r.requests,
-             "stack_bytes": r.stack_bytes, "resumed": r.resumed, "seconds": {k: round(v, 3) for k, v in r.seconds.items()}}
+            {
+                "name": r.shard.name,
+                "modules": len(r.shard.modules),
+                "bytes_read": r.bytes_read,
+                "requests": r.requests,
+                "stack_bytes": r.stack_bytes,
+                "resumed": r.resumed,
+                "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
+            }
             for r in results
         ],
     }
-    files[version_path(version, REPORT)] = store.write_object(version, REPORT, json.dumps(report, indent=1).encode()).to_dict()
+    files[version_path(version, REPORT)] = store.write_object(
+        version, REPORT, json.dumps(report, indent=1).encode()
+    ).to_dict()
     manifest = {
         **manifest_fields(version, change.parent, change.operation),
         "source": redact(source.uri) if source else (change.parent_manifest or {}).get("source"),
-        "parameters": {**rule_parameters(options.rule, options.route, options.quantize, options.method),
-                       "ratio": options.ratio, "budget_bytes": options.budget_bytes},
+        "parameters": {
+            **rule_parameters(options.rule, options.route, options.quantize, options.method),
+            "ratio": options.ratio,
+            "budget_bytes": options.budget_bytes,
+        },
         "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
         "original_bytes": catalog.original_bytes,
         "base_model": good[0].base_model if good else change.parent_manifest.get("base_model"),
         "dtype": good[0].dtype if good else change.parent_manifest.get("dtype"),
         "error": error,
         # Quantized bases record how; the errors above were measured on what is stored.
-        "quantization": change.parent_manifest.get("quantization") if change.mode == "project" else (
-            {"scheme": options.quantize, "added_error": None} if options.quantize else None),
+        "quantization": change.parent_manifest.get("quantization")
+        if change.mode == "project"
+        else ({"scheme": options.quantize, "added_error": None} if options.quantize else None),
         "modules": modules,
         "files": files,
     }
@@ -434,13 +559,29 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
     store.publish(version, manifest, lock)
     seconds["publish"] = time.perf_counter() - t1
     seconds["assemble"] = t1 - t0
-    log.info("published %s (%s): %d adapters, %d quarantined", version, change.operation, catalog.ok, catalog.quarantined)
+    log.info(
+        "published %s (%s): %d adapters, %d quarantined", version, change.operation, catalog.ok, catalog.quarantined
+    )
     notes = capacity_notes(manifest, options.rule.components if change.mode == "fit" else None)
     for note in notes:
         log.warning("%s: %s", version, note)
     return Summary(
-        change.operation, version, change.parent, str(store), catalog.ok, catalog.quarantined, quarantined, kept_previous,
-        len(modules), len(results), error, read_error, read_errors, flagged, change.counts, {k: round(v, 3) for k, v in seconds.items()},
+        change.operation,
+        version,
+        change.parent,
+        str(store),
+        catalog.ok,
+        catalog.quarantined,
+        quarantined,
+        kept_previous,
+        len(modules),
+        len(results),
+        error,
+        read_error,
+        read_errors,
+        flagged,
+        change.counts,
+        {k: round(v, 3) for k, v in seconds.items()},
         notes,
     )
 
@@ -450,25 +591,35 @@ def capacity_notes(manifest: dict, components: int | None) -> list[str]:
     that takes more bytes than the adapters it holds."""
     notes = []
     flat = {m: e for m, e in manifest["modules"].items() if e.get("method", "flat") != "joint"}
-    capped = {m: max(e["k_a"], e["k_b"]) for m, e in flat.items() if components and max(e["k_a"], e["k_b"]) < components}
+    capped = {
+        m: max(e["k_a"], e["k_b"]) for m, e in flat.items() if components and max(e["k_a"], e["k_b"]) < components
+    }
     if capped:
         rows = manifest["adapters"]["in_basis"]
         low, high = min(capped.values()), max(capped.values())
-        notes.append(f"--components {components}: k capped at {low if low == high else f'{low}..{high}'} in {len(capped)} of "
-                     f"{len(flat)} module(s): the centred factors of {rows} adapter(s) have at most {max(rows - 1, 0)} directions "
-                     "with variance, and directions without any are not stored")
+        notes.append(
+            f"--components {components}: k capped at {low if low == high else f'{low}..{high}'} in {len(capped)} of "
+            f"{len(flat)} module(s): the centred factors of {rows} adapter(s) have at most {max(rows - 1, 0)} "
+            "directions with variance, and directions without any are not stored"
+        )
     stored = sum(entry["bytes"] for entry in manifest["files"].values())
     if manifest["original_bytes"] and stored >= manifest["original_bytes"]:
-        notes.append(f"the version takes {stored:,} bytes, not less than the {manifest['original_bytes']:,} of the adapters it "
-                     "holds: keep fewer components (--components, --variance-threshold) or give a budget (--ratio)")
+        notes.append(
+            f"the version takes {stored:,} bytes, not less than the {manifest['original_bytes']:,} of the adapters it "
+            "holds: keep fewer components (--components, --variance-threshold) or give a budget (--ratio)"
+        )
     return notes
 
 
 def manifest_fields(version: str, parent: str | None, operation: str) -> dict:
     """The fields every manifest starts with."""
     return {
-        "format_version": FORMAT_VERSION, "version": version, "parent": parent, "operation": operation,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "tool": f"lora-subspace {__version__}",
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "parent": parent,
+        "operation": operation,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool": f"lora-subspace {__version__}",
     }
 
 
@@ -522,20 +673,23 @@ def _flag(read_errors: dict[str, float], change: Change, options: Options) -> di
 def catalog_table(adapters: list[ScannedAdapter], in_basis: bool) -> pa.Table:
     rows = sorted(adapters, key=lambda a: a.task_id)
     config = [a.config or {} for a in rows]
-    return pa.table({
-        "task_id": [a.task_id for a in rows],
-        "uri": [redact(a.location.uri) for a in rows],
-        "status": [a.status for a in rows],
-        "reason": [a.reason for a in rows],
-        "warnings": [a.warnings for a in rows],
-        "weights_bytes": [a.weights_bytes for a in rows],
-        "weights_tag": [a.weights_tag for a in rows],
-        "rank": [a.rank for a in rows],
-        "lora_alpha": [c.get("lora_alpha") for c in config],
-        "use_rslora": [bool(c.get("use_rslora")) for c in config],
-        "base_model": [a.base_model for a in rows],
-        "dtype": [a.dtype for a in rows],
-        "config_json": [a.config_text for a in rows],
-        "in_basis": [in_basis and a.ok for a in rows],
-        "weights_sha256": [a.weights_sha256 for a in rows],
-    }, schema=CATALOG_SCHEMA)
+    return pa.table(
+        {
+            "task_id": [a.task_id for a in rows],
+            "uri": [redact(a.location.uri) for a in rows],
+            "status": [a.status for a in rows],
+            "reason": [a.reason for a in rows],
+            "warnings": [a.warnings for a in rows],
+            "weights_bytes": [a.weights_bytes for a in rows],
+            "weights_tag": [a.weights_tag for a in rows],
+            "rank": [a.rank for a in rows],
+            "lora_alpha": [c.get("lora_alpha") for c in config],
+            "use_rslora": [bool(c.get("use_rslora")) for c in config],
+            "base_model": [a.base_model for a in rows],
+            "dtype": [a.dtype for a in rows],
+            "config_json": [a.config_text for a in rows],
+            "in_basis": [in_basis and a.ok for a in rows],
+            "weights_sha256": [a.weights_sha256 for a in rows],
+        },
+        schema=CATALOG_SCHEMA,
+    )

@@ -49,8 +49,10 @@ def main(work: str) -> int:
         outcome = {}
         code, error = _cli("compress", "src", "--out", "stores/x")
         outcome["relative"] = {
-            "code": code, "error": error,
-            "driver_store": (driver / "stores/x/LATEST").exists(), "nodes_store": (nodes / "stores").exists(),
+            "code": code,
+            "error": error,
+            "driver_store": (driver / "stores/x/LATEST").exists(),
+            "nodes_store": (nodes / "stores").exists(),
         }
 
         cluster.add_node(num_cpus=1, node_ip_address="127.0.0.2")
@@ -59,8 +61,10 @@ def main(work: str) -> int:
         os.environ["LORA_SUBSPACE_SHARED_PATHS"] = str(work_dir)
         accepted = _cli("compress", str(driver / "src"), "--out", str(work_dir / "accepted"))
         outcome["other_host"] = {
-            "refused": list(refused), "refused_wrote": sorted(str(p) for p in (work_dir / "refused").rglob("*")),
-            "accepted": list(accepted), "accepted_store": (work_dir / "accepted/LATEST").exists(),
+            "refused": list(refused),
+            "refused_wrote": sorted(str(p) for p in (work_dir / "refused").rglob("*")),
+            "accepted": list(accepted),
+            "accepted_store": (work_dir / "accepted/LATEST").exists(),
         }
         print(json.dumps(outcome), flush=True)
         return 0

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import make_collection, run_cli
 from safetensors.torch import load_file
 
-from conftest import make_collection, run_cli
 from pipeline import Subspace, peft_format
 from pipeline.io.location import Location
 from pipeline.io.store import Store
@@ -17,7 +17,19 @@ from pipeline.io.store import Store
 def _compress(tmp_path, structure, *flags, capsys):
     make_collection(tmp_path / structure, 24, preset="micro", structure=structure, shared_dim=3)
     capsys.readouterr()
-    assert run_cli("compress", tmp_path / structure, "--out", tmp_path / f"store-{structure}", "--components", 3, *flags, "--json") == 0
+    assert (
+        run_cli(
+            "compress",
+            tmp_path / structure,
+            "--out",
+            tmp_path / f"store-{structure}",
+            "--components",
+            3,
+            *flags,
+            "--json",
+        )
+        == 0
+    )
     return json.loads(capsys.readouterr().out)
 
 
@@ -38,7 +50,9 @@ def test_aligned_compress_sees_through_the_gauge(runner, tmp_path, capsys):
     a, b = (original[peft_format.weight_key(module, s)].double() for s in "AB")
     a2, b2 = (exported[peft_format.weight_key(module, s)].double() for s in "AB")
     recorded = Subspace.load(str(store)).tasks["adapter-00003"].error[module]
-    assert float(torch.linalg.norm(b @ a - b2 @ a2) / torch.linalg.norm(b @ a)) == pytest.approx(recorded, rel=1e-3, abs=1e-5)
+    assert float(torch.linalg.norm(b @ a - b2 @ a2) / torch.linalg.norm(b @ a)) == pytest.approx(
+        recorded, rel=1e-3, abs=1e-5
+    )
 
 
 def test_project_and_rebase_align_new_adapters_to_the_basis(runner, tmp_path, capsys):
@@ -59,7 +73,9 @@ def test_project_and_rebase_align_new_adapters_to_the_basis(runner, tmp_path, ca
     sub = Subspace.load(str(store))
     assert sub.method == "aligned"
     projection = sub.project(str(tmp_path / "gauge" / "adapter-00025"), "again")
-    assert sum(projection.error.values()) / len(projection.error) == pytest.approx(rebased["read_errors"]["adapter-00025"], rel=0.2)
+    assert sum(projection.error.values()) / len(projection.error) == pytest.approx(
+        rebased["read_errors"]["adapter-00025"], rel=0.2
+    )
 
 
 def test_the_library_builds_aligned_subspaces_too(tmp_path):

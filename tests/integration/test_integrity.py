@@ -5,9 +5,8 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from safetensors.torch import load, save
-
 from conftest import make_collection, run_cli
+from safetensors.torch import load, save
 
 
 def _flip(path, offset):

@@ -4,6 +4,7 @@ next to every version written."""
 import json
 
 from conftest import make_collection
+
 from pipeline.io.location import Location
 from pipeline.io.store import Store
 from pipeline.jobspec import main
@@ -26,17 +27,25 @@ def test_compress_rebase_export_jobs(runner, tmp_path, capsys):
     status, line = _run(capsys, "compress", config=config)
     assert status == 0 and line["status"] == "ok" and line["version"] == "v000001" and line["adapters"] == 8
     report = (tmp_path / "store" / "reports" / "v000001.html").read_text()
-    assert report.startswith("<!doctype html>") and report.count("<svg") == 4 and "adapter-00000" not in report.split("Worst")[0]
+    assert (
+        report.startswith("<!doctype html>")
+        and report.count("<svg") == 4
+        and "adapter-00000" not in report.split("Worst")[0]
+    )
 
     for name in ids[8:]:
         (tmp_path / "pool" / name).rename(tmp_path / "src" / name)
     status, line = _run(capsys, "rebase", f"source={tmp_path / 'src'}", f"store={tmp_path / 'store'}", "prune_keep=1")
     assert status == 0 and line["version"] == "v000002" and line["absorbed"] == 4 and line["quarantined"] == 0
-    assert line["pruned"] == [] and (tmp_path / "store" / "reports" / "v000002.html").exists()  # v1 is v2's parent: kept
+    assert (
+        line["pruned"] == [] and (tmp_path / "store" / "reports" / "v000002.html").exists()
+    )  # v1 is v2's parent: kept
     status, line = _run(capsys, "rebase", f"source={tmp_path / 'src'}", f"store={tmp_path / 'store'}")
     assert status == 0 and line["up_to_date"] and line["version"] is None
 
-    status, line = _run(capsys, "export", f"store={tmp_path / 'store'}", f"out={tmp_path / 'out'}", f"task_ids=[{ids[0]}, {ids[9]}]")
+    status, line = _run(
+        capsys, "export", f"store={tmp_path / 'store'}", f"out={tmp_path / 'out'}", f"task_ids=[{ids[0]}, {ids[9]}]"
+    )
     assert status == 0 and line["exported"] == 2
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [ids[0], ids[9]]
     assert Store(Location(str(tmp_path / "store"))).current_version() == "v000002"

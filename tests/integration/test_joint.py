@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import make_collection, run_cli
 from safetensors.torch import load_file, save_file
 
-from conftest import make_collection, run_cli
 from pipeline import peft_format
 from pipeline.io.location import Location
 from pipeline.io.store import LOADINGS, Store
@@ -31,7 +31,11 @@ def _relative(x, y):
 
 
 def _recorded(store, task_id, module=MODULE):
-    rows = Store(Location(str(store))).read_table(Store(Location(str(store))).current_version(), LOADINGS, [task_id]).to_pylist()
+    rows = (
+        Store(Location(str(store)))
+        .read_table(Store(Location(str(store))).current_version(), LOADINGS, [task_id])
+        .to_pylist()
+    )
     return next(r["error"] for r in rows if r["module"] == module)
 
 
@@ -43,7 +47,9 @@ def _budgeted_bytes(info):
     """What a budget counts: the bases' float32 values and the loadings' (the loadings table's
     ids, errors and norms, and the metadata, come on top)."""
     stored = info["stored_bytes"]
-    loadings = sum(sum(c["k"]) if c["method"] == "flat" else 2 * c["width"] * c["core_rank"] for c in info["methods"].values())
+    loadings = sum(
+        sum(c["k"]) if c["method"] == "flat" else 2 * c["width"] * c["core_rank"] for c in info["methods"].values()
+    )
     return stored["components"] + stored["means"] + 4 * loadings * info["adapters"]["ok"]
 
 
@@ -109,7 +115,9 @@ def _regauged(src, out, condition=50.0, seed=7):
             a_key, b_key = peft_format.weight_key(module, "A"), peft_format.weight_key(module, "B")
             r = weights[a_key].shape[0]
             q1, q2 = (torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64)).Q for _ in range(2))
-            rotation = q1 @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(condition)), r, dtype=torch.float64)) @ q2
+            rotation = (
+                q1 @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(condition)), r, dtype=torch.float64)) @ q2
+            )
             weights[a_key] = (rotation @ weights[a_key].double()).float()
             weights[b_key] = (weights[b_key].double() @ torch.linalg.inv(rotation)).float()
         (out / folder.name).mkdir(parents=True)
@@ -122,12 +130,18 @@ def test_joint_is_invariant_to_each_adapters_gauge(runner, tmp_path):
     make_collection(src, 16, preset="micro", shared_dim=3)
     _regauged(src, twin)
     for name, folder in (("src", src), ("twin", twin)):
-        assert run_cli("compress", folder, "--out", tmp_path / f"store-{name}", "--method", "joint", "--components", 32) == 0
+        assert (
+            run_cli("compress", folder, "--out", tmp_path / f"store-{name}", "--method", "joint", "--components", 32)
+            == 0
+        )
         assert run_cli("export", tmp_path / f"store-{name}", "--all", "--out", tmp_path / f"out-{name}") == 0
     for task_id in ("adapter-00000", "adapter-00009"):
         for module in (MODULE, "model.layers.0.self_attn.v_proj"):
             original = _delta_w(src / task_id, module)
-            rebuilt, rebuilt_twin = _delta_w(tmp_path / "out-src" / task_id, module), _delta_w(tmp_path / "out-twin" / task_id, module)
+            rebuilt, rebuilt_twin = (
+                _delta_w(tmp_path / "out-src" / task_id, module),
+                _delta_w(tmp_path / "out-twin" / task_id, module),
+            )
             # float32 files: the twin's own delta W differs from the original by ~1e-6 (R's
             # condition times float32 rounding), the float64 fits by little more (in float64 the
             # math is invariant to 1e-6: tests/unit/test_gauge.py); the flat method's rebuilds of
@@ -171,7 +185,9 @@ def test_mixed_ranks_compress_and_export_at_each_adapters_rank(runner, tmp_path,
         a, b = _factors(exported)
         rank = 4 if index == 0 else 2
         assert a.shape == (rank, 64) and b.shape == (64, rank)
-        assert json.loads((exported / peft_format.CONFIG_FILE).read_text()) == json.loads((src / task_id / peft_format.CONFIG_FILE).read_text())
+        assert json.loads((exported / peft_format.CONFIG_FILE).read_text()) == json.loads(
+            (src / task_id / peft_format.CONFIG_FILE).read_text()
+        )
         # The error recorded is the error of what export writes, cut to the adapter's rank.
         error = _relative(b @ a, _delta_w(src / task_id))
         assert error == pytest.approx(_recorded(store, task_id), rel=1e-3, abs=1e-5)
@@ -196,7 +212,9 @@ def test_joint_rebase_warm_starts_from_the_stored_bases(runner, tmp_path, capsys
     # The new adapters' errors are measured: export rebuilds exactly what is recorded.
     assert run_cli("export", store, "adapter-00025", "--out", tmp_path / "out") == 0
     a, b = _factors(tmp_path / "out")
-    assert _relative(b @ a, _delta_w(src / "adapter-00025")) == pytest.approx(_recorded(store, "adapter-00025"), rel=1e-3)
+    assert _relative(b @ a, _delta_w(src / "adapter-00025")) == pytest.approx(
+        _recorded(store, "adapter-00025"), rel=1e-3
+    )
     # Every adapter uploaded again, changed: the parent's rows are all replaced, none carried over.
     make_collection(src, 28, preset="micro", structure="gauge", shared_dim=3, seed=1)
     assert run_cli("rebase", store, src) == 0
@@ -238,7 +256,9 @@ def test_quantize_keeps_joint_modules_float32(runner, tmp_path):
     assert run_cli("verify", store) == 0
     assert run_cli("export", store, "adapter-00004", "--out", tmp_path / "out") == 0
     a, b = _factors(tmp_path / "out")
-    assert _relative(b @ a, _delta_w(src / "adapter-00004")) == pytest.approx(_recorded(store, "adapter-00004"), rel=1e-3)
+    assert _relative(b @ a, _delta_w(src / "adapter-00004")) == pytest.approx(
+        _recorded(store, "adapter-00004"), rel=1e-3
+    )
 
 
 def test_an_upload_of_a_higher_rank_than_the_stores_is_quarantined(runner, tmp_path, capsys):
@@ -247,7 +267,10 @@ def test_an_upload_of_a_higher_rank_than_the_stores_is_quarantined(runner, tmp_p
     store = tmp_path / "store"
     assert run_cli("compress", src, "--out", store, "--components", 3) == 0
     template = src / "adapter-00000"
-    weights = {k: torch.cat([v, v]) if ".lora_A." in k else torch.cat([v, v], dim=1) for k, v in load_file(str(template / peft_format.WEIGHTS_FILE)).items()}
+    weights = {
+        k: torch.cat([v, v]) if ".lora_A." in k else torch.cat([v, v], dim=1)
+        for k, v in load_file(str(template / peft_format.WEIGHTS_FILE)).items()
+    }
     (src / "wider").mkdir()
     save_file({k: v.contiguous() for k, v in weights.items()}, str(src / "wider" / peft_format.WEIGHTS_FILE))
     config = json.loads((template / peft_format.CONFIG_FILE).read_text())

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
+from conftest import PEFT_ADAPTERS, assert_same_outputs, make_collection, run_cli
 from safetensors.torch import load_file
 from vlora.io import load_adapter
 from vlora.subspace import SharedSubspace
 
-from conftest import PEFT_ADAPTERS, assert_same_outputs, make_collection, run_cli
 from pipeline import peft_format
 from pipeline.adapter import Adapter
 from pipeline.errors import PipelineError
@@ -51,7 +51,8 @@ def test_save_and_load_round_trip_and_the_cli_reads_it(runner, tmp_path):
     # compression_stats measures exactly what save wrote (metadata up to the manifest's timestamp).
     measured = sub.compression_stats()["stored_bytes"]
     assert {k: v for k, v in measured.items() if k not in ("metadata", "total")} == {
-        k: v for k, v in info["stored_bytes"].items() if k not in ("metadata", "total")}
+        k: v for k, v in info["stored_bytes"].items() if k not in ("metadata", "total")
+    }
     assert abs(measured["metadata"] - info["stored_bytes"]["metadata"]) <= 16
     # The CLI grows a library-saved store; the library opens what the CLI published.
     assert run_cli("rebase", tmp_path / "store", tmp_path / "src") == 0
@@ -67,7 +68,9 @@ def test_a_cli_compressed_store_is_what_from_adapters_builds(runner, tmp_path):
     in_memory = Subspace.from_adapters(_adapters(tmp_path / "src", ids), ids, num_components=4)
     _assert_same(from_store, in_memory, tol=1e-5)
     for m in in_memory.layer_names:
-        assert from_store.modules[m].a.count == 12 and from_store.modules[m].a.total_variance == pytest.approx(in_memory.modules[m].a.total_variance)
+        assert from_store.modules[m].a.count == 12 and from_store.modules[m].a.total_variance == pytest.approx(
+            in_memory.modules[m].a.total_variance
+        )
 
 
 def test_library_saved_adapters_export_loadable_by_peft(runner, peft_collection, tmp_path):
@@ -77,7 +80,10 @@ def test_library_saved_adapters_export_loadable_by_peft(runner, peft_collection,
     assert run_cli("export", tmp_path / "store", "--all", "--out", tmp_path / "exported") == 0
     assert_same_outputs(peft_collection, tmp_path / "exported")
     sub.reconstruct(ids[0]).save(str(tmp_path / "one"))  # the library writes the same folder
-    exported, own = load_file(str(tmp_path / "exported" / ids[0] / peft_format.WEIGHTS_FILE)), load_file(str(tmp_path / "one" / peft_format.WEIGHTS_FILE))
+    exported, own = (
+        load_file(str(tmp_path / "exported" / ids[0] / peft_format.WEIGHTS_FILE)),
+        load_file(str(tmp_path / "one" / peft_format.WEIGHTS_FILE)),
+    )
     assert exported.keys() == own.keys() and all(torch.equal(exported[k], own[k]) for k in own)
 
 
@@ -142,7 +148,9 @@ def test_quantized_stores_are_smaller_and_read_back_as_stored(runner, tmp_path, 
 
 def test_compress_quantize_keeps_its_scheme_through_project_and_rebase(runner, tmp_path):
     make_collection(tmp_path / "src", 10, preset="micro")
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 3, "--quantize", "int8") == 0
+    assert (
+        run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 3, "--quantize", "int8") == 0
+    )
     make_collection(tmp_path / "src", 3, preset="micro", start=10)
     assert run_cli("project", tmp_path / "store", tmp_path / "src") == 0
     assert run_cli("rebase", tmp_path / "store", tmp_path / "src") == 0

@@ -4,6 +4,7 @@ machine. Each run is its own process (with its own embedded Ray) whose process t
 import json
 
 from conftest import make_collection
+
 from pipeline.benchmark.peaks import cli, run_with_peaks
 from pipeline.io.location import Location
 from pipeline.io.store import Store
@@ -15,7 +16,20 @@ def test_memory_does_not_grow_with_the_number_of_adapters(tmp_path):
     for n in (750, 3000):
         listing = tmp_path / f"first-{n}.txt"
         listing.write_text("\n".join(str(p) for p in sorted((tmp_path / "src").iterdir())[:n]))
-        run = run_with_peaks(cli("compress", listing, "--out", tmp_path / f"store-{n}", "--components", 8, "--chunk-size", 250, "--num-cpus", 2))
+        run = run_with_peaks(
+            cli(
+                "compress",
+                listing,
+                "--out",
+                tmp_path / f"store-{n}",
+                "--components",
+                8,
+                "--chunk-size",
+                250,
+                "--num-cpus",
+                2,
+            )
+        )
         assert run.status == 0, run.stderr[-2000:]
         peaks[n] = run.peaks
     print(f"peak RSS MiB, 750 adapters: {peaks[750]}; 3000 adapters: {peaks[3000]}")
@@ -28,8 +42,20 @@ def test_memory_does_not_grow_with_the_number_of_adapters(tmp_path):
 
 def test_a_few_large_adapters_stay_within_the_memory_budget(tmp_path):
     make_collection(tmp_path / "src", 4, preset="mistral7b-qkv")  # 38 MB of float32 factors each
-    run = run_with_peaks(cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 3,
-                             "--memory-budget", "32MiB", "--num-cpus", 2))
+    run = run_with_peaks(
+        cli(
+            "compress",
+            tmp_path / "src",
+            "--out",
+            tmp_path / "store",
+            "--components",
+            3,
+            "--memory-budget",
+            "32MiB",
+            "--num-cpus",
+            2,
+        )
+    )
     assert run.status == 0, run.stderr[-2000:]
     peaks = run.peaks
     print(f"peak RSS MiB, 4 mistral7b-qkv adapters: {peaks}")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_collection, run_cli
+
 from pipeline.io.location import Location
 from pipeline.io.store import Store
 
@@ -35,15 +35,22 @@ def collection(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_node(runner, collection):
-    assert run_cli("compress", collection / "src", "--out", collection / "single", "--components", 4, "--memory-budget", 1) == 0
+    assert (
+        run_cli("compress", collection / "src", "--out", collection / "single", "--components", 4, "--memory-budget", 1)
+        == 0
+    )
     return _snapshot(collection / "single")
 
 
 def _drill(mode, collection, **env):
     store = collection / mode
-    done = subprocess.run([sys.executable, str(DRILL), mode, str(collection / "src"), str(store)],
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), **env},
-                          capture_output=True, text=True, timeout=400)
+    done = subprocess.run(
+        [sys.executable, str(DRILL), mode, str(collection / "src"), str(store)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), **env},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout, _snapshot(store)
 

@@ -10,11 +10,11 @@ import struct
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import make_collection, rebase_twice_at_once, run_cli
 from safetensors.torch import load_file
 from vlora.io import load_adapter
 from vlora.subspace import SharedSubspace
 
-from conftest import make_collection, rebase_twice_at_once, run_cli
 from pipeline import peft_format
 from pipeline.io.location import Location
 from pipeline.io.store import Store
@@ -51,10 +51,12 @@ def _true_errors(store, originals, ids, out):
         mine, theirs = _weights(out / task_id), _weights(originals / task_id)
         modules = sorted({peft_format.parse_key(k)[0] for k in theirs})
         per_module = [
-            float(relative_product_error(
-                *(t[peft_format.weight_key(m, s)].float()[None] for t in (theirs,) for s in "AB"),
-                *(t[peft_format.weight_key(m, s)].float()[None] for t in (mine,) for s in "AB"),
-            )[0])
+            float(
+                relative_product_error(
+                    *(t[peft_format.weight_key(m, s)].float()[None] for t in (theirs,) for s in "AB"),
+                    *(t[peft_format.weight_key(m, s)].float()[None] for t in (mine,) for s in "AB"),
+                )[0]
+            )
             for m in modules
         ]
         errors.append(sum(per_module) / len(per_module))
@@ -90,7 +92,9 @@ def test_untruncated_incremental_rebase_equals_a_full_recompute(runner, uploads,
     errors = _true_errors(tmp_path / "store", uploads.pool, uploads.ids[:20], tmp_path / "out")
     assert errors.max() < 1e-4
     manifest = Store(Location(str(tmp_path / "store"))).manifest()
-    assert manifest["operation"] == "rebase" and manifest["parent"] == "v000001" and manifest["adapters"]["in_basis"] == 20
+    assert (
+        manifest["operation"] == "rebase" and manifest["parent"] == "v000001" and manifest["adapters"]["in_basis"] == 20
+    )
 
 
 def test_truncated_rebase_stays_within_one_percent_of_a_full_recompute_and_beats_vlora(runner, uploads, tmp_path):
@@ -117,19 +121,28 @@ def test_truncated_rebase_stays_within_one_percent_of_a_full_recompute_and_beats
 
     # vlora-dev's absorb_incremental on the same data: grows the basis without re-diagonalising
     # and leaves old loadings on the moved mean.
-    subspace = SharedSubspace.from_adapters([load_adapter(uploads.pool / t) for t in uploads.ids[:40]], uploads.ids[:40], num_components=8)
+    subspace = SharedSubspace.from_adapters(
+        [load_adapter(uploads.pool / t) for t in uploads.ids[:40]], uploads.ids[:40], num_components=8
+    )
     for task_id in uploads.ids[40:]:
         subspace.absorb_incremental(load_adapter(uploads.pool / task_id), task_id)
     theirs = []
     for task_id in uploads.ids:
         rebuilt, original = subspace.reconstruct(task_id), load_adapter(uploads.pool / task_id)
         per_module = [
-            float(relative_product_error(original.lora_a[m][None], original.lora_b[m][None], rebuilt.lora_a[m][None], rebuilt.lora_b[m][None])[0])
+            float(
+                relative_product_error(
+                    original.lora_a[m][None], original.lora_b[m][None], rebuilt.lora_a[m][None], rebuilt.lora_b[m][None]
+                )[0]
+            )
             for m in original.layer_names
         ]
         theirs.append(sum(per_module) / len(per_module))
     theirs = torch.tensor(theirs)
-    print(f"mean delta-W error: full {float(full.mean()):.4f}, incremental {float(ours.mean()):.4f}, vlora absorb_incremental {float(theirs.mean()):.4f}")
+    print(
+        f"mean delta-W error: full {float(full.mean()):.4f}, incremental {float(ours.mean()):.4f}, "
+        f"vlora absorb_incremental {float(theirs.mean()):.4f}"
+    )
     assert float(theirs.mean()) > 1.05 * float(ours.mean())
 
 
@@ -140,7 +153,9 @@ def test_discovery_finds_added_unchanged_and_replaced_adapters(runner, uploads, 
     added = uploads(*uploads.ids[10:13])
     # A re-upload under an existing id: different weights (another adapter's), newer mtime.
     replaced = ids[2]
-    shutil.copy(uploads.pool / uploads.ids[50] / peft_format.WEIGHTS_FILE, uploads.src / replaced / peft_format.WEIGHTS_FILE)
+    shutil.copy(
+        uploads.pool / uploads.ids[50] / peft_format.WEIGHTS_FILE, uploads.src / replaced / peft_format.WEIGHTS_FILE
+    )
     os.utime(uploads.src / replaced / peft_format.WEIGHTS_FILE, (1e9, 2e9))
     capsys.readouterr()
 
@@ -158,7 +173,9 @@ def test_discovery_finds_added_unchanged_and_replaced_adapters(runner, uploads, 
     exported = _weights(tmp_path / "replaced")
 
     def distance(reference):
-        return sum(float(torch.linalg.norm(exported[k] - reference[k]) / torch.linalg.norm(reference[k])) for k in reference) / len(reference)
+        return sum(
+            float(torch.linalg.norm(exported[k] - reference[k]) / torch.linalg.norm(reference[k])) for k in reference
+        ) / len(reference)
 
     new, old = distance(_weights(uploads.src / replaced)), distance(_weights(uploads.pool / replaced))
     assert new < 0.5 * old, (new, old)
@@ -201,7 +218,10 @@ def test_project_shares_the_basis_flags_outliers_and_rebase_absorbs_them(runner,
     assert result["diff"]["pending"] == [*uploads.ids[20:23], "outlier-00000"]
     catalog = {r["task_id"]: r for r in store.read_table("v000003", "catalog.parquet").to_pylist()}
     assert all(r["in_basis"] for r in catalog.values())
-    errors = {v: store.read_table(v, "loadings.parquet", task_ids=["outlier-00000"]).column("error").to_pylist() for v in ("v000002", "v000003")}
+    errors = {
+        v: store.read_table(v, "loadings.parquet", task_ids=["outlier-00000"]).column("error").to_pylist()
+        for v in ("v000002", "v000003")
+    }
     assert sum(errors["v000003"]) < 0.8 * sum(errors["v000002"])
 
 
@@ -239,8 +259,22 @@ def test_chunked_compress_holds_one_chunk_at_a_time(runner, uploads, tmp_path, c
     budget = shard_bytes(8, [width])  # one module of 8 adapters fits; of 24 it does not
     assert shard_bytes(24, [width]) > budget
     capsys.readouterr()
-    assert run_cli("compress", uploads.src, "--out", tmp_path / "store", "--components", 8, "--chunk-size", 8,
-                   "--memory-budget", budget, "--json") == 0
+    assert (
+        run_cli(
+            "compress",
+            uploads.src,
+            "--out",
+            tmp_path / "store",
+            "--components",
+            8,
+            "--chunk-size",
+            8,
+            "--memory-budget",
+            budget,
+            "--json",
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["versions"] == ["v000001", "v000002", "v000003"] and summary["adapters_ok"] == 24
     assert "over the" not in caplog.text
@@ -250,7 +284,9 @@ def test_chunked_compress_holds_one_chunk_at_a_time(runner, uploads, tmp_path, c
         assert max(s["stack_bytes"] for s in report["shards"]) == 8 * 4 * width  # one module of one chunk per task
     chunked = _true_errors(tmp_path / "store", uploads.pool, uploads.ids[:24], tmp_path / "a")
 
-    assert run_cli("compress", uploads.src, "--out", tmp_path / "whole", "--components", 8, "--memory-budget", budget) == 0
+    assert (
+        run_cli("compress", uploads.src, "--out", tmp_path / "whole", "--components", 8, "--memory-budget", budget) == 0
+    )
     assert "over the" in caplog.text  # the whole collection does not fit the same budget
     whole = _true_errors(tmp_path / "whole", uploads.pool, uploads.ids[:24], tmp_path / "b")
     assert float(chunked.mean()) <= 1.01 * float(whole.mean()), (float(chunked.mean()), float(whole.mean()))
@@ -276,7 +312,12 @@ def test_versions_rollback_and_prune_keep_what_they_must(runner, uploads, tmp_pa
     assert run_cli("rollback", store_path, "v000002") == 0
     store = Store(Location(str(store_path)))
     assert store.current_version() == "v000002"
-    assert sorted(os.listdir(store_path / "versions")) == ["v000001", "v000002", "v000003", "v000004"]  # only the pointer moved
+    assert sorted(os.listdir(store_path / "versions")) == [
+        "v000001",
+        "v000002",
+        "v000003",
+        "v000004",
+    ]  # only the pointer moved
     assert run_cli("export", store_path, uploads.ids[0], "--out", tmp_path / "e") == 0
     assert run_cli("rollback", store_path, "v000009") == 1
 
@@ -354,7 +395,13 @@ def test_bad_uploads_are_quarantined_and_never_replace_a_good_adapter(runner, up
     # The earlier upload of the damaged adapter is still there to export.
     assert run_cli("export", store_path, ids[1], "--out", tmp_path / "kept") == 0
     exported = _weights(tmp_path / "kept")
-    assert sum(float(torch.linalg.norm(exported[k] - good_before[k]) / torch.linalg.norm(good_before[k])) for k in exported) / len(exported) < 0.6
+    assert (
+        sum(
+            float(torch.linalg.norm(exported[k] - good_before[k]) / torch.linalg.norm(good_before[k])) for k in exported
+        )
+        / len(exported)
+        < 0.6
+    )
 
 
 def test_a_copy_without_file_times_is_up_to_date_and_a_same_size_change_is_replaced(runner, uploads, tmp_path, capsys):
@@ -397,7 +444,10 @@ def test_a_catalog_written_before_weights_sha256_still_reads_and_grows(runner, u
     manifest_path = store_path / "versions" / "v000001" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     data = catalog_path.read_bytes()
-    manifest["files"]["versions/v000001/catalog.parquet"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"]["versions/v000001/catalog.parquet"] = {
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     manifest_path.write_text(json.dumps(manifest))
     assert run_cli("verify", store_path) == 0
 
@@ -407,7 +457,10 @@ def test_a_catalog_written_before_weights_sha256_still_reads_and_grows(runner, u
     rows = {r["task_id"]: r for r in store.read_table("v000002", "catalog.parquet").to_pylist()}
     assert [rows[t]["weights_sha256"] for t in ids] == [None] * len(ids)  # carried over as they were
     for task_id in added:
-        assert rows[task_id]["weights_sha256"] == hashlib.sha256((uploads.src / task_id / peft_format.WEIGHTS_FILE).read_bytes()).hexdigest()
+        assert (
+            rows[task_id]["weights_sha256"]
+            == hashlib.sha256((uploads.src / task_id / peft_format.WEIGHTS_FILE).read_bytes()).hexdigest()
+        )
     assert run_cli("verify", store_path, "--all") == 0
 
 
@@ -423,7 +476,9 @@ def test_an_s3_copy_keeps_its_etags_and_is_up_to_date(runner, s3_endpoint, bucke
     assert run_cli("compress", f"s3://{bucket}/adapters", "--out", store, "--components", 4, *endpoint) == 0
     # A server-side copy (what `aws s3 cp --recursive` does): new LastModified, the same ETag.
     for item in s3.list_objects_v2(Bucket=bucket, Prefix="adapters/")["Contents"]:
-        s3.copy_object(Bucket=bucket, Key="copy/" + item["Key"].split("/", 1)[1], CopySource={"Bucket": bucket, "Key": item["Key"]})
+        s3.copy_object(
+            Bucket=bucket, Key="copy/" + item["Key"].split("/", 1)[1], CopySource={"Bucket": bucket, "Key": item["Key"]}
+        )
     capsys.readouterr()
     assert run_cli("rebase", store, f"s3://{bucket}/copy", "--json", *endpoint) == 0
     result = json.loads(capsys.readouterr().out)

@@ -7,9 +7,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import make_collection, run_cli
 from safetensors.torch import load_file, save_file
 
-from conftest import make_collection, run_cli
 from pipeline import peft_format
 
 # |recorded - exported| allowed, in units of relative delta-W error: compute and export rebuild
@@ -37,15 +37,20 @@ def _delta(tensors, module):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("method", [["--components", "3"], ["--components", "64"], ["--method", "joint", "--components", "12"]],
-                         ids=["flat-k3", "flat-full", "joint"])
+@pytest.mark.parametrize(
+    "method",
+    [["--components", "3"], ["--components", "64"], ["--method", "joint", "--components", "12"]],
+    ids=["flat-k3", "flat-full", "joint"],
+)
 def test_recorded_error_is_the_exported_error(runner, tmp_path, dtype, method):
     src = tmp_path / "src"
     ids = make_collection(src, 9, shared_dim=3, noise=0.2)
     _mixed_ranks(src, ids, dtype)
     assert run_cli("compress", src, "--out", tmp_path / "store", *method) == 0
     assert run_cli("export", tmp_path / "store", "--all", "--out", tmp_path / "out") == 0
-    rows = pq.read_table(tmp_path / "store/versions/v000001/loadings.parquet", columns=["task_id", "module", "error"]).to_pylist()
+    rows = pq.read_table(
+        tmp_path / "store/versions/v000001/loadings.parquet", columns=["task_id", "module", "error"]
+    ).to_pylist()
     gaps = []
     for row in rows:
         original = load_file(str(src / row["task_id"] / peft_format.WEIGHTS_FILE))

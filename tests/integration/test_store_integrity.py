@@ -16,13 +16,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import make_collection, run_cli
+
 from pipeline.io.location import Location
 from pipeline.io.store import Store, check_version_id, is_object_path, is_safe_task_id
 
 ROOT = Path(__file__).parents[2]
-POINTS = ["publish", "publish-pointer", "publish-staging", "publish-run"]  # after manifest, pointer, staging, run record
+POINTS = [
+    "publish",
+    "publish-pointer",
+    "publish-staging",
+    "publish-run",
+]  # after manifest, pointer, staging, run record
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +75,9 @@ class Places:
             return
         for path in folder.rglob("*"):
             if path.is_file():
-                self.s3.put_object(Bucket=self.bucket, Key=f"{uri.split('/', 3)[3]}/{path.relative_to(folder)}", Body=path.read_bytes())
+                self.s3.put_object(
+                    Bucket=self.bucket, Key=f"{uri.split('/', 3)[3]}/{path.relative_to(folder)}", Body=path.read_bytes()
+                )
 
     def copy(self, src, dst):
         if not self.s3:
@@ -78,7 +85,7 @@ class Places:
             return
         prefix, target = src.split("/", 3)[3], dst.split("/", 3)[3]
         for item in self.s3.list_objects_v2(Bucket=self.bucket, Prefix=f"{prefix}/")["Contents"]:
-            key = f"{target}/{item['Key'][len(prefix) + 1:]}"
+            key = f"{target}/{item['Key'][len(prefix) + 1 :]}"
             self.s3.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": item["Key"]})
 
     def exists(self, uri, relative):
@@ -90,8 +97,17 @@ def _kill(args, failpoint):
     import ray
 
     env = {**os.environ, "LORA_SUBSPACE_FAILPOINT": failpoint}
-    command = [sys.executable, "-m", "pipeline.cli", *map(str, args), "--address", ray.get_runtime_context().gcs_address]
-    driver = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        *map(str, args),
+        "--address",
+        ray.get_runtime_context().gcs_address,
+    ]
+    driver = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     _, err = driver.communicate(timeout=300)
     try:
         os.killpg(driver.pid, signal.SIGKILL)
@@ -102,7 +118,9 @@ def _kill(args, failpoint):
 
 @pytest.mark.parametrize("storage", ["local", "s3"])
 @pytest.mark.parametrize("point", POINTS)
-def test_a_writer_killed_while_publishing_leaves_the_current_version_readable(point, storage, collection, tmp_path, request, capsys):
+def test_a_writer_killed_while_publishing_leaves_the_current_version_readable(
+    point, storage, collection, tmp_path, request, capsys
+):
     places, ids = Places(storage, tmp_path, request), collection.ids
     full, more = collection.root / "full", collection.root / "more"
     crashed = places.uri("crashed")
@@ -129,7 +147,9 @@ def test_a_writer_killed_while_publishing_leaves_the_current_version_readable(po
     uri = fresh("verify")
     capsys.readouterr()
     assert run_cli("verify", uri, "--all", "--json", *places.args) == 0
-    assert [r["version"] for r in json.loads(capsys.readouterr().out)["versions"]] == ["v000001", "v000002"][: 1 + moved]
+    assert [r["version"] for r in json.loads(capsys.readouterr().out)["versions"]] == ["v000001", "v000002"][
+        : 1 + moved
+    ]
 
     # export
     readable(fresh("export"), current)
@@ -169,7 +189,11 @@ def _pointer(version):
 
 
 def _damage(store: Path, state: str) -> None:
-    latest, v1, v2 = store / "LATEST", store / "versions/v000001/manifest.json", store / "versions/v000002/manifest.json"
+    latest, v1, v2 = (
+        store / "LATEST",
+        store / "versions/v000001/manifest.json",
+        store / "versions/v000002/manifest.json",
+    )
     if state == "latest-empty":
         latest.write_bytes(b"")
     elif state == "latest-garbage":
@@ -182,7 +206,9 @@ def _damage(store: Path, state: str) -> None:
         latest.write_bytes(_pointer("v000009"))
     elif state == "latest-unfinished":  # a run that died before its manifest
         (store / "versions/v000003").mkdir()
-        (store / "versions/v000003/run.json").write_text('{"operation": "rebase", "mode": "absorb", "parent": "v000002"}')
+        (store / "versions/v000003/run.json").write_text(
+            '{"operation": "rebase", "mode": "absorb", "parent": "v000002"}'
+        )
         latest.write_bytes(_pointer("v000003"))
     elif state == "current-manifest-garbage":
         v2.write_bytes(b'{"version": "v0')
@@ -200,9 +226,15 @@ def _damage(store: Path, state: str) -> None:
 
 # The object each state's one-line error names.
 STATES = {
-    "latest-empty": "LATEST", "latest-garbage": "LATEST", "latest-wrong-type": "LATEST", "latest-into-another-store": "LATEST",
-    "latest-missing-version": "v000009", "latest-unfinished": "v000003", "current-manifest-garbage": "v000002/manifest.json",
-    "old-manifest-incomplete": "v000001/manifest.json", "old-manifest-wrong-types": "v000001/manifest.json",
+    "latest-empty": "LATEST",
+    "latest-garbage": "LATEST",
+    "latest-wrong-type": "LATEST",
+    "latest-into-another-store": "LATEST",
+    "latest-missing-version": "v000009",
+    "latest-unfinished": "v000003",
+    "current-manifest-garbage": "v000002/manifest.json",
+    "old-manifest-incomplete": "v000001/manifest.json",
+    "old-manifest-wrong-types": "v000001/manifest.json",
 }
 COMMANDS = ["verify", "verify-all", "versions", "info", "export", "rebase", "prune", "rollback"]
 
@@ -216,9 +248,14 @@ def test_corrupt_metadata_gives_one_line_and_rollback_repairs(state, command, co
     old = state.startswith("old-")  # the current version v2 is sound
     healthy = "v000002" if old else "v000001"
     argv = {
-        "verify": ["verify", store], "verify-all": ["verify", store, "--all"], "versions": ["versions", store], "info": ["info", store],
-        "export": ["export", store, collection.ids[0], "--out", tmp_path / "out"], "rebase": ["rebase", store, collection.root / "full"],
-        "prune": ["prune", store, "--keep", 1], "rollback": ["rollback", store, healthy],
+        "verify": ["verify", store],
+        "verify-all": ["verify", store, "--all"],
+        "versions": ["versions", store],
+        "info": ["info", store],
+        "export": ["export", store, collection.ids[0], "--out", tmp_path / "out"],
+        "rebase": ["rebase", store, collection.root / "full"],
+        "prune": ["prune", store, "--keep", 1],
+        "rollback": ["rollback", store, healthy],
     }[command]
     expected = 0 if command in ("versions", "rollback") or (old and command not in ("verify-all", "prune")) else 1
     capsys.readouterr()
@@ -263,8 +300,14 @@ def test_verify_reports_ids_and_paths_that_leave_the_store(collection, tmp_path,
     capsys.readouterr()
     assert run_cli("verify", store, "--json") == 1
     failures = json.loads(capsys.readouterr().out)["versions"][0]["failures"]
-    assert "versions/v000002/manifest.json: file 'versions/v000002/../../../outside.bin' is not a store path (versions/vNNNNNN/..., no '..')" in failures
-    assert f"versions/v000002/manifest.json: file {str(outside)!r} is not a store path (versions/vNNNNNN/..., no '..')" in failures
+    assert (
+        "versions/v000002/manifest.json: file 'versions/v000002/../../../outside.bin' is not a store path "
+        "(versions/vNNNNNN/..., no '..')" in failures
+    )
+    assert (
+        f"versions/v000002/manifest.json: file {str(outside)!r} is not a store path (versions/vNNNNNN/..., no '..')"
+        in failures
+    )
     assert run_cli("info", store) == 1
     assert "manifest.json is not a valid manifest: file" in capsys.readouterr().err
 
@@ -272,17 +315,29 @@ def test_verify_reports_ids_and_paths_that_leave_the_store(collection, tmp_path,
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert run_cli("verify", store, "--json") == 1
     failures = json.loads(capsys.readouterr().out)["versions"][0]["failures"]
-    assert failures == ["loadings.parquet: task id '/etc/escaped' is not a safe relative path",
-                        "catalog.parquet: task id '../escaped' is not a safe relative path"]
+    assert failures == [
+        "loadings.parquet: task id '/etc/escaped' is not a safe relative path",
+        "catalog.parquet: task id '../escaped' is not a safe relative path",
+    ]
     assert run_cli("info", store) == 1
     assert "which is not a safe relative path" in capsys.readouterr().err
 
 
 def test_ids_and_paths_are_checked_as_scan_checks_them():
-    assert [is_safe_task_id(t) for t in ("team/task-1", "a.b=c+d_e", "../x", "a/../b", "/abs", ".hidden", "a//b", "", None)] == \
-        [True, True, False, False, False, False, False, False, False]
-    assert [is_object_path(p) for p in ("versions/v000001/basis/shard-00000.safetensors", "versions/v000001/../../x", "versions/v1/x",
-                                        "/versions/v000001/x", "versions/v000001", "other/v000001/x")] == [True] + [False] * 5
+    assert [
+        is_safe_task_id(t) for t in ("team/task-1", "a.b=c+d_e", "../x", "a/../b", "/abs", ".hidden", "a//b", "", None)
+    ] == [True, True, False, False, False, False, False, False, False]
+    assert [
+        is_object_path(p)
+        for p in (
+            "versions/v000001/basis/shard-00000.safetensors",
+            "versions/v000001/../../x",
+            "versions/v1/x",
+            "/versions/v000001/x",
+            "versions/v000001",
+            "other/v000001/x",
+        )
+    ] == [True] + [False] * 5
     assert check_version_id("v000123") == "v000123"
     for bad in ("v123", "../v000001", "v000001/..", 7, None):
         with pytest.raises(Exception, match="is not a version id"):
@@ -291,8 +346,12 @@ def test_ids_and_paths_are_checked_as_scan_checks_them():
 
 def test_verify_fails_when_there_is_nothing_sound_to_verify(collection, s3_endpoint, tmp_path, capsys):
     endpoint = ["--endpoint-url", s3_endpoint]
-    for argv in (["verify", tmp_path / "nothing-here", "--all"], ["verify", tmp_path / "nothing-here"],
-                 ["verify", "s3://no-such-bucket/store", "--all", *endpoint], ["verify", "s3://no-such-bucket/store", *endpoint]):
+    for argv in (
+        ["verify", tmp_path / "nothing-here", "--all"],
+        ["verify", tmp_path / "nothing-here"],
+        ["verify", "s3://no-such-bucket/store", "--all", *endpoint],
+        ["verify", "s3://no-such-bucket/store", *endpoint],
+    ):
         capsys.readouterr()
         assert run_cli(*argv) == 1, argv
         err = capsys.readouterr().err.strip().splitlines()
@@ -330,7 +389,10 @@ def test_a_run_stopped_by_storage_says_where_its_version_is_and_the_next_run_res
     capsys.readouterr()
     assert run_cli("rebase", store, collection.root / "full") == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("lora-subspace: error: storage: ") and f"the unfinished v000002 stays at {store / 'versions/v000002'}" in line, line
+    assert (
+        line.startswith("lora-subspace: error: storage: ")
+        and f"the unfinished v000002 stays at {store / 'versions/v000002'}" in line
+    ), line
     assert (store / "versions/v000002/run.json").exists() and Store(Location(str(store))).current_version() == "v000001"
     (store / "versions/v000002/loadings.parquet").rmdir()
     assert run_cli("rebase", store, collection.root / "full") == 0
@@ -349,4 +411,7 @@ def test_manifests_without_the_fields_early_stores_lack_still_read(collection, t
     capsys.readouterr()
     assert run_cli("verify", store, "--all") == 0 and run_cli("versions", store) == 0
     assert "v000001" in capsys.readouterr().out
-    assert run_cli("rollback", store, "v000001") == 0 and run_cli("export", store, collection.ids[0], "--out", tmp_path / "out") == 0
+    assert (
+        run_cli("rollback", store, "v000001") == 0
+        and run_cli("export", store, collection.ids[0], "--out", tmp_path / "out") == 0
+    )

@@ -17,7 +17,6 @@ from pathlib import Path
 import boto3
 import psutil
 import pytest
-
 from conftest import _free_port, make_collection
 
 REPO = Path(__file__).parents[2]
@@ -30,15 +29,46 @@ def ray_head():
     """A Ray head in its own process group, with its dashboard (the job server) on loopback."""
     port, dashboard = _free_port(), _free_port()
     # Every port of its own: another Ray on this machine (this session's) holds the defaults.
-    agents = [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-                               "--metrics-export-port", "--ray-client-server-port") for arg in (flag, str(_free_port()))]
+    agents = [
+        arg
+        for flag in (
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+            "--ray-client-server-port",
+        )
+        for arg in (flag, str(_free_port()))
+    ]
     temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | NO_AUTH
     head = subprocess.Popen(
-        [*RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--disable-usage-stats", "--temp-dir", temp, *agents],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        [
+            *RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--disable-usage-stats",
+            "--temp-dir",
+            temp,
+            *agents,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
@@ -72,8 +102,22 @@ def _stop(head, temp):
 
 
 def _submit(url, job, config, *sets):
-    command = [*RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
-               sys.executable, "-m", f"jobs.{job}", "--config", str(config), *[a for s in sets for a in ("--set", s)]]
+    command = [
+        *RAY,
+        "job",
+        "submit",
+        "--address",
+        url,
+        "--working-dir",
+        str(REPO),
+        "--",
+        sys.executable,
+        "-m",
+        f"jobs.{job}",
+        "--config",
+        str(config),
+        *[a for s in sets for a in ("--set", s)],
+    ]
     deadline = time.time() + 120
     while True:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | NO_AUTH)
@@ -95,7 +139,10 @@ def test_submitted_jobs_compress_and_rebase_on_s3(ray_head, s3_endpoint, bucket,
 
     upload(ids[:8])
     config = tmp_path / "nightly.yaml"
-    config.write_text(f"source: s3://{bucket}/uploads/\nstore: s3://{bucket}/subspace/\nendpoint_url: {s3_endpoint}\nlog_format: json\n")
+    config.write_text(
+        f"source: s3://{bucket}/uploads/\nstore: s3://{bucket}/subspace/\nendpoint_url: {s3_endpoint}\n"
+        "log_format: json\n"
+    )
     status, line, output = _submit(ray_head, "compress", config, "components=4")
     assert status == 0 and line and line["status"] == "ok", output
     assert line["version"] == "v000001" and line["adapters"] == 8
@@ -148,7 +195,9 @@ def test_readme_dev_cluster_runs_the_documented_submission_and_stops_alone(runne
     import ray
 
     lines = _readme_block("make dev")
-    assert lines[1] == ". .dev/env" and lines[2].startswith(".venv/bin/ray job submit ") and lines[-1] == "make dev-stop"
+    assert (
+        lines[1] == ". .dev/env" and lines[2].startswith(".venv/bin/ray job submit ") and lines[-1] == "make dev-stop"
+    )
     state, s3_port, gcs_port, dashboard_port = tmp_path / "dev", _free_port(), _free_port(), _free_port()
 
     def documented(line):
@@ -158,14 +207,23 @@ def test_readme_dev_cluster_runs_the_documented_submission_and_stops_alone(runne
         return "make -s -o .venv/.installed dev" if line == "make dev" else line
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "LORA_SUBSPACE_"))} | {
-        "DEV_STATE": str(state), "DEV_S3_PORT": str(s3_port), "DEV_RAY_PORT": str(gcs_port),
+        "DEV_STATE": str(state),
+        "DEV_S3_PORT": str(s3_port),
+        "DEV_RAY_PORT": str(gcs_port),
         "DEV_DASHBOARD_PORT": str(dashboard_port),
     }
 
     def shell(lines):
         script = "set -e\n" + "\n".join(documented(line) for line in lines)
-        return subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=600, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            ["bash", "-c", script],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            stdin=subprocess.DEVNULL,
+        )
 
     # This session's own Ray (the runner fixture's), taken before the dev cluster exists.
     session = [p for p in psutil.Process().children(recursive=True) if p.name() in ("gcs_server", "raylet")]

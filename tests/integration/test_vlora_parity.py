@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import MINILM, make_collection, run_cli
 from safetensors.torch import load_file
 from vlora.io import load_adapter
 from vlora.subspace import SharedSubspace
 
-from conftest import MINILM, make_collection, run_cli
 from pipeline import peft_format
 
 

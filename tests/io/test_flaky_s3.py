@@ -7,9 +7,9 @@ import time
 import boto3
 import pytest
 import torch
-
 from conftest import make_collection, run_cli
 from faulty_proxy import FaultyProxy
+
 from pipeline.io.location import Location
 from pipeline.io.store import Store
 
@@ -43,11 +43,16 @@ def proxy_factory(s3_endpoint):
         proxy.close()
 
 
-def test_transient_faults_are_retried_and_the_result_is_unchanged(runner, s3_endpoint, bucket, tmp_path, proxy_factory, capsys):
+def test_transient_faults_are_retried_and_the_result_is_unchanged(
+    runner, s3_endpoint, bucket, tmp_path, proxy_factory, capsys
+):
     ids = make_collection(tmp_path / "src", 8)
     _upload(tmp_path / "src", s3_endpoint, bucket)
     source = f"s3://{bucket}/adapters/"
-    assert run_cli("compress", source, "--out", f"s3://{bucket}/clean", "--components", 4, "--endpoint-url", s3_endpoint) == 0
+    assert (
+        run_cli("compress", source, "--out", f"s3://{bucket}/clean", "--components", 4, "--endpoint-url", s3_endpoint)
+        == 0
+    )
 
     proxy = proxy_factory(period=4, slow_seconds=3)
     flaky = ["--endpoint-url", proxy.url]
@@ -64,7 +69,10 @@ def test_a_permanent_error_fails_fast_and_leaves_nothing(runner, s3_endpoint, bu
     proxy = proxy_factory(period=0, forbid_writes=True)
     capsys.readouterr()
     started = time.perf_counter()
-    assert run_cli("compress", f"s3://{bucket}/adapters/", "--out", f"s3://{bucket}/store", "--endpoint-url", proxy.url) == 1
+    assert (
+        run_cli("compress", f"s3://{bucket}/adapters/", "--out", f"s3://{bucket}/store", "--endpoint-url", proxy.url)
+        == 1
+    )
     assert time.perf_counter() - started < 30  # no retry storm on a 403
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lora-subspace: error: cannot write to store s3://") and "permission denied" in err[-1]

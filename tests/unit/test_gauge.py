@@ -12,8 +12,12 @@ def _collection(n=12, r=4, d_in=40, d_out=32, shared=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     u = torch.linalg.qr(torch.randn(d_out, shared, generator=g, dtype=torch.float64)).Q
     v = torch.linalg.qr(torch.randn(d_in, shared, generator=g, dtype=torch.float64)).Q
-    b = u @ torch.randn(n, shared, r, generator=g, dtype=torch.float64) + 0.01 * torch.randn(n, d_out, r, generator=g, dtype=torch.float64)
-    a = torch.randn(n, r, shared, generator=g, dtype=torch.float64) @ v.T + 0.01 * torch.randn(n, r, d_in, generator=g, dtype=torch.float64)
+    b = u @ torch.randn(n, shared, r, generator=g, dtype=torch.float64) + 0.01 * torch.randn(
+        n, d_out, r, generator=g, dtype=torch.float64
+    )
+    a = torch.randn(n, r, shared, generator=g, dtype=torch.float64) @ v.T + 0.01 * torch.randn(
+        n, r, d_in, generator=g, dtype=torch.float64
+    )
     return a, b
 
 

@@ -7,7 +7,11 @@ from pipeline.linalg.incremental import absorb, change_of_basis, truncate
 
 def _rows(n, d, rank, seed, noise=0.0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, rank, generator=gen) @ torch.randn(rank, d, generator=gen) + noise * torch.randn(n, d, generator=gen) + 0.5
+    return (
+        torch.randn(n, rank, generator=gen) @ torch.randn(rank, d, generator=gen)
+        + noise * torch.randn(n, d, generator=gen)
+        + 0.5
+    )
 
 
 @pytest.mark.parametrize("shape", [(12, 7, 300), (30, 25, 40)])  # D > N, and D < k + m + 1
@@ -41,8 +45,10 @@ def test_truncated_updates_stay_close_to_the_full_recompute():
     dec = centred_svd(rows[:40], k=6)
     for start in range(40, 200, 40):
         dec = absorb(dec, rows[start : start + 40], k=6)
+
     def error(d):
         return float(torch.linalg.norm(reconstruct(project(rows, d.components, d.mean), d.components, d.mean) - rows))
+
     assert error(dec) <= 1.01 * error(full)
 
 

@@ -48,10 +48,26 @@ def test_kubernetes_objects_are_well_formed():
 # rayjob_types.go): what a RayCronJob for the oldest operator that has it may use.
 RAYCRONJOB_SPEC = {"jobTemplate", "schedule", "suspend"}  # timeZone only from 1.7
 RAYJOB_SPEC = {
-    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata", "clusterSelector",
-    "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML", "jobId", "submissionMode",
-    "entrypointResources", "entrypointNumCpus", "entrypointNumGpus", "ttlSecondsAfterFinished",
-    "preRunningDeadlineSeconds", "shutdownAfterJobFinishes", "suspend",
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "rayClusterSpec",
+    "submitterPodTemplate",
+    "metadata",
+    "clusterSelector",
+    "submitterConfig",
+    "managedBy",
+    "deletionStrategy",
+    "entrypoint",
+    "runtimeEnvYAML",
+    "jobId",
+    "submissionMode",
+    "entrypointResources",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "ttlSecondsAfterFinished",
+    "preRunningDeadlineSeconds",
+    "shutdownAfterJobFinishes",
+    "suspend",
 }
 
 
@@ -67,11 +83,17 @@ def test_raycronjob_runs_the_nightly_rebase_on_the_shared_cluster():
     assert spec["schedule"] == cron["spec"]["schedule"]
     # The same run as the one-off RayJob, on the RayCluster: no cluster of its own per night.
     assert template["entrypoint"] == rayjob["spec"]["entrypoint"]
-    assert template["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]} and "rayClusterSpec" not in template
+    assert (
+        template["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+        and "rayClusterSpec" not in template
+    )
     # KubeRay refuses these with clusterSelector (utils/validation.go, ValidateRayJobSpec).
     assert not template.get("backoffLimit") and not template.get("shutdownAfterJobFinishes")
     for rule in template.get("deletionStrategy", {}).get("deletionRules", []):
-        assert rule["policy"] in {"DeleteSelf", "DeleteNone"} and rule["condition"]["jobStatus"] in {"SUCCEEDED", "FAILED"}
+        assert rule["policy"] in {"DeleteSelf", "DeleteNone"} and rule["condition"]["jobStatus"] in {
+            "SUCCEEDED",
+            "FAILED",
+        }
     # The file and the README name the versions and the feature gate.
     text, readme = path.read_text(), (ROOT / "README.md").read_text()
     assert "KubeRay >= 1.6" in text and "RayCronJob=true" in text

@@ -15,10 +15,33 @@ def test_a_config_with_overrides_becomes_the_cli_command(tmp_path):
     config = load("compress", path, ["components=16", "chunk_size=500", "adaptive=false"])
     assert config["components"] == 16 and config["chunk_size"] == 500
     assert to_argv("compress", config) == [
-        "compress", "s3://b/in/", "--out", "s3://b/store", "--components", "16", "--strict", "--chunk-size", "500", "--json"]
-    budgeted = load("compress", None, ["source=s3://b/in/", "store=s3://b/store", "ratio=10", "method=auto", "quantize=int8"])
+        "compress",
+        "s3://b/in/",
+        "--out",
+        "s3://b/store",
+        "--components",
+        "16",
+        "--strict",
+        "--chunk-size",
+        "500",
+        "--json",
+    ]
+    budgeted = load(
+        "compress", None, ["source=s3://b/in/", "store=s3://b/store", "ratio=10", "method=auto", "quantize=int8"]
+    )
     assert to_argv("compress", budgeted) == [
-        "compress", "s3://b/in/", "--out", "s3://b/store", "--ratio", "10", "--method", "auto", "--quantize", "int8", "--json"]
+        "compress",
+        "s3://b/in/",
+        "--out",
+        "s3://b/store",
+        "--ratio",
+        "10",
+        "--method",
+        "auto",
+        "--quantize",
+        "int8",
+        "--json",
+    ]
     rebase = load("rebase", None, ["source=s3://b/in/", "store=s3://b/store", "operation=project", "max_error=0.2"])
     assert to_argv("rebase", rebase) == ["project", "s3://b/store", "s3://b/in/", "--max-error", "0.2", "--json"]
 
@@ -47,8 +70,12 @@ def test_every_example_config_is_valid():
     from pathlib import Path
 
     configs = Path(__file__).parents[2] / "jobs" / "configs"
-    jobs = {"nightly-rebase.yaml": "rebase", "monthly-full-compress.yaml": "compress", "bulk-export.yaml": "export",
-            "benchmark.yaml": "benchmark"}
+    jobs = {
+        "nightly-rebase.yaml": "rebase",
+        "monthly-full-compress.yaml": "compress",
+        "bulk-export.yaml": "export",
+        "benchmark.yaml": "benchmark",
+    }
     assert sorted(p.name for p in configs.glob("*.yaml")) == sorted(jobs)
     for name, job in jobs.items():
         config = load(job, str(configs / name), [])

@@ -14,7 +14,9 @@ from pipeline.linalg.metrics import relative_product_error
 
 def _low_rank(n, d, rank, seed=0, noise=1e-3):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, rank, generator=gen) @ torch.randn(rank, d, generator=gen) + noise * torch.randn(n, d, generator=gen)
+    return torch.randn(n, rank, generator=gen) @ torch.randn(rank, d, generator=gen) + noise * torch.randn(
+        n, d, generator=gen
+    )
 
 
 @pytest.mark.parametrize("route", ["gram", "covariance", "svd", "randomized"])
@@ -36,12 +38,18 @@ def _spectra(n, d):
     one common init plus small drift (a mean 1000x the spread), a geometric spectrum, and the
     drift again around a mean 1e6x its spread (float32 means are then off by ~10% of the spread)."""
     gen = torch.Generator().manual_seed(3)
-    shared = 0.02 * torch.randn(n, 6, generator=gen) @ torch.randn(6, d, generator=gen) + 1e-3 * torch.randn(n, d, generator=gen)
-    same_init = torch.randn(d, generator=gen) + 1e-3 * torch.randn(n, 4, generator=gen) @ torch.randn(4, d, generator=gen)
+    shared = 0.02 * torch.randn(n, 6, generator=gen) @ torch.randn(6, d, generator=gen) + 1e-3 * torch.randn(
+        n, d, generator=gen
+    )
+    same_init = torch.randn(d, generator=gen) + 1e-3 * torch.randn(n, 4, generator=gen) @ torch.randn(
+        4, d, generator=gen
+    )
     same_init += 1e-5 * torch.randn(n, d, generator=gen)
     decay = torch.logspace(0, -4, 30)[:, None] * torch.randn(30, d, generator=gen)
     geometric = torch.randn(n, 30, generator=gen) @ decay
-    far_mean = 1e3 * torch.randn(d, generator=gen) + 1e-3 * torch.randn(n, 4, generator=gen) @ torch.randn(4, d, generator=gen)
+    far_mean = 1e3 * torch.randn(d, generator=gen) + 1e-3 * torch.randn(n, 4, generator=gen) @ torch.randn(
+        4, d, generator=gen
+    )
     return {"shared": shared, "same-init": same_init, "geometric": geometric, "far-mean": far_mean}
 
 
@@ -103,7 +111,9 @@ def _rounding_bounds(x, route, k):
     offset = float((g + f).norm())
     omega, omega_f = (1 + 2 * u2) * abs_norm + root_n * offset, (1 + 2 * u2) * fro + root_n * offset
     gamma_products = _gamma(n_b, U32) + 2 * _gamma(blocks, U64) + 2 * side * U64
-    eta = gamma_products * omega**2 + n_rows * offset**2 + eps_c * (2 * s1 + eps_c)  # the step refines X - mean in float64
+    eta = (
+        gamma_products * omega**2 + n_rows * offset**2 + eps_c * (2 * s1 + eps_c)
+    )  # the step refines X - mean in float64
     eps_p = _gamma(side + 1, U64) * (omega * m**0.5 + (m * n_rows) ** 0.5 * offset) + side * U64 * (s1 + eps_c)
     eps_h = (_gamma(other, U64) + m * U64) * (omega_f + eps_p * m**0.5) ** 2
 
@@ -191,7 +201,9 @@ def test_null_directions_are_dropped_and_reconstruction_is_exact_with_all_compon
     x = _low_rank(6, 100, rank=6, noise=0)
     dec = centred_svd(x, k=50)
     assert dec.components.shape == (5, 100)  # rank of the centred 6-row matrix
-    torch.testing.assert_close(reconstruct(project(x, dec.components, dec.mean), dec.components, dec.mean), x, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        reconstruct(project(x, dec.components, dec.mean), dec.components, dec.mean), x, atol=1e-4, rtol=0
+    )
 
 
 def test_product_error_equals_the_error_of_formed_products():
@@ -208,7 +220,9 @@ def test_product_error_stays_accurate_when_tiny():
     gen = torch.Generator().manual_seed(2)
     a, b = torch.randn(4, 8, 300, generator=gen), torch.randn(4, 200, 8, generator=gen)
     a_hat = a + 1e-6 * torch.randn(a.shape, generator=gen)
-    expected = torch.linalg.norm(b.double() @ (a.double() - a_hat.double()), dim=(1, 2)) / torch.linalg.norm(b.double() @ a.double(), dim=(1, 2))
+    expected = torch.linalg.norm(b.double() @ (a.double() - a_hat.double()), dim=(1, 2)) / torch.linalg.norm(
+        b.double() @ a.double(), dim=(1, 2)
+    )
     torch.testing.assert_close(relative_product_error(a, b, a_hat, b).double(), expected, rtol=1e-3, atol=0)
 
 
@@ -230,5 +244,7 @@ def test_drift_from_loadings_equals_the_drift_of_rebuilt_products():
 
     expected = torch.linalg.norm(rebuilt(old, *loadings[:2]) - rebuilt(new, *loadings[2:]), dim=(1, 2))
     old_basis = FactorBasis(*old, (r, d_in), (d_out, r))
-    torch.testing.assert_close(Drift(old_basis, FactorBasis(*new, (r, d_in), (d_out, r)))(*loadings), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        Drift(old_basis, FactorBasis(*new, (r, d_in), (d_out, r)))(*loadings), expected, rtol=1e-5, atol=0
+    )
     assert Drift(old_basis, old_basis)(*loadings[:2], *loadings[:2]).max() < 1e-5 * expected.min()  # no move, no drift

@@ -28,7 +28,10 @@ def test_a_module_over_budget_gets_a_shard_of_its_own():
     "key, parsed",
     [
         ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", ("model.layers.0.self_attn.q_proj", "A")),
-        ("base_model.model.encoder.layer.1.attention.self.value.lora_B.default.weight", ("encoder.layer.1.attention.self.value", "B")),
+        (
+            "base_model.model.encoder.layer.1.attention.self.value.lora_B.default.weight",
+            ("encoder.layer.1.attention.self.value", "B"),
+        ),
         ("model.layers.0.q_proj.lora_B.weight", ("model.layers.0.q_proj", "B")),
         ("base_model.model.classifier.weight", None),
         ("base_model.model.x.lora_A.bias", None),

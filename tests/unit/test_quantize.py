@@ -7,7 +7,9 @@ from pipeline.linalg import quantize
 
 
 def _basis(k: int, d: int) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(k * d), dtype=torch.float64)).Q.T.float()
+    return torch.linalg.qr(
+        torch.randn(d, k, generator=torch.Generator().manual_seed(k * d), dtype=torch.float64)
+    ).Q.T.float()
 
 
 @pytest.mark.parametrize("d", [64, 100, 3072])

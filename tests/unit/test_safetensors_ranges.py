@@ -47,8 +47,13 @@ def test_short_probe_asks_for_the_rest_of_a_long_header():
         (_raw({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8), "needs 12 bytes"),
         (_raw({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "bad shape"),
         (
-            _raw({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                  "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
+            _raw(
+                {
+                    "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+                },
+                b"\0" * 12,
+            ),
             "overlap",
         ),
     ],

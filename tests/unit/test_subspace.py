@@ -31,7 +31,9 @@ def _delta_w_errors(sub, originals: dict[str, Adapter], reconstruct=None) -> tor
         rebuilt = reconstruct(task_id)
         for m in adapter.layer_names:
             dw = adapter.lora_b[m] @ adapter.lora_a[m]
-            errors.append(torch.linalg.norm(dw - rebuilt.lora_b[m].float() @ rebuilt.lora_a[m].float()) / torch.linalg.norm(dw))
+            errors.append(
+                torch.linalg.norm(dw - rebuilt.lora_b[m].float() @ rebuilt.lora_a[m].float()) / torch.linalg.norm(dw)
+            )
     return torch.stack(errors)
 
 
@@ -57,9 +59,15 @@ def test_from_adapters_matches_vlora(collection, kwargs):
     assert mine.num_components == reference.num_components
     for m in mine.layer_names:
         for side in "ab":
-            mine_sv, their_sv = getattr(mine, f"singular_values_{side}")[m], getattr(reference, f"singular_values_{side}")[m]
+            mine_sv, their_sv = (
+                getattr(mine, f"singular_values_{side}")[m],
+                getattr(reference, f"singular_values_{side}")[m],
+            )
             torch.testing.assert_close(mine_sv, their_sv, rtol=1e-4, atol=1e-6)
-            assert _projector_distance(getattr(mine, f"components_{side}")[m], getattr(reference, f"components_{side}")[m]) < 1e-4
+            assert (
+                _projector_distance(getattr(mine, f"components_{side}")[m], getattr(reference, f"components_{side}")[m])
+                < 1e-4
+            )
             torch.testing.assert_close(getattr(mine, f"means_{side}")[m], getattr(reference, f"means_{side}")[m])
     _assert_same_reconstructions(mine, reference, ids)
 
@@ -73,7 +81,9 @@ def test_project_and_add_task_match_vlora_and_measure_the_error(collection):
         mine.add_task(projection)
         reference.add_task(reference.project(theirs_one, task_id))
         measured = _delta_w_errors(mine, {task_id: adapter})
-        assert torch.allclose(torch.tensor(list(projection.error.values()), dtype=torch.float32), measured, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(
+            torch.tensor(list(projection.error.values()), dtype=torch.float32), measured, rtol=1e-4, atol=1e-6
+        )
         assert projection.catalog["in_basis"] is False
     assert len(mine.tasks) == N and set(mine.tasks) == set(reference.tasks)
     _assert_same_reconstructions(mine, reference, ids)
@@ -176,12 +186,20 @@ def test_trainable_params_train_the_loadings_and_expansion_keeps_every_task(coll
     optimiser = torch.optim.SGD(list(expanded.values()), lr=0.5)
     for _ in range(20):
         optimiser.zero_grad()
-        loss = sum(((expanded[f"{mm}.loadings_a"] @ sub.components_a[mm] + sub.means_a[mm] - target.lora_a[mm].reshape(-1)) ** 2).sum()
-                   for mm in sub.layer_names)
+        loss = sum(
+            (
+                (expanded[f"{mm}.loadings_a"] @ sub.components_a[mm] + sub.means_a[mm] - target.lora_a[mm].reshape(-1))
+                ** 2
+            ).sum()
+            for mm in sub.layer_names
+        )
         loss.backward()
         optimiser.step()
-    trained = Projection(ids[0], {mm: expanded[f"{mm}.loadings_a"].detach() for mm in sub.layer_names},
-                         {mm: expanded[f"{mm}.loadings_b"].detach() for mm in sub.layer_names})
+    trained = Projection(
+        ids[0],
+        {mm: expanded[f"{mm}.loadings_a"].detach() for mm in sub.layer_names},
+        {mm: expanded[f"{mm}.loadings_b"].detach() for mm in sub.layer_names},
+    )
     sub.add_task(trained)
     moved = torch.linalg.norm(sub.reconstruct(ids[0]).lora_a[m] - target.lora_a[m])
     assert moved < torch.linalg.norm(before[ids[0]].lora_a[m] - target.lora_a[m])
@@ -207,7 +225,9 @@ def test_quantize_packs_the_components_and_reports_the_error_it_adds(collection,
         per_module = []
         for m in sub.layer_names:
             dw = ours[ids.index(t)].lora_b[m] @ ours[ids.index(t)].lora_a[m]
-            moved = torch.linalg.norm(before[t].lora_b[m] @ before[t].lora_a[m] - after.lora_b[m] @ after.lora_a[m]) / torch.linalg.norm(dw)
+            moved = torch.linalg.norm(
+                before[t].lora_b[m] @ before[t].lora_a[m] - after.lora_b[m] @ after.lora_a[m]
+            ) / torch.linalg.norm(dw)
             per_module.append(float(moved))
             expected = (old_errors[t][m] ** 2 + float(moved) ** 2) ** 0.5
             assert abs(sub.tasks[t].error[m] - expected) < 1e-4 * max(expected, 1)
@@ -231,11 +251,16 @@ def test_compression_stats_measure_the_original_files(collection, tmp_path_facto
     stats = sub.compression_stats()
     on_disk = sum(f.stat().st_size for t in ids for f in (root / t).iterdir())
     assert stats["original_bytes"] == on_disk
-    assert stats["num_tasks"] == N and stats["compression_ratio"] == pytest.approx(on_disk / stats["stored_bytes"]["total"])
+    assert stats["num_tasks"] == N and stats["compression_ratio"] == pytest.approx(
+        on_disk / stats["stored_bytes"]["total"]
+    )
     parts = stats["stored_bytes"]
     assert parts["total"] == sum(parts[k] for k in ("components", "means", "basis_other", "loadings", "metadata"))
-    assert parts["components"] == parts["float32_components"] == 4 * sum(
-        c.numel() for side in (sub.components_a, sub.components_b) for c in side.values())
+    assert (
+        parts["components"]
+        == parts["float32_components"]
+        == 4 * sum(c.numel() for side in (sub.components_a, sub.components_b) for c in side.values())
+    )
 
 
 def test_bad_adapters_are_refused_with_the_reason(collection):

@@ -18,7 +18,9 @@ def _factors(root, structure, n=12, **kwargs):
     out = []
     for folder in sorted((root / structure).iterdir()):
         weights = load_file(str(folder / peft_format.WEIGHTS_FILE))
-        out.append((weights[peft_format.weight_key(MODULE, "A")].float(), weights[peft_format.weight_key(MODULE, "B")].float()))
+        out.append(
+            (weights[peft_format.weight_key(MODULE, "A")].float(), weights[peft_format.weight_key(MODULE, "B")].float())
+        )
     return out
 
 
@@ -36,11 +38,13 @@ def test_gauge_changes_the_factors_but_not_delta_w(tmp_path):
     for (a, b), (ga, gb) in zip(shared, gauge):
         torch.testing.assert_close(gb @ ga, b @ a, atol=1e-5, rtol=1e-4)
         assert torch.linalg.norm(ga - a) > 0.5 * torch.linalg.norm(a)
+
     # The factors no longer share a low-dimensional structure: the top 6 components of lora_A
     # explain far less of the gauge collection than of the shared one.
     def explained(pairs):
         dec = centred_svd(torch.stack([a.reshape(-1) for a, _ in pairs]), k=6)
         return float((dec.singular_values.double() ** 2).sum() / dec.total_variance)
+
     assert explained(gauge) < 0.8 * explained(shared)
 
 
