@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+# The two commands of the README: `make demo` and `make test` (lint, then the tests). Both set up .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 # torch is installed before the project so that the build you choose stays (see README, "Install").
@@ -23,6 +23,8 @@ demo: setup
 	$(BIN)/python -m jobs.demo
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 # Local S3 API (moto, 127.0.0.1:9000) and Ray head (dashboard 127.0.0.1:8265) for development.

@@ -21,12 +21,15 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
 
 
 def parse_size(text: str) -> int:
-    """'512MiB', '2G', '1000000' -> bytes (powers of 1024)."""
-    match = _SIZE_RE.match(text)
+    """'512MiB', '2G', '1000000' -> bytes (powers of 1024); at least one byte."""
+    match = _SIZE_RE.match(str(text))
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB)")
     unit = (match[2] or "B").upper()[0]
-    return int(float(match[1]) * 1024 ** "BKMGT".index(unit))
+    size = int(float(match[1]) * 1024 ** "BKMGT".index(unit))
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return size
 
 
 def _fraction(text: str) -> float:

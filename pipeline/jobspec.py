@@ -9,6 +9,8 @@ matching `lora-subspace` command, so a job runs exactly what the CLI runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -180,7 +182,7 @@ def main(job: str, argv: list[str] | None = None) -> int:
     line: dict[str, Any] = {"job": job}
     try:
         config = load(job, args.config, args.set)
-        cli_args = cli.build_parser().parse_args(to_argv(job, config))
+        cli_args = _parse(to_argv(job, config))
         cli.configure_logging(False, cli_args.log_format)
         result = cli.COMMANDS[cli_args.command](cli_args)
         line.update(status="ok", **_summary(job, result))
@@ -196,6 +198,18 @@ def main(job: str, argv: list[str] | None = None) -> int:
     print(json.dumps(line, default=str))
     sys.stdout.flush()
     return 0 if line["status"] == "ok" else 1
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The CLI's parse of a job's arguments; a value the CLI refuses (e.g. memory_budget: 0) is a
+    PipelineError, so the job still prints its status line."""
+    message = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(message):
+            return cli.build_parser().parse_args(argv)
+    except SystemExit:
+        reason = message.getvalue().strip().splitlines()[-1:] or ["invalid arguments"]
+        raise PipelineError(f"config: {reason[0].partition('error: ')[2] or reason[0]}") from None
 
 
 def _store(config: dict) -> Store:

@@ -210,3 +210,13 @@ def test_messages_name_the_cli_options_and_joint_stores_read_as_info_does(runner
     assert run_cli("vlora-import", tmp_path / "vlora", flat) == 1
     err = capsys.readouterr().err
     assert "--replace" in err and "replace=True" not in err
+
+
+@pytest.mark.parametrize("option", ["--memory-budget", "--budget-bytes"])
+@pytest.mark.parametrize("value", ["0", "0.1", "0MiB"])
+def test_sizes_of_zero_bytes_are_usage_errors(option, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli("compress", MINILM, "--out", tmp_path / "store", option, value)
+    assert exit_.value.code == 2
+    assert "must be at least 1 byte" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from pipeline.errors import PipelineError
@@ -88,3 +90,12 @@ def test_the_benchmark_schema_and_defaults_name_the_same_keys():
     from pipeline.jobspec import JOBS
 
     assert set(JOBS["benchmark"]) == set(DEFAULTS)
+
+
+def test_a_value_the_cli_refuses_still_gives_the_status_line(tmp_path, capsys):
+    from pipeline.jobspec import main
+
+    overrides = ["--set", f"source={tmp_path}/src", "--set", f"store={tmp_path}/store", "--set", "memory_budget=0"]
+    assert main("rebase", overrides) == 1
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["status"] == "error" and "--memory-budget: must be at least 1 byte" in line["error"]
