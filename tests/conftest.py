@@ -171,3 +171,29 @@ def rebase_twice_at_once(source, store, runner) -> tuple[list[str], list[str]]:
     for thread in threads:
         thread.join()
     return [o for o in outcomes if o.startswith("v0")], [o for o in outcomes if not o.startswith("v0")]
+
+
+def kill_session(leader: int, timeout: float = 60.0) -> None:
+    """SIGKILL every process of the session `leader` started (start_new_session=True), until none
+    is left. A killed driver's embedded Ray starts each worker in a process group of its own, so
+    killing the driver's group leaves workers that finish their task and write after the driver
+    died; a test that goes on before they are gone races them."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.getsid(int(entry)) == leader:
+                        os.kill(int(entry), signal.SIGKILL)
+                        left.append(entry)
+                except (ProcessLookupError, PermissionError):
+                    continue
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of session {leader} outlived SIGKILL: {left}")
+        time.sleep(0.1)

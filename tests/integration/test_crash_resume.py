@@ -15,7 +15,7 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_collection, run_cli
+from conftest import kill_session, make_collection, run_cli
 
 from pipeline.io.location import Location
 from pipeline.io.store import Store, basis_file
@@ -95,10 +95,7 @@ def _killed(place, *args, failpoint):
         start_new_session=True,
     )
     _, err = driver.communicate(timeout=300)
-    try:
-        os.killpg(driver.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_session(driver.pid)  # the workers of its embedded Ray too: none may write after this
     assert driver.returncode == -signal.SIGKILL, err[-2000:]
 
 

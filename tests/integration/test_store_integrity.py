@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_collection, run_cli
+from conftest import kill_session, make_collection, run_cli
 
 from pipeline.io.location import Location
 from pipeline.io.store import Store, check_version_id, is_object_path, is_safe_task_id
@@ -109,10 +109,7 @@ def _kill(args, failpoint):
         command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     _, err = driver.communicate(timeout=300)
-    try:
-        os.killpg(driver.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_session(driver.pid)  # the workers of its embedded Ray too: none may write after this
     assert driver.returncode == -signal.SIGKILL, err[-2000:]
 
 
