@@ -310,8 +310,8 @@ def _ray(args, *locations: Location):
 
 
 def cmd_compress(args) -> dict:
+    from pipeline.config import ComponentRule
     from pipeline.stages.compress import compress
-    from pipeline.stages.compute import ComponentRule
     from pipeline.stages.version import Options
 
     if args.method == "aligned" and args.components is None:

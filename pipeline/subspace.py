@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.adapter import Adapter, as_adapter
+from pipeline.config import ComponentRule
 from pipeline.io.safetensors_ranges import DTYPES
 from pipeline.linalg import quantize as quant
 from pipeline.linalg.decompose import OVERSAMPLE, Decomposition, centred_svd, reconstruct
@@ -37,7 +38,6 @@ from pipeline.linalg.gauge import align_rows
 from pipeline.linalg.incremental import absorb, truncate
 from pipeline.linalg.loadings import Move, Shapes, factor_basis, project_factors
 from pipeline.linalg.metrics import pair_grams, rebuilt_inner
-from pipeline.stages.compute import ComponentRule
 from pipeline.stages.version import error_summary
 
 

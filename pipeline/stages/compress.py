@@ -13,8 +13,9 @@ import time
 
 from pipeline.errors import PipelineError
 from pipeline.io.adapters import AdapterRef, discover
+from pipeline.io.format import LOCK, POINTER
 from pipeline.io.location import Location, printable
-from pipeline.io.store import LOCK, POINTER, Store
+from pipeline.io.store import Store
 from pipeline.io.targets import holding_files
 from pipeline.progress import Progress
 from pipeline.runners import Runner

@@ -23,21 +23,26 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline import failpoints
+from pipeline.config import ComponentRule
 from pipeline.io.adapters import read_ranges
-from pipeline.io.location import Location
-from pipeline.io.safetensors_ranges import DTYPES, TensorInfo, decode
-from pipeline.io.store import (
+from pipeline.io.format import (
+    LOADINGS_KEYS,
+    LOADINGS_SCHEMA,
     FileEntry,
-    Store,
     basis_file,
     basis_tensors,
     done_file,
     encode_basis,
     joint_tensors,
+    loadings_matrix,
+    loadings_rows,
     read_decomposition,
     read_joint,
     staging_file,
 )
+from pipeline.io.location import Location
+from pipeline.io.safetensors_ranges import DTYPES, TensorInfo, decode
+from pipeline.io.store import Store
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg import quantize
 from pipeline.linalg.budget import FlatFit, JointFit, candidates, fit_joint_module, fit_within
@@ -51,42 +56,6 @@ from pipeline.stages.plan import Shard
 READ_BYTES = 64 << 20  # raw tensor bytes per cat_ranges call: bounds what reading holds at once
 
 Mode = Literal["fit", "absorb", "project"]
-
-LOADINGS_SCHEMA = pa.schema(
-    [
-        ("task_id", pa.string()),
-        ("module", pa.string()),
-        ("a", pa.list_(pa.float32())),
-        ("b", pa.list_(pa.float32())),
-        ("error", pa.float32()),
-        ("measured", pa.bool_()),
-        ("norm", pa.float32()),
-    ]
-)
-LOADINGS_KEYS = ["task_id", "module"]
-
-
-@dataclass(frozen=True)
-class ComponentRule:
-    """How many components each module keeps: an explicit count, or the fewest explaining
-    `variance_threshold` of the variance, per module (`adaptive`) or once for all (vlora's rule:
-    decided on the first module's lora_A, then used everywhere)."""
-
-    components: int | None = None
-    variance_threshold: float = 0.6
-    adaptive: bool = False
-
-    @property
-    def needs_first_module(self) -> bool:
-        return self.components is None and not self.adaptive
-
-    def limits(self, fixed_k: int | None) -> tuple[int | None, float | None]:
-        """(k, threshold) for one module side, given the collection-wide k if decided."""
-        if self.components is not None:
-            return self.components, None
-        if self.adaptive or fixed_k is None:
-            return None, self.variance_threshold
-        return fixed_k, None
 
 
 @dataclass
@@ -615,35 +584,6 @@ def _moved_parent_rows(store, task, parents, bases, skip: set[str]) -> Iterator[
                 loadings_rows(rows.column("task_id").to_pylist(), module, new_a, new_b, error, norm, measured=False)
             )
         yield from _sorted_rows(tables)
-
-
-def loadings_rows(task_ids, module, la, lb, error, norm, measured=True) -> pa.Table:
-    """Loadings table rows (LOADINGS_SCHEMA) of one module; `measured`: a bool, or one per row."""
-    return pa.table(
-        {
-            "task_id": pa.array(task_ids, pa.string()),
-            "module": pa.array([module] * len(task_ids), pa.string()),
-            "a": _lists(la),
-            "b": _lists(lb),
-            "error": pa.array(error.numpy().astype(np.float32)),
-            "measured": pa.array(np.full(len(task_ids), measured)),
-            "norm": pa.array(norm.numpy().astype(np.float32)),
-        }
-    )
-
-
-def _lists(values: torch.Tensor) -> pa.Array:
-    n, k = values.shape
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32) if k else np.zeros(n + 1, np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(values.numpy().astype(np.float32).reshape(-1)))
-
-
-def loadings_matrix(rows: pa.Table, column: str, width: int | None = None) -> torch.Tensor:
-    """(rows, k) float32 loadings of a column; `width` k when there may be no rows."""
-    values = rows.column(column).combine_chunks()
-    if width is None:
-        width = len(values[0]) if len(values) else 0
-    return torch.from_numpy(values.flatten().to_numpy().astype(np.float32).reshape(len(values), width))
 
 
 def _by_module(batch) -> Iterator[tuple[str, pa.Table]]:

@@ -20,15 +20,16 @@ import torch
 from pipeline.adapter import Adapter
 from pipeline.errors import PipelineError
 from pipeline.io.adapters import AdapterRef, discover
+from pipeline.io.format import LOADINGS, parameters_rule
 from pipeline.io.location import Location
-from pipeline.io.store import LOADINGS, Store
+from pipeline.io.store import Store
 from pipeline.linalg.budget import joint_floats
 from pipeline.linalg.gauge import canonical_factors, pad_rank
 from pipeline.linalg.metrics import relative_product_error
 from pipeline.runners import Runner
 from pipeline.stages.compress import compress
 from pipeline.stages.rebase import grow
-from pipeline.stages.version import Options, error_summary, parameters_rule
+from pipeline.stages.version import Options, error_summary
 
 
 def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.1, seed: int = 0) -> dict:

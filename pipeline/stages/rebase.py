@@ -15,12 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io.adapters import AdapterRef, FileStat, discover, list_adapter_files, weights_sha256
+from pipeline.io.format import CATALOG, parameters_rule
 from pipeline.io.location import Location
-from pipeline.io.store import CATALOG, Store
+from pipeline.io.store import Store
 from pipeline.peft_format import WEIGHTS_FILE
 from pipeline.runners import Runner
 from pipeline.stages.compress import chunks, scan
-from pipeline.stages.version import Change, Options, Summary, parameters_rule, write_version
+from pipeline.stages.version import Change, Options, Summary, write_version
 
 log = logging.getLogger(__name__)
 

@@ -14,28 +14,36 @@ import pyarrow as pa
 import torch
 
 from pipeline.errors import IntegrityError, PipelineError
-from pipeline.io.location import Location
-from pipeline.io.store import (
+from pipeline.io.format import (
     CATALOG,
+    CATALOG_SCHEMA,
     LOADINGS,
+    LOADINGS_KEYS,
     LOADINGS_ROW_GROUP,
+    LOADINGS_SCHEMA,
     REPORT,
-    Store,
     basis_file,
     basis_key,
     basis_tensors,
+    build_manifest,
     decode_basis,
     encode_basis,
     encode_manifest,
+    loadings_matrix,
+    loadings_rows,
+    module_entry,
+    parameters_rule,
     read_decomposition,
+    rule_parameters,
     version_path,
 )
+from pipeline.io.location import Location
+from pipeline.io.store import Store
 from pipeline.io.tables import write_tables
 from pipeline.linalg import quantize
-from pipeline.stages.compute import LOADINGS_KEYS, LOADINGS_SCHEMA, explained, loadings_matrix, loadings_rows
+from pipeline.stages.compute import explained
 from pipeline.stages.info import stored_bytes
 from pipeline.stages.plan import Shard
-from pipeline.stages.version import CATALOG_SCHEMA, manifest_fields, parameters_rule, rule_parameters
 from pipeline.subspace import ModuleBasis, Subspace, _Rows
 
 BASIS_OBJECT_BYTES = 256 << 20  # components per basis object: export and re-base read whole objects
@@ -93,17 +101,17 @@ def write(sub: Subspace, store: Store, version: str, parent: str | None, operati
         files[path] = store.write_object(version, basis_file(shard.name), encode_basis(tensors)).to_dict()
         for module in shard.modules:
             mb = sub.modules[module]
-            modules[module] = {
-                "basis": path,
-                "a_shape": list(mb.shapes[0]),
-                "b_shape": list(mb.shapes[1]),
-                "k_a": len(mb.a.singular_values),
-                "k_b": len(mb.b.singular_values),
-                "explained_variance_a": round(explained(mb.a), 6),
-                "explained_variance_b": round(explained(mb.b), 6),
-                "svd_route": mb.a.route,
-                "count": mb.a.count,
-            }
+            modules[module] = module_entry(
+                path,
+                mb.shapes[0],
+                mb.shapes[1],
+                len(mb.a.singular_values),
+                len(mb.b.singular_values),
+                explained(mb.a),
+                explained(mb.b),
+                mb.a.route,
+                mb.a.count,
+            )
     where = store.version_location(version)
     files[version_path(version, LOADINGS)] = write_tables(
         where, LOADINGS, _loadings_tables(sub), LOADINGS_SCHEMA, LOADINGS_ROW_GROUP
@@ -129,21 +137,23 @@ def write(sub: Subspace, store: Store, version: str, parent: str | None, operati
         version, REPORT, json.dumps(report, indent=1).encode()
     ).to_dict()
     first = sub._catalog[0] if sub._catalog else {}
-    return {
-        **manifest_fields(version, parent, operation),
-        "source": sub.source,
-        "parameters": rule_parameters(
+    return build_manifest(
+        version,
+        parent,
+        operation,
+        source=sub.source,
+        parameters=rule_parameters(
             sub.rule, sub.route, sub.quantization["scheme"] if sub.quantization else None, sub.method
         ),
-        "adapters": adapters,
-        "original_bytes": sum(r["weights_bytes"] + len((r["config_json"] or "").encode()) for r in sub._catalog),
-        "base_model": first.get("base_model"),
-        "dtype": first.get("dtype"),
-        "error": error,
-        "quantization": sub.quantization,
-        "modules": modules,
-        "files": files,
-    }
+        adapters=adapters,
+        original_bytes=sum(r["weights_bytes"] + len((r["config_json"] or "").encode()) for r in sub._catalog),
+        base_model=first.get("base_model"),
+        dtype=first.get("dtype"),
+        error=error,
+        quantization=sub.quantization,
+        modules=modules,
+        files=files,
+    )
 
 
 def load(uri: str, version: str | None = None, endpoint_url: str | None = None) -> Subspace:

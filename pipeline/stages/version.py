@@ -10,7 +10,6 @@ storage to storage in batches.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -21,60 +20,36 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import __version__, failpoints
+from pipeline import failpoints
+from pipeline.config import ComponentRule
 from pipeline.errors import PipelineError
-from pipeline.io.location import Location, printable, redact
-from pipeline.io.store import (
+from pipeline.io.format import (
     CATALOG,
-    FORMAT_VERSION,
+    CATALOG_SCHEMA,
     LOADINGS,
+    LOADINGS_KEYS,
     LOADINGS_ROW_GROUP,
+    LOADINGS_SCHEMA,
     REPORT,
-    LockLost,
-    Store,
-    WriterLock,
     basis_file,
+    build_manifest,
+    module_entry,
+    rule_parameters,
     staging_file,
     version_path,
 )
+from pipeline.io.location import Location, printable, redact
+from pipeline.io.lock import LockLost, WriterLock
+from pipeline.io.store import Store
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg.budget import FLOAT_BYTES, candidates, fits
 from pipeline.progress import Progress
 from pipeline.runners import Runner
-from pipeline.stages.compute import (
-    LOADINGS_KEYS,
-    LOADINGS_SCHEMA,
-    ComponentRule,
-    Mode,
-    Parent,
-    ShardResult,
-    ShardTask,
-    compute_shard,
-)
+from pipeline.stages.compute import Mode, Parent, ShardResult, ShardTask, compute_shard
 from pipeline.stages.plan import Shard, largest_shard_bytes, plan_shards
 from pipeline.stages.scan import ScannedAdapter
 
 log = logging.getLogger(__name__)
-
-CATALOG_SCHEMA = pa.schema(
-    [
-        ("task_id", pa.string()),
-        ("uri", pa.string()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("warnings", pa.list_(pa.string())),
-        ("weights_bytes", pa.int64()),
-        ("weights_tag", pa.string()),
-        ("rank", pa.int32()),
-        ("lora_alpha", pa.float64()),
-        ("use_rslora", pa.bool_()),
-        ("base_model", pa.string()),
-        ("dtype", pa.string()),
-        ("config_json", pa.string()),
-        ("in_basis", pa.bool_()),
-        ("weights_sha256", pa.string()),  # null on S3 and in catalogs written before it existed
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -480,20 +455,20 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
                 if r.file
                 else change.parent_manifest["modules"][m.module]["basis"]
             )
-            modules[m.module] = {
-                "basis": basis,
-                "a_shape": list(m.a_shape),
-                "b_shape": list(m.b_shape),
-                "k_a": m.k_a,
-                "k_b": m.k_b,
-                "explained_variance_a": round(m.explained_a, 6),
-                "explained_variance_b": round(m.explained_b, 6),
-                "svd_route": m.route,
-                "count": m.count,
-                "method": m.method,
+            modules[m.module] = module_entry(
+                basis,
+                m.a_shape,
+                m.b_shape,
+                m.k_a,
+                m.k_b,
+                m.explained_a,
+                m.explained_b,
+                m.route,
+                m.count,
+                method=m.method,
                 **({"width": m.width, "core_rank": m.core_rank} if m.method == "joint" else {}),
                 **({"budget": m.budget} if m.budget is not None else {}),
-            }
+            )
     if not all(r.file for r in results):  # shared with the parent: listed so prune keeps them
         for path in {e["basis"] for e in modules.values()} - set(files):
             files[path] = change.parent_manifest["files"][path]
@@ -535,26 +510,28 @@ def _assemble(change, good, results, source, store, version, options, seconds, l
     files[version_path(version, REPORT)] = store.write_object(
         version, REPORT, json.dumps(report, indent=1).encode()
     ).to_dict()
-    manifest = {
-        **manifest_fields(version, change.parent, change.operation),
-        "source": redact(source.uri) if source else (change.parent_manifest or {}).get("source"),
-        "parameters": {
+    manifest = build_manifest(
+        version,
+        change.parent,
+        change.operation,
+        source=redact(source.uri) if source else (change.parent_manifest or {}).get("source"),
+        parameters={
             **rule_parameters(options.rule, options.route, options.quantize, options.method),
             "ratio": options.ratio,
             "budget_bytes": options.budget_bytes,
         },
-        "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
-        "original_bytes": catalog.original_bytes,
-        "base_model": good[0].base_model if good else change.parent_manifest.get("base_model"),
-        "dtype": good[0].dtype if good else change.parent_manifest.get("dtype"),
-        "error": error,
+        adapters={"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
+        original_bytes=catalog.original_bytes,
+        base_model=good[0].base_model if good else change.parent_manifest.get("base_model"),
+        dtype=good[0].dtype if good else change.parent_manifest.get("dtype"),
+        error=error,
         # Quantized bases record how; the errors above were measured on what is stored.
-        "quantization": change.parent_manifest.get("quantization")
+        quantization=change.parent_manifest.get("quantization")
         if change.mode == "project"
         else ({"scheme": options.quantize, "added_error": None} if options.quantize else None),
-        "modules": modules,
-        "files": files,
-    }
+        modules=modules,
+        files=files,
+    )
     t1 = time.perf_counter()
     store.publish(version, manifest, lock)
     seconds["publish"] = time.perf_counter() - t1
@@ -609,35 +586,6 @@ def capacity_notes(manifest: dict, components: int | None) -> list[str]:
             "holds: keep fewer components (--components, --variance-threshold) or give a budget (--ratio)"
         )
     return notes
-
-
-def manifest_fields(version: str, parent: str | None, operation: str) -> dict:
-    """The fields every manifest starts with."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "version": version,
-        "parent": parent,
-        "operation": operation,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "tool": f"lora-subspace {__version__}",
-    }
-
-
-def rule_parameters(rule: ComponentRule, route: str, quantize: str | None, method: str = "flat") -> dict:
-    """Manifest `parameters`: what project and rebase reuse."""
-    return {
-        "components": rule.components,
-        "variance_threshold": None if rule.components is not None else rule.variance_threshold,
-        "adaptive": rule.adaptive,
-        "svd_route": route,
-        "quantize": quantize,
-        "method": method,
-    }
-
-
-def parameters_rule(parameters: dict) -> ComponentRule:
-    """The ComponentRule a manifest's `parameters` record."""
-    return ComponentRule(parameters["components"], parameters["variance_threshold"] or 0.6, parameters["adaptive"])
 
 
 def _conformed(batches, schema: pa.Schema):

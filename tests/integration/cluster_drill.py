@@ -32,11 +32,11 @@ def main(mode: str, source: str, store: str) -> int:
 
 
 def _compress(source: str, store: str):
+    from pipeline.config import ComponentRule
     from pipeline.io.location import Location
     from pipeline.io.store import Store
     from pipeline.runners.ray_runner import RayRunner
     from pipeline.stages.compress import compress
-    from pipeline.stages.compute import ComponentRule
     from pipeline.stages.version import Options
 
     runner = RayRunner()
