@@ -27,3 +27,19 @@ class ComponentRule:
         if self.adaptive or fixed_k is None:
             return None, self.variance_threshold
         return fixed_k, None
+
+
+@dataclass(frozen=True)
+class Options:
+    rule: ComponentRule = ComponentRule()
+    memory_budget: int = 1 << 30  # bytes of stacked factors per shard task
+    strict: bool = False
+    route: str = "auto"
+    max_error: float | None = None  # flag new adapters above this delta-W error
+    quantize: str | None = None  # int8 | nf4: bases stored packed (linalg.quantize)
+    # flat (vlora's) | aligned (one gauge first) | joint (shared U, V) | auto: flat, or with a budget the better
+    method: str = "auto"
+    ratio: float | None = (
+        None  # byte budget: bases and loadings (float32 values) at most the adapters' tensor bytes / ratio
+    )
+    budget_bytes: int | None = None  # byte budget given as bytes (turned into a ratio of the collection's)
