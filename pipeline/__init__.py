@@ -1,6 +1,7 @@
 """lora-subspace: compress collections of LoRA adapters into shared low-rank subspaces.
 
-The in-process API: `from pipeline import Subspace, Adapter` (docs/api.md).
+The in-process API: `from pipeline import Subspace, Adapter` (docs/api.md). Packages, lowest
+layer first (README "Layout"): linalg, io, flow, operations; the CLI, jobspec and the API on top.
 """
 
 __version__ = "0.1.0"

@@ -96,7 +96,7 @@ class Adapter:
     @classmethod
     def load(cls, uri: str, endpoint_url: str | None = None) -> Adapter:
         """A PEFT adapter folder (path, file:// or s3://), checked as compress checks it."""
-        from pipeline.stages.scan import scan_adapter
+        from pipeline.flow.scan import scan_adapter
 
         location = Location(uri, endpoint_url)
         scanned = scan_adapter(AdapterRef(location.root.rsplit("/", 1)[-1], location))
@@ -112,7 +112,7 @@ class Adapter:
 
     def save(self, uri: str, endpoint_url: str | None = None) -> None:
         """Write as a PEFT folder (weights, then config) that peft, vLLM, LoRAX and TGI load."""
-        from pipeline.stages.export import write_peft_folder
+        from pipeline.operations.export import write_peft_folder
 
         config = self.config_text or json.dumps(
             peft_format.minimal_config({m: a.shape[0] for m, a in self.lora_a.items()}, None), indent=2

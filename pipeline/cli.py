@@ -1,4 +1,4 @@
-"""`lora-subspace`: argument parsing and output. The work is done in pipeline.stages."""
+"""`lora-subspace`: argument parsing and output. The work is done in pipeline.operations."""
 
 from __future__ import annotations
 
@@ -310,9 +310,8 @@ def _ray(args, *locations: Location):
 
 
 def cmd_compress(args) -> dict:
-    from pipeline.stages.compress import compress
-    from pipeline.stages.compute import ComponentRule
-    from pipeline.stages.version import Options
+    from pipeline.config import ComponentRule, Options
+    from pipeline.operations.compress import compress
 
     if args.method == "aligned" and args.components is None:
         raise PipelineError("--method aligned needs --components (the rank of the structure the alignment looks for)")
@@ -372,8 +371,8 @@ def _print_summary(s: dict) -> None:
 
 
 def _grow(args, operation: str, **flags) -> dict:
-    from pipeline.stages.rebase import grow
-    from pipeline.stages.version import Options
+    from pipeline.config import Options
+    from pipeline.operations.grow import grow
 
     source, store = Location(args.source, args.endpoint_url), _store(args.store, args.endpoint_url)
     options = Options(memory_budget=args.memory_budget, strict=args.strict, max_error=getattr(args, "max_error", None))
@@ -411,7 +410,7 @@ def cmd_rebase(args) -> dict:
 
 
 def cmd_versions(args) -> dict:
-    from pipeline.stages.history import format_versions, version_listing
+    from pipeline.operations.history import format_versions, version_listing
 
     store = _store(args.store, args.endpoint_url)
     listing = version_listing(store)
@@ -427,7 +426,7 @@ def cmd_versions(args) -> dict:
 
 
 def cmd_verify(args) -> dict:
-    from pipeline.stages.verify import verify_store
+    from pipeline.operations.verify import verify_store
 
     store = _store(args.store, args.endpoint_url)
     reports = verify_store(store, args.version, args.all)
@@ -447,7 +446,7 @@ def cmd_verify(args) -> dict:
 
 
 def cmd_report(args) -> dict:
-    from pipeline.stages.report import write_report
+    from pipeline.operations.report import write_report
 
     store = _store(args.store, args.endpoint_url)
     out = Location(args.out, args.endpoint_url)
@@ -458,7 +457,7 @@ def cmd_report(args) -> dict:
 
 
 def cmd_rollback(args) -> dict:
-    from pipeline.stages.history import rollback
+    from pipeline.operations.history import rollback
 
     result = rollback(_store(args.store, args.endpoint_url), args.version)
     if not args.json:
@@ -470,7 +469,7 @@ def cmd_rollback(args) -> dict:
 
 
 def cmd_prune(args) -> dict:
-    from pipeline.stages.history import prune
+    from pipeline.operations.history import prune
 
     result = prune(_store(args.store, args.endpoint_url), args.keep)
     if not args.json:
@@ -482,7 +481,7 @@ def cmd_prune(args) -> dict:
 
 
 def cmd_info(args) -> dict:
-    from pipeline.stages.info import describe, format_info
+    from pipeline.operations.info import describe, format_info
 
     info = describe(_store(args.store, args.endpoint_url), args.version)
     if not args.json:
@@ -491,7 +490,7 @@ def cmd_info(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from pipeline.stages.export import export_batch, plan_export
+    from pipeline.operations.export import export_batch, plan_export
 
     if bool(args.all) == bool(args.task_ids):
         raise PipelineError("export needs TASK_IDs or --all (not both)")
@@ -510,21 +509,21 @@ def cmd_export(args) -> dict:
 
 
 def cmd_quantize(args) -> dict:
-    from pipeline.stages import snapshot
-    from pipeline.stages.info import version_bytes
+    from pipeline.operations.info import version_bytes
+    from pipeline.subspace import Subspace
 
     store = _store(args.store, args.endpoint_url)
     _refuse_joint(
         store, None, "quantize packs flat bases only", "compress the collection again with --quantize int8 or nf4"
     )
-    sub = snapshot.load(args.store, None, args.endpoint_url)
+    sub = Subspace.load(args.store, None, args.endpoint_url)
     try:
         sub.quantize(args.bits)
     except ValueError as exc:
         raise PipelineError(f"{sub.origin[0]} {sub.origin[1]}: {exc}") from None
     # The next version of the one loaded: if another writer published meanwhile, nothing is written.
     loaded = sub.origin[1]
-    version = snapshot.save(sub, args.store, args.endpoint_url, operation="quantize")
+    version = sub._save(args.store, args.endpoint_url, False, operation="quantize")
     before, after = version_bytes(store, loaded), version_bytes(store, version)  # measured on the store
     result = {"version": version, "quantization": sub.quantization, "bytes_before": before, "bytes_after": after}
     if not args.json:
@@ -547,7 +546,6 @@ def _refuse_joint(store, version: str | None, why: str, instead: str) -> None:
 
 
 def cmd_vlora_import(args) -> dict:
-    from pipeline.stages import snapshot
     from pipeline.vlora_format import read_vlora
 
     store = _store(args.store, args.endpoint_url)
@@ -558,7 +556,7 @@ def cmd_vlora_import(args) -> dict:
             "imported subspace as its next version (earlier versions stay, for rollback)"
         )
     sub = read_vlora(args.folder, args.endpoint_url)
-    version = snapshot.save(sub, args.store, args.endpoint_url, replace=args.replace, operation="vlora-import")
+    version = sub._save(args.store, args.endpoint_url, args.replace, operation="vlora-import")
     if not args.json:
         print(
             f"{version} (vlora-import) published to {_store(args.store, args.endpoint_url)}: "
@@ -568,7 +566,7 @@ def cmd_vlora_import(args) -> dict:
 
 
 def cmd_vlora_export(args) -> dict:
-    from pipeline.stages import snapshot
+    from pipeline.subspace import Subspace
     from pipeline.vlora_format import check_folder, write_vlora
 
     check_folder(args.folder, args.endpoint_url, args.overwrite)  # before loading the version
@@ -578,7 +576,7 @@ def cmd_vlora_export(args) -> dict:
         "vlora's layout holds flat bases only",
         "export its adapters as PEFT folders with `lora-subspace export --all`",
     )
-    sub = snapshot.load(args.store, args.version, args.endpoint_url)
+    sub = Subspace.load(args.store, args.version, args.endpoint_url)
     written = write_vlora(sub, args.folder, args.endpoint_url, args.overwrite)
     if not args.json:
         print(
@@ -589,7 +587,7 @@ def cmd_vlora_export(args) -> dict:
 
 
 def cmd_evaluate(args) -> dict:
-    from pipeline.stages.evaluate import evaluate, format_evaluation
+    from pipeline.operations.evaluate import evaluate, format_evaluation
 
     store, source = _store(args.store, args.endpoint_url), Location(args.source, args.endpoint_url)
     result = evaluate(store, source, _ray(args, store.location, source), args.holdout, args.seed)

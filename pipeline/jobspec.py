@@ -189,7 +189,7 @@ def main(job: str, argv: list[str] | None = None) -> int:
         if job != "export" and line.get("version") and config.get("report", True):
             line["report"] = _write_report(config, line["version"])
         if job == "rebase" and config.get("prune_keep"):
-            from pipeline.stages.history import prune
+            from pipeline.operations.history import prune
 
             line["pruned"] = prune(_store(config), config["prune_keep"])["removed"]
     except Exception as exc:  # noqa: BLE001 - whatever failed, the scheduler gets its status line
@@ -217,7 +217,7 @@ def _store(config: dict) -> Store:
 
 
 def _write_report(config: dict, version: str) -> str:
-    from pipeline.stages.report import write_report
+    from pipeline.operations.report import write_report
 
     store = _store(config)
     out = store.location.child("reports", f"{version}.html")

@@ -30,15 +30,17 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.adapter import Adapter, as_adapter
+from pipeline.config import ComponentRule
 from pipeline.io.safetensors_ranges import DTYPES
 from pipeline.linalg import quantize as quant
 from pipeline.linalg.decompose import OVERSAMPLE, Decomposition, centred_svd, reconstruct
 from pipeline.linalg.gauge import align_rows
 from pipeline.linalg.incremental import absorb, truncate
 from pipeline.linalg.loadings import Move, Shapes, factor_basis, project_factors
-from pipeline.linalg.metrics import pair_grams, rebuilt_inner
-from pipeline.stages.compute import ComponentRule
-from pipeline.stages.version import error_summary
+from pipeline.linalg.metrics import error_summary, pair_grams, rebuilt_inner
+from pipeline.operations import snapshot
+from pipeline.operations.snapshot import ModuleBasis
+from pipeline.operations.snapshot import Rows as _Rows
 
 
 @dataclass
@@ -53,50 +55,6 @@ class Projection:
     error: dict[str, float] = field(default_factory=dict)
     norm: dict[str, float] = field(default_factory=dict)
     catalog: dict = field(default_factory=dict)
-
-
-@dataclass
-class ModuleBasis:
-    """One module's bases for lora_A and lora_B; `packed`: quantized components per side, as stored."""
-
-    a: Decomposition
-    b: Decomposition
-    shapes: Shapes
-    packed: dict[str, dict[str, torch.Tensor]] | None = None
-
-    def side(self, side: str) -> Decomposition:
-        return self.a if side == "A" else self.b
-
-
-@dataclass
-class _Rows:
-    """Every task's rows of one module: loadings on A and B, error (float64), norm (float64) and
-    whether the error was measured from the adapter's factors."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-    error: torch.Tensor
-    norm: torch.Tensor
-    measured: torch.Tensor
-
-    @classmethod
-    def empty(cls, k_a: int, k_b: int) -> _Rows:
-        return cls(
-            torch.zeros(0, k_a),
-            torch.zeros(0, k_b),
-            torch.zeros(0, dtype=torch.float64),
-            torch.zeros(0, dtype=torch.float64),
-            torch.zeros(0, dtype=torch.bool),
-        )
-
-    def columns(self) -> tuple[torch.Tensor, ...]:
-        return self.a, self.b, self.error, self.norm, self.measured
-
-    def cat(self, other: _Rows) -> _Rows:
-        return _Rows(*(torch.cat([x, y.to(x.device, x.dtype)]) for x, y in zip(self.columns(), other.columns())))
-
-    def take(self, index: torch.Tensor) -> _Rows:
-        return _Rows(*(x[index.to(x.device)] for x in self.columns()))
 
 
 _DEFAULT_RULE = ComponentRule()  # vlora's rule: k from the variance threshold, decided on the first module's lora_A
@@ -361,10 +319,8 @@ class Subspace:
         """Measured bytes: what `save` writes (basis components and other basis fields, means,
         loadings, metadata: catalog, manifest, report), encoded in memory, against the original
         adapters' bytes (their weights files and configs). vlora's parameter counts are kept."""
-        from pipeline.stages.snapshot import measure
-
         self._flush()
-        stored = measure(self)
+        stored = snapshot.measure(self._snapshot())
         original = sum(row["weights_bytes"] + len((row["config_json"] or "").encode()) for row in self._catalog)
         n = len(self.task_ids)
         params_original = sum(n * (mb.a.mean.numel() + mb.b.mean.numel()) for mb in self.modules.values())
@@ -428,17 +384,22 @@ class Subspace:
         """Publish the subspace as a new version of the store at uri (path, file:// or s3://) and
         return its id. The store's current version must be the one this subspace was loaded from
         (or the store empty), unless `replace`: nothing another writer published is overwritten."""
-        from pipeline.stages.snapshot import save
-
-        self._flush()
-        return save(self, uri, endpoint_url, replace)
+        return self._save(uri, endpoint_url, replace)
 
     @classmethod
     def load(cls, uri: str, version: str | None = None, endpoint_url: str | None = None) -> Subspace:
         """A store version (default: the current one), every object checked against its manifest."""
-        from pipeline.stages.snapshot import load
-
-        return load(uri, version, endpoint_url)
+        snap = snapshot.load(uri, version, endpoint_url)
+        sub = cls(snap.modules, snap.rule, snap.route)
+        sub._add(snap.task_ids, snap.rows, snap.catalog)
+        sub.quarantined, sub.quantization, sub.source, sub.origin = (
+            snap.quarantined,
+            snap.quantization,
+            snap.source,
+            snap.origin,
+        )
+        sub.method = snap.method
+        return sub
 
     def __repr__(self) -> str:
         q = f", {self.quantization['scheme']}" if self.quantization else ""
@@ -448,6 +409,31 @@ class Subspace:
         )
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _save(self, uri: str, endpoint_url: str | None, replace: bool, operation: str = "save") -> str:
+        """save, recording `operation` in the manifest (the CLI's quantize and vlora-import)."""
+        snap = self._snapshot()
+        version = snapshot.save(snap, uri, endpoint_url, replace, operation)
+        self.origin = snap.origin
+        return version
+
+    def _snapshot(self) -> snapshot.Snapshot:
+        """What a store version holds of this subspace (the rows as they are, not copied)."""
+        self._flush()
+        return snapshot.Snapshot(
+            self.modules,
+            self._rows,
+            self.task_ids,
+            self._catalog,
+            self.quarantined,
+            self.rule,
+            self.route,
+            self.method,
+            self.quantization,
+            self.source,
+            self.origin,
+            self.error_summary(),
+        )
 
     def _row(self, task_id: str) -> int:
         self._flush()

@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from pipeline.config import ComponentRule
 from pipeline.errors import AdapterError, PipelineError
+from pipeline.flow.scan import check_task_id
+from pipeline.io.format import is_safe_task_id
 from pipeline.io.location import Location
-from pipeline.io.store import is_safe_task_id
 from pipeline.io.targets import holding_files
 from pipeline.linalg.decompose import Decomposition
-from pipeline.stages.compute import ComponentRule
-from pipeline.stages.scan import check_task_id
 from pipeline.subspace import ModuleBasis, Projection, Subspace
 
 META = "subspace_meta.json"

@@ -150,10 +150,10 @@ def rebase_twice_at_once(source, store, runner) -> tuple[list[str], list[str]]:
     """Two `rebase` runs started together from two threads: (versions published, refusals)."""
     import threading
 
+    from pipeline.config import Options
     from pipeline.errors import PipelineError
     from pipeline.io.store import Store
-    from pipeline.stages.rebase import grow
-    from pipeline.stages.version import Options
+    from pipeline.operations.grow import grow
 
     outcomes, start = [], threading.Barrier(2)
 

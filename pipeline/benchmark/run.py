@@ -32,8 +32,9 @@ from pipeline.benchmark import methods
 from pipeline.benchmark.floors import math_floor, read_floor
 from pipeline.benchmark.peaks import Run, run_with_peaks
 from pipeline.errors import PipelineError
+from pipeline.io.format import REPORT
 from pipeline.io.location import Location
-from pipeline.io.store import REPORT, Store
+from pipeline.io.store import Store
 from pipeline.peft_format import WEIGHTS_FILE
 from pipeline.synthetic import PRESETS, STRUCTURES, generate
 

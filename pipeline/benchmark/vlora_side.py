@@ -18,8 +18,7 @@ import torch
 from vlora.io import load_adapter
 from vlora.subspace import SharedSubspace
 
-from pipeline.linalg.metrics import relative_product_error
-from pipeline.stages.version import error_summary
+from pipeline.linalg.metrics import error_summary, relative_product_error
 
 
 def main(argv: list[str]) -> None:

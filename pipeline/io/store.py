@@ -1,29 +1,16 @@
-"""The versioned store: layout, manifests, the LATEST pointer, and reads that fetch only what a
-caller needs. Format described in docs/store-format.md.
-
-    STORE/LATEST                                  {"version": ..., "format_version": ...}, written last
-    STORE/LOCK                                    held by the one writer at work (created if absent)
-    STORE/versions/<v>/manifest.json              parameters, modules, files with sizes and sha256
-    STORE/versions/<v>/basis/shard-NNNNN.safetensors
-    STORE/versions/<v>/loadings.parquet           one row per (task_id, module), sorted by task_id
-    STORE/versions/<v>/catalog.parquet            one row per adapter, quarantined ones too
-    STORE/versions/<v>/report.json
+"""The versioned store: the Store class over one store's objects (docs/store-format.md, whose
+names, codecs and checks are in pipeline.io.format): the LATEST pointer, versions and what each
+is (survey), publishing, cleanup, and reads that fetch only what a caller needs. The writer lock
+is pipeline.io.lock.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import getpass
 import hashlib
 import json
 import logging
-import os
-import re
-import socket
 import struct
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -32,44 +19,31 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from pipeline import failpoints
 from pipeline.errors import IntegrityError, PipelineError
+from pipeline.io.format import (
+    CATALOG,
+    FORMAT_VERSION,
+    MANIFEST,
+    POINTER,
+    RUN,
+    VERSION_RE,
+    FileEntry,
+    check_bytes,
+    check_version_id,
+    decode_basis,
+    done_file,
+    encode_manifest,
+    manifest_problems,
+    pointer_record,
+    safe_task_id,
+    unsafe_task_ids,
+)
 from pipeline.io.location import Location, redact, storage_error
-from pipeline.linalg import quantize
-from pipeline.linalg.decompose import Decomposition
-from pipeline.linalg.gauge import JointBasis
+from pipeline.io.lock import LOCK_TTL, WriterLock
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-LOCK_TTL = 600.0  # seconds without a heartbeat after which a lock is stale
-POINTER = "LATEST"
-LOCK = "LOCK"
-RUN = "run.json"  # present while the run that writes a version has not published it
-MANIFEST = "manifest.json"
-LOADINGS = "loadings.parquet"
-CATALOG = "catalog.parquet"
-REPORT = "report.json"
-LOADINGS_ROW_GROUP = 8192
-_VERSION_RE = re.compile(r"^v(\d{6})$")
-# A task id, and each part of an object path below a version folder: what scan accepts on the way
-# in (no part starts with '.', so '..' never passes). RE2 syntax too, for pyarrow.compute.
-_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._=+-]*"
-SAFE_TASK_ID = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
-_OBJECT_PATH_RE = re.compile(rf"^versions/v\d{{6}}(/{_SEGMENT})+$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    bytes: int
-    sha256: str
-
-    def to_dict(self) -> dict:
-        return {"bytes": self.bytes, "sha256": self.sha256}
-
 
 # What a version folder is (Store.survey).
 PUBLISHED = "published"  # a sound manifest, and no run record or LATEST names it
@@ -99,213 +73,6 @@ class Survey:
 
     def state(self, version: str) -> VersionState | None:
         return next((s for s in self.versions if s.version == version), None)
-
-
-def basis_file(shard: str) -> str:
-    return f"basis/{shard}.safetensors"
-
-
-def staging_file(shard: str) -> str:
-    return f"staging/loadings-{shard}.parquet"
-
-
-def done_file(shard: str) -> str:
-    """Written by a shard task after its basis object and staged loadings: the shard is finished."""
-    return f"staging/{shard}.json"
-
-
-def version_path(version: str, name: str) -> str:
-    """A version's object as a path relative to the store root, as manifests list files."""
-    return f"versions/{version}/{name}"
-
-
-def basis_key(module: str, side: str, field: str) -> str:
-    return f"{module}.{side}.{field}"
-
-
-def check_bytes(data: bytes, expected: dict, name: str) -> None:
-    if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-        raise IntegrityError(
-            f"{redact(name)} does not match its manifest checksum: the object is corrupt or was replaced"
-        )
-
-
-# -- a store's own metadata is input: ids and paths are checked wherever they are read -------------
-
-
-def is_safe_task_id(task_id: object) -> bool:
-    """A task id as scan accepts it: relative, parts of letters, digits and ._=+-, none starting with '.'."""
-    return isinstance(task_id, str) and SAFE_TASK_ID.match(task_id) is not None
-
-
-def safe_task_id(task_id: object, where: str) -> str:
-    """`task_id` read from `where` (a store object), or IntegrityError: used as a path by export."""
-    if not is_safe_task_id(task_id):
-        raise IntegrityError(
-            f"{where} holds task id {task_id!r}, which is not a safe relative path (letters, digits, ._=+- and /)"
-        )
-    return task_id
-
-
-def unsafe_task_ids(column) -> list:
-    """The values of a task_id column (pyarrow) that are not safe task ids (nulls too), in order."""
-    bad = pc.invert(pc.fill_null(pc.match_substring_regex(column, SAFE_TASK_ID.pattern), False))
-    return pc.filter(column, bad).to_pylist()
-
-
-def check_version_id(version: object, where: str | None = None) -> str:
-    """A version id (v + 6 digits); anything else (`../x`, a path into another store) is refused:
-    IntegrityError naming `where` when read from a store, PipelineError when the user typed it."""
-    if isinstance(version, str) and _VERSION_RE.match(version):
-        return version
-    if where is None:
-        raise PipelineError(f"{version!r} is not a version id (v and 6 digits, e.g. v000001)")
-    raise IntegrityError(f"{where}: {version!r} is not a version id (v and 6 digits)")
-
-
-def is_object_path(path: object) -> bool:
-    """A manifest's file path: `versions/vNNNNNN/...`, relative, no empty, '.' or '..' parts."""
-    return isinstance(path, str) and _OBJECT_PATH_RE.match(path) is not None
-
-
-def manifest_problems(manifest: object, version: str) -> list[str]:
-    """What makes a parsed manifest unusable: every field a reader relies on, with its type (fields
-    that early format-1 manifests lack, `operation`, `adapters.in_basis` and a module's `count`,
-    only when present); every file path a store path; every module's basis one of the files.
-    Empty when it is sound."""
-    if not isinstance(manifest, dict):
-        return [f"not a JSON object ({type(manifest).__name__})"]
-    problems = []
-
-    def need(container: dict, key: str, kinds, label: str, optional: bool = False) -> bool:
-        if optional and key not in container:
-            return False
-        value = container.get(key)
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            problems.append(f"{label} is {'missing' if key not in container else type(value).__name__}")
-            return False
-        return True
-
-    if need(manifest, "format_version", int, "format_version") and manifest["format_version"] > FORMAT_VERSION:
-        problems.append(f"format_version {manifest['format_version']}: this lora-subspace reads up to {FORMAT_VERSION}")
-    if manifest.get("version") != version:
-        problems.append(f"version is {manifest.get('version')!r}, not {version!r}")
-    parent = manifest.get("parent")
-    if "parent" not in manifest:
-        problems.append("parent is missing")
-    elif parent is not None and not (isinstance(parent, str) and _VERSION_RE.match(parent)):
-        problems.append(f"parent {parent!r} is not a version id")
-    need(manifest, "created", str, "created")
-    need(manifest, "operation", str, "operation", optional=True)
-    need(manifest, "original_bytes", int, "original_bytes")
-    need(manifest, "parameters", dict, "parameters")
-    if need(manifest, "adapters", dict, "adapters"):
-        for key in ("ok", "quarantined", "in_basis"):
-            need(manifest["adapters"], key, int, f"adapters.{key}", optional=key == "in_basis")
-    files = manifest.get("files")
-    if need(manifest, "files", dict, "files"):
-        for path, entry in files.items():
-            if not is_object_path(path):
-                problems.append(f"file {path!r} is not a store path (versions/vNNNNNN/..., no '..')")
-            elif not (
-                isinstance(entry, dict)
-                and isinstance(entry.get("bytes"), int)
-                and entry["bytes"] >= 0
-                and isinstance(entry.get("sha256"), str)
-                and _SHA256_RE.match(entry["sha256"])
-            ):
-                problems.append(f"file {path!r}: entry is not {{bytes, sha256}}")
-    if need(manifest, "modules", dict, "modules"):
-        for module, entry in manifest["modules"].items():
-            label = f"module {module!r}"
-            if not isinstance(entry, dict):
-                problems.append(f"{label} is {type(entry).__name__}")
-                continue
-            if isinstance(files, dict) and entry.get("basis") not in files:
-                problems.append(f"{label}: basis {entry.get('basis')!r} is not one of the files")
-            for key in ("a_shape", "b_shape"):
-                shape = entry.get(key)
-                if not (
-                    isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)
-                ):
-                    problems.append(f"{label}: {key} is {shape!r}")
-            for key in ("k_a", "k_b", "count") + (("width", "core_rank") if entry.get("method") == "joint" else ()):
-                need(entry, key, int, f"{label}.{key}", optional=key == "count")
-            for key in ("explained_variance_a", "explained_variance_b"):
-                need(entry, key, (int, float), f"{label}.{key}")
-            need(entry, "svd_route", str, f"{label}.svd_route")
-    return problems
-
-
-def encode_manifest(manifest: dict) -> bytes:
-    return json.dumps(manifest, indent=1, sort_keys=True).encode()
-
-
-def encode_basis(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save_safetensors(
-        {k: v.contiguous() for k, v in tensors.items()}, metadata={"format_version": str(FORMAT_VERSION)}
-    )
-
-
-def basis_tensors(
-    module: str, side: str, dec: Decomposition, packed: dict[str, torch.Tensor] | None = None
-) -> dict[str, torch.Tensor]:
-    """One module side's entries of a basis object; `packed`: its components as quantize.encode
-    stored them (`M.S.components.int8` ...), in place of float32 components."""
-    fields = {
-        "singular_values": dec.singular_values,
-        "mean": dec.mean,
-        "total_variance": torch.tensor([dec.total_variance], dtype=torch.float64),
-        "count": torch.tensor([dec.count], dtype=torch.int64),
-    }
-    if packed is None:
-        fields["components"] = dec.components
-    else:
-        fields.update({f"components.{name}": value for name, value in packed.items()})
-    return {basis_key(module, side, name): value.detach().to("cpu") for name, value in fields.items()}
-
-
-def decode_basis(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A basis object's tensors with packed components decoded to float32 `M.S.components`."""
-    decoded, packed = {}, {}
-    for key, value in tensors.items():
-        head, _, tail = key.rpartition(".components.")
-        if head and tail in quantize.FIELDS:
-            packed.setdefault(head, {})[tail] = value
-        else:
-            decoded[key] = value
-    for head, fields in packed.items():
-        decoded[f"{head}.components"] = quantize.decode(fields, tensors[f"{head}.mean"].shape[0])
-    return decoded
-
-
-def joint_tensors(module: str, basis: JointBasis, count: int) -> dict[str, torch.Tensor]:
-    """A joint module's entries of a basis object: U (d_out, c), V (d_in, c), adapters seen."""
-    return {
-        basis_key(module, "joint", "u"): basis.u.detach().to("cpu", torch.float32),
-        basis_key(module, "joint", "v"): basis.v.detach().to("cpu", torch.float32),
-        basis_key(module, "joint", "count"): torch.tensor([count], dtype=torch.int64),
-    }
-
-
-def read_joint(tensors: dict[str, torch.Tensor], module: str) -> JointBasis | None:
-    """A module's joint bases from a decoded basis object; None for a flat module."""
-    u = tensors.get(basis_key(module, "joint", "u"))
-    if u is None:
-        return None
-    return JointBasis(u, tensors[basis_key(module, "joint", "v")], 0.0, 0.0, 0)
-
-
-def read_decomposition(tensors: dict[str, torch.Tensor], module: str, side: str) -> Decomposition:
-    """A module side's Decomposition from a decoded basis object."""
-    return Decomposition(
-        tensors[basis_key(module, side, "components")],
-        tensors[basis_key(module, side, "singular_values")],
-        tensors[basis_key(module, side, "mean")],
-        float(tensors[basis_key(module, side, "total_variance")]),
-        "stored",
-        int(tensors[basis_key(module, side, "count")]),
-    )
 
 
 class Store:
@@ -377,7 +144,7 @@ class Store:
             ]
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if _VERSION_RE.match(n))
+        return sorted(n for n in names if VERSION_RE.match(n))
 
     def survey(self) -> Survey:
         """Every version folder and what it is, with the pointer: readers' and cleanup's one view.
@@ -539,13 +306,12 @@ class Store:
             pass
 
     def set_pointer(self, version: str) -> None:
-        pointer = {"version": version, "format_version": FORMAT_VERSION}
-        self.location.write_atomic(json.dumps(pointer).encode() + b"\n", POINTER)
+        self.location.write_atomic(pointer_record(version), POINTER)
 
     @contextlib.contextmanager
     def lock(self, operation: str, ttl: float = LOCK_TTL):
         """Hold the store's writer lock (see WriterLock) for the duration of the block."""
-        lock = WriterLock(self, operation, ttl)
+        lock = WriterLock(self.location, operation, ttl)
         lock.acquire()
         try:
             try:
@@ -686,138 +452,3 @@ class Store:
             if isinstance(exc, pa.ArrowInvalid) or "checksum" in str(exc).lower():
                 raise IntegrityError(f"{where.uri_of(where.path(name))} is corrupt: {exc}") from None
             raise
-
-
-class WriterLock:
-    """STORE/LOCK, created only if absent (S3 conditional PUT with If-None-Match: *, O_EXCL
-    locally), so of two writers exactly one gets it.
-
-    The holder rewrites its heartbeat every ttl/3 seconds. A lock is stale when its holder is a
-    dead process on this host, or its heartbeat is older than its ttl (a killed driver, a lost
-    node); a new writer then takes it over. A holder that finds its lock taken over stops before
-    publishing (`check`)."""
-
-    def __init__(self, store: Store, operation: str, ttl: float):
-        self.store, self.ttl = store, ttl
-        self.holder = {
-            "operation": operation,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "user": getpass.getuser(),
-            "since": _now(),
-            "heartbeat": time.time(),
-            "ttl": ttl,
-            "token": uuid.uuid4().hex,
-        }
-        self.lost = False
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
-
-    @property
-    def location(self) -> Location:
-        return self.store.location
-
-    def acquire(self) -> None:
-        try:
-            self._create()
-        except FileExistsError:
-            current = self._read()
-            if current is None or not _stale(current):
-                raise PipelineError(self._locked_message(current)) from None
-            log.warning("taking over a stale lock (%s)", _describe(current))
-            self.location.remove(LOCK)
-            try:
-                self._create()
-            except FileExistsError:
-                raise PipelineError(self._locked_message(self._read())) from None
-        self._beat = threading.Thread(target=self._heartbeat, name="store-lock-heartbeat", daemon=True)
-        self._beat.start()
-
-    def check(self) -> None:
-        """Raise unless this writer still holds the lock (called before publishing)."""
-        current = self._read()
-        if self.lost or current is None or current.get("token") != self.holder["token"]:
-            self.lost = True
-            raise LockLost(
-                f"lost the lock of store {self.store} to another writer ({_describe(current)}); nothing was published"
-            )
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._beat:
-            self._beat.join()
-        try:
-            current = self._read()
-            if current is not None and current.get("token") == self.holder["token"]:
-                self.location.remove(LOCK)
-        except OSError:
-            pass
-
-    def _create(self) -> None:
-        try:
-            self.location.create_exclusive(json.dumps(self.holder).encode(), LOCK)
-        except FileExistsError:
-            raise
-        except OSError as exc:
-            raise storage_error("lock store", self.location, exc) from None
-
-    def _read(self) -> dict | None:
-        try:
-            return json.loads(self.location.read_bytes(LOCK))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}  # half-written by a crashed holder: stale by any measure
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                current = self._read()
-                if current is None or current.get("token") != self.holder["token"]:
-                    self.lost = True
-                    return
-                self.holder["heartbeat"] = time.time()
-                self.location.write_atomic(json.dumps(self.holder).encode(), LOCK)
-            except OSError as exc:
-                log.warning("could not refresh the store lock: %s", redact(str(exc)))
-
-    def _locked_message(self, current: dict | None) -> str:
-        return (
-            f"store {self.store} is locked ({_describe(current)}): another writer is at work. If none is, "
-            f"the lock goes stale {self.ttl:.0f}s after its last heartbeat, or remove "
-            f"{redact(self.location.uri_of(self.location.path(LOCK)))} and retry"
-        )
-
-
-def _describe(holder: dict | None) -> str:
-    try:
-        return f"{holder['operation']} by {holder['user']}@{holder['host']} pid {holder['pid']} since {holder['since']}"
-    except (TypeError, KeyError):
-        return "unknown holder"
-
-
-def _stale(holder: dict) -> bool:
-    try:
-        if holder["host"] == socket.gethostname() and not _alive(int(holder["pid"])):
-            return True
-        return time.time() - float(holder["heartbeat"]) > float(holder["ttl"])
-    except (KeyError, TypeError, ValueError):
-        return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-class LockLost(PipelineError):
-    """Another writer took this run's lock over: its staged work is now that writer's."""

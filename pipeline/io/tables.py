@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import IntegrityError
+from pipeline.io.format import FileEntry
 from pipeline.io.location import Location
-from pipeline.io.store import FileEntry
 
 BATCH_ROWS = 8192
 

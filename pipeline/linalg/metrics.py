@@ -10,6 +10,7 @@ it is 1e-6 of ||B A||, where ||BA||^2 - 2<BA, B'A'> + ||B'A'||^2 would need floa
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -95,3 +96,14 @@ class Drift:
             + rebuilt_inner(self.new_new, new_a, new_b, new_a, new_b)
         )
         return squared.clamp_min(0).sqrt()
+
+
+def error_summary(means: np.ndarray, maxes: np.ndarray) -> dict[str, float]:
+    if not len(means):
+        return {}
+    return {
+        "mean": float(means.mean()),
+        "p50": float(np.median(means)),
+        "p95": float(np.quantile(means, 0.95)),
+        "max": float(maxes.max()),
+    }

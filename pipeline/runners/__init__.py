@@ -2,6 +2,7 @@
 
 `SerialRunner` runs in-process (tests, debugging); `RayRunner` (the only module importing Ray)
 runs on a local or remote Ray cluster. Both yield `(index, result)` as results finish.
+A shared module: imports only pipeline.errors.
 """
 
 from __future__ import annotations

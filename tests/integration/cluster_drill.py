@@ -32,12 +32,11 @@ def main(mode: str, source: str, store: str) -> int:
 
 
 def _compress(source: str, store: str):
+    from pipeline.config import ComponentRule, Options
     from pipeline.io.location import Location
     from pipeline.io.store import Store
+    from pipeline.operations.compress import compress
     from pipeline.runners.ray_runner import RayRunner
-    from pipeline.stages.compress import compress
-    from pipeline.stages.compute import ComponentRule
-    from pipeline.stages.version import Options
 
     runner = RayRunner()
     compress(Location(source), Store(Location(store)), runner, Options(ComponentRule(components=4), memory_budget=1))

@@ -138,10 +138,9 @@ def test_user_errors_are_one_line_with_nonzero_exit(runner, tmp_path, capsys, ar
 
 def test_sharding_does_not_change_the_result(runner, tmp_path):
     """One in-process shard and Ray's several shards give the same bases and loadings."""
+    from pipeline.config import ComponentRule, Options
+    from pipeline.operations.compress import compress
     from pipeline.runners import SerialRunner
-    from pipeline.stages.compress import compress
-    from pipeline.stages.compute import ComponentRule
-    from pipeline.stages.version import Options
 
     make_collection(tmp_path / "src", 10)
     source = Location(str(tmp_path / "src"))

@@ -17,8 +17,9 @@ import pytest
 import torch
 from conftest import kill_session, make_collection, run_cli
 
+from pipeline.io.format import basis_file
 from pipeline.io.location import Location
-from pipeline.io.store import Store, basis_file
+from pipeline.io.store import Store
 
 SHARDED = ["--memory-budget", "1"]  # one module per shard: 8 shards to kill a run among
 

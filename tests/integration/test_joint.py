@@ -10,8 +10,9 @@ from conftest import make_collection, run_cli
 from safetensors.torch import load_file, save_file
 
 from pipeline import peft_format
+from pipeline.io.format import LOADINGS
 from pipeline.io.location import Location
-from pipeline.io.store import LOADINGS, Store
+from pipeline.io.store import Store
 
 MODULE = "model.layers.0.self_attn.q_proj"
 

@@ -15,7 +15,7 @@ from pipeline.adapter import Adapter
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location
 from pipeline.io.store import Store
-from pipeline.stages.info import describe
+from pipeline.operations.info import describe
 from pipeline.subspace import Subspace
 
 

@@ -252,7 +252,7 @@ def test_full_rebase_from_the_store_and_from_the_source(runner, uploads, tmp_pat
 
 
 def test_chunked_compress_holds_one_chunk_at_a_time(runner, uploads, tmp_path, capsys, caplog):
-    from pipeline.stages.plan import shard_bytes
+    from pipeline.flow.plan import shard_bytes
 
     uploads(*uploads.ids[:24])
     width = 8 * 256 + 256 * 8  # tiny preset: one module's lora_A and lora_B, flattened

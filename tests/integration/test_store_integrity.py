@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import kill_session, make_collection, run_cli
 
+from pipeline.io.format import check_version_id, is_object_path, is_safe_task_id
 from pipeline.io.location import Location
-from pipeline.io.store import Store, check_version_id, is_object_path, is_safe_task_id
+from pipeline.io.store import Store
 
 ROOT = Path(__file__).parents[2]
 POINTS = [

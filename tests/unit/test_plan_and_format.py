@@ -2,7 +2,7 @@ import pytest
 
 from pipeline import peft_format
 from pipeline.cli import parse_size
-from pipeline.stages.plan import plan_shards, shard_bytes
+from pipeline.flow.plan import plan_shards, shard_bytes
 
 
 def test_shards_cover_every_module_once_within_budget():

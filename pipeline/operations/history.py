@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from pipeline.errors import IntegrityError, PipelineError
-from pipeline.io.store import PUBLISHED, UNFINISHED, UNREADABLE, Store, check_version_id
+from pipeline.io.format import check_version_id
+from pipeline.io.store import PUBLISHED, UNFINISHED, UNREADABLE, Store
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipeline.errors import IntegrityError
-from pipeline.io.store import CATALOG, LOADINGS, MANIFEST, Store
+from pipeline.io.format import CATALOG, LOADINGS, MANIFEST
+from pipeline.io.store import Store
 
 
 def describe(store: Store, version: str | None = None) -> dict:

@@ -18,9 +18,10 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline import peft_format
 from pipeline.errors import PipelineError
+from pipeline.io.format import CATALOG, LOADINGS, basis_key, is_safe_task_id, read_joint
 from pipeline.io.location import Location
 from pipeline.io.safetensors_ranges import DTYPES
-from pipeline.io.store import CATALOG, LOADINGS, Store, basis_key, is_safe_task_id, read_joint
+from pipeline.io.store import Store
 from pipeline.io.targets import check_writable, holding_files
 from pipeline.linalg.decompose import reconstruct
 from pipeline.linalg.gauge import cut_rank, joint_rebuild

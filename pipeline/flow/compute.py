@@ -10,12 +10,13 @@ storage, in row batches.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -23,21 +24,31 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline import failpoints
+from pipeline.config import ComponentRule
+from pipeline.errors import PipelineError
+from pipeline.flow.change import Mode, good_adapters
+from pipeline.flow.plan import Shard, largest_shard_bytes, module_budgets, module_shapes, version_shards
 from pipeline.io.adapters import read_ranges
-from pipeline.io.location import Location
-from pipeline.io.safetensors_ranges import DTYPES, TensorInfo, decode
-from pipeline.io.store import (
+from pipeline.io.format import (
+    LOADINGS,
+    LOADINGS_KEYS,
+    LOADINGS_SCHEMA,
     FileEntry,
-    Store,
     basis_file,
     basis_tensors,
     done_file,
     encode_basis,
     joint_tensors,
+    loadings_matrix,
+    loadings_rows,
     read_decomposition,
     read_joint,
     staging_file,
+    version_path,
 )
+from pipeline.io.location import Location, printable
+from pipeline.io.safetensors_ranges import DTYPES, TensorInfo, decode
+from pipeline.io.store import Store
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg import quantize
 from pipeline.linalg.budget import FlatFit, JointFit, candidates, fit_joint_module, fit_within
@@ -46,47 +57,11 @@ from pipeline.linalg.gauge import JointBasis, align_rows, cut_rank, joint_cores,
 from pipeline.linalg.incremental import absorb
 from pipeline.linalg.loadings import ERROR_ROWS, Move
 from pipeline.linalg.metrics import product_error, relative
-from pipeline.stages.plan import Shard
+from pipeline.progress import Progress
+
+log = logging.getLogger(__name__)
 
 READ_BYTES = 64 << 20  # raw tensor bytes per cat_ranges call: bounds what reading holds at once
-
-Mode = Literal["fit", "absorb", "project"]
-
-LOADINGS_SCHEMA = pa.schema(
-    [
-        ("task_id", pa.string()),
-        ("module", pa.string()),
-        ("a", pa.list_(pa.float32())),
-        ("b", pa.list_(pa.float32())),
-        ("error", pa.float32()),
-        ("measured", pa.bool_()),
-        ("norm", pa.float32()),
-    ]
-)
-LOADINGS_KEYS = ["task_id", "module"]
-
-
-@dataclass(frozen=True)
-class ComponentRule:
-    """How many components each module keeps: an explicit count, or the fewest explaining
-    `variance_threshold` of the variance, per module (`adaptive`) or once for all (vlora's rule:
-    decided on the first module's lora_A, then used everywhere)."""
-
-    components: int | None = None
-    variance_threshold: float = 0.6
-    adaptive: bool = False
-
-    @property
-    def needs_first_module(self) -> bool:
-        return self.components is None and not self.adaptive
-
-    def limits(self, fixed_k: int | None) -> tuple[int | None, float | None]:
-        """(k, threshold) for one module side, given the collection-wide k if decided."""
-        if self.components is not None:
-            return self.components, None
-        if self.adaptive or fixed_k is None:
-            return None, self.variance_threshold
-        return fixed_k, None
 
 
 @dataclass
@@ -617,35 +592,6 @@ def _moved_parent_rows(store, task, parents, bases, skip: set[str]) -> Iterator[
         yield from _sorted_rows(tables)
 
 
-def loadings_rows(task_ids, module, la, lb, error, norm, measured=True) -> pa.Table:
-    """Loadings table rows (LOADINGS_SCHEMA) of one module; `measured`: a bool, or one per row."""
-    return pa.table(
-        {
-            "task_id": pa.array(task_ids, pa.string()),
-            "module": pa.array([module] * len(task_ids), pa.string()),
-            "a": _lists(la),
-            "b": _lists(lb),
-            "error": pa.array(error.numpy().astype(np.float32)),
-            "measured": pa.array(np.full(len(task_ids), measured)),
-            "norm": pa.array(norm.numpy().astype(np.float32)),
-        }
-    )
-
-
-def _lists(values: torch.Tensor) -> pa.Array:
-    n, k = values.shape
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32) if k else np.zeros(n + 1, np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(values.numpy().astype(np.float32).reshape(-1)))
-
-
-def loadings_matrix(rows: pa.Table, column: str, width: int | None = None) -> torch.Tensor:
-    """(rows, k) float32 loadings of a column; `width` k when there may be no rows."""
-    values = rows.column(column).combine_chunks()
-    if width is None:
-        width = len(values[0]) if len(values) else 0
-    return torch.from_numpy(values.flatten().to_numpy().astype(np.float32).reshape(len(values), width))
-
-
 def _by_module(batch) -> Iterator[tuple[str, pa.Table]]:
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
     for module in pc.unique(table.column("module")).to_pylist():
@@ -678,3 +624,151 @@ def _to(dec: Decomposition, device) -> Decomposition:
 def explained(dec: Decomposition) -> float:
     ratios = explained_variance(dec.singular_values, dec.total_variance)
     return float(ratios[-1]) if len(ratios) else (1.0 if dec.total_variance == 0 else 0.0)
+
+
+# -- the driver: every shard of a version, resumed where a crashed run finished them ------------
+
+
+def compute_all(change, source, store, version, runner, options, seconds):
+    """Every shard's results, in shard order. Adapters found holding NaN/Inf are quarantined and
+    the shards recomputed without them, so no basis ever saw them."""
+    started = time.perf_counter()
+    while True:
+        good = good_adapters(change.adapters)
+        if not good and change.mode == "absorb":
+            change.mode = "project"  # only quarantined ones: record them, keep the basis
+        if not good and change.mode == "fit" and not change.refit:
+            first = change.adapters[0]
+            raise PipelineError(
+                f"no usable adapters: all {len(change.adapters)} quarantined (e.g. {first.task_id!r}: {first.reason})"
+            )
+        results = _compute_shards(change, good, source, store, version, runner, options)
+        nonfinite = {i: reason for r in results for i, reason in r.nonfinite.items()}
+        if not nonfinite:
+            break
+        if options.strict:
+            index, reason = next(iter(nonfinite.items()))
+            raise PipelineError(f"--strict: adapter {good[index].task_id!r} quarantined: {reason}")
+        for index, reason in nonfinite.items():
+            good[index].quarantine(reason)
+            log.warning("quarantined %s: %s", printable(good[index].task_id), reason)
+    seconds["compute"] = time.perf_counter() - started
+    return results, good
+
+
+def _compute_shards(change, good, source, store, version, runner, options) -> list[ShardResult]:
+    shapes = module_shapes(change, good)
+    widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
+    rows = len(good)
+    if change.refit:  # the parent's adapters not read again join, rebuilt
+        rows += change.parent_manifest["adapters"]["ok"] - sum(
+            change.parent_status.get(a.task_id) == "ok" for a in good
+        )
+    budgets = module_budgets(change, good, shapes, rows, options)
+    shards = version_shards(change, shapes, rows, options, runner.num_cpus)
+    peak = largest_shard_bytes(shards, widths, max(rows, 1))
+    log.info(
+        "plan: %d adapters to read, %d modules in %d shards (largest needs ~%.0f MiB)",
+        len(good),
+        len(shapes),
+        len(shards),
+        peak / 2**20,
+    )
+    if peak > options.memory_budget:
+        log.warning(
+            "one shard needs ~%.0f MiB, over the %.0f MiB budget: use --chunk-size",
+            peak / 2**20,
+            options.memory_budget / 2**20,
+        )
+    # Declared to Ray so it does not pack more shards on a node than fit; never above the budget,
+    # so a single oversized module is still scheduled rather than left infeasible.
+    memory = min(peak, options.memory_budget)
+    parent = None
+    if change.parent_manifest:
+        drop = frozenset(a.task_id for a in good)
+        basis = {m: e["basis"] for m, e in change.parent_manifest["modules"].items()}
+        checksums = {path: change.parent_manifest["files"][path] for path in set(basis.values())}
+        parent = Parent(
+            basis,
+            checksums,
+            version_path(change.parent, LOADINGS),
+            drop,
+            change.refit,
+            change.parent_manifest["modules"],
+        )
+
+    inputs = _digest(
+        [
+            change.operation,
+            change.mode,
+            change.parent,
+            change.refit,
+            dataclasses.asdict(options.rule),
+            options.route,
+            options.quantize,
+            options.method,
+            budgets,
+            [(a.task_id, a.location.uri, a.weights_bytes, a.weights_tag) for a in good],
+        ]
+    )
+    finished = store.finished_shards(version)
+    # The adapters' own filesystem reads them: a manifest source lists folders on one filesystem
+    # that is not the manifest's (discovery refuses a mix).
+    reader = good[0].location if good else source
+
+    def task(shard, fixed_k=None):
+        new = [(a.task_id, a.weights_path, {m: a.modules[m] for m in shard.modules}) for a in good]
+        key = _digest([inputs, shard.modules, fixed_k])
+        return ShardTask(
+            shard,
+            change.mode,
+            options.rule,
+            store.location,
+            version,
+            reader,
+            new,
+            shapes,
+            parent,
+            fixed_k,
+            options.route,
+            options.quantize,
+            options.method,
+            budgets,
+            key,
+        )
+
+    progress = Progress("compute", len(shards), "shards")
+    results: list[ShardResult | None] = [None] * len(shards)
+
+    def run(tasks: list[ShardTask]) -> None:
+        todo = []
+        for t in tasks:
+            done = finished.get(t.shard.name)
+            if done and done["key"] == t.key:
+                results[t.shard.index] = ShardResult.from_json(done["result"])
+                progress.advance()
+            else:
+                todo.append(t)
+        for index, result in runner.map_unordered(compute_shard, todo, use_gpu=True, memory=memory):
+            results[todo[index].shard.index] = result
+            progress.advance()
+            failpoints.reach("shard-done")
+
+    pending = list(shards)
+    fixed_k = None
+    if options.rule.needs_first_module and change.mode != "project" and not budgets:
+        # vlora's rule: k comes from the first module's lora_A, so that shard runs first.
+        run([task(shards[0])])
+        if results[0].nonfinite:
+            return [results[0]]
+        fixed_k, pending = results[0].decided_k, shards[1:]
+    run([task(s, fixed_k) for s in pending])
+    progress.close()
+    resumed = sum(r.resumed for r in results)
+    if resumed:
+        log.info("%d of %d shards taken from the crashed run", resumed, len(results))
+    return results
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,6 +1,6 @@
-"""A Subspace as a store version and back. The objects are those compress writes
-(docs/store-format.md), so the CLI reads what the library saves and the library opens what the
-CLI published.
+"""A Subspace as a store version and back: pipeline.Subspace hands over a Snapshot (its bases,
+rows and catalog) and gets one back. The objects are those compress writes (docs/store-format.md),
+so the CLI reads what the library saves and the library opens what the CLI published.
 """
 
 from __future__ import annotations
@@ -8,45 +8,121 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.config import ComponentRule
 from pipeline.errors import IntegrityError, PipelineError
-from pipeline.io.location import Location
-from pipeline.io.store import (
+from pipeline.flow.compute import explained
+from pipeline.flow.plan import basis_objects
+from pipeline.io.format import (
     CATALOG,
+    CATALOG_SCHEMA,
     LOADINGS,
+    LOADINGS_KEYS,
     LOADINGS_ROW_GROUP,
+    LOADINGS_SCHEMA,
     REPORT,
-    Store,
     basis_file,
     basis_key,
     basis_tensors,
+    build_manifest,
     decode_basis,
     encode_basis,
     encode_manifest,
+    loadings_matrix,
+    loadings_rows,
+    module_entry,
+    parameters_rule,
     read_decomposition,
+    rule_parameters,
     version_path,
 )
+from pipeline.io.location import Location
+from pipeline.io.store import Store
 from pipeline.io.tables import write_tables
 from pipeline.linalg import quantize
-from pipeline.stages.compute import LOADINGS_KEYS, LOADINGS_SCHEMA, explained, loadings_matrix, loadings_rows
-from pipeline.stages.info import stored_bytes
-from pipeline.stages.plan import Shard
-from pipeline.stages.version import CATALOG_SCHEMA, manifest_fields, parameters_rule, rule_parameters
-from pipeline.subspace import ModuleBasis, Subspace, _Rows
+from pipeline.linalg.decompose import Decomposition
+from pipeline.linalg.loadings import Shapes
+from pipeline.operations.info import stored_bytes
+
+
+@dataclass
+class ModuleBasis:
+    """One module's bases for lora_A and lora_B; `packed`: quantized components per side, as stored."""
+
+    a: Decomposition
+    b: Decomposition
+    shapes: Shapes
+    packed: dict[str, dict[str, torch.Tensor]] | None = None
+
+    def side(self, side: str) -> Decomposition:
+        return self.a if side == "A" else self.b
+
+
+@dataclass
+class Rows:
+    """Every task's rows of one module: loadings on A and B, error (float64), norm (float64) and
+    whether the error was measured from the adapter's factors."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    error: torch.Tensor
+    norm: torch.Tensor
+    measured: torch.Tensor
+
+    @classmethod
+    def empty(cls, k_a: int, k_b: int) -> Rows:
+        return cls(
+            torch.zeros(0, k_a),
+            torch.zeros(0, k_b),
+            torch.zeros(0, dtype=torch.float64),
+            torch.zeros(0, dtype=torch.float64),
+            torch.zeros(0, dtype=torch.bool),
+        )
+
+    def columns(self) -> tuple[torch.Tensor, ...]:
+        return self.a, self.b, self.error, self.norm, self.measured
+
+    def cat(self, other: Rows) -> Rows:
+        return Rows(*(torch.cat([x, y.to(x.device, x.dtype)]) for x, y in zip(self.columns(), other.columns())))
+
+    def take(self, index: torch.Tensor) -> Rows:
+        return Rows(*(x[index.to(x.device)] for x in self.columns()))
+
+
+@dataclass
+class Snapshot:
+    """What a store version holds of an in-process subspace (pipeline.Subspace): per module its
+    bases and every task's rows (task order), the ok adapters' catalog rows (same order), the
+    quarantined ones', and the parameters the manifest records."""
+
+    modules: dict[str, ModuleBasis]
+    rows: dict[str, Rows]
+    task_ids: list[str]
+    catalog: list[dict]
+    quarantined: list[dict]
+    rule: ComponentRule
+    route: str
+    method: str = "flat"
+    quantization: dict | None = None
+    source: str | None = None
+    origin: tuple[str, str] | None = None  # (store, version) last loaded from or saved to
+    error: dict = field(default_factory=dict)  # the error summary, as the manifest records it
+
 
 BASIS_OBJECT_BYTES = 256 << 20  # components per basis object: export and re-base read whole objects
 TASKS_PER_TABLE = 512  # tasks whose loadings rows are encoded at once
 
 
 def save(
-    sub: Subspace, uri: str, endpoint_url: str | None = None, replace: bool = False, operation: str = "save"
+    sub: Snapshot, uri: str, endpoint_url: str | None = None, replace: bool = False, operation: str = "save"
 ) -> str:
+    """Publish as the store's next version; sets `sub.origin` to it."""
     store = Store(Location(uri, endpoint_url))
-    sub._flush()
     if not sub.task_ids:
         raise PipelineError(f"nothing to publish to {store}: the subspace holds no adapters")
     with store.lock(operation) as lock:
@@ -69,7 +145,7 @@ def save(
     return version
 
 
-def measure(sub: Subspace) -> dict[str, int]:
+def measure(sub: Snapshot) -> dict[str, int]:
     """Bytes of what `save` writes, by kind (info.stored_bytes), from writing it to memory."""
     store = Store(Location(f"memory://lora-subspace-measure-{uuid.uuid4().hex}"))
     try:
@@ -79,11 +155,11 @@ def measure(sub: Subspace) -> dict[str, int]:
         store.location.remove()
 
 
-def write(sub: Subspace, store: Store, version: str, parent: str | None, operation: str) -> dict:
+def write(sub: Snapshot, store: Store, version: str, parent: str | None, operation: str) -> dict:
     """Write the version's objects; returns its manifest (not yet published)."""
-    sub._flush()
     files, modules = {}, {}
-    for shard in _shards(sub):
+    sizes = {m: sum(4 * d.components.numel() for d in (mb.a, mb.b)) for m, mb in sub.modules.items()}
+    for shard in basis_objects(sizes, BASIS_OBJECT_BYTES):
         tensors = {}
         for module in shard.modules:
             mb = sub.modules[module]
@@ -93,30 +169,30 @@ def write(sub: Subspace, store: Store, version: str, parent: str | None, operati
         files[path] = store.write_object(version, basis_file(shard.name), encode_basis(tensors)).to_dict()
         for module in shard.modules:
             mb = sub.modules[module]
-            modules[module] = {
-                "basis": path,
-                "a_shape": list(mb.shapes[0]),
-                "b_shape": list(mb.shapes[1]),
-                "k_a": len(mb.a.singular_values),
-                "k_b": len(mb.b.singular_values),
-                "explained_variance_a": round(explained(mb.a), 6),
-                "explained_variance_b": round(explained(mb.b), 6),
-                "svd_route": mb.a.route,
-                "count": mb.a.count,
-            }
+            modules[module] = module_entry(
+                path,
+                mb.shapes[0],
+                mb.shapes[1],
+                len(mb.a.singular_values),
+                len(mb.b.singular_values),
+                explained(mb.a),
+                explained(mb.b),
+                mb.a.route,
+                mb.a.count,
+            )
     where = store.version_location(version)
     files[version_path(version, LOADINGS)] = write_tables(
         where, LOADINGS, _loadings_tables(sub), LOADINGS_SCHEMA, LOADINGS_ROW_GROUP
     ).to_dict()
     catalog = pa.Table.from_pylist(
-        sorted(sub._catalog + sub.quarantined, key=lambda r: r["task_id"]), schema=CATALOG_SCHEMA
+        sorted(sub.catalog + sub.quarantined, key=lambda r: r["task_id"]), schema=CATALOG_SCHEMA
     )
     files[version_path(version, CATALOG)] = write_tables(where, CATALOG, [catalog], CATALOG_SCHEMA).to_dict()
-    error = sub.error_summary()
+    error = sub.error
     adapters = {
         "ok": len(sub.task_ids),
         "quarantined": len(sub.quarantined),
-        "in_basis": sum(bool(r["in_basis"]) for r in sub._catalog),
+        "in_basis": sum(bool(r["in_basis"]) for r in sub.catalog),
     }
     report = {
         "version": version,
@@ -128,25 +204,27 @@ def write(sub: Subspace, store: Store, version: str, parent: str | None, operati
     files[version_path(version, REPORT)] = store.write_object(
         version, REPORT, json.dumps(report, indent=1).encode()
     ).to_dict()
-    first = sub._catalog[0] if sub._catalog else {}
-    return {
-        **manifest_fields(version, parent, operation),
-        "source": sub.source,
-        "parameters": rule_parameters(
+    first = sub.catalog[0] if sub.catalog else {}
+    return build_manifest(
+        version,
+        parent,
+        operation,
+        source=sub.source,
+        parameters=rule_parameters(
             sub.rule, sub.route, sub.quantization["scheme"] if sub.quantization else None, sub.method
         ),
-        "adapters": adapters,
-        "original_bytes": sum(r["weights_bytes"] + len((r["config_json"] or "").encode()) for r in sub._catalog),
-        "base_model": first.get("base_model"),
-        "dtype": first.get("dtype"),
-        "error": error,
-        "quantization": sub.quantization,
-        "modules": modules,
-        "files": files,
-    }
+        adapters=adapters,
+        original_bytes=sum(r["weights_bytes"] + len((r["config_json"] or "").encode()) for r in sub.catalog),
+        base_model=first.get("base_model"),
+        dtype=first.get("dtype"),
+        error=error,
+        quantization=sub.quantization,
+        modules=modules,
+        files=files,
+    )
 
 
-def load(uri: str, version: str | None = None, endpoint_url: str | None = None) -> Subspace:
+def load(uri: str, version: str | None = None, endpoint_url: str | None = None) -> Snapshot:
     store = Store(Location(uri, endpoint_url))
     version = store.require_version(version)
     manifest = store.manifest(version)
@@ -177,7 +255,6 @@ def load(uri: str, version: str | None = None, endpoint_url: str | None = None) 
             decs[0], decs[1], (tuple(entry["a_shape"]), tuple(entry["b_shape"])), packed if packed["A"] else None
         )
     p = manifest["parameters"]
-    sub = Subspace(modules, parameters_rule(p), p["svd_route"])
     catalog = store.read_table(version, CATALOG).to_pylist()
     ok = sorted((r for r in catalog if r["status"] == "ok"), key=lambda r: r["task_id"])
     ids = [r["task_id"] for r in ok]
@@ -191,7 +268,7 @@ def load(uri: str, version: str | None = None, endpoint_url: str | None = None) 
             or part.column("task_id").to_pylist() != ids
         ):
             raise IntegrityError(f"{LOADINGS} of {store} {version} does not hold one row per adapter and module")
-        rows[module] = _Rows(
+        rows[module] = Rows(
             loadings_matrix(part, "a", modules[module].a.singular_values.numel()),
             loadings_matrix(part, "b", modules[module].b.singular_values.numel()),
             torch.from_numpy(part.column("error").to_numpy().astype(np.float64)),
@@ -200,32 +277,22 @@ def load(uri: str, version: str | None = None, endpoint_url: str | None = None) 
         )
     if table.num_rows != n * len(modules):
         raise IntegrityError(f"{LOADINGS} of {store} {version} has {table.num_rows} rows, expected {n * len(modules)}")
-    sub._add(ids, rows, ok)
-    sub.quarantined = [r for r in catalog if r["status"] != "ok"]
-    sub.quantization, sub.source, sub.origin = (
+    return Snapshot(
+        modules,
+        rows,
+        ids,
+        ok,
+        [r for r in catalog if r["status"] != "ok"],
+        parameters_rule(p),
+        p["svd_route"],
+        p.get("method", "flat"),
         manifest.get("quantization"),
         manifest.get("source"),
         (str(store), version),
     )
-    sub.method = p.get("method", "flat")
-    return sub
 
 
-def _shards(sub: Subspace) -> list[Shard]:
-    shards, current, size = [], [], 0
-    for module, mb in sub.modules.items():
-        need = sum(4 * d.components.numel() for d in (mb.a, mb.b))
-        if current and size + need > BASIS_OBJECT_BYTES:
-            shards.append(Shard(len(shards), tuple(current)))
-            current, size = [], 0
-        current.append(module)
-        size += need
-    if current:
-        shards.append(Shard(len(shards), tuple(current)))
-    return shards
-
-
-def _loadings_tables(sub: Subspace):
+def _loadings_tables(sub: Snapshot):
     """Rows sorted by task id, then module, TASKS_PER_TABLE tasks at a time."""
     order = sorted(range(len(sub.task_ids)), key=sub.task_ids.__getitem__)
     for start in range(0, len(order), TASKS_PER_TABLE):
@@ -241,6 +308,6 @@ def _loadings_tables(sub: Subspace):
                 rows.norm[index],
                 rows.measured[index].numpy(),
             )
-            for module, rows in sub._rows.items()
+            for module, rows in sub.rows.items()
         ]
         yield pa.concat_tables(tables).sort_by([(k, "ascending") for k in LOADINGS_KEYS])

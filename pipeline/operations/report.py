@@ -12,8 +12,8 @@ import numpy as np
 from pipeline import __version__
 from pipeline.io.location import Location
 from pipeline.io.store import Store
-from pipeline.stages.history import list_versions
-from pipeline.stages.info import describe
+from pipeline.operations.history import list_versions
+from pipeline.operations.info import describe
 
 WIDTH, HEIGHT, PAD = 720, 220, 36
 COLOURS = ("#3b6ea8", "#d08c2c")

@@ -12,14 +12,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from pipeline.errors import IntegrityError, PipelineError
-from pipeline.io.store import (
+from pipeline.io.format import (
     CATALOG,
     LOADINGS,
     MANIFEST,
     POINTER,
-    PUBLISHED,
-    UNREADABLE,
-    Store,
     basis_key,
     check_bytes,
     decode_basis,
@@ -28,6 +25,7 @@ from pipeline.io.store import (
     unsafe_task_ids,
     version_path,
 )
+from pipeline.io.store import PUBLISHED, UNREADABLE, Store
 from pipeline.io.tables import read_batches
 
 # max |V V^T - I| allowed, by how components are stored. Packed ones are orthonormal only to their

@@ -13,11 +13,16 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+from safetensors.torch import load as load_safetensors
+
 from pipeline import peft_format
-from pipeline.errors import AdapterError
+from pipeline.errors import AdapterError, PipelineError
 from pipeline.io.adapters import AdapterRef, read_adapter, weights_sha256
 from pipeline.io.location import Location, printable, redact
 from pipeline.io.safetensors_ranges import TensorInfo
+from pipeline.progress import Progress
+from pipeline.runners import Runner
 
 log = logging.getLogger(__name__)
 
@@ -341,3 +346,44 @@ def check_collection(adapters: list[ScannedAdapter], reference: dict | None = No
             f"module {module!r}: d_in x d_out {d_in} x {d_out} "
             f"differs from the collection's {dims[module][0]} x {dims[module][1]}"
         )
+
+
+SCAN_BATCH = 64
+
+
+def scan(
+    refs: list[AdapterRef], runner: Runner, reference: dict | None = None, strict: bool = False
+) -> list[ScannedAdapter]:
+    """Validate adapters in parallel tasks, then against each other, or against a store's
+    manifest (`reference`) when they join one."""
+    batches = [refs[i : i + SCAN_BATCH] for i in range(0, len(refs), SCAN_BATCH)]
+    progress = Progress("scan", len(refs), "adapters")
+    scanned: list[list[ScannedAdapter]] = [[] for _ in batches]
+    for index, records in runner.map_unordered(scan_batch, batches):
+        scanned[index] = records
+        progress.advance(len(records))
+    progress.close()
+    adapters = [a for batch in scanned for a in batch]
+    check_collection(adapters, reference)
+    for a in adapters:
+        for warning in a.warnings:
+            log.warning("%s: %s", printable(a.task_id), warning)
+        if not a.ok:
+            log.warning("quarantined %s: %s", printable(a.task_id), a.reason)
+    bad = [a for a in adapters if not a.ok]
+    if strict and bad:
+        raise PipelineError(f"--strict: {len(bad)} adapter(s) quarantined, first {bad[0].task_id!r}: {bad[0].reason}")
+    return adapters
+
+
+def read_factors(ref: AdapterRef) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """An adapter's lora_A and lora_B per module, its weights file read whole; AdapterError
+    unless it passes scan's checks."""
+    scanned = scan_adapter(ref)
+    if not scanned.ok:
+        raise AdapterError(f"{ref.location}: {scanned.reason}")
+    factors: dict[str, dict[str, torch.Tensor]] = {"A": {}, "B": {}}
+    for key, tensor in load_safetensors(ref.location.read_bytes(peft_format.WEIGHTS_FILE)).items():
+        module, side = peft_format.parse_key(key)  # scan refuses keys that are not LoRA factors
+        factors[side][module] = tensor
+    return factors["A"], factors["B"]

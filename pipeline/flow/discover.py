@@ -1,26 +1,20 @@
-"""Growing a store after uploads: discovery against the current catalog, then `project` (new
-adapters on the current basis), `rebase` (the incremental update absorbs them) or `rebase --full`
-(one SVD over the stored adapters, rebuilt, or read again from the source with --from-source,
-plus the new ones).
-"""
+"""Discover: what a run reads. The source's adapters (pipeline.io.adapters.discover lists them),
+compared against a store's catalog (Diff: added, replaced, pending, unchanged, missing), and split
+into chunks of consecutive task ids."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io.adapters import AdapterRef, FileStat, discover, list_adapter_files, weights_sha256
-from pipeline.io.location import Location
-from pipeline.io.store import CATALOG, Store
+from pipeline.io.adapters import AdapterRef, FileStat, list_adapter_files, weights_sha256
+from pipeline.io.format import CATALOG
+from pipeline.io.store import Store
 from pipeline.peft_format import WEIGHTS_FILE
 from pipeline.runners import Runner
-from pipeline.stages.compress import chunks, scan
-from pipeline.stages.version import Change, Options, Summary, parameters_rule, write_version
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +80,7 @@ def _changed(weights: FileStat, row: dict) -> bool:
     return weights.sha256 is None or weights.sha256 != row.get("weights_sha256")
 
 
-def _with_digests(refs: list[AdapterRef], catalog: list[dict], runner: Runner) -> list[AdapterRef]:
+def with_digests(refs: list[AdapterRef], catalog: list[dict], runner: Runner) -> list[AdapterRef]:
     """Hash the weights files whose time changed but whose size did not, where the catalog has
     the content's SHA-256 to compare with (local sources; S3 tags are ETags, which a copy keeps)."""
     known = {row["task_id"]: row for row in catalog}
@@ -114,7 +108,7 @@ def _with_digests(refs: list[AdapterRef], catalog: list[dict], runner: Runner) -
     return refs
 
 
-def _with_files(refs: list[AdapterRef], runner: Runner) -> list[AdapterRef]:
+def with_files(refs: list[AdapterRef], runner: Runner) -> list[AdapterRef]:
     """Refs from a manifest file carry no listing yet: list their folders in parallel."""
     bare = [r for r in refs if r.files is None]
     if not bare:
@@ -126,69 +120,7 @@ def _with_files(refs: list[AdapterRef], runner: Runner) -> list[AdapterRef]:
     return refs
 
 
-def grow(
-    source: Location,
-    store: Store,
-    runner: Runner,
-    operation: str,
-    options: Options,
-    *,
-    full: bool = False,
-    from_source: bool = False,
-    dry_run: bool = False,
-    chunk_size: int | None = None,
-) -> dict:
-    """project or rebase: returns {"diff": ..., "versions": [summaries]} (no versions for a dry
-    run or when nothing changed)."""
-    store.require_version()  # a missing store fails before the source is listed
-    refs = _with_files(discover(source), runner)
-    if dry_run:
-        catalog = _catalog(store, store.require_version())
-        return {"diff": diff(_with_digests(refs, catalog, runner), catalog).to_dict(), "versions": []}
-    with store.lock(operation) as lock:
-        parent = store.require_version()
-        manifest = store.manifest(parent)
-        catalog = _catalog(store, parent)
-        changes = diff(_with_digests(refs, catalog, runner), catalog)
-        if changes.missing:
-            log.info("%d adapter(s) in the store are no longer in the source; they stay", len(changes.missing))
-        options = dataclasses.replace(
-            options,
-            rule=parameters_rule(manifest["parameters"]),
-            route=manifest["parameters"]["svd_route"],
-            quantize=manifest["parameters"].get("quantize"),
-            method=manifest["parameters"].get("method", "flat"),
-            ratio=manifest["parameters"].get("ratio"),
-            budget_bytes=manifest["parameters"].get("budget_bytes"),
-        )
-        if from_source:
-            to_read = refs  # adapters gone from the source join as rebuilt from the store
-        else:
-            to_read = changes.added + changes.replaced + (changes.pending if operation == "rebase" else [])
-        if not to_read and not full:
-            log.info("%s is up to date with %s: nothing to do", store, source)
-            return {"diff": changes.to_dict(), "versions": []}
-        status = {row["task_id"]: row["status"] for row in catalog}
-        summaries: list[Summary] = []
-        parts = chunks(sorted(to_read, key=lambda r: r.task_id), None if full else chunk_size)
-        for part in parts:
-            started = time.perf_counter()
-            adapters = scan(part, runner, manifest, options.strict)
-            if operation == "project":
-                change = Change("project", "project", adapters, parent, manifest, status)
-            elif full:
-                change = Change("rebase-full", "fit", adapters, parent, manifest, status, refit=True)
-            else:
-                change = Change("rebase", "absorb", adapters, parent, manifest, status)
-            change.counts, change.scan_seconds = changes.counts(), time.perf_counter() - started
-            summaries.append(write_version(change, source, store, runner, options, lock))
-            parent = summaries[-1].version
-            manifest = store.manifest(parent)
-            status = {**status, **{a.task_id: a.status for a in adapters}}
-    return {"diff": changes.to_dict(), "versions": [s.to_dict() for s in summaries]}
-
-
-def _catalog(store: Store, version: str) -> list[dict]:
+def stored_catalog(store: Store, version: str) -> list[dict]:
     """What discovery compares against, one small row per stored adapter (weights_sha256 is
     absent from catalogs written before it existed)."""
     where = store.version_location(version)
@@ -200,3 +132,16 @@ def _catalog(store: Store, version: str) -> list[dict]:
         ["weights_sha256"] if "weights_sha256" in present else []
     )
     return store.read_table(version, CATALOG, columns=columns).to_pylist()
+
+
+def chunks(refs: list[AdapterRef], size: int | None) -> list[list[AdapterRef]]:
+    """Consecutive refs, `size` at a time; refs sharing a task id stay together (so duplicates
+    are caught within one chunk)."""
+    if not size:
+        return [refs]
+    out: list[list[AdapterRef]] = []
+    for ref in refs:
+        if not out or (len(out[-1]) >= size and out[-1][-1].task_id != ref.task_id):
+            out.append([])
+        out[-1].append(ref)
+    return out

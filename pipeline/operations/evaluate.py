@@ -17,18 +17,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.adapter import Adapter
+from pipeline.config import Options
 from pipeline.errors import PipelineError
+from pipeline.flow.scan import read_factors
 from pipeline.io.adapters import AdapterRef, discover
+from pipeline.io.format import LOADINGS, parameters_rule
 from pipeline.io.location import Location
-from pipeline.io.store import LOADINGS, Store
+from pipeline.io.store import Store
 from pipeline.linalg.budget import joint_floats
 from pipeline.linalg.gauge import canonical_factors, pad_rank
-from pipeline.linalg.metrics import relative_product_error
+from pipeline.linalg.metrics import error_summary, relative_product_error
+from pipeline.operations.compress import compress
+from pipeline.operations.grow import grow
 from pipeline.runners import Runner
-from pipeline.stages.compress import compress
-from pipeline.stages.rebase import grow
-from pipeline.stages.version import Options, error_summary, parameters_rule
 
 
 def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.1, seed: int = 0) -> dict:
@@ -56,12 +57,12 @@ def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.
     means = _mean_factors(train, source.endpoint_url)
     rows = {"basis": [], "mean_adapter": [], "own_svd": []}
     for ref in held_refs:
-        adapter = Adapter.load(ref.location.uri, source.endpoint_url)
+        lora_a, lora_b = _factors(ref, source.endpoint_url)
         rows["basis"].append([basis_errors[ref.task_id][m] for m in sorted(modules)])
         mean_errors, own_errors = [], []
         for module in sorted(modules):
-            rank = max(adapter.lora_a[module].shape[0], means[module][0].shape[0])
-            a, b = (x.float()[None] for x in _padded((adapter.lora_a[module], adapter.lora_b[module]), rank))
+            rank = max(lora_a[module].shape[0], means[module][0].shape[0])
+            a, b = (x.float()[None] for x in _padded((lora_a[module], lora_b[module]), rank))
             mean_a, mean_b = (x.float()[None] for x in _padded(means[module], rank))
             mean_errors.append(float(relative_product_error(a, b, mean_a, mean_b)[0]))
             s = canonical_factors(a, b)[2][0]
@@ -122,15 +123,21 @@ def _mean_factors(refs: list[AdapterRef], endpoint_url: str | None) -> dict[str,
     adapter at a time."""
     sums: dict[str, list[torch.Tensor]] = {}
     for ref in refs:
-        adapter = Adapter.load(ref.location.uri, endpoint_url)
-        for module in adapter.layer_names:
-            a, b = adapter.lora_a[module].double(), adapter.lora_b[module].double()
+        lora_a, lora_b = _factors(ref, endpoint_url)
+        for module in sorted(lora_a):
+            a, b = lora_a[module].double(), lora_b[module].double()
             if module in sums:
                 rank = max(a.shape[0], sums[module][0].shape[0])
                 sums[module] = [x + y for x, y in zip(_padded(sums[module], rank), _padded((a, b), rank))]
             else:
                 sums[module] = [a, b]
     return {m: (a / len(refs), b / len(refs)) for m, (a, b) in sums.items()}
+
+
+def _factors(ref: AdapterRef, endpoint_url: str | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """lora_A and lora_B per module of an adapter, read at the source's endpoint."""
+    location = Location(ref.location.uri, endpoint_url)
+    return read_factors(AdapterRef(location.root.rsplit("/", 1)[-1], location))
 
 
 def _padded(factors, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,271 @@
+"""Assemble: merge what the shards staged into the version's loadings and catalog tables (sorted
+streams, storage to storage), write the report, and build the manifest that publishing writes.
+
+The driver holds small things only: one summary per shard, and a few floats per adapter for the
+error summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import Options
+from pipeline.flow.change import Change, Summary
+from pipeline.flow.scan import ScannedAdapter
+from pipeline.io.format import (
+    CATALOG,
+    CATALOG_SCHEMA,
+    LOADINGS,
+    LOADINGS_KEYS,
+    LOADINGS_ROW_GROUP,
+    LOADINGS_SCHEMA,
+    REPORT,
+    basis_file,
+    build_manifest,
+    module_entry,
+    rule_parameters,
+    staging_file,
+    version_path,
+)
+from pipeline.io.location import redact
+from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
+from pipeline.linalg.metrics import error_summary
+
+log = logging.getLogger(__name__)
+
+
+class _ErrorTally:
+    """Per-adapter mean and max of the module errors, from the merged loadings stream (all rows of
+    an adapter arrive in one table)."""
+
+    def __init__(self, watch: set[str]):
+        self.means: list[np.ndarray] = []
+        self.maxes: list[np.ndarray] = []
+        self.watch, self.watched = watch, {}
+
+    def tap(self, tables):
+        for table in tables:
+            grouped = table.group_by("task_id").aggregate([("error", "mean"), ("error", "max")])
+            ids = grouped.column("task_id").to_pylist()
+            means, maxes = grouped.column("error_mean").to_numpy(), grouped.column("error_max").to_numpy()
+            self.means.append(means)
+            self.maxes.append(maxes)
+            for task_id, mean, worst in zip(ids, means.tolist(), maxes.tolist()):
+                if task_id in self.watch:
+                    self.watched[task_id] = (mean, worst)
+            yield table
+
+    def summary(self) -> dict[str, float]:
+        means, maxes = np.concatenate(self.means or [np.zeros(0)]), np.concatenate(self.maxes or [np.zeros(0)])
+        return error_summary(means, maxes)
+
+
+class _CatalogTally:
+    def __init__(self):
+        self.ok = self.quarantined = self.in_basis = self.original_bytes = 0
+
+    def tap(self, tables):
+        for table in tables:
+            ok = table.filter(pc.equal(table.column("status"), "ok"))
+            self.ok += ok.num_rows
+            self.quarantined += table.num_rows - ok.num_rows
+            self.in_basis += int(pc.sum(ok.column("in_basis")).as_py() or 0)
+            configs = pc.sum(pc.binary_length(pc.fill_null(ok.column("config_json"), ""))).as_py() or 0
+            self.original_bytes += int(pc.sum(ok.column("weights_bytes")).as_py() or 0) + configs
+            yield table
+
+
+def assemble(change, good, results, source, store, version, options, seconds) -> tuple[dict, Summary]:
+    """Merge what the shards staged into the version's loadings and catalog, write its report;
+    returns its manifest, to publish, and the summary (seconds and notes filled in on publishing)."""
+    where = store.version_location(version)
+    parent_where = store.version_location(change.parent) if change.parent_manifest else None
+    new_ids = {a.task_id for a in good}
+    files = {version_path(version, basis_file(r.shard.name)): r.file.to_dict() for r in results if r.file}
+
+    errors = _ErrorTally(new_ids)
+    staged = [read_batches(where, staging_file(r.shard.name)) for r in results]
+    merged = errors.tap(merge_sorted(staged, LOADINGS_KEYS))
+    files[version_path(version, LOADINGS)] = write_tables(
+        where, LOADINGS, merged, LOADINGS_SCHEMA, LOADINGS_ROW_GROUP
+    ).to_dict()
+
+    # Catalog: the parent's rows, except those this run replaces. A replacement that was
+    # quarantined does not push out an earlier upload that compressed fine.
+    in_basis = change.mode != "project"
+    kept_previous = {
+        a.task_id: a.reason for a in change.adapters if not a.ok and change.parent_status.get(a.task_id) == "ok"
+    }
+    scanned = [a for a in change.adapters if a.task_id not in kept_previous]
+    catalog = _CatalogTally()
+    streams = [[catalog_table(scanned, in_basis)]]
+    if parent_where:
+        rows = without(_conformed(read_batches(parent_where, CATALOG), CATALOG_SCHEMA), {a.task_id for a in scanned})
+        streams.append(_all_in_basis(rows) if change.refit else rows)
+    files[version_path(version, CATALOG)] = write_tables(
+        where, CATALOG, catalog.tap(merge_sorted(streams, ["task_id"])), CATALOG_SCHEMA
+    ).to_dict()
+
+    modules = {}
+    for r in results:
+        for m in r.modules:
+            basis = (
+                version_path(version, basis_file(r.shard.name))
+                if r.file
+                else change.parent_manifest["modules"][m.module]["basis"]
+            )
+            modules[m.module] = module_entry(
+                basis,
+                m.a_shape,
+                m.b_shape,
+                m.k_a,
+                m.k_b,
+                m.explained_a,
+                m.explained_b,
+                m.route,
+                m.count,
+                method=m.method,
+                **({"width": m.width, "core_rank": m.core_rank} if m.method == "joint" else {}),
+                **({"budget": m.budget} if m.budget is not None else {}),
+            )
+    if not all(r.file for r in results):  # shared with the parent: listed so prune keeps them
+        for path in {e["basis"] for e in modules.values()} - set(files):
+            files[path] = change.parent_manifest["files"][path]
+
+    error = errors.summary()
+    watched = np.array(list(errors.watched.values())).reshape(-1, 2)
+    read_error = error_summary(watched[:, 0], watched[:, 1])
+    read_errors = (
+        {} if change.operation == "compress" else {t: round(e[0], 6) for t, e in sorted(errors.watched.items())}
+    )
+    flagged = _flag(read_errors, change, options)
+    quarantined = {a.task_id: a.reason for a in change.adapters if not a.ok}
+    report = {
+        "version": version,
+        "operation": change.operation,
+        "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
+        "changes": change.counts,
+        "quarantined": quarantined,
+        "kept_previous": kept_previous,
+        "warnings": {a.task_id: a.warnings for a in change.adapters if a.warnings},
+        "error": error,
+        "read_error": read_error,
+        "read_errors": read_errors,
+        "flagged": flagged,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "shards": [
+            {
+                "name": r.shard.name,
+                "modules": len(r.shard.modules),
+                "bytes_read": r.bytes_read,
+                "requests": r.requests,
+                "stack_bytes": r.stack_bytes,
+                "resumed": r.resumed,
+                "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
+            }
+            for r in results
+        ],
+    }
+    files[version_path(version, REPORT)] = store.write_object(
+        version, REPORT, json.dumps(report, indent=1).encode()
+    ).to_dict()
+    manifest = build_manifest(
+        version,
+        change.parent,
+        change.operation,
+        source=redact(source.uri) if source else (change.parent_manifest or {}).get("source"),
+        parameters={
+            **rule_parameters(options.rule, options.route, options.quantize, options.method),
+            "ratio": options.ratio,
+            "budget_bytes": options.budget_bytes,
+        },
+        adapters={"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
+        original_bytes=catalog.original_bytes,
+        base_model=good[0].base_model if good else change.parent_manifest.get("base_model"),
+        dtype=good[0].dtype if good else change.parent_manifest.get("dtype"),
+        error=error,
+        # Quantized bases record how; the errors above were measured on what is stored.
+        quantization=change.parent_manifest.get("quantization")
+        if change.mode == "project"
+        else ({"scheme": options.quantize, "added_error": None} if options.quantize else None),
+        modules=modules,
+        files=files,
+    )
+    return manifest, Summary(
+        change.operation,
+        version,
+        change.parent,
+        str(store),
+        catalog.ok,
+        catalog.quarantined,
+        quarantined,
+        kept_previous,
+        len(modules),
+        len(results),
+        error,
+        read_error,
+        read_errors,
+        flagged,
+        change.counts,
+        {},
+    )
+
+
+def _conformed(batches, schema: pa.Schema):
+    """An older catalog's batches with the columns added since (nullable) as nulls."""
+    for batch in batches:
+        for name in schema.names:
+            if batch.schema.get_field_index(name) < 0:
+                batch = batch.append_column(schema.field(name), pa.nulls(batch.num_rows, schema.field(name).type))
+        yield batch
+
+
+def _all_in_basis(batches):
+    """A full re-base fits the parent's adapters too: every ok row is now in the basis."""
+    for batch in batches:
+        index = batch.schema.get_field_index("in_basis")
+        yield batch.set_column(index, "in_basis", pc.equal(batch.column("status"), "ok"))
+
+
+def _flag(read_errors: dict[str, float], change: Change, options: Options) -> dict[str, float]:
+    """New adapters the basis represents badly: above --max-error, or (without it) more than twice
+    the parent collection's 95th percentile. Only meaningful when the basis did not see them."""
+    if change.mode != "project":
+        return {}
+    limit = options.max_error
+    if limit is None:
+        p95 = (change.parent_manifest.get("error") or {}).get("p95")
+        if p95 is None:
+            return {}
+        limit = 2 * p95
+    return {t: round(e, 6) for t, e in sorted(read_errors.items()) if e > limit}
+
+
+def catalog_table(adapters: list[ScannedAdapter], in_basis: bool) -> pa.Table:
+    rows = sorted(adapters, key=lambda a: a.task_id)
+    config = [a.config or {} for a in rows]
+    return pa.table(
+        {
+            "task_id": [a.task_id for a in rows],
+            "uri": [redact(a.location.uri) for a in rows],
+            "status": [a.status for a in rows],
+            "reason": [a.reason for a in rows],
+            "warnings": [a.warnings for a in rows],
+            "weights_bytes": [a.weights_bytes for a in rows],
+            "weights_tag": [a.weights_tag for a in rows],
+            "rank": [a.rank for a in rows],
+            "lora_alpha": [c.get("lora_alpha") for c in config],
+            "use_rslora": [bool(c.get("use_rslora")) for c in config],
+            "base_model": [a.base_model for a in rows],
+            "dtype": [a.dtype for a in rows],
+            "config_json": [a.config_text for a in rows],
+            "in_basis": [in_basis and a.ok for a in rows],
+            "weights_sha256": [a.weights_sha256 for a in rows],
+        },
+        schema=CATALOG_SCHEMA,
+    )

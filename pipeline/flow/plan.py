@@ -1,0 +1,117 @@
+"""Plan: group modules into shards that fit a worker's memory budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import Options
+from pipeline.errors import PipelineError
+from pipeline.flow.change import Change
+from pipeline.flow.scan import ScannedAdapter
+from pipeline.linalg.budget import FLOAT_BYTES, candidates, fits
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    modules: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}"
+
+
+def shard_bytes(n_adapters: int, widths: list[int]) -> int:
+    """Worker memory for a shard: the float32 stacks of every module, plus the float64 Gram (or
+    covariance) matrix of the widest (the SVD works on one module side at a time, and otherwise
+    only on fixed-size blocks)."""
+    side = min(n_adapters, max(widths))
+    return 4 * n_adapters * sum(widths) + 8 * side * side
+
+
+def plan_shards(widths: dict[str, int], n_adapters: int, budget_bytes: int, parallelism: int) -> list[Shard]:
+    """Consecutive modules (sorted by name) per shard, each shard within budget_bytes where a
+    single module allows it, and at least `parallelism` shards when there are enough modules.
+
+    widths: module -> flattened width of lora_A plus lora_B (r * d_in + d_out * r).
+    """
+    modules = sorted(widths)
+    total = shard_bytes(n_adapters, list(widths.values()))
+    target = min(budget_bytes, max(total // max(parallelism, 1), 1))
+    shards: list[list[str]] = [[]]
+    for module in modules:
+        current = shards[-1]
+        if current and shard_bytes(n_adapters, [widths[m] for m in current + [module]]) > target:
+            shards.append([module])
+        else:
+            current.append(module)
+    return [Shard(i, tuple(ms)) for i, ms in enumerate(shards)]
+
+
+def largest_shard_bytes(shards: list[Shard], widths: dict[str, int], n_adapters: int) -> int:
+    return max(shard_bytes(n_adapters, [widths[m] for m in s.modules]) for s in shards)
+
+
+def module_shapes(change: Change, good: list[ScannedAdapter]) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+    """lora_A and lora_B shapes per module at the collection's largest rank (lower ranks are
+    zero-padded to it)."""
+    if change.parent_manifest:
+        return {m: (tuple(e["a_shape"]), tuple(e["b_shape"])) for m, e in change.parent_manifest["modules"].items()}
+    shapes = {}
+    for module, (a, b) in good[0].modules.items():
+        rank = max(x.modules[module][0].shape[0] for x in good)
+        shapes[module] = ((rank, a.shape[1]), (b.shape[0], rank))
+    return shapes
+
+
+def module_budgets(
+    change: Change, good: list[ScannedAdapter], shapes, rows: int, options: Options
+) -> dict[str, float] | None:
+    """Stored floats per adapter per module that a byte budget allows: each module gets the
+    budget's share of its own tensor bytes. A re-base keeps the parent's; None without a budget."""
+    parent = change.parent_manifest
+    if parent and "budget" in next(iter(parent["modules"].values())):
+        return {m: e["budget"] for m, e in parent["modules"].items()}
+    if parent or not (options.ratio or options.budget_bytes):
+        return None
+    module_bytes = {m: sum(x.end - x.start for a in good for x in a.modules[m]) for m in shapes}
+    ratio = options.ratio or sum(module_bytes.values()) / options.budget_bytes
+    budgets = {m: size / ratio / FLOAT_BYTES / len(good) for m, size in module_bytes.items()}
+    for module, per_adapter in budgets.items():
+        (r, d_in), (d_out, _) = shapes[module]
+        if not fits(per_adapter * rows, rows, r, d_in, d_out, candidates(options.method)):
+            raise PipelineError(
+                f"a budget of 1/{ratio:.3g} of the adapters' bytes is too small for module {module!r}: "
+                f"no {' or '.join(candidates(options.method))} fit takes {per_adapter * rows * FLOAT_BYTES:.0f} bytes"
+            )
+    return budgets
+
+
+def version_shards(change: Change, shapes, rows: int, options: Options, parallelism: int) -> list[Shard]:
+    """Fit and absorb: modules grouped to fit the memory budget for the rows read, at least one
+    shard per CPU (each task also streams the parent's loadings once, so a re-base of a few uploads
+    makes few, wide shards). Project keeps the parent's grouping: its basis objects are reused."""
+    if change.mode != "project":
+        widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
+        return plan_shards(widths, rows, options.memory_budget, parallelism)
+    groups: dict[str, list[str]] = {}
+    for module, entry in sorted(change.parent_manifest["modules"].items()):
+        groups.setdefault(entry["basis"], []).append(module)
+    return [Shard(i, tuple(ms)) for i, (_, ms) in enumerate(sorted(groups.items()))]
+
+
+def basis_objects(sizes: dict[str, int], limit: int) -> list[Shard]:
+    """Consecutive modules (in the order given) per basis object, each object's components within
+    `limit` bytes where a single module allows it: how a saved subspace is laid out.
+
+    sizes: module -> bytes of its components (both sides)."""
+    shards, current, size = [], [], 0
+    for module, need in sizes.items():
+        if current and size + need > limit:
+            shards.append(Shard(len(shards), tuple(current)))
+            current, size = [], 0
+        current.append(module)
+        size += need
+    if current:
+        shards.append(Shard(len(shards), tuple(current)))
+    return shards

@@ -1,0 +1,436 @@
+"""The store format, version 1, in one place: object names and paths, what is read from a store
+and checked (version ids, task ids, object paths), manifest.json (its fields, building and
+checking one), the basis object codec, and the loadings and catalog tables (schemas, rows).
+Sections follow docs/store-format.md; the Store class (pipeline.io.store) and the writer lock
+(pipeline.io.lock) read and write these objects.
+
+    STORE/LATEST                                  {"version": ..., "format_version": ...}, written last
+    STORE/LOCK                                    held by the one writer at work (created if absent)
+    STORE/versions/<v>/manifest.json              parameters, modules, files with sizes and sha256
+    STORE/versions/<v>/basis/shard-NNNNN.safetensors
+    STORE/versions/<v>/loadings.parquet           one row per (task_id, module), sorted by task_id
+    STORE/versions/<v>/catalog.parquet            one row per adapter, quarantined ones too
+    STORE/versions/<v>/report.json
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from safetensors.torch import save as save_safetensors
+
+from pipeline import __version__
+from pipeline.config import ComponentRule
+from pipeline.errors import IntegrityError, PipelineError
+from pipeline.io.location import redact
+from pipeline.linalg import quantize
+from pipeline.linalg.decompose import Decomposition
+from pipeline.linalg.gauge import JointBasis
+
+# -- layout: object names and paths -------------------------------------------------------------
+
+FORMAT_VERSION = 1
+POINTER = "LATEST"
+LOCK = "LOCK"
+RUN = "run.json"  # present while the run that writes a version has not published it
+MANIFEST = "manifest.json"
+LOADINGS = "loadings.parquet"
+CATALOG = "catalog.parquet"
+REPORT = "report.json"
+LOADINGS_ROW_GROUP = 8192
+VERSION_RE = re.compile(r"^v(\d{6})$")
+# A task id, and each part of an object path below a version folder: what scan accepts on the way
+# in (no part starts with '.', so '..' never passes). RE2 syntax too, for pyarrow.compute.
+_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9._=+-]*"
+SAFE_TASK_ID = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
+_OBJECT_PATH_RE = re.compile(rf"^versions/v\d{{6}}(/{_SEGMENT})+$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {"bytes": self.bytes, "sha256": self.sha256}
+
+
+def basis_file(shard: str) -> str:
+    return f"basis/{shard}.safetensors"
+
+
+def staging_file(shard: str) -> str:
+    return f"staging/loadings-{shard}.parquet"
+
+
+def done_file(shard: str) -> str:
+    """Written by a shard task after its basis object and staged loadings: the shard is finished."""
+    return f"staging/{shard}.json"
+
+
+def version_path(version: str, name: str) -> str:
+    """A version's object as a path relative to the store root, as manifests list files."""
+    return f"versions/{version}/{name}"
+
+
+def basis_key(module: str, side: str, field: str) -> str:
+    return f"{module}.{side}.{field}"
+
+
+def pointer_record(version: str) -> bytes:
+    """LATEST's content."""
+    return json.dumps({"version": version, "format_version": FORMAT_VERSION}).encode() + b"\n"
+
+
+def check_bytes(data: bytes, expected: dict, name: str) -> None:
+    if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise IntegrityError(
+            f"{redact(name)} does not match its manifest checksum: the object is corrupt or was replaced"
+        )
+
+
+def is_safe_task_id(task_id: object) -> bool:
+    """A task id as scan accepts it: relative, parts of letters, digits and ._=+-, none starting with '.'."""
+    return isinstance(task_id, str) and SAFE_TASK_ID.match(task_id) is not None
+
+
+def safe_task_id(task_id: object, where: str) -> str:
+    """`task_id` read from `where` (a store object), or IntegrityError: used as a path by export."""
+    if not is_safe_task_id(task_id):
+        raise IntegrityError(
+            f"{where} holds task id {task_id!r}, which is not a safe relative path (letters, digits, ._=+- and /)"
+        )
+    return task_id
+
+
+def unsafe_task_ids(column) -> list:
+    """The values of a task_id column (pyarrow) that are not safe task ids (nulls too), in order."""
+    bad = pc.invert(pc.fill_null(pc.match_substring_regex(column, SAFE_TASK_ID.pattern), False))
+    return pc.filter(column, bad).to_pylist()
+
+
+def check_version_id(version: object, where: str | None = None) -> str:
+    """A version id (v + 6 digits); anything else (`../x`, a path into another store) is refused:
+    IntegrityError naming `where` when read from a store, PipelineError when the user typed it."""
+    if isinstance(version, str) and VERSION_RE.match(version):
+        return version
+    if where is None:
+        raise PipelineError(f"{version!r} is not a version id (v and 6 digits, e.g. v000001)")
+    raise IntegrityError(f"{where}: {version!r} is not a version id (v and 6 digits)")
+
+
+def is_object_path(path: object) -> bool:
+    """A manifest's file path: `versions/vNNNNNN/...`, relative, no empty, '.' or '..' parts."""
+    return isinstance(path, str) and _OBJECT_PATH_RE.match(path) is not None
+
+
+# -- manifest.json ---------------------------------------------------------------------------------
+
+
+def manifest_fields(version: str, parent: str | None, operation: str) -> dict:
+    """The fields every manifest starts with."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "parent": parent,
+        "operation": operation,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tool": f"lora-subspace {__version__}",
+    }
+
+
+def build_manifest(
+    version: str,
+    parent: str | None,
+    operation: str,
+    *,
+    source: str | None,
+    parameters: dict,
+    adapters: dict,
+    original_bytes: int,
+    base_model: str | None,
+    dtype: str | None,
+    error: dict,
+    quantization: dict | None,
+    modules: dict,
+    files: dict,
+) -> dict:
+    """A version's manifest: every field of the table in docs/store-format.md."""
+    return {
+        **manifest_fields(version, parent, operation),
+        "source": source,
+        "parameters": parameters,
+        "adapters": adapters,
+        "original_bytes": original_bytes,
+        "base_model": base_model,
+        "dtype": dtype,
+        "error": error,
+        "quantization": quantization,
+        "modules": modules,
+        "files": files,
+    }
+
+
+def rule_parameters(rule: ComponentRule, route: str, quantize: str | None, method: str = "flat") -> dict:
+    """Manifest `parameters`: what project and rebase reuse."""
+    return {
+        "components": rule.components,
+        "variance_threshold": None if rule.components is not None else rule.variance_threshold,
+        "adaptive": rule.adaptive,
+        "svd_route": route,
+        "quantize": quantize,
+        "method": method,
+    }
+
+
+def parameters_rule(parameters: dict) -> ComponentRule:
+    """The ComponentRule a manifest's `parameters` record."""
+    return ComponentRule(parameters["components"], parameters["variance_threshold"] or 0.6, parameters["adaptive"])
+
+
+def module_entry(
+    basis: str,
+    a_shape,
+    b_shape,
+    k_a: int,
+    k_b: int,
+    explained_a: float,
+    explained_b: float,
+    svd_route: str,
+    count: int,
+    **extra,
+) -> dict:
+    """A manifest's `modules` entry; `extra`: `method`, and for joint modules `width` and
+    `core_rank`, with a byte budget `budget`."""
+    return {
+        "basis": basis,
+        "a_shape": list(a_shape),
+        "b_shape": list(b_shape),
+        "k_a": k_a,
+        "k_b": k_b,
+        "explained_variance_a": round(explained_a, 6),
+        "explained_variance_b": round(explained_b, 6),
+        "svd_route": svd_route,
+        "count": count,
+        **extra,
+    }
+
+
+def manifest_problems(manifest: object, version: str) -> list[str]:
+    """What makes a parsed manifest unusable: every field a reader relies on, with its type (fields
+    that early format-1 manifests lack, `operation`, `adapters.in_basis` and a module's `count`,
+    only when present); every file path a store path; every module's basis one of the files.
+    Empty when it is sound."""
+    if not isinstance(manifest, dict):
+        return [f"not a JSON object ({type(manifest).__name__})"]
+    problems = []
+
+    def need(container: dict, key: str, kinds, label: str, optional: bool = False) -> bool:
+        if optional and key not in container:
+            return False
+        value = container.get(key)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            problems.append(f"{label} is {'missing' if key not in container else type(value).__name__}")
+            return False
+        return True
+
+    if need(manifest, "format_version", int, "format_version") and manifest["format_version"] > FORMAT_VERSION:
+        problems.append(f"format_version {manifest['format_version']}: this lora-subspace reads up to {FORMAT_VERSION}")
+    if manifest.get("version") != version:
+        problems.append(f"version is {manifest.get('version')!r}, not {version!r}")
+    parent = manifest.get("parent")
+    if "parent" not in manifest:
+        problems.append("parent is missing")
+    elif parent is not None and not (isinstance(parent, str) and VERSION_RE.match(parent)):
+        problems.append(f"parent {parent!r} is not a version id")
+    need(manifest, "created", str, "created")
+    need(manifest, "operation", str, "operation", optional=True)
+    need(manifest, "original_bytes", int, "original_bytes")
+    need(manifest, "parameters", dict, "parameters")
+    if need(manifest, "adapters", dict, "adapters"):
+        for key in ("ok", "quarantined", "in_basis"):
+            need(manifest["adapters"], key, int, f"adapters.{key}", optional=key == "in_basis")
+    files = manifest.get("files")
+    if need(manifest, "files", dict, "files"):
+        for path, entry in files.items():
+            if not is_object_path(path):
+                problems.append(f"file {path!r} is not a store path (versions/vNNNNNN/..., no '..')")
+            elif not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("bytes"), int)
+                and entry["bytes"] >= 0
+                and isinstance(entry.get("sha256"), str)
+                and _SHA256_RE.match(entry["sha256"])
+            ):
+                problems.append(f"file {path!r}: entry is not {{bytes, sha256}}")
+    if need(manifest, "modules", dict, "modules"):
+        for module, entry in manifest["modules"].items():
+            label = f"module {module!r}"
+            if not isinstance(entry, dict):
+                problems.append(f"{label} is {type(entry).__name__}")
+                continue
+            if isinstance(files, dict) and entry.get("basis") not in files:
+                problems.append(f"{label}: basis {entry.get('basis')!r} is not one of the files")
+            for key in ("a_shape", "b_shape"):
+                shape = entry.get(key)
+                if not (
+                    isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)
+                ):
+                    problems.append(f"{label}: {key} is {shape!r}")
+            for key in ("k_a", "k_b", "count") + (("width", "core_rank") if entry.get("method") == "joint" else ()):
+                need(entry, key, int, f"{label}.{key}", optional=key == "count")
+            for key in ("explained_variance_a", "explained_variance_b"):
+                need(entry, key, (int, float), f"{label}.{key}")
+            need(entry, "svd_route", str, f"{label}.svd_route")
+    return problems
+
+
+def encode_manifest(manifest: dict) -> bytes:
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+
+# -- basis/shard-NNNNN.safetensors -------------------------------------------------------------
+
+
+def encode_basis(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors(
+        {k: v.contiguous() for k, v in tensors.items()}, metadata={"format_version": str(FORMAT_VERSION)}
+    )
+
+
+def basis_tensors(
+    module: str, side: str, dec: Decomposition, packed: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """One module side's entries of a basis object; `packed`: its components as quantize.encode
+    stored them (`M.S.components.int8` ...), in place of float32 components."""
+    fields = {
+        "singular_values": dec.singular_values,
+        "mean": dec.mean,
+        "total_variance": torch.tensor([dec.total_variance], dtype=torch.float64),
+        "count": torch.tensor([dec.count], dtype=torch.int64),
+    }
+    if packed is None:
+        fields["components"] = dec.components
+    else:
+        fields.update({f"components.{name}": value for name, value in packed.items()})
+    return {basis_key(module, side, name): value.detach().to("cpu") for name, value in fields.items()}
+
+
+def decode_basis(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A basis object's tensors with packed components decoded to float32 `M.S.components`."""
+    decoded, packed = {}, {}
+    for key, value in tensors.items():
+        head, _, tail = key.rpartition(".components.")
+        if head and tail in quantize.FIELDS:
+            packed.setdefault(head, {})[tail] = value
+        else:
+            decoded[key] = value
+    for head, fields in packed.items():
+        decoded[f"{head}.components"] = quantize.decode(fields, tensors[f"{head}.mean"].shape[0])
+    return decoded
+
+
+def joint_tensors(module: str, basis: JointBasis, count: int) -> dict[str, torch.Tensor]:
+    """A joint module's entries of a basis object: U (d_out, c), V (d_in, c), adapters seen."""
+    return {
+        basis_key(module, "joint", "u"): basis.u.detach().to("cpu", torch.float32),
+        basis_key(module, "joint", "v"): basis.v.detach().to("cpu", torch.float32),
+        basis_key(module, "joint", "count"): torch.tensor([count], dtype=torch.int64),
+    }
+
+
+def read_joint(tensors: dict[str, torch.Tensor], module: str) -> JointBasis | None:
+    """A module's joint bases from a decoded basis object; None for a flat module."""
+    u = tensors.get(basis_key(module, "joint", "u"))
+    if u is None:
+        return None
+    return JointBasis(u, tensors[basis_key(module, "joint", "v")], 0.0, 0.0, 0)
+
+
+def read_decomposition(tensors: dict[str, torch.Tensor], module: str, side: str) -> Decomposition:
+    """A module side's Decomposition from a decoded basis object."""
+    return Decomposition(
+        tensors[basis_key(module, side, "components")],
+        tensors[basis_key(module, side, "singular_values")],
+        tensors[basis_key(module, side, "mean")],
+        float(tensors[basis_key(module, side, "total_variance")]),
+        "stored",
+        int(tensors[basis_key(module, side, "count")]),
+    )
+
+
+# -- loadings.parquet ------------------------------------------------------------------------------
+
+LOADINGS_SCHEMA = pa.schema(
+    [
+        ("task_id", pa.string()),
+        ("module", pa.string()),
+        ("a", pa.list_(pa.float32())),
+        ("b", pa.list_(pa.float32())),
+        ("error", pa.float32()),
+        ("measured", pa.bool_()),
+        ("norm", pa.float32()),
+    ]
+)
+LOADINGS_KEYS = ["task_id", "module"]
+
+
+def loadings_rows(task_ids, module, la, lb, error, norm, measured=True) -> pa.Table:
+    """Loadings table rows (LOADINGS_SCHEMA) of one module; `measured`: a bool, or one per row."""
+    return pa.table(
+        {
+            "task_id": pa.array(task_ids, pa.string()),
+            "module": pa.array([module] * len(task_ids), pa.string()),
+            "a": _lists(la),
+            "b": _lists(lb),
+            "error": pa.array(error.numpy().astype(np.float32)),
+            "measured": pa.array(np.full(len(task_ids), measured)),
+            "norm": pa.array(norm.numpy().astype(np.float32)),
+        }
+    )
+
+
+def _lists(values: torch.Tensor) -> pa.Array:
+    n, k = values.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32) if k else np.zeros(n + 1, np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.numpy().astype(np.float32).reshape(-1)))
+
+
+def loadings_matrix(rows: pa.Table, column: str, width: int | None = None) -> torch.Tensor:
+    """(rows, k) float32 loadings of a column; `width` k when there may be no rows."""
+    values = rows.column(column).combine_chunks()
+    if width is None:
+        width = len(values[0]) if len(values) else 0
+    return torch.from_numpy(values.flatten().to_numpy().astype(np.float32).reshape(len(values), width))
+
+
+# -- catalog.parquet -------------------------------------------------------------------------------
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("task_id", pa.string()),
+        ("uri", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("warnings", pa.list_(pa.string())),
+        ("weights_bytes", pa.int64()),
+        ("weights_tag", pa.string()),
+        ("rank", pa.int32()),
+        ("lora_alpha", pa.float64()),
+        ("use_rslora", pa.bool_()),
+        ("base_model", pa.string()),
+        ("dtype", pa.string()),
+        ("config_json", pa.string()),
+        ("in_basis", pa.bool_()),
+        ("weights_sha256", pa.string()),  # null on S3 and in catalogs written before it existed
+    ]
+)

@@ -1,0 +1,86 @@
+"""Growing a store after uploads: discovery against the current catalog, then `project` (new
+adapters on the current basis), `rebase` (the incremental update absorbs them) or `rebase --full`
+(one SVD over the stored adapters, rebuilt, or read again from the source with --from-source,
+plus the new ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from pipeline.config import Options
+from pipeline.flow.change import Change, Summary
+from pipeline.flow.discover import chunks, diff, stored_catalog, with_digests, with_files
+from pipeline.flow.publish import write_version
+from pipeline.flow.scan import scan
+from pipeline.io.adapters import discover
+from pipeline.io.format import parameters_rule
+from pipeline.io.location import Location
+from pipeline.io.store import Store
+from pipeline.runners import Runner
+
+log = logging.getLogger(__name__)
+
+
+def grow(
+    source: Location,
+    store: Store,
+    runner: Runner,
+    operation: str,
+    options: Options,
+    *,
+    full: bool = False,
+    from_source: bool = False,
+    dry_run: bool = False,
+    chunk_size: int | None = None,
+) -> dict:
+    """project or rebase: returns {"diff": ..., "versions": [summaries]} (no versions for a dry
+    run or when nothing changed)."""
+    store.require_version()  # a missing store fails before the source is listed
+    refs = with_files(discover(source), runner)
+    if dry_run:
+        catalog = stored_catalog(store, store.require_version())
+        return {"diff": diff(with_digests(refs, catalog, runner), catalog).to_dict(), "versions": []}
+    with store.lock(operation) as lock:
+        parent = store.require_version()
+        manifest = store.manifest(parent)
+        catalog = stored_catalog(store, parent)
+        changes = diff(with_digests(refs, catalog, runner), catalog)
+        if changes.missing:
+            log.info("%d adapter(s) in the store are no longer in the source; they stay", len(changes.missing))
+        options = dataclasses.replace(
+            options,
+            rule=parameters_rule(manifest["parameters"]),
+            route=manifest["parameters"]["svd_route"],
+            quantize=manifest["parameters"].get("quantize"),
+            method=manifest["parameters"].get("method", "flat"),
+            ratio=manifest["parameters"].get("ratio"),
+            budget_bytes=manifest["parameters"].get("budget_bytes"),
+        )
+        if from_source:
+            to_read = refs  # adapters gone from the source join as rebuilt from the store
+        else:
+            to_read = changes.added + changes.replaced + (changes.pending if operation == "rebase" else [])
+        if not to_read and not full:
+            log.info("%s is up to date with %s: nothing to do", store, source)
+            return {"diff": changes.to_dict(), "versions": []}
+        status = {row["task_id"]: row["status"] for row in catalog}
+        summaries: list[Summary] = []
+        parts = chunks(sorted(to_read, key=lambda r: r.task_id), None if full else chunk_size)
+        for part in parts:
+            started = time.perf_counter()
+            adapters = scan(part, runner, manifest, options.strict)
+            if operation == "project":
+                change = Change("project", "project", adapters, parent, manifest, status)
+            elif full:
+                change = Change("rebase-full", "fit", adapters, parent, manifest, status, refit=True)
+            else:
+                change = Change("rebase", "absorb", adapters, parent, manifest, status)
+            change.counts, change.scan_seconds = changes.counts(), time.perf_counter() - started
+            summaries.append(write_version(change, source, store, runner, options, lock))
+            parent = summaries[-1].version
+            manifest = store.manifest(parent)
+            status = {**status, **{a.task_id: a.status for a in adapters}}
+    return {"diff": changes.to_dict(), "versions": [s.to_dict() for s in summaries]}
