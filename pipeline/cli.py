@@ -32,31 +32,51 @@ def parse_size(text: str) -> int:
     return size
 
 
+def _number(text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+
+
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
 
 
 def _ratio(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not value > 1:
         raise argparse.ArgumentTypeError(f"must be above 1 (the compression factor), got {text}")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors are JSON log lines too when --log-format json was asked for."""
+
+    json_errors = False
+
+    def error(self, message: str):
+        if not _Parser.json_errors:
+            super().error(message)
+        print(
+            json.dumps({"level": "ERROR", "logger": "lora-subspace", "message": f"{self.prog}: error: {message}"}),
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lora-subspace", description="Compress LoRA adapter collections into shared subspaces."
-    )
+    parser = _Parser(prog="lora-subspace", description="Compress LoRA adapter collections into shared subspaces.")
     parser.add_argument("--version", action="version", version=f"lora-subspace {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS, or AWS_ENDPOINT_URL)")
@@ -211,12 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("store")
     rp.add_argument("--out", required=True, help="the HTML file to write (path, file:// or s3://)")
     rp.add_argument("--version", help="a version id (default: current)")
+    rp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 an error stated in one line (input, storage, store), 2 a usage error
     (argparse), 130 interrupted."""
+    given = sys.argv[1:] if argv is None else argv
+    _Parser.json_errors = "--log-format=json" in given or any(
+        a == "--log-format" and b == "json" for a, b in zip(given, given[1:])
+    )
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.log_format)
     json_logs = args.log_format == "json"
@@ -450,6 +475,10 @@ def cmd_report(args) -> dict:
 
     store = _store(args.store, args.endpoint_url)
     out = Location(args.out, args.endpoint_url)
+    if out.fs.isdir(out.root):
+        raise PipelineError(f"--out {out} is a folder; report writes one HTML file (e.g. {out}/report.html)")
+    if out.fs.exists(out.root) and not args.overwrite:
+        raise PipelineError(f"--out {out} exists; report writes a new file (--overwrite replaces it)")
     version = write_report(store, args.version, out)
     if not args.json:
         print(f"report of {store} {version} written to {out}")
@@ -546,9 +575,11 @@ def _refuse_joint(store, version: str | None, why: str, instead: str) -> None:
 
 
 def cmd_vlora_import(args) -> dict:
+    from pipeline.operations.compress import check_out
     from pipeline.vlora_format import read_vlora
 
     store = _store(args.store, args.endpoint_url)
+    check_out(store, "vlora-import", "STORE ")
     current = store.current_version()
     if current is not None and not args.replace:
         raise PipelineError(

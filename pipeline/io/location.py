@@ -109,7 +109,11 @@ class Location:
         path = self.path(*parts)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         self.write_bytes(data, tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            os.unlink(tmp)  # nothing of a failed write stays behind
+            raise
 
     def create_exclusive(self, data: bytes, *parts: str) -> None:
         """Write an object only if none exists; FileExistsError otherwise. Atomic on S3 (a PUT with

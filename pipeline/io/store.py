@@ -123,7 +123,20 @@ class Store:
                     f"bucket {bucket!r} does not exist (store {self}); check the name, region and --endpoint-url"
                 )
             raise PipelineError(f"no store at {self} (no {POINTER} pointer): run `lora-subspace compress` first")
+        if not self.version_location(version).exists(MANIFEST):  # a published version always has one
+            raise IntegrityError(f"{self._uri(POINTER)} names {version}, which is not in the store: {_REPAIR}")
         return version
+
+    def require_store(self) -> None:
+        """Raise unless a store is there (a LATEST pointer or versions), readable or not."""
+        if self.location.exists(POINTER) or self.location.exists("versions"):
+            return
+        bucket = self.missing_bucket()
+        if bucket:
+            raise PipelineError(
+                f"bucket {bucket!r} does not exist (store {self}); check the name, region and --endpoint-url"
+            )
+        raise PipelineError(f"no store at {self} (no {POINTER} pointer, no versions)")
 
     def missing_bucket(self) -> str | None:
         """The store's bucket when it is on object storage and the bucket does not exist."""

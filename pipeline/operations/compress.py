@@ -9,6 +9,7 @@ version: no process ever holds more than one chunk of factors, and a crashed run
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from pipeline.config import Options
@@ -27,14 +28,14 @@ from pipeline.runners import Runner
 log = logging.getLogger(__name__)
 
 
-def check_out(store: Store) -> None:
-    """compress writes a store into a new or empty folder, or a version into an existing store
-    (its LATEST pointer, versions/ or writer LOCK there); never into a folder that holds other files."""
+def check_out(store: Store, command: str = "compress", what: str = "--out ") -> None:
+    """A new store goes into a new or empty folder, a version into an existing store (its LATEST
+    pointer, versions/ or writer LOCK there); never into a folder that holds other files."""
     where = store.location
     if where.exists(POINTER) or where.exists("versions") or where.exists(LOCK) or not holding_files(where, [""]):
         return
     raise PipelineError(
-        f"--out {where} holds files and is not a store (no {POINTER}, no versions/): compress writes a new "
+        f"{what}{where} holds files and is not a store (no {POINTER}, no versions/): {command} writes a new "
         "store only into a new or empty folder"
     )
 
@@ -47,17 +48,33 @@ def compress(
 ) -> list[Summary]:
     refs = discover(source)
     check_out(store)
+    new_folder = store.location.is_local and not os.path.exists(store.location.root)
     store.check_writable()
-    with store.lock("compress") as lock:
-        summaries: list[Summary] = []
-        for part in chunks(refs, chunk_size):
-            started = time.perf_counter()
-            if not summaries:
-                change = Change("compress", "fit", scan(part, runner, strict=options.strict), store.current_version())
-            else:
-                parent = summaries[-1].version
-                manifest = store.manifest(parent)
-                change = Change("compress", "absorb", scan(part, runner, manifest, options.strict), parent, manifest)
-            change.scan_seconds = time.perf_counter() - started
-            summaries.append(write_version(change, source, store, runner, options, lock))
+    summaries: list[Summary] = []
+    try:
+        with store.lock("compress") as lock:
+            for part in chunks(refs, chunk_size):
+                started = time.perf_counter()
+                if not summaries:
+                    change = Change("compress", "fit", scan(part, runner, strict=options.strict), store.current_version())
+                else:
+                    parent = summaries[-1].version
+                    manifest = store.manifest(parent)
+                    change = Change("compress", "absorb", scan(part, runner, manifest, options.strict), parent, manifest)
+                change.scan_seconds = time.perf_counter() - started
+                summaries.append(write_version(change, source, store, runner, options, lock))
+    except PipelineError:
+        if new_folder and not summaries:
+            _remove_empty_folders(store.location.root)  # a refused first run leaves no trace
+        raise
     return summaries
+
+
+def _remove_empty_folders(root: str) -> None:
+    """Remove `root` and the folders under it if they hold no file (never a file, nor a folder
+    that holds one)."""
+    for folder, _, _ in sorted(os.walk(root), key=lambda entry: -len(entry[0])):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass

@@ -6,7 +6,7 @@ import logging
 
 from pipeline.errors import IntegrityError, PipelineError
 from pipeline.io.format import check_version_id
-from pipeline.io.store import PUBLISHED, UNFINISHED, UNREADABLE, Store
+from pipeline.io.store import LEFTOVER, PUBLISHED, UNFINISHED, UNREADABLE, Store
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def rollback(store: Store, version: str) -> dict:
     holds now (it may be unreadable: this is how it is repaired). Nothing else changes; a later
     write grows from it. An unfinished version (its run never moved LATEST to it) is refused."""
     check_version_id(version)
+    store.require_store()  # before the lock: a command on a missing store creates nothing
     with store.lock("rollback"):
         survey = store.survey()
         target = survey.state(version)
@@ -112,6 +113,7 @@ def prune(store: Store, keep: int) -> dict:
     what the versions need is then unknown."""
     if keep < 1:
         raise PipelineError("prune --keep must be at least 1")
+    store.require_store()
     with store.lock("prune"):
         current = store.require_version()
         survey = store.survey()
@@ -128,5 +130,6 @@ def prune(store: Store, keep: int) -> dict:
         for s in survey.versions:
             if s.version not in protected:
                 freed += store.delete_version(s.version, keep=needed)
-                removed.append(s.version)
+                if s.state != LEFTOVER:  # already pruned: only objects no kept version needs any more went
+                    removed.append(s.version)
     return {"removed": removed, "kept": sorted(protected), "bytes_freed": freed}

@@ -9,6 +9,7 @@ import pyarrow.compute as pc
 
 from pipeline.errors import IntegrityError
 from pipeline.io.format import CATALOG, LOADINGS, MANIFEST
+from pipeline.io.location import printable
 from pipeline.io.store import Store
 
 
@@ -139,7 +140,7 @@ def format_info(info: dict) -> str:
         f"version      {info['version']}{' (current)' if info['current'] else ''} by {info['operation']}, "
         f"parent {info['parent'] or '-'}, created {info['created']}",
         f"base model   {info['base_model'] or '-'}",
-        f"adapters     {info['adapters']['ok']} ok ({info['adapters']['in_basis']} in the basis, the rest projected), "
+        f"adapters     {info['adapters']['ok']} ok{_projected(info['adapters'])}, "
         f"{info['adapters']['quarantined']} quarantined",
         f"modules      {info['modules']}: {_methods_line(info['methods'])}",
         f"explained    variance {min(ev):.3f}..{max(ev):.3f} (per module and side)",
@@ -149,7 +150,7 @@ def format_info(info: dict) -> str:
         f"other basis fields {b['basis_other']:,}, loadings {b['loadings']:,}, metadata {b['metadata']:,}",
         f"delta-W err  mean {info['error']['mean']:.4f}, max {info['error']['max']:.4f} "
         "(relative ||dW - dW'|| / ||dW||; estimated for adapters moved by incremental updates)",
-        f"worst        {', '.join(info['error']['worst'])}",
+        f"worst        {', '.join(printable(t) for t in info['error']['worst'])}",
     ]
     if quantization:
         added = quantization.get("added_error")
@@ -163,8 +164,13 @@ def format_info(info: dict) -> str:
             )
         )
     for task_id, reason in info["quarantined"].items():
-        lines.append(f"quarantined  {task_id}: {reason}")
+        lines.append(f"quarantined  {printable(task_id)}: {printable(reason or '')}")
     return "\n".join(lines)
+
+
+def _projected(adapters: dict) -> str:
+    projected = adapters["ok"] - adapters["in_basis"]
+    return f" ({adapters['in_basis']} in the basis, {projected} projected)" if projected else ""
 
 
 def to_json(info: dict) -> str:

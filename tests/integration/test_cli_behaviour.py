@@ -220,3 +220,80 @@ def test_sizes_of_zero_bytes_are_usage_errors(option, value, tmp_path, capsys):
     assert exit_.value.code == 2
     assert "must be at least 1 byte" in capsys.readouterr().err
     assert not (tmp_path / "store").exists()
+
+
+def test_found_by_a_new_user(runner, tmp_path, capsys):
+    """What a first walk through the README found: nothing overwritten, nothing created by a refused
+    command, names escaped, and messages that name the object."""
+    import shutil
+
+    from conftest import make_collection
+
+    src, store = tmp_path / "src", tmp_path / "store"
+    ids = make_collection(src, 6, preset="micro")
+    odd = src / "new\nline"
+    odd.mkdir()
+    shutil.copy(src / ids[0] / "adapter_config.json", odd)  # no weights: quarantined
+    assert run_cli("compress", src, "--out", store, "--components", 2) == 0
+    capsys.readouterr()
+
+    # report writes a new file only.
+    (tmp_path / "mine.html").write_text("mine")
+    assert run_cli("report", store, "--out", tmp_path / "mine.html") == 1
+    assert (tmp_path / "mine.html").read_text() == "mine" and "--overwrite" in capsys.readouterr().err
+    assert run_cli("report", store, "--out", tmp_path / "mine.html", "--overwrite") == 0
+    (tmp_path / "folder").mkdir()
+    assert run_cli("report", store, "--out", tmp_path / "folder") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "mine.html", "src", "store"]
+
+    # info escapes a folder name's newline; one line per quarantined adapter.
+    capsys.readouterr()
+    assert run_cli("info", store) == 0
+    out = capsys.readouterr().out
+    assert "quarantined  new\\nline: " in out and "adapters     6 ok, 1 quarantined" in out
+
+    # Commands refused on a missing store create nothing.
+    for command in (["rollback", tmp_path / "none", "v000001"], ["prune", tmp_path / "none", "--keep", 1]):
+        assert run_cli(*command) == 1
+        assert "no store at" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+    # A compress whose every adapter is quarantined leaves no folder.
+    (tmp_path / "bad" / "a").mkdir(parents=True)
+    (tmp_path / "bad" / "a" / "adapter_config.json").write_text("{}")
+    assert run_cli("compress", tmp_path / "bad", "--out", tmp_path / "new-store") == 1
+    assert not (tmp_path / "new-store").exists()
+
+    # vlora-import writes a store only where compress would.
+    assert run_cli("vlora-export", store, tmp_path / "vlora") == 0
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    capsys.readouterr()
+    assert run_cli("vlora-import", tmp_path / "vlora", tmp_path / "notes") == 1
+    assert "is not a store" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["todo.txt"]
+
+    # prune lists what it removed, once.
+    for _ in range(2):
+        assert run_cli("rebase", store, src, "--full") == 0
+    capsys.readouterr()
+    assert run_cli("prune", store, "--keep", 1, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == ["v000001"]  # v000002: the parent of the kept one
+    assert run_cli("prune", store, "--keep", 1, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == []
+
+    # A LATEST naming a version that is not there is named as such by every reader.
+    (store / "LATEST").write_text('{"version": "v000099", "format_version": 1}')
+    for command in (["info", store], ["export", store, ids[0], "--out", tmp_path / "x"], ["verify", store]):
+        assert run_cli(*command) == 1
+        assert "names v000099, which is not in the store" in capsys.readouterr().err
+
+
+def test_usage_errors_are_json_under_json_logs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli("info", "x", "--log-format", "json", "--bogus")
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --bogus" in json.loads(capsys.readouterr().err)["message"]
+    with pytest.raises(SystemExit):
+        run_cli("prune", "x", "--keep", "abc")
+    err = capsys.readouterr().err
+    assert "--keep: not an integer: 'abc'" in err and "_positive" not in err
