@@ -14,11 +14,12 @@ from pipeline.io.adapters import AdapterRef, FileStat, list_adapter_files, weigh
 from pipeline.io.format import CATALOG
 from pipeline.io.store import Store
 from pipeline.peft_format import WEIGHTS_FILE
-from pipeline.runners import Runner
+from pipeline.runners import Runner, SerialRunner
 
 log = logging.getLogger(__name__)
 
 STAT_BATCH = 64
+HASH_IN_PROCESS_BYTES = 256 << 20  # weights to compare by content in the driver; more go to Ray tasks
 
 
 @dataclass
@@ -101,6 +102,8 @@ def with_digests(refs: list[AdapterRef], catalog: list[dict], runner: Runner) ->
         return refs
     log.info("%d weights file(s) have new times but their old sizes: comparing their contents", len(todo))
     batches = [todo[i : i + STAT_BATCH] for i in range(0, len(todo), STAT_BATCH)]
+    if sum(ref.files[WEIGHTS_FILE].size for ref in todo) <= HASH_IN_PROCESS_BYTES:
+        runner = SerialRunner()  # a few files: hashed here, without starting a cluster
     for index, digests in runner.map_unordered(weights_sha256, batches, num_cpus=1):
         for ref, digest in zip(batches[index], digests):
             weights = ref.files[WEIGHTS_FILE]

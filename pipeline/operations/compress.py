@@ -56,11 +56,15 @@ def compress(
             for part in chunks(refs, chunk_size):
                 started = time.perf_counter()
                 if not summaries:
-                    change = Change("compress", "fit", scan(part, runner, strict=options.strict), store.current_version())
+                    change = Change(
+                        "compress", "fit", scan(part, runner, strict=options.strict), store.current_version()
+                    )
                 else:
                     parent = summaries[-1].version
                     manifest = store.manifest(parent)
-                    change = Change("compress", "absorb", scan(part, runner, manifest, options.strict), parent, manifest)
+                    change = Change(
+                        "compress", "absorb", scan(part, runner, manifest, options.strict), parent, manifest
+                    )
                 change.scan_seconds = time.perf_counter() - started
                 summaries.append(write_version(change, source, store, runner, options, lock))
     except PipelineError:

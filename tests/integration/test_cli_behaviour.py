@@ -297,3 +297,17 @@ def test_usage_errors_are_json_under_json_logs(capsys):
         run_cli("prune", "x", "--keep", "abc")
     err = capsys.readouterr().err
     assert "--keep: not an integer: 'abc'" in err and "_positive" not in err
+
+
+def test_a_rebase_of_a_copied_collection_starts_no_ray(runner, tmp_path):
+    """`cp -r` keeps the bytes, not the times: a few files are compared by content in the driver."""
+    import shutil
+
+    from conftest import make_collection
+
+    make_collection(tmp_path / "src", 6, preset="micro")
+    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 2) == 0
+    shutil.copytree(tmp_path / "src", tmp_path / "copy", copy_function=shutil.copyfile)
+    result = _cli("rebase", str(tmp_path / "store"), str(tmp_path / "copy"), probe=True)
+    assert result.returncode == 0, result.stderr
+    assert "is up to date" in result.stdout and "RAY_IMPORTED False" in result.stderr
