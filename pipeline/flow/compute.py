@@ -16,24 +16,34 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
 from pipeline import failpoints
-from pipeline.config import ComponentRule
 from pipeline.errors import PipelineError
-from pipeline.flow.change import Mode, good_adapters
-from pipeline.flow.plan import Shard, largest_shard_bytes, module_budgets, module_shapes, version_shards
+from pipeline.flow.change import good_adapters
+from pipeline.flow.plan import largest_shard_bytes, module_budgets, module_shapes, version_shards
+from pipeline.flow.strategies import (
+    Context,
+    FitSpec,
+    ModuleResult,
+    Outcome,
+    Parent,
+    ShardResult,
+    ShardTask,
+    _column,
+    _rebuild_joint,
+    absorb_joint,
+    explained,
+    strategy_for,
+)
 from pipeline.io.adapters import read_ranges
 from pipeline.io.format import (
     LOADINGS,
     LOADINGS_KEYS,
     LOADINGS_SCHEMA,
-    FileEntry,
     basis_file,
     basis_tensors,
     done_file,
@@ -46,112 +56,26 @@ from pipeline.io.format import (
     staging_file,
     version_path,
 )
-from pipeline.io.location import Location, printable
-from pipeline.io.safetensors_ranges import DTYPES, TensorInfo, decode
+from pipeline.io.location import printable
+from pipeline.io.safetensors_ranges import decode
 from pipeline.io.store import Store
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
-from pipeline.linalg import quantize
-from pipeline.linalg.budget import FlatFit, JointFit, candidates, fit_joint_module, fit_within
-from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, project, reconstruct
-from pipeline.linalg.gauge import JointBasis, align_rows, cut_rank, joint_cores, joint_rebuild, pad_rank
-from pipeline.linalg.incremental import absorb
-from pipeline.linalg.loadings import ERROR_ROWS, Move
-from pipeline.linalg.metrics import product_error, relative
+from pipeline.linalg.decompose import Decomposition, reconstruct
+from pipeline.linalg.gauge import JointBasis
+from pipeline.linalg.loadings import Move
 from pipeline.progress import Progress
+
+__all__ = ["ModuleResult", "Parent", "ShardResult", "ShardTask", "compute_all", "compute_shard", "explained"]
 
 log = logging.getLogger(__name__)
 
 READ_BYTES = 64 << 20  # raw tensor bytes per cat_ranges call: bounds what reading holds at once
 
 
-@dataclass
-class Parent:
-    """The version a new one grows from: its basis objects (store-relative, per module), its
-    loadings table, and the task ids whose rows the new version replaces."""
-
-    basis: dict[str, str]
-    checksums: dict[str, dict]  # basis path -> its manifest entry, checked on read
-    loadings: str
-    drop: frozenset[str] = frozenset()
-    refit: bool = False  # fit mode: the parent's reconstructed rows join the new SVD
-    modules: dict[str, dict] = field(default_factory=dict)  # module -> the parent manifest's entry
-
-
-@dataclass
-class ShardTask:
-    shard: Shard
-    mode: Mode
-    rule: ComponentRule
-    store: Location
-    version: str
-    source: Location | None  # whose filesystem reads the new adapters
-    new: list[tuple[str, str, dict[str, tuple[TensorInfo, TensorInfo]]]]  # task id, weights path, infos, sorted by id
-    shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]]  # module -> lora_A and lora_B shapes
-    parent: Parent | None = None
-    fixed_k: int | None = None  # the collection-wide k, once the first module decided it
-    route: str = "auto"
-    quantize: str | None = None  # int8 | nf4: the basis is stored packed, and loadings fit what is stored
-    method: str = "flat"  # flat | aligned (factors in one gauge first) | joint | auto (flat or joint, by error)
-    budgets: dict[str, float] | None = None  # module -> stored floats per adapter (a byte budget; fit mode)
-    key: str = ""  # digest of everything the result depends on: a resumed run reuses a matching shard
-
-
-@dataclass
-class ModuleResult:
-    module: str
-    a_shape: tuple[int, int]
-    b_shape: tuple[int, int]
-    k_a: int
-    k_b: int
-    explained_a: float
-    explained_b: float
-    route: str
-    count: int  # adapters the basis has seen
-    method: str = "flat"  # flat (also aligned) | joint
-    width: int = 0  # joint: c, the columns of U and V
-    core_rank: int = 0  # joint: q, the rank of each adapter's factored core
-    budget: float | None = None  # stored floats per adapter a byte budget allows
-
-
-@dataclass
-class ShardResult:
-    shard: Shard
-    file: FileEntry | None = None  # the basis object written (None: the parent's is kept)
-    modules: list[ModuleResult] = field(default_factory=list)
-    nonfinite: dict[int, str] = field(default_factory=dict)  # index into task.new -> reason
-    decided_k: int | None = None
-    bytes_read: int = 0
-    requests: int = 0
-    stack_bytes: int = 0  # the factor stacks this task held: what grows with the rows it reads
-    seconds: dict[str, float] = field(default_factory=dict)
-    resumed: bool = False  # taken from a crashed run's finished shard, not computed again
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> ShardResult:
-        modules = [
-            ModuleResult(**{**m, "a_shape": tuple(m["a_shape"]), "b_shape": tuple(m["b_shape"])})
-            for m in data["modules"]
-        ]
-        return cls(
-            Shard(data["shard"]["index"], tuple(data["shard"]["modules"])),
-            FileEntry(**data["file"]) if data["file"] else None,
-            modules,
-            {},
-            data["decided_k"],
-            data["bytes_read"],
-            data["requests"],
-            data["stack_bytes"],
-            data["seconds"],
-            True,
-        )
-
-
 def compute_shard(task: ShardTask) -> ShardResult:
+    """Read the shard's stacks, apply each module's strategy, write the basis object, the staged
+    loadings and, last, the done record."""
     failpoints.reach("shard-start")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     result = ShardResult(task.shard)
     store = Store(task.store)
     # First: a crashed run's record for this shard (other inputs, or it would not be recomputed)
@@ -161,93 +85,23 @@ def compute_shard(task: ShardTask) -> ShardResult:
     stacks = _read_stacks(task, result) if task.new else {}
     if result.nonfinite:
         return result
-    parents, parent_joint = _parent_bases(store, task) if task.parent else ({}, {})
-    if task.parent and task.parent.refit:
-        _add_parent_rows(store, task, parents, parent_joint, stacks, result)
-    result.seconds["read"] = time.perf_counter() - clock
-    if task.method == "aligned":
-        clock = time.perf_counter()
-        _align(task, stacks, parents)
-        result.seconds["align"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    k = task.fixed_k
-    bases: dict[tuple[str, str], Decomposition] = {}
-    joint: dict[str, tuple[JointBasis, int]] = {}  # module -> bases to write, adapters they have seen
-    packed: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    new_rows: list[pa.Table] = []
-    parent_rows: list[pa.Table] = []  # joint absorb: the parent's rows, refitted with the new ones
-    # A joint re-base refits the parent's rows of its joint modules: read them in one pass.
-    joint_rows = _rows_by_module(store, task, sorted(parent_joint)) if task.mode == "absorb" and parent_joint else {}
-    for module in task.shard.modules:
-        shapes = task.shapes[module]
-        stack = stacks.pop(module, None)
-        fit = _choose(task, module, stack, device) if task.mode == "fit" else None
-        if isinstance(fit, JointFit) or (task.mode != "fit" and module in parent_joint):
-            summary, basis, rows, moved = _joint_module(
-                task, module, stack, fit, parent_joint.get(module), joint_rows.get(module), device
-            )
-            result.modules.append(summary)
-            if basis is not None:
-                joint[module] = basis, summary.count
-            new_rows += [rows] if rows is not None else []
-            parent_rows += [moved] if moved is not None else []
-            continue
-        for side in "AB":
-            x = stack["AB".index(side)].to(device) if stack is not None else None
-            limit, threshold = task.rule.limits(k)
-            if task.budgets and task.mode == "absorb":  # a budgeted store keeps each module's k
-                limit, threshold = len(parents[module, side].singular_values), None
-            if fit is not None:
-                dec = getattr(fit, side.lower())
-            elif task.mode == "project":
-                dec = parents[module, side]
-            elif task.mode == "absorb":
-                dec = absorb(_to(parents[module, side], device), x, limit, threshold)
-            else:
-                dec = centred_svd(x, limit, threshold, task.route)
-            if task.rule.needs_first_module and k is None and task.mode != "project" and not task.budgets:
-                k = result.decided_k = max(len(dec.singular_values), 1)
-            bases[module, side] = _to(dec, "cpu")
-            if task.quantize and task.mode != "project":
-                codes = packed[module, side] = quantize.encode(dec.components, task.quantize)
-                bases[module, side] = dataclasses.replace(
-                    bases[module, side], components=quantize.decode(codes, dec.mean.shape[0])
-                )
-        a, b = bases[module, "A"], bases[module, "B"]
-        result.modules.append(
-            ModuleResult(
-                module,
-                *shapes,
-                len(a.singular_values),
-                len(b.singular_values),
-                explained(a),
-                explained(b),
-                a.route,
-                a.count,
-            )
-        )
-        if task.new:
-            new_rows.append(_project_new(task, module, shapes, stack, a, b, device))
-    result.seconds["compute"] = time.perf_counter() - clock
-    for m in result.modules:
-        m.budget = task.budgets[m.module] if task.budgets else None
-
-    clock = time.perf_counter()
-    if task.mode != "project":
-        tensors = {}
-        for (module, side), dec in bases.items():
-            tensors.update(basis_tensors(module, side, dec, packed.get((module, side))))
-        for module, (basis, count) in joint.items():
-            tensors.update(joint_tensors(module, basis, count))
-        result.file = store.write_object(task.version, basis_file(task.shard.name), encode_basis(tensors))
-    streams: list = [_sorted_rows(new_rows), _sorted_rows(parent_rows)]
+    ctx = Context(task, "cuda" if torch.cuda.is_available() else "cpu", k=task.spec.fixed_k)
     if task.parent:
-        streams.append(
-            _moved_parent_rows(store, task, parents, bases, set(parent_joint) if task.mode == "absorb" else set())
-        )
-    where = store.version_location(task.version)
-    write_tables(where, staging_file(task.shard.name), merge_sorted(streams, LOADINGS_KEYS), LOADINGS_SCHEMA)
+        ctx.parents, ctx.parent_joint = _parent_bases(store, task)
+        if task.parent.refit:
+            _add_parent_rows(store, task, ctx.parents, ctx.parent_joint, stacks, result)
+    result.seconds["read"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    outcomes = _apply_strategies(store, ctx, stacks)
+    result.modules = [o.summary for o in outcomes]
+    result.decided_k = ctx.decided_k
+    if task.spec.method == "aligned":
+        result.seconds["align"] = ctx.align_seconds
+    result.seconds["compute"] = time.perf_counter() - clock - ctx.align_seconds
+
+    clock = time.perf_counter()
+    _write_shard(store, ctx, outcomes, result)
     result.seconds["write"] = time.perf_counter() - clock
     failpoints.reach("shard-staged")
     # Last: this record says the shard's objects are complete, for a resumed run to reuse.
@@ -257,150 +111,38 @@ def compute_shard(task: ShardTask) -> ShardResult:
     return result
 
 
-def _choose(task: ShardTask, module: str, stack, device) -> FlatFit | JointFit | None:
-    """Fit mode: the fit the method and the budget choose; None where the flat method's
-    component rule decides (no budget)."""
-    shapes = task.shapes[module]
-    if task.budgets:
-        n = len(stack[0])
-        return fit_within(
-            stack[0].to(device),
-            stack[1].to(device),
-            shapes,
-            task.budgets[module] * n,
-            candidates(task.method),
-            task.route,
-        )
-    if task.method == "joint":
-        (r, d_in), (d_out, _) = shapes
-        n = len(stack[0])
-        return fit_joint_module(
-            stack[0].to(device).view(n, r, d_in), stack[1].to(device).view(n, d_out, r), task.rule.components, r
-        )
-    return None
+def _apply_strategies(store: Store, ctx: Context, stacks: dict[str, list[torch.Tensor]]) -> list[Outcome]:
+    """Each module's outcome, in shard order. The parent's rows of the modules a joint re-base
+    refits are read first, in one pass."""
+    task = ctx.task
+    chosen = {m: strategy_for(task.spec, task.mode, m in ctx.parent_joint) for m in task.shard.modules}
+    refitted = sorted(m for m, strategy in chosen.items() if strategy is absorb_joint)
+    if refitted:
+        ctx.joint_rows = _rows_by_module(store, task, refitted)
+    return [strategy(ctx, module, stacks.pop(module, None)) for module, strategy in chosen.items()]
 
 
-def _joint_module(
-    task: ShardTask, module: str, stack, fit: JointFit | None, parent: JointBasis | None, old: pa.Table | None, device
-):
-    """A joint module: (its result, the bases to write (None: the parent's are kept), rows of the
-    new adapters, the parent's rows `old` moved to the new bases (a re-base)); None where there
-    are none."""
-    shapes = task.shapes[module]
-    moved = None
-    if task.mode == "project":
-        summary = _parent_result(task, module)
-        if not task.new:
-            return summary, None, None, None
-        q = task.parent.modules[module]["core_rank"]
-        fit = JointFit(parent, q, *_joint_cores(parent, stack, shapes, q, device))
-    else:
-        if task.mode == "absorb":
-            fit, moved = _absorb_joint(task, module, stack, parent, old, device)
-            count = task.parent.modules[module]["count"] + len(task.new)
-        else:
-            count = len(stack[0])  # with a full re-base's rebuilt rows
-        width = fit.basis.u.shape[1]
-        summary = ModuleResult(
-            module,
-            *shapes,
-            fit.q * width,
-            fit.q * width,
-            fit.explained,
-            fit.explained,
-            "joint",
-            count,
-            "joint",
-            width,
-            fit.q,
-        )
-    n = len(task.new)
-    rows = None
-    if n:
-        basis, core_a, core_b = fit.basis, fit.core_a[:n].to(torch.float32), fit.core_b[:n].to(torch.float32)
-        u, v = basis.u.to(device, torch.float32), basis.v.to(device, torch.float32)
-        xa, xb = stack[0][:n].to(device), stack[1][:n].to(device)
-
-        def written(index: torch.Tensor, rank: int):
-            # export.rebuild: the stored core cut to the adapter's rank, then U P and Q V^T
-            return joint_rebuild(
-                JointBasis(u, v, 0.0, 0.0, 0),
-                core_a[index][:, :rank].to(device),
-                core_b[index][:, :, :rank].to(device),
-                rank,
-            )
-
-        error, norm = _written_errors(task, module, xa, xb, written)
-        rows = loadings_rows(
-            [t for t, _, _ in task.new],
-            module,
-            core_a.reshape(n, -1).cpu(),
-            core_b.reshape(n, -1).cpu(),
-            error.cpu(),
-            norm.cpu(),
-        )
-    return summary, None if task.mode == "project" else fit.basis, rows, moved
-
-
-def _joint_cores(basis: JointBasis, stack, shapes, q: int, device):
-    (r, d_in), (d_out, _) = shapes
-    n = len(stack[0])
-    return joint_cores(basis, stack[0].to(device).view(n, r, d_in), stack[1].to(device).view(n, d_out, r), q)
-
-
-def _absorb_joint(task, module, stack, parent: JointBasis, old: pa.Table, device) -> tuple[JointFit, pa.Table]:
-    """A joint module's re-base: the parent's adapters, rebuilt from their cores, join the new
-    ones; the alternating fit starts from the parent's bases. The parent's rows are measured
-    against what they rebuilt, and that added error is combined with their stored one in
-    quadrature (as linalg.loadings.Move does for flat modules)."""
-    (r, d_in), (d_out, _) = shapes = task.shapes[module]
-    q = task.parent.modules[module]["core_rank"]
-    old_a, old_b = _rebuild_joint(parent, old, shapes, q)
-    n = len(task.new)
-    a = torch.cat([stack[0].to(device).view(n, r, d_in), old_a.to(device)])
-    b = torch.cat([stack[1].to(device).view(n, d_out, r), old_b.to(device)])
-    fit = fit_joint_module(a, b, parent.u.shape[1], q, init=parent)
-    norm = _column(old, "norm")
-    moved = relative(fit.errors[n:].cpu() * fit.norms[n:].cpu(), norm)
-    error = _column(old, "error").hypot(moved)
-    width = q * parent.u.shape[1]  # stated: there may be no rows left (all replaced)
-    table = loadings_rows(
-        old.column("task_id").to_pylist(),
-        module,
-        fit.core_a[n:].reshape(len(old), width).cpu(),
-        fit.core_b[n:].reshape(len(old), width).cpu(),
-        error,
-        norm,
-        measured=False,
-    )
-    return fit, table
-
-
-def _rebuild_joint(basis: JointBasis, rows: pa.Table, shapes, q: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (n, r, d_in), (n, d_out, r) that stored joint rows rebuild, zero-padded to r."""
-    n, c = rows.num_rows, basis.u.shape[1]
-    core_a = loadings_matrix(rows, "a", q * c).view(n, q, c)
-    core_b = loadings_matrix(rows, "b", q * c).view(n, c, q)
-    return joint_rebuild(basis, core_a, core_b, shapes[0][0])
-
-
-def _parent_result(task: ShardTask, module: str) -> ModuleResult:
-    """A module kept as the parent stored it."""
-    e = task.parent.modules[module]
-    return ModuleResult(
-        module,
-        tuple(e["a_shape"]),
-        tuple(e["b_shape"]),
-        e["k_a"],
-        e["k_b"],
-        e["explained_variance_a"],
-        e["explained_variance_b"],
-        e["svd_route"],
-        e["count"],
-        e.get("method", "flat"),
-        e.get("width", 0),
-        e.get("core_rank", 0),
-    )
+def _write_shard(store: Store, ctx: Context, outcomes: list[Outcome], result: ShardResult) -> None:
+    """The basis object (unless every module keeps the parent's) and the staged loadings: the new
+    adapters' rows and the parent's, moved to the new bases."""
+    task = ctx.task
+    if not all(o.kept for o in outcomes):
+        tensors = {}
+        for o in outcomes:
+            for side, dec in o.flat.items():
+                tensors.update(basis_tensors(o.summary.module, side, dec, o.packed.get(side)))
+        for o in outcomes:
+            if o.joint is not None:
+                tensors.update(joint_tensors(o.summary.module, *o.joint))
+        result.file = store.write_object(task.version, basis_file(task.shard.name), encode_basis(tensors))
+    streams: list = [
+        _sorted_rows([o.rows for o in outcomes if o.rows is not None]),
+        _sorted_rows([o.moved for o in outcomes if o.moved is not None]),
+    ]
+    if task.parent:
+        streams.append(_moved_parent_rows(store, ctx, outcomes))
+    where = store.version_location(task.version)
+    write_tables(where, staging_file(task.shard.name), merge_sorted(streams, LOADINGS_KEYS), LOADINGS_SCHEMA)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -507,79 +249,21 @@ def _add_parent_rows(store, task, parents, parent_joint, stacks, result) -> None
     result.stack_bytes = sum(4 * x.numel() for pair in stacks.values() for x in pair)
 
 
-def _align(task: ShardTask, stacks, parents) -> None:
-    """Replace each module's factors by aligned ones (the same delta W, in the collection's gauge):
-    a fit aligns its whole stack, project and absorb align the new rows to the parent's bases."""
-    for module, (xa, xb) in stacks.items():
-        bases = None if task.mode == "fit" else (parents[module, "A"], parents[module, "B"])
-        stacks[module] = list(align_rows(xa, xb, task.shapes[module], task.rule.components, bases))
-
-
-# -- loadings rows ---------------------------------------------------------------------------
-
-
-def _project_new(task, module, shapes, stack, a: Decomposition, b: Decomposition, device) -> pa.Table:
-    """Rows for the new adapters: loadings on the new basis, the delta-W error of what export
-    writes from them, and ||B A||."""
-    n = len(task.new)
-    xa, xb = stack[0][:n].to(device), stack[1][:n].to(device)
-    (ca, ma), (cb, mb) = (a.components.to(device), a.mean.to(device)), (b.components.to(device), b.mean.to(device))
-    la, lb = project(xa, ca, ma), project(xb, cb, mb)
-
-    def written(index: torch.Tensor, rank: int):
-        # export.rebuild: the factors at the collection's rank, cut to the adapter's own
-        m = len(index)
-        rebuilt_a, rebuilt_b = (
-            reconstruct(la[index], ca, ma).view(m, *shapes[0]),
-            reconstruct(lb[index], cb, mb).view(m, *shapes[1]),
-        )
-        return cut_rank(rebuilt_a, rebuilt_b, rank) if rank < shapes[0][0] else (rebuilt_a, rebuilt_b)
-
-    error, norm = _written_errors(task, module, xa, xb, written)
-    return loadings_rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), error.cpu(), norm.cpu())
-
-
-def _written_errors(
-    task: ShardTask, module: str, xa: torch.Tensor, xb: torch.Tensor, written
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(relative delta-W error, ||B A||) float64 (n,) of the new adapters' factors as export
-    writes them: `written(rows, rank)` rebuilds rows (index tensor) at their own rank as
-    export.rebuild does, and the result is cast to the adapter's dtype, as the exported file holds
-    it. Measured against the adapter's own factors xa (n, r*d_in), xb (n, d_out*r), flattened at
-    the collection's rank r; rows go ERROR_ROWS at a time, grouped by rank and dtype."""
-    (r, d_in), (d_out, _) = task.shapes[module]
-    n, device = len(xa), xa.device
-    error = torch.zeros(n, dtype=torch.float64, device=device)
-    norm = torch.zeros(n, dtype=torch.float64, device=device)
-    groups: dict[tuple[int, str], list[int]] = {}
-    for row, (_, _, infos) in enumerate(task.new):
-        groups.setdefault((infos[module][0].shape[0], infos[module][0].dtype), []).append(row)
-    for (rank, dtype), members in sorted(groups.items()):
-        for begin in range(0, len(members), ERROR_ROWS):
-            index = torch.tensor(members[begin : begin + ERROR_ROWS], device=device)
-            a, b = written(index, rank)
-            cast = DTYPES[dtype]
-            a, b = pad_rank(a.to(cast).to(torch.float64), b.to(cast).to(torch.float64), r)
-            # float64: a cut adapter's factors are in another gauge than its own, so the terms
-            # of product_error's expansion are large and cancel (float32 left ~1e-3 of noise)
-            diff, size = product_error(
-                xa[index].view(-1, r, d_in).double(), xb[index].view(-1, d_out, r).double(), a, b
-            )
-            error[index], norm[index] = relative(diff, size), size
-    return error, norm
-
-
-def _moved_parent_rows(store, task, parents, bases, skip: set[str]) -> Iterator[pa.Table]:
-    """The parent's rows on the new basis, their errors estimated (linalg.loadings.Move); the
-    modules in `skip` were moved already (joint ones in a re-base)."""
-    modules = [m for m in task.shard.modules if m not in skip]
+def _moved_parent_rows(store: Store, ctx: Context, outcomes: list[Outcome]) -> Iterator[pa.Table]:
+    """The parent's rows on the new bases, their errors estimated (linalg.loadings.Move); as they
+    are where every module keeps the parent's bases; none of the modules moved already (joint ones
+    in a re-base)."""
+    task = ctx.task
+    modules = [o.summary.module for o in outcomes if o.moved is None]
     if not modules:
         return
-    if task.mode == "project":
+    if all(o.kept for o in outcomes):
         yield from (pa.Table.from_batches([b]) for b in _parent_batches(store, task, modules))
         return
+    bases = {o.summary.module: o.flat for o in outcomes}
     moves = {
-        m: Move((parents[m, "A"], parents[m, "B"]), (bases[m, "A"], bases[m, "B"]), task.shapes[m]) for m in modules
+        m: Move((ctx.parents[m, "A"], ctx.parents[m, "B"]), (bases[m]["A"], bases[m]["B"]), task.shapes[m])
+        for m in modules
     }
     for batch in _parent_batches(store, task, modules):
         tables = []
@@ -601,29 +285,6 @@ def _by_module(batch) -> Iterator[tuple[str, pa.Table]]:
 def _sorted_rows(tables: list[pa.Table]) -> Iterator[pa.Table]:
     if tables:
         yield pa.concat_tables(tables).sort_by([(k, "ascending") for k in LOADINGS_KEYS])
-
-
-# -- small helpers ---------------------------------------------------------------------------
-
-
-def _column(rows: pa.Table, name: str) -> torch.Tensor:
-    return torch.from_numpy(rows.column(name).to_numpy().astype(np.float64))
-
-
-def _to(dec: Decomposition, device) -> Decomposition:
-    return Decomposition(
-        dec.components.to(device),
-        dec.singular_values.to(device),
-        dec.mean.to(device),
-        dec.total_variance,
-        dec.route,
-        dec.count,
-    )
-
-
-def explained(dec: Decomposition) -> float:
-    ratios = explained_variance(dec.singular_values, dec.total_variance)
-    return float(ratios[-1]) if len(ratios) else (1.0 if dec.total_variance == 0 else 0.0)
 
 
 # -- the driver: every shard of a version, resumed where a crashed run finished them ------------
@@ -658,45 +319,12 @@ def compute_all(change, source, store, version, runner, options, seconds):
 
 def _compute_shards(change, good, source, store, version, runner, options) -> list[ShardResult]:
     shapes = module_shapes(change, good)
-    widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
-    rows = len(good)
-    if change.refit:  # the parent's adapters not read again join, rebuilt
-        rows += change.parent_manifest["adapters"]["ok"] - sum(
-            change.parent_status.get(a.task_id) == "ok" for a in good
-        )
+    rows = _row_count(change, good)
     budgets = module_budgets(change, good, shapes, rows, options)
     shards = version_shards(change, shapes, rows, options, runner.num_cpus)
-    peak = largest_shard_bytes(shards, widths, max(rows, 1))
-    log.info(
-        "plan: %d adapters to read, %d modules in %d shards (largest needs ~%.0f MiB)",
-        len(good),
-        len(shapes),
-        len(shards),
-        peak / 2**20,
-    )
-    if peak > options.memory_budget:
-        log.warning(
-            "one shard needs ~%.0f MiB, over the %.0f MiB budget: use --chunk-size",
-            peak / 2**20,
-            options.memory_budget / 2**20,
-        )
-    # Declared to Ray so it does not pack more shards on a node than fit; never above the budget,
-    # so a single oversized module is still scheduled rather than left infeasible.
-    memory = min(peak, options.memory_budget)
-    parent = None
-    if change.parent_manifest:
-        drop = frozenset(a.task_id for a in good)
-        basis = {m: e["basis"] for m, e in change.parent_manifest["modules"].items()}
-        checksums = {path: change.parent_manifest["files"][path] for path in set(basis.values())}
-        parent = Parent(
-            basis,
-            checksums,
-            version_path(change.parent, LOADINGS),
-            drop,
-            change.refit,
-            change.parent_manifest["modules"],
-        )
-
+    memory = _shard_memory(shards, shapes, rows, len(good), options)
+    spec = FitSpec(options.rule, options.route, options.quantize, options.method, budgets)
+    parent = _parent(change, good)
     inputs = _digest(
         [
             change.operation,
@@ -719,40 +347,14 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     def task(shard, fixed_k=None):
         new = [(a.task_id, a.weights_path, {m: a.modules[m] for m in shard.modules}) for a in good]
         key = _digest([inputs, shard.modules, fixed_k])
-        return ShardTask(
-            shard,
-            change.mode,
-            options.rule,
-            store.location,
-            version,
-            reader,
-            new,
-            shapes,
-            parent,
-            fixed_k,
-            options.route,
-            options.quantize,
-            options.method,
-            budgets,
-            key,
-        )
+        fixed = dataclasses.replace(spec, fixed_k=fixed_k)
+        return ShardTask(shard, change.mode, fixed, store.location, version, reader, new, shapes, parent, key)
 
     progress = Progress("compute", len(shards), "shards")
     results: list[ShardResult | None] = [None] * len(shards)
 
     def run(tasks: list[ShardTask]) -> None:
-        todo = []
-        for t in tasks:
-            done = finished.get(t.shard.name)
-            if done and done["key"] == t.key:
-                results[t.shard.index] = ShardResult.from_json(done["result"])
-                progress.advance()
-            else:
-                todo.append(t)
-        for index, result in runner.map_unordered(compute_shard, todo, use_gpu=True, memory=memory):
-            results[todo[index].shard.index] = result
-            progress.advance()
-            failpoints.reach("shard-done")
+        _run_tasks(tasks, finished, results, runner, memory, progress)
 
     pending = list(shards)
     fixed_k = None
@@ -768,6 +370,73 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     if resumed:
         log.info("%d of %d shards taken from the crashed run", resumed, len(results))
     return results
+
+
+def _row_count(change, good) -> int:
+    """Rows each module's fit sees: the adapters read, and in a full re-base from the store the
+    parent's adapters not read again (they join, rebuilt)."""
+    rows = len(good)
+    if change.refit:
+        rows += change.parent_manifest["adapters"]["ok"] - sum(
+            change.parent_status.get(a.task_id) == "ok" for a in good
+        )
+    return rows
+
+
+def _shard_memory(shards, shapes, rows: int, adapters: int, options) -> int:
+    """The memory declared to Ray per shard task (logged with the plan): the largest shard's
+    stacks, never above the budget, so a single oversized module is still scheduled rather than
+    left infeasible. Ray then packs no more shards on a node than fit."""
+    widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
+    peak = largest_shard_bytes(shards, widths, max(rows, 1))
+    log.info(
+        "plan: %d adapters to read, %d modules in %d shards (largest needs ~%.0f MiB)",
+        adapters,
+        len(shapes),
+        len(shards),
+        peak / 2**20,
+    )
+    if peak > options.memory_budget:
+        log.warning(
+            "one shard needs ~%.0f MiB, over the %.0f MiB budget: use --chunk-size",
+            peak / 2**20,
+            options.memory_budget / 2**20,
+        )
+    return min(peak, options.memory_budget)
+
+
+def _parent(change, good) -> Parent | None:
+    """The parent version as the shard tasks read it; None where the new version does not grow
+    from one."""
+    if not change.parent_manifest:
+        return None
+    basis = {m: e["basis"] for m, e in change.parent_manifest["modules"].items()}
+    checksums = {path: change.parent_manifest["files"][path] for path in set(basis.values())}
+    return Parent(
+        basis,
+        checksums,
+        version_path(change.parent, LOADINGS),
+        frozenset(a.task_id for a in good),
+        change.refit,
+        change.parent_manifest["modules"],
+    )
+
+
+def _run_tasks(tasks: list[ShardTask], finished: dict, results: list, runner, memory: int, progress) -> None:
+    """Run the tasks into `results` (by shard index); a crashed run's finished shard with the
+    same key is taken as it is."""
+    todo = []
+    for t in tasks:
+        done = finished.get(t.shard.name)
+        if done and done["key"] == t.key:
+            results[t.shard.index] = ShardResult.from_json(done["result"])
+            progress.advance()
+        else:
+            todo.append(t)
+    for index, result in runner.map_unordered(compute_shard, todo, use_gpu=True, memory=memory):
+        results[todo[index].shard.index] = result
+        progress.advance()
+        failpoints.reach("shard-done")
 
 
 def _digest(value) -> str:

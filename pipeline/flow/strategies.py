@@ -1,0 +1,504 @@
+"""Per-module strategies of a shard task: each finds one module's bases and the loadings rows of
+its new adapters.
+
+  fit-flat      a fresh centred SVD per side (or, with a byte budget, the fit of lowest error)
+  fit-aligned   the same, on factors put in one gauge first
+  fit-joint     shared U, V and a core per adapter (or, with a byte budget, the fit of lowest error)
+  absorb-flat   an incremental update of the parent's flat bases
+  absorb-joint  the parent's joint bases refitted with the new adapters and the parent's rebuilt ones
+  keep-parent   the parent's bases as they are; only the new adapters' rows are made
+
+`strategy_for` chooses one from the fit specification, the mode and the parent's entry for the
+module. A strategy never writes: the shard task writes what they return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import ComponentRule
+from pipeline.flow.change import Mode
+from pipeline.flow.plan import Shard
+from pipeline.io.format import FileEntry, loadings_matrix, loadings_rows
+from pipeline.io.location import Location
+from pipeline.io.safetensors_ranges import DTYPES, TensorInfo
+from pipeline.linalg import quantize
+from pipeline.linalg.budget import JointFit, candidates, fit_joint_module, fit_within
+from pipeline.linalg.decompose import Decomposition, centred_svd, explained_variance, project, reconstruct
+from pipeline.linalg.gauge import JointBasis, align_rows, cut_rank, joint_cores, joint_rebuild, pad_rank
+from pipeline.linalg.incremental import absorb
+from pipeline.linalg.loadings import ERROR_ROWS
+from pipeline.linalg.metrics import product_error, relative
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """How bases are fitted: the same for every shard of a version (but `fixed_k`, decided by the
+    first shard under vlora's rule)."""
+
+    rule: ComponentRule
+    route: str = "auto"
+    quantize: str | None = None  # int8 | nf4: the basis is stored packed, and loadings fit what is stored
+    method: str = "flat"  # flat | aligned (factors in one gauge first) | joint | auto (flat or joint, by error)
+    budgets: Mapping[str, float] | None = None  # module -> stored floats per adapter (a byte budget; fit mode)
+    fixed_k: int | None = None  # the collection-wide k, once the first module decided it
+
+
+@dataclass
+class Parent:
+    """The version a new one grows from: its basis objects (store-relative, per module), its
+    loadings table, and the task ids whose rows the new version replaces."""
+
+    basis: dict[str, str]
+    checksums: dict[str, dict]  # basis path -> its manifest entry, checked on read
+    loadings: str
+    drop: frozenset[str] = frozenset()
+    refit: bool = False  # fit mode: the parent's reconstructed rows join the new SVD
+    modules: dict[str, dict] = field(default_factory=dict)  # module -> the parent manifest's entry
+
+
+@dataclass
+class ShardTask:
+    shard: Shard
+    mode: Mode
+    spec: FitSpec
+    store: Location
+    version: str
+    source: Location | None  # whose filesystem reads the new adapters
+    new: list[tuple[str, str, dict[str, tuple[TensorInfo, TensorInfo]]]]  # task id, weights path, infos, sorted by id
+    shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]]  # module -> lora_A and lora_B shapes
+    parent: Parent | None = None
+    key: str = ""  # digest of everything the result depends on: a resumed run reuses a matching shard
+
+
+@dataclass
+class ModuleResult:
+    module: str
+    a_shape: tuple[int, int]
+    b_shape: tuple[int, int]
+    k_a: int
+    k_b: int
+    explained_a: float
+    explained_b: float
+    route: str
+    count: int  # adapters the basis has seen
+    method: str = "flat"  # flat (also aligned) | joint
+    width: int = 0  # joint: c, the columns of U and V
+    core_rank: int = 0  # joint: q, the rank of each adapter's factored core
+    budget: float | None = None  # stored floats per adapter a byte budget allows
+
+
+@dataclass
+class ShardResult:
+    shard: Shard
+    file: FileEntry | None = None  # the basis object written (None: the parent's is kept)
+    modules: list[ModuleResult] = field(default_factory=list)
+    nonfinite: dict[int, str] = field(default_factory=dict)  # index into task.new -> reason
+    decided_k: int | None = None
+    bytes_read: int = 0
+    requests: int = 0
+    stack_bytes: int = 0  # the factor stacks this task held: what grows with the rows it reads
+    seconds: dict[str, float] = field(default_factory=dict)
+    resumed: bool = False  # taken from a crashed run's finished shard, not computed again
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ShardResult:
+        modules = [
+            ModuleResult(**{**m, "a_shape": tuple(m["a_shape"]), "b_shape": tuple(m["b_shape"])})
+            for m in data["modules"]
+        ]
+        return cls(
+            Shard(data["shard"]["index"], tuple(data["shard"]["modules"])),
+            FileEntry(**data["file"]) if data["file"] else None,
+            modules,
+            {},
+            data["decided_k"],
+            data["bytes_read"],
+            data["requests"],
+            data["stack_bytes"],
+            data["seconds"],
+            True,
+        )
+
+
+@dataclass
+class Context:
+    """What every module of a shard task shares: the task, where tensors go, the parent's bases
+    of the shard's modules, the parent's rows of its joint modules (absorb-joint), and the
+    collection-wide k once decided (vlora's rule)."""
+
+    task: ShardTask
+    device: str
+    parents: dict[tuple[str, str], Decomposition] = field(default_factory=dict)  # (module, side) -> flat
+    parent_joint: dict[str, JointBasis] = field(default_factory=dict)
+    joint_rows: dict[str, pa.Table] = field(default_factory=dict)  # module -> the parent's rows
+    k: int | None = None
+    decided_k: int | None = None
+    align_seconds: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """One module's result: its summary, the bases to write (flat: side -> basis and packed
+    components; joint: the bases and the adapters they have seen; none: the parent's are kept), the
+    new adapters' rows and, for absorb-joint, the parent's rows moved to the new bases."""
+
+    summary: ModuleResult
+    flat: dict[str, Decomposition] = field(default_factory=dict)
+    packed: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    joint: tuple[JointBasis, int] | None = None
+    rows: pa.Table | None = None
+    moved: pa.Table | None = None
+    kept: bool = False  # keep-parent: nothing of this module is written to the basis object
+
+
+Strategy = Callable[[Context, str, list | None], Outcome]
+
+
+def strategy_for(spec: FitSpec, mode: Mode, joint_parent: bool) -> Strategy:
+    """The strategy of one module: by the mode, then the method (fit) or how the parent stored
+    the module (absorb: a joint module stays joint)."""
+    if mode == "project":
+        return keep_parent
+    if mode == "absorb":
+        return absorb_joint if joint_parent else absorb_flat
+    return {"joint": fit_joint, "aligned": fit_aligned}.get(spec.method, fit_flat)
+
+
+# -- the strategies --------------------------------------------------------------------------
+
+
+def fit_flat(ctx: Context, module: str, stack) -> Outcome:
+    spec = ctx.task.spec
+    if spec.budgets:
+        return _fit_within(ctx, module, stack)
+    bases = {}
+    for side in "AB":
+        limit, threshold = spec.rule.limits(ctx.k)
+        bases[side] = centred_svd(stack["AB".index(side)].to(ctx.device), limit, threshold, spec.route)
+        _decide_k(ctx, bases[side])
+    return _flat_outcome(ctx, module, stack, bases)
+
+
+def fit_aligned(ctx: Context, module: str, stack) -> Outcome:
+    return fit_flat(ctx, module, _aligned(ctx, module, stack, None))
+
+
+def fit_joint(ctx: Context, module: str, stack) -> Outcome:
+    spec = ctx.task.spec
+    if spec.budgets:
+        return _fit_within(ctx, module, stack)
+    (r, d_in), (d_out, _) = ctx.task.shapes[module]
+    n = len(stack[0])
+    fit = fit_joint_module(
+        stack[0].to(ctx.device).view(n, r, d_in), stack[1].to(ctx.device).view(n, d_out, r), spec.rule.components, r
+    )
+    return _joint_outcome(ctx, module, stack, fit, n)
+
+
+def absorb_flat(ctx: Context, module: str, stack) -> Outcome:
+    spec = ctx.task.spec
+    if spec.method == "aligned" and stack is not None:
+        stack = _aligned(ctx, module, stack, (ctx.parents[module, "A"], ctx.parents[module, "B"]))
+    bases = {}
+    for side in "AB":
+        x = stack["AB".index(side)].to(ctx.device) if stack is not None else None
+        parent = ctx.parents[module, side]
+        limit, threshold = spec.rule.limits(ctx.k)
+        if spec.budgets:  # a budgeted store keeps each module's k
+            limit, threshold = len(parent.singular_values), None
+        bases[side] = absorb(_to(parent, ctx.device), x, limit, threshold)
+        _decide_k(ctx, bases[side])
+    return _flat_outcome(ctx, module, stack, bases)
+
+
+def absorb_joint(ctx: Context, module: str, stack) -> Outcome:
+    task = ctx.task
+    fit, moved = _absorb_joint(task, module, stack, ctx.parent_joint[module], ctx.joint_rows[module], ctx.device)
+    outcome = _joint_outcome(ctx, module, stack, fit, task.parent.modules[module]["count"] + len(task.new))
+    outcome.moved = moved
+    return outcome
+
+
+def keep_parent(ctx: Context, module: str, stack) -> Outcome:
+    if module in ctx.parent_joint:
+        return _keep_joint(ctx, module, stack)
+    if ctx.task.spec.method == "aligned" and stack is not None:
+        stack = _aligned(ctx, module, stack, (ctx.parents[module, "A"], ctx.parents[module, "B"]))
+    bases = {side: _to(ctx.parents[module, side], "cpu") for side in "AB"}
+    outcome = _flat_outcome(ctx, module, stack, bases, packed=False)
+    outcome.kept = True
+    return outcome
+
+
+# -- shared steps ----------------------------------------------------------------------------
+
+
+def _fit_within(ctx: Context, module: str, stack) -> Outcome:
+    """A byte budget's fit: the method and parameters of lowest error (flat or joint)."""
+    spec = ctx.task.spec
+    n = len(stack[0])
+    fit = fit_within(
+        stack[0].to(ctx.device),
+        stack[1].to(ctx.device),
+        ctx.task.shapes[module],
+        spec.budgets[module] * n,
+        candidates(spec.method),
+        spec.route,
+    )
+    if isinstance(fit, JointFit):
+        return _joint_outcome(ctx, module, stack, fit, n)
+    return _flat_outcome(ctx, module, stack, {"A": fit.a, "B": fit.b})
+
+
+def _decide_k(ctx: Context, dec: Decomposition) -> None:
+    """vlora's rule: the first module side fitted decides k for the collection."""
+    spec = ctx.task.spec
+    if spec.rule.needs_first_module and ctx.k is None and not spec.budgets:
+        ctx.k = ctx.decided_k = max(len(dec.singular_values), 1)
+
+
+def _aligned(ctx: Context, module: str, stack, bases) -> list[torch.Tensor]:
+    """The module's factors in one gauge: among themselves, or the parent's bases' (`bases`)."""
+    clock = time.perf_counter()
+    xa, xb = stack
+    aligned = list(align_rows(xa, xb, ctx.task.shapes[module], ctx.task.spec.rule.components, bases))
+    ctx.align_seconds += time.perf_counter() - clock
+    return aligned
+
+
+def _flat_outcome(ctx: Context, module: str, stack, fitted: dict[str, Decomposition], packed=True) -> Outcome:
+    """A flat module's bases on the CPU (packed where the spec quantizes), its summary and the new
+    adapters' rows."""
+    task = ctx.task
+    bases, codes = {}, {}
+    for side, dec in fitted.items():
+        bases[side] = _to(dec, "cpu")
+        if task.spec.quantize and packed:
+            codes[side] = quantize.encode(dec.components, task.spec.quantize)
+            bases[side] = dataclasses.replace(bases[side], components=quantize.decode(codes[side], dec.mean.shape[0]))
+    a, b = bases["A"], bases["B"]
+    summary = ModuleResult(
+        module,
+        *task.shapes[module],
+        len(a.singular_values),
+        len(b.singular_values),
+        explained(a),
+        explained(b),
+        a.route,
+        a.count,
+    )
+    rows = _project_new(task, module, stack, a, b, ctx.device) if task.new else None
+    return Outcome(_budgeted(task, summary), bases, codes, rows=rows)
+
+
+def _joint_outcome(ctx: Context, module: str, stack, fit: JointFit, count: int) -> Outcome:
+    """A joint module fitted (or refitted): its bases, summary and the new adapters' rows."""
+    task = ctx.task
+    width = fit.basis.u.shape[1]
+    summary = ModuleResult(
+        module,
+        *task.shapes[module],
+        fit.q * width,
+        fit.q * width,
+        fit.explained,
+        fit.explained,
+        "joint",
+        count,
+        "joint",
+        width,
+        fit.q,
+    )
+    return Outcome(_budgeted(task, summary), joint=(fit.basis, count), rows=_joint_rows(ctx, module, stack, fit))
+
+
+def _keep_joint(ctx: Context, module: str, stack) -> Outcome:
+    """A joint module kept as the parent stored it: the new adapters' cores on its bases."""
+    task = ctx.task
+    summary = _budgeted(task, _parent_result(task, module))
+    if not task.new:
+        return Outcome(summary, kept=True)
+    parent = ctx.parent_joint[module]
+    q = task.parent.modules[module]["core_rank"]
+    fit = JointFit(parent, q, *_joint_cores(parent, stack, task.shapes[module], q, ctx.device))
+    return Outcome(summary, rows=_joint_rows(ctx, module, stack, fit), kept=True)
+
+
+def _budgeted(task: ShardTask, summary: ModuleResult) -> ModuleResult:
+    summary.budget = task.spec.budgets[summary.module] if task.spec.budgets else None
+    return summary
+
+
+def _joint_rows(ctx: Context, module: str, stack, fit: JointFit) -> pa.Table | None:
+    """The new adapters' rows of a joint module: their cores, and the error of what export writes."""
+    task, device = ctx.task, ctx.device
+    n = len(task.new)
+    if not n:
+        return None
+    basis, core_a, core_b = fit.basis, fit.core_a[:n].to(torch.float32), fit.core_b[:n].to(torch.float32)
+    u, v = basis.u.to(device, torch.float32), basis.v.to(device, torch.float32)
+    xa, xb = stack[0][:n].to(device), stack[1][:n].to(device)
+
+    def written(index: torch.Tensor, rank: int):
+        # export.rebuild: the stored core cut to the adapter's rank, then U P and Q V^T
+        return joint_rebuild(
+            JointBasis(u, v, 0.0, 0.0, 0),
+            core_a[index][:, :rank].to(device),
+            core_b[index][:, :, :rank].to(device),
+            rank,
+        )
+
+    error, norm = _written_errors(task, module, xa, xb, written)
+    return loadings_rows(
+        [t for t, _, _ in task.new],
+        module,
+        core_a.reshape(n, -1).cpu(),
+        core_b.reshape(n, -1).cpu(),
+        error.cpu(),
+        norm.cpu(),
+    )
+
+
+def _joint_cores(basis: JointBasis, stack, shapes, q: int, device):
+    (r, d_in), (d_out, _) = shapes
+    n = len(stack[0])
+    return joint_cores(basis, stack[0].to(device).view(n, r, d_in), stack[1].to(device).view(n, d_out, r), q)
+
+
+def _absorb_joint(task, module, stack, parent: JointBasis, old: pa.Table, device) -> tuple[JointFit, pa.Table]:
+    """A joint module's re-base: the parent's adapters, rebuilt from their cores, join the new
+    ones; the alternating fit starts from the parent's bases. The parent's rows are measured
+    against what they rebuilt, and that added error is combined with their stored one in
+    quadrature (as linalg.loadings.Move does for flat modules)."""
+    (r, d_in), (d_out, _) = shapes = task.shapes[module]
+    q = task.parent.modules[module]["core_rank"]
+    old_a, old_b = _rebuild_joint(parent, old, shapes, q)
+    n = len(task.new)
+    a = torch.cat([stack[0].to(device).view(n, r, d_in), old_a.to(device)])
+    b = torch.cat([stack[1].to(device).view(n, d_out, r), old_b.to(device)])
+    fit = fit_joint_module(a, b, parent.u.shape[1], q, init=parent)
+    norm = _column(old, "norm")
+    moved = relative(fit.errors[n:].cpu() * fit.norms[n:].cpu(), norm)
+    error = _column(old, "error").hypot(moved)
+    width = q * parent.u.shape[1]  # stated: there may be no rows left (all replaced)
+    table = loadings_rows(
+        old.column("task_id").to_pylist(),
+        module,
+        fit.core_a[n:].reshape(len(old), width).cpu(),
+        fit.core_b[n:].reshape(len(old), width).cpu(),
+        error,
+        norm,
+        measured=False,
+    )
+    return fit, table
+
+
+def _rebuild_joint(basis: JointBasis, rows: pa.Table, shapes, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (n, r, d_in), (n, d_out, r) that stored joint rows rebuild, zero-padded to r."""
+    n, c = rows.num_rows, basis.u.shape[1]
+    core_a = loadings_matrix(rows, "a", q * c).view(n, q, c)
+    core_b = loadings_matrix(rows, "b", q * c).view(n, c, q)
+    return joint_rebuild(basis, core_a, core_b, shapes[0][0])
+
+
+def _parent_result(task: ShardTask, module: str) -> ModuleResult:
+    """A module kept as the parent stored it."""
+    e = task.parent.modules[module]
+    return ModuleResult(
+        module,
+        tuple(e["a_shape"]),
+        tuple(e["b_shape"]),
+        e["k_a"],
+        e["k_b"],
+        e["explained_variance_a"],
+        e["explained_variance_b"],
+        e["svd_route"],
+        e["count"],
+        e.get("method", "flat"),
+        e.get("width", 0),
+        e.get("core_rank", 0),
+    )
+
+
+# -- loadings rows ---------------------------------------------------------------------------
+
+
+def _project_new(task, module, stack, a: Decomposition, b: Decomposition, device) -> pa.Table:
+    """Rows for the new adapters: loadings on the new basis, the delta-W error of what export
+    writes from them, and ||B A||."""
+    shapes, n = task.shapes[module], len(task.new)
+    xa, xb = stack[0][:n].to(device), stack[1][:n].to(device)
+    (ca, ma), (cb, mb) = (a.components.to(device), a.mean.to(device)), (b.components.to(device), b.mean.to(device))
+    la, lb = project(xa, ca, ma), project(xb, cb, mb)
+
+    def written(index: torch.Tensor, rank: int):
+        # export.rebuild: the factors at the collection's rank, cut to the adapter's own
+        m = len(index)
+        rebuilt_a, rebuilt_b = (
+            reconstruct(la[index], ca, ma).view(m, *shapes[0]),
+            reconstruct(lb[index], cb, mb).view(m, *shapes[1]),
+        )
+        return cut_rank(rebuilt_a, rebuilt_b, rank) if rank < shapes[0][0] else (rebuilt_a, rebuilt_b)
+
+    error, norm = _written_errors(task, module, xa, xb, written)
+    return loadings_rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), error.cpu(), norm.cpu())
+
+
+def _written_errors(
+    task: ShardTask, module: str, xa: torch.Tensor, xb: torch.Tensor, written
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(relative delta-W error, ||B A||) float64 (n,) of the new adapters' factors as export
+    writes them: `written(rows, rank)` rebuilds rows (index tensor) at their own rank as
+    export.rebuild does, and the result is cast to the adapter's dtype, as the exported file holds
+    it. Measured against the adapter's own factors xa (n, r*d_in), xb (n, d_out*r), flattened at
+    the collection's rank r; rows go ERROR_ROWS at a time, grouped by rank and dtype."""
+    (r, d_in), (d_out, _) = task.shapes[module]
+    n, device = len(xa), xa.device
+    error = torch.zeros(n, dtype=torch.float64, device=device)
+    norm = torch.zeros(n, dtype=torch.float64, device=device)
+    groups: dict[tuple[int, str], list[int]] = {}
+    for row, (_, _, infos) in enumerate(task.new):
+        groups.setdefault((infos[module][0].shape[0], infos[module][0].dtype), []).append(row)
+    for (rank, dtype), members in sorted(groups.items()):
+        for begin in range(0, len(members), ERROR_ROWS):
+            index = torch.tensor(members[begin : begin + ERROR_ROWS], device=device)
+            a, b = written(index, rank)
+            cast = DTYPES[dtype]
+            a, b = pad_rank(a.to(cast).to(torch.float64), b.to(cast).to(torch.float64), r)
+            # float64: a cut adapter's factors are in another gauge than its own, so the terms
+            # of product_error's expansion are large and cancel (float32 left ~1e-3 of noise)
+            diff, size = product_error(
+                xa[index].view(-1, r, d_in).double(), xb[index].view(-1, d_out, r).double(), a, b
+            )
+            error[index], norm[index] = relative(diff, size), size
+    return error, norm
+
+
+def _column(rows: pa.Table, name: str) -> torch.Tensor:
+    return torch.from_numpy(rows.column(name).to_numpy().astype(np.float64))
+
+
+def _to(dec: Decomposition, device) -> Decomposition:
+    return Decomposition(
+        dec.components.to(device),
+        dec.singular_values.to(device),
+        dec.mean.to(device),
+        dec.total_variance,
+        dec.route,
+        dec.count,
+    )
+
+
+def explained(dec: Decomposition) -> float:
+    ratios = explained_variance(dec.singular_values, dec.total_variance)
+    return float(ratios[-1]) if len(ratios) else (1.0 if dec.total_variance == 0 else 0.0)
