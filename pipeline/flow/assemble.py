@@ -83,34 +83,93 @@ class _CatalogTally:
 def assemble(change, good, results, source, store, version, options, seconds) -> tuple[dict, Summary]:
     """Merge what the shards staged into the version's loadings and catalog, write its report;
     returns its manifest, to publish, and the summary (seconds and notes filled in on publishing)."""
-    where = store.version_location(version)
-    parent_where = store.version_location(change.parent) if change.parent_manifest else None
-    new_ids = {a.task_id for a in good}
     files = {version_path(version, basis_file(r.shard.name)): r.file.to_dict() for r in results if r.file}
-
-    errors = _ErrorTally(new_ids)
-    staged = [read_batches(where, staging_file(r.shard.name)) for r in results]
-    merged = errors.tap(merge_sorted(staged, LOADINGS_KEYS))
-    files[version_path(version, LOADINGS)] = write_tables(
-        where, LOADINGS, merged, LOADINGS_SCHEMA, LOADINGS_ROW_GROUP
-    ).to_dict()
-
-    # Catalog: the parent's rows, except those this run replaces. A replacement that was
-    # quarantined does not push out an earlier upload that compressed fine.
-    in_basis = change.mode != "project"
+    errors = _ErrorTally({a.task_id for a in good})
+    files[version_path(version, LOADINGS)] = _write_loadings(store, version, results, errors)
+    # A replacement that was quarantined does not push out an earlier upload that compressed fine.
     kept_previous = {
         a.task_id: a.reason for a in change.adapters if not a.ok and change.parent_status.get(a.task_id) == "ok"
     }
-    scanned = [a for a in change.adapters if a.task_id not in kept_previous]
     catalog = _CatalogTally()
-    streams = [[catalog_table(scanned, in_basis)]]
-    if parent_where:
+    files[version_path(version, CATALOG)] = _write_catalog(store, version, change, kept_previous, catalog)
+    modules = _module_entries(change, results, version)
+    if not all(r.file for r in results):  # shared with the parent: listed so prune keeps them
+        for path in {e["basis"] for e in modules.values()} - set(files):
+            files[path] = change.parent_manifest["files"][path]
+
+    error = errors.summary()
+    watched = np.array(list(errors.watched.values())).reshape(-1, 2)
+    read_error = error_summary(watched[:, 0], watched[:, 1])
+    read_errors = (
+        {} if change.operation == "compress" else {t: round(e[0], 6) for t, e in sorted(errors.watched.items())}
+    )
+    flagged = _flag(read_errors, change, options)
+    quarantined = {a.task_id: a.reason for a in change.adapters if not a.ok}
+    summary = Summary(
+        change.operation,
+        version,
+        change.parent,
+        str(store),
+        catalog.ok,
+        catalog.quarantined,
+        quarantined,
+        kept_previous,
+        len(modules),
+        len(results),
+        error,
+        read_error,
+        read_errors,
+        flagged,
+        change.counts,
+        {},
+    )
+    report = _report(summary, change, catalog, seconds, results)
+    files[version_path(version, REPORT)] = store.write_object(
+        version, REPORT, json.dumps(report, indent=1).encode()
+    ).to_dict()
+    return _manifest(change, good, source, version, options, catalog, error, modules, files), summary
+
+
+def _report(summary: Summary, change: Change, catalog: _CatalogTally, seconds: dict, results) -> dict:
+    return {
+        "version": summary.version,
+        "operation": summary.operation,
+        "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
+        "changes": change.counts,
+        "quarantined": summary.quarantined,
+        "kept_previous": summary.kept_previous,
+        "warnings": {a.task_id: a.warnings for a in change.adapters if a.warnings},
+        "error": summary.error,
+        "read_error": summary.read_error,
+        "read_errors": summary.read_errors,
+        "flagged": summary.flagged,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "shards": [_shard_report(r) for r in results],
+    }
+
+
+def _write_loadings(store, version: str, results, errors: _ErrorTally) -> dict:
+    """The shards' staged rows merged into the version's loadings table (errors tallied on the way)."""
+    where = store.version_location(version)
+    staged = [read_batches(where, staging_file(r.shard.name)) for r in results]
+    merged = errors.tap(merge_sorted(staged, LOADINGS_KEYS))
+    return write_tables(where, LOADINGS, merged, LOADINGS_SCHEMA, LOADINGS_ROW_GROUP).to_dict()
+
+
+def _write_catalog(store, version: str, change: Change, kept_previous: dict, catalog: _CatalogTally) -> dict:
+    """Catalog: the scanned adapters' rows and the parent's, except those this run replaces."""
+    where = store.version_location(version)
+    scanned = [a for a in change.adapters if a.task_id not in kept_previous]
+    streams = [[catalog_table(scanned, change.mode != "project")]]
+    if change.parent_manifest:
+        parent_where = store.version_location(change.parent)
         rows = without(_conformed(read_batches(parent_where, CATALOG), CATALOG_SCHEMA), {a.task_id for a in scanned})
         streams.append(_all_in_basis(rows) if change.refit else rows)
-    files[version_path(version, CATALOG)] = write_tables(
-        where, CATALOG, catalog.tap(merge_sorted(streams, ["task_id"])), CATALOG_SCHEMA
-    ).to_dict()
+    return write_tables(where, CATALOG, catalog.tap(merge_sorted(streams, ["task_id"])), CATALOG_SCHEMA).to_dict()
 
+
+def _module_entries(change: Change, results, version: str) -> dict[str, dict]:
+    """Each module's manifest entry; a shard that wrote no basis object keeps the parent's."""
     modules = {}
     for r in results:
         for m in r.modules:
@@ -133,48 +192,23 @@ def assemble(change, good, results, source, store, version, options, seconds) ->
                 **({"width": m.width, "core_rank": m.core_rank} if m.method == "joint" else {}),
                 **({"budget": m.budget} if m.budget is not None else {}),
             )
-    if not all(r.file for r in results):  # shared with the parent: listed so prune keeps them
-        for path in {e["basis"] for e in modules.values()} - set(files):
-            files[path] = change.parent_manifest["files"][path]
+    return modules
 
-    error = errors.summary()
-    watched = np.array(list(errors.watched.values())).reshape(-1, 2)
-    read_error = error_summary(watched[:, 0], watched[:, 1])
-    read_errors = (
-        {} if change.operation == "compress" else {t: round(e[0], 6) for t, e in sorted(errors.watched.items())}
-    )
-    flagged = _flag(read_errors, change, options)
-    quarantined = {a.task_id: a.reason for a in change.adapters if not a.ok}
-    report = {
-        "version": version,
-        "operation": change.operation,
-        "adapters": {"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
-        "changes": change.counts,
-        "quarantined": quarantined,
-        "kept_previous": kept_previous,
-        "warnings": {a.task_id: a.warnings for a in change.adapters if a.warnings},
-        "error": error,
-        "read_error": read_error,
-        "read_errors": read_errors,
-        "flagged": flagged,
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "shards": [
-            {
-                "name": r.shard.name,
-                "modules": len(r.shard.modules),
-                "bytes_read": r.bytes_read,
-                "requests": r.requests,
-                "stack_bytes": r.stack_bytes,
-                "resumed": r.resumed,
-                "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
-            }
-            for r in results
-        ],
+
+def _shard_report(r) -> dict:
+    return {
+        "name": r.shard.name,
+        "modules": len(r.shard.modules),
+        "bytes_read": r.bytes_read,
+        "requests": r.requests,
+        "stack_bytes": r.stack_bytes,
+        "resumed": r.resumed,
+        "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
     }
-    files[version_path(version, REPORT)] = store.write_object(
-        version, REPORT, json.dumps(report, indent=1).encode()
-    ).to_dict()
-    manifest = build_manifest(
+
+
+def _manifest(change, good, source, version, options, catalog, error, modules, files) -> dict:
+    return build_manifest(
         version,
         change.parent,
         change.operation,
@@ -195,24 +229,6 @@ def assemble(change, good, results, source, store, version, options, seconds) ->
         else ({"scheme": options.quantize, "added_error": None} if options.quantize else None),
         modules=modules,
         files=files,
-    )
-    return manifest, Summary(
-        change.operation,
-        version,
-        change.parent,
-        str(store),
-        catalog.ok,
-        catalog.quarantined,
-        quarantined,
-        kept_previous,
-        len(modules),
-        len(results),
-        error,
-        read_error,
-        read_errors,
-        flagged,
-        change.counts,
-        {},
     )
 
 
