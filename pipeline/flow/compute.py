@@ -261,11 +261,10 @@ def _moved_parent_rows(store: Store, ctx: Context, outcomes: list[Outcome]) -> I
         yield from (pa.Table.from_batches([b]) for b in _parent_batches(store, task, modules))
         return
     bases = {o.summary.module: o.flat for o in outcomes}
-    moves = {
-        m: Move((ctx.parents[m, "A"], ctx.parents[m, "B"]), (bases[m]["A"], bases[m]["B"]), task.shapes[m])
-        for m in modules
-    }
+    moves: dict[str, Move] = {}
     for batch in _parent_batches(store, task, modules):
+        if not moves and batch.num_rows:
+            moves = _moves(ctx, bases, modules)
         tables = []
         for module, rows in _by_module(batch):
             norm, error = _column(rows, "norm"), _column(rows, "error")
@@ -274,6 +273,21 @@ def _moved_parent_rows(store: Store, ctx: Context, outcomes: list[Outcome]) -> I
                 loadings_rows(rows.column("task_id").to_pylist(), module, new_a, new_b, error, norm, measured=False)
             )
         yield from _sorted_rows(tables)
+
+
+def _moves(ctx: Context, bases: dict, modules: list[str]) -> dict[str, Move]:
+    joint = [m for m in modules if (m, "A") not in ctx.parents or "A" not in bases[m]]
+    if joint:
+        # Moving stored rows needs flat bases on both sides; a joint module's rows are rebuilt and
+        # refitted only by an incremental re-base.
+        raise PipelineError(
+            f"rebase --full from the store cannot move the stored rows of joint module {joint[0]!r} "
+            f"({len(joint)} in this shard) to the new bases: run `rebase --full --from-source`, or compress again"
+        )
+    return {
+        m: Move((ctx.parents[m, "A"], ctx.parents[m, "B"]), (bases[m]["A"], bases[m]["B"]), ctx.task.shapes[m])
+        for m in modules
+    }
 
 
 def _by_module(batch) -> Iterator[tuple[str, pa.Table]]:

@@ -281,3 +281,18 @@ def test_an_upload_of_a_higher_rank_than_the_stores_is_quarantined(runner, tmp_p
     quarantined = json.loads(capsys.readouterr().out)["versions"][0]["quarantined"]
     assert "rank 8 is above the store's 4" in quarantined["wider"]
     assert Store(Location(str(store))).manifest()["adapters"] == {"ok": 6, "quarantined": 1, "in_basis": 6}
+
+
+def test_a_full_rebase_from_the_store_of_joint_modules_is_refused_in_one_line(runner, tmp_path, capsys):
+    """Moving stored rows needs flat bases on both sides: refused by name (not yet supported), and
+    nothing is published; --from-source re-reads the adapters instead."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    make_collection(src, 12, preset="micro", structure="gauge", shared_dim=3)
+    assert run_cli("compress", src, "--out", store, "--method", "joint", "--components", 8) == 0
+    make_collection(src, 2, preset="micro", structure="gauge", shared_dim=3, start=12)
+    capsys.readouterr()
+    assert run_cli("rebase", store, src, "--full") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot move the stored rows of joint module" in err[0] and "--from-source" in err[0]
+    assert Store(Location(str(store))).current_version() == "v000001"
+    assert run_cli("rebase", store, src, "--full", "--from-source") == 0
