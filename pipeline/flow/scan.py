@@ -19,6 +19,7 @@ from safetensors.torch import load as load_safetensors
 from pipeline import peft_format
 from pipeline.errors import AdapterError, PipelineError
 from pipeline.io.adapters import AdapterRef, read_adapter, weights_sha256
+from pipeline.io.format import is_safe_task_id
 from pipeline.io.location import Location, printable, redact
 from pipeline.io.safetensors_ranges import TensorInfo
 from pipeline.progress import Progress
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 OK, QUARANTINED = "ok", "quarantined"
 
 SCAN_THREADS = 8  # concurrent adapter reads within one scan task
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]*(/[A-Za-z0-9_][A-Za-z0-9._=+-]*)*$")
 
 # Fields that must have these types when present; anything else in a config is kept as it is.
 _CONFIG_TYPES = {
@@ -126,7 +126,7 @@ def scan_adapter(ref: AdapterRef) -> ScannedAdapter:
 
 
 def check_task_id(task_id: str) -> None:
-    if not _SAFE_ID.match(task_id) or ".." in task_id.split("/"):
+    if not is_safe_task_id(task_id):
         raise AdapterError(
             f"task id {printable(repr(task_id))} is not a safe relative path (letters, digits, ._=+- and /)"
         )
