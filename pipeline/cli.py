@@ -268,9 +268,7 @@ def error_line(exc: BaseException) -> str:
     after every retry, and missing credentials, by kind; anything else named as unexpected."""
     if isinstance(exc, PipelineError):
         text = str(exc)
-    elif isinstance(exc, OSError):
-        text = f"storage: {exc.__class__.__name__}: {exc}"
-    elif exc.__class__.__module__.startswith("botocore"):
+    elif isinstance(exc, OSError) or exc.__class__.__module__.startswith("botocore"):
         text = f"storage: {exc.__class__.__name__}: {exc}"
     else:
         text = f"unexpected {exc.__class__.__name__}: {exc} (run again with -v for the traceback, and report it)"
