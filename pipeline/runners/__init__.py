@@ -44,10 +44,6 @@ class LazyRunner:
         self._runner: Runner | None = None
 
     @property
-    def started(self) -> bool:
-        return self._runner is not None
-
-    @property
     def runner(self) -> Runner:
         if self._runner is None:
             self._runner = self._make()
