@@ -271,7 +271,10 @@ def error_line(exc: BaseException) -> str:
     elif isinstance(exc, OSError) or exc.__class__.__module__.startswith("botocore"):
         text = f"storage: {exc.__class__.__name__}: {exc}"
     else:
-        text = f"unexpected {exc.__class__.__name__}: {exc} (run again with -v for the traceback, and report it)"
+        # A task's bug arrives wrapped by Ray, whose text is the remote traceback: name the cause.
+        cause = getattr(exc, "cause", None)
+        where, exc = (" in a task", cause) if isinstance(cause, BaseException) else ("", exc)
+        text = f"unexpected {exc.__class__.__name__}{where}: {exc} (run again with -v for the traceback, and report it)"
     lines = redact(text).strip().splitlines()
     return lines[0] if lines else exc.__class__.__name__
 
