@@ -22,7 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.flow.scan import read_factors
 from pipeline.io.adapters import AdapterRef, discover
 from pipeline.io.format import LOADINGS, parameters_rule
-from pipeline.io.location import Location
+from pipeline.io.location import Location, printable
 from pipeline.io.store import Store
 from pipeline.linalg.budget import joint_floats
 from pipeline.linalg.gauge import canonical_factors, pad_rank
@@ -83,6 +83,7 @@ def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.
         "bytes_per_adapter": per_adapter_bytes,
         "held_out_ids": [r.task_id for r in held_refs],
         "error": summaries,
+        "worst": _worst(rows, [r.task_id for r in held_refs]),
     }
 
 
@@ -172,6 +173,16 @@ def _ks(modules: dict[str, dict]) -> list[int]:
     return [ks[0], ks[-1]] if ks else []
 
 
+def _worst(rows: dict[str, list[list[float]]], task_ids: list[str]) -> dict[str, dict]:
+    """Per approach, the held-out adapter it serves worst: its id and error (mean over modules)."""
+    worst = {}
+    for name, errors in rows.items():
+        means = np.array(errors).mean(axis=1)
+        i = int(means.argmax())
+        worst[name] = {"task_id": task_ids[i], "error": float(means[i])}
+    return worst
+
+
 def format_evaluation(result: dict) -> str:
     ks = ", k " + "..".join(map(str, sorted(set(result["k"])))) if result["k"] else ""
     lines = [
@@ -187,4 +198,9 @@ def format_evaluation(result: dict) -> str:
     for key, name in names.items():
         e = result["error"][key]
         lines.append(f"  {name:50} {e['mean']:7.4f} {e['p95']:7.4f} {e['max']:7.4f}")
+    worst = result["worst"]["basis"]
+    lines.append(
+        f"worst held-out adapter under the basis: {printable(worst['task_id'])}, error {worst['error']:.4f} "
+        f"(mean {result['error']['basis']['mean']:.4f})"
+    )
     return "\n".join(lines)

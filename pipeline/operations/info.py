@@ -1,10 +1,13 @@
-"""Info: what a store version holds and how well it represents its adapters."""
+"""Info: what a store version holds and how well it represents its adapters: per module (method,
+bases, explained variance, error over adapters) and per adapter (the error distribution and the
+worst adapters by name)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import IntegrityError
@@ -12,17 +15,18 @@ from pipeline.io.format import CATALOG, LOADINGS, MANIFEST
 from pipeline.io.location import printable
 from pipeline.io.store import Store
 
+WORST_LISTED = 20  # worst adapters kept in describe's result (info prints 5, the report all)
+WORST_PRINTED = 5
+
 
 def describe(store: Store, version: str | None = None) -> dict:
     version = store.require_version(version)
     manifest = store.manifest(version)
-    errors = store.read_table(version, LOADINGS, columns=["task_id", "error"])
+    errors = store.read_table(version, LOADINGS, columns=["task_id", "module", "error"])
     catalog = store.read_table(version, CATALOG, columns=["task_id", "status", "reason"])
-    per_adapter = _per_adapter(errors.column("task_id").to_pylist(), errors.column("error").to_numpy())
     stored = version_bytes(store, version, manifest)
     modules = manifest["modules"]
     quarantined = pc.equal(catalog.column("status"), "quarantined")
-    means = np.array([e["mean"] for e in per_adapter.values()])
     return {
         "store": str(store),
         "version": version,
@@ -49,12 +53,33 @@ def describe(store: Store, version: str | None = None) -> dict:
         "stored_bytes": stored,
         "compression_ratio": manifest["original_bytes"] / stored["total"],
         "quantization": manifest.get("quantization"),
+        **_error_figures(errors),
+    }
+
+
+def _error_figures(errors: pa.Table) -> dict:
+    """The loadings' relative delta-W errors summarised per adapter (mean and max over its modules:
+    their distribution over adapters, the worst by name) and per module (mean and max over adapters)."""
+    task_ids, module_names = errors.column("task_id").to_pylist(), errors.column("module").to_pylist()
+    values = errors.column("error").to_numpy()
+    per_adapter = _grouped(task_ids, values)
+    means = np.array([e["mean"] for e in per_adapter.values()])
+    ranked = sorted(per_adapter, key=lambda t: (-per_adapter[t]["mean"], t))
+    return {
         "error": {
             "mean": float(means.mean()),
             "max": max(e["max"] for e in per_adapter.values()),
-            "worst": sorted(per_adapter, key=lambda t: -per_adapter[t]["mean"])[:5],
+            "worst": ranked[:WORST_PRINTED],
         },
+        "error_distribution": {
+            "adapters": len(means),
+            "min": float(means.min()),
+            **{f"p{q}": float(np.quantile(means, q / 100)) for q in (50, 90, 99)},
+            "max": float(means.max()),
+        },
+        "worst_adapters": [{"task_id": t, **per_adapter[t]} for t in ranked[:WORST_LISTED]],
         "per_adapter_error": per_adapter,
+        "module_error": _grouped(module_names, values),
     }
 
 
@@ -108,7 +133,7 @@ def _choice(entry: dict) -> dict:
     return {"method": "flat", "k": [entry["k_a"], entry["k_b"]]}
 
 
-def _methods_line(methods: dict[str, dict]) -> str:
+def methods_line(methods: dict[str, dict]) -> str:
     """e.g. 'flat 20 modules (k 4..12), joint 4 modules (c 24..40, q 8)'."""
     parts = []
     for method, fields in (("flat", ("k",)), ("joint", ("width", "core_rank"))):
@@ -123,12 +148,12 @@ def _methods_line(methods: dict[str, dict]) -> str:
     return ", ".join(parts)
 
 
-def _per_adapter(task_ids: list[str], errors: np.ndarray) -> dict[str, dict[str, float]]:
-    """Mean and max over modules of the relative delta-W error, per adapter."""
+def _grouped(keys: list[str], errors: np.ndarray) -> dict[str, dict[str, float]]:
+    """Mean and max of the errors sharing a key (an adapter's over its modules, a module's over adapters)."""
     grouped: dict[str, list[float]] = {}
-    for task_id, error in zip(task_ids, errors.tolist()):
-        grouped.setdefault(task_id, []).append(error)
-    return {t: {"mean": float(np.mean(v)), "max": float(np.max(v))} for t, v in grouped.items()}
+    for key, error in zip(keys, errors.tolist()):
+        grouped.setdefault(key, []).append(error)
+    return {k: {"mean": float(np.mean(v)), "max": float(np.max(v))} for k, v in grouped.items()}
 
 
 def format_info(info: dict) -> str:
@@ -142,7 +167,7 @@ def format_info(info: dict) -> str:
         f"base model   {info['base_model'] or '-'}",
         f"adapters     {info['adapters']['ok']} ok{_projected(info['adapters'])}, "
         f"{info['adapters']['quarantined']} quarantined",
-        f"modules      {info['modules']}: {_methods_line(info['methods'])}",
+        f"modules      {info['modules']}: {methods_line(info['methods'])}",
         f"explained    variance {min(ev):.3f}..{max(ev):.3f} (per module and side)",
         f"bytes        {info['original_bytes']:,} original -> "
         f"{info['store_bytes']:,} stored ({info['compression_ratio']:.1f}x)",
@@ -150,7 +175,8 @@ def format_info(info: dict) -> str:
         f"other basis fields {b['basis_other']:,}, loadings {b['loadings']:,}, metadata {b['metadata']:,}",
         f"delta-W err  mean {info['error']['mean']:.4f}, max {info['error']['max']:.4f} "
         "(relative ||dW - dW'|| / ||dW||; estimated for adapters moved by incremental updates)",
-        f"worst        {', '.join(printable(t) for t in info['error']['worst'])}",
+        f"per adapter  {distribution_line(info)}",
+        f"worst        {_worst_line(info['worst_adapters'][:WORST_PRINTED])}",
     ]
     if quantization:
         added = quantization.get("added_error")
@@ -166,6 +192,18 @@ def format_info(info: dict) -> str:
     for task_id, reason in info["quarantined"].items():
         lines.append(f"quarantined  {printable(task_id)}: {printable(reason or '')}")
     return "\n".join(lines)
+
+
+def distribution_line(info: dict) -> str:
+    """e.g. 'min 0.0100, p50 0.0200, p90 0.0300, p99 0.0400, max 0.0500 of 24 adapters' mean error over modules'."""
+    d, quarantined = info["error_distribution"], info["adapters"]["quarantined"]
+    figures = ", ".join(f"{name} {d[name]:.4f}" for name in ("min", "p50", "p90", "p99", "max"))
+    left_out = f" ({quarantined} quarantined, without errors)" if quarantined else ""
+    return f"{figures} of {d['adapters']} adapters' mean error over modules{left_out}"
+
+
+def _worst_line(worst: list[dict]) -> str:
+    return ", ".join(f"{printable(w['task_id'])} ({w['mean']:.4f})" for w in worst)
 
 
 def _projected(adapters: dict) -> str:

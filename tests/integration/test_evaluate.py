@@ -25,6 +25,11 @@ def test_held_out_adapters_are_served_by_a_basis_of_the_rest(runner, tmp_path, c
     # mean adapter, and better than each adapter's own SVD at the store's bytes per adapter.
     assert e["basis"]["mean"] < 0.1 < e["own_svd"]["mean"] < e["mean_adapter"]["mean"]
     assert result["own_svd_rank"] >= 1
+    # The held-out adapter each approach serves worst, by name: its error (mean over modules) is
+    # the largest of the held-out adapters' means.
+    for approach, worst in result["worst"].items():
+        assert worst["task_id"] in result["held_out_ids"]
+        assert e[approach]["p95"] <= worst["error"] <= e[approach]["max"]
     # The draw is the seed's: the same ids again, others with another seed.
     assert run_cli("evaluate", tmp_path / "store", tmp_path / "src", "--holdout", "0.2", "--json") == 0
     assert json.loads(capsys.readouterr().out)["held_out_ids"] == result["held_out_ids"]
@@ -32,6 +37,13 @@ def test_held_out_adapters_are_served_by_a_basis_of_the_rest(runner, tmp_path, c
     assert json.loads(capsys.readouterr().out)["held_out_ids"] != result["held_out_ids"]
     assert run_cli("evaluate", tmp_path / "store", tmp_path / "src") == 0
     assert "each adapter's own rank-" in capsys.readouterr().out
+    assert run_cli("evaluate", tmp_path / "store", tmp_path / "src", "--holdout", "0.2") == 0
+    out = capsys.readouterr().out
+    worst = result["worst"]["basis"]
+    assert (
+        f"worst held-out adapter under the basis: {worst['task_id']}, error {worst['error']:.4f} "
+        f"(mean {e['basis']['mean']:.4f})" in out
+    )
 
 
 def test_a_holdout_that_leaves_no_basis_is_refused(runner, tmp_path, capsys):

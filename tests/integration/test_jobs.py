@@ -29,7 +29,7 @@ def test_compress_rebase_export_jobs(runner, tmp_path, capsys):
     report = (tmp_path / "store" / "reports" / "v000001.html").read_text()
     assert (
         report.startswith("<!doctype html>")
-        and report.count("<svg") == 4
+        and report.count("<svg") == 5  # explained variance, bases, error per module, over adapters, history
         and "adapter-00000" not in report.split("Worst")[0]
     )
 
