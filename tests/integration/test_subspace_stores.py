@@ -9,6 +9,7 @@ from conftest import make_collection, run_cli
 from safetensors.torch import load_file, save_file
 
 from pipeline import peft_format
+from pipeline.adapter import Adapter
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location
 from pipeline.io.store import Store
@@ -119,3 +120,23 @@ def test_methods_that_change_a_joint_module_refuse_it_by_name(runner, tmp_path):
     sub.save(str(tmp_path / "store"))
     assert run_cli("verify", tmp_path / "store") == 0
     assert Store(Location(str(tmp_path / "store"))).manifest()["quantization"]["scheme"] == "int8"
+
+
+def test_absorbing_into_a_budgeted_store_keeps_each_modules_k_as_rebase_does(runner, tmp_path):
+    """The library's absorb goes through the flow's k rule: a budgeted store keeps each module's k
+    (the vlora rule its parameters also record would decide another), and absorb_incremental gives
+    the bases `lora-subspace rebase` publishes."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    make_collection(src, 16, preset="micro", structure="same-init")
+    assert run_cli("compress", src, "--out", store, "--budget-bytes", "20KiB", "--method", "flat") == 0
+    sub = Subspace.load(str(store))
+    assert not sub.joint and sub.budget == {"budget_bytes": 20 * 1024}
+    before = {m: (len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in sub.modules.items()}
+    new = make_collection(src, 4, preset="micro", structure="same-init", start=16)
+    sub.absorb_incremental([Adapter.load(str(src / t)) for t in new], new)
+    assert {m: (len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in sub.modules.items()} == before
+    assert run_cli("rebase", store, src) == 0
+    rebased = Subspace.load(str(store))
+    for m, mb in sub.modules.items():
+        for side in "AB":
+            torch.testing.assert_close(mb.side(side).singular_values, rebased.modules[m].side(side).singular_values)
