@@ -16,6 +16,12 @@ from vlora it is on purpose:
 
 Loadings live as one (tasks, k) matrix per module and side: a store of 10,000 adapters opens
 as a few hundred tensors, not millions.
+
+A store's joint modules (compress --method joint, or auto with a budget) open too, in `joint`
+beside the flat `modules`: tasks, reconstruct, error_summary, compression_stats, quantize (which
+packs the flat modules only, as compress --quantize does) and save work on them; project,
+add_task, absorb and absorb_incremental refuse a subspace that has any (the CLI's project and
+rebase grow such a store).
 """
 
 from __future__ import annotations
@@ -31,15 +37,17 @@ import torch
 
 from pipeline.adapter import Adapter, as_adapter
 from pipeline.config import ComponentRule
+from pipeline.errors import PipelineError
+from pipeline.flow.strategies import fit_sides
 from pipeline.io.safetensors_ranges import DTYPES
 from pipeline.linalg import quantize as quant
 from pipeline.linalg.decompose import OVERSAMPLE, Decomposition, centred_svd, reconstruct
-from pipeline.linalg.gauge import align_rows
+from pipeline.linalg.gauge import align_rows, joint_rebuild
 from pipeline.linalg.incremental import absorb, truncate
 from pipeline.linalg.loadings import Move, Shapes, factor_basis, project_factors
 from pipeline.linalg.metrics import error_summary, pair_grams, rebuilt_inner
 from pipeline.operations import snapshot
-from pipeline.operations.snapshot import ModuleBasis
+from pipeline.operations.snapshot import JointModule, ModuleBasis
 from pipeline.operations.snapshot import Rows as _Rows
 
 
@@ -61,8 +69,15 @@ _DEFAULT_RULE = ComponentRule()  # vlora's rule: k from the variance threshold, 
 
 
 class Subspace:
-    def __init__(self, modules: dict[str, ModuleBasis], rule: ComponentRule = _DEFAULT_RULE, route: str = "auto"):
-        self.modules = dict(sorted(modules.items()))
+    def __init__(
+        self,
+        modules: dict[str, ModuleBasis],
+        rule: ComponentRule = _DEFAULT_RULE,
+        route: str = "auto",
+        joint: dict[str, JointModule] | None = None,
+    ):
+        self.modules = dict(sorted(modules.items()))  # the flat modules (vlora's layers)
+        self.joint = dict(sorted((joint or {}).items()))  # the joint modules of a store compressed with them
         self.rule, self.route = rule, route
         self.task_ids: list[str] = []
         self.quantization: dict | None = None  # {"scheme", "added_error"} once quantized
@@ -70,9 +85,12 @@ class Subspace:
         self.source: str | None = None  # the collection's URI, when it came from a store
         self.origin: tuple[str, str] | None = None  # (store, version) last loaded from or saved to
         self.quarantined: list[dict] = []  # catalog rows of a store's quarantined adapters, kept on save
+        self.budget: dict = {}  # a budgeted store's `ratio` / `budget_bytes`, kept on save
         self._rows = {
             m: _Rows.empty(len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in self.modules.items()
         }
+        self._rows.update({m: _Rows.empty(jm.k, jm.k) for m, jm in self.joint.items()})
+        self._rows = dict(sorted(self._rows.items()))
         self._index: dict[str, int] = {}
         self._catalog: list[dict] = []
         self._pending: list[Projection] = []
@@ -81,20 +99,23 @@ class Subspace:
 
     @property
     def layer_names(self) -> list[str]:
-        return list(self.modules)
+        """Every module, flat and joint."""
+        return sorted([*self.modules, *self.joint])
 
     @property
     def rank(self) -> int:
-        return max(mb.shapes[0][0] for mb in self.modules.values())
+        return max(m.shapes[0][0] for m in [*self.modules.values(), *self.joint.values()])
 
     @property
     def num_components(self) -> int:
-        """k (the largest over modules and sides, when it varies)."""
-        return max(max(len(mb.a.singular_values), len(mb.b.singular_values)) for mb in self.modules.values())
+        """k (the largest over modules and sides, when it varies; q * c for a joint module)."""
+        flat = [max(len(mb.a.singular_values), len(mb.b.singular_values)) for mb in self.modules.values()]
+        return max(flat + [jm.k for jm in self.joint.values()])
 
     def _field(self, side: str, name: str) -> dict[str, torch.Tensor]:
         return {m: getattr(mb.side(side), name) for m, mb in self.modules.items()}
 
+    # vlora's per-layer tensors, of the flat modules
     components_a = property(lambda self: self._field("A", "components"))
     components_b = property(lambda self: self._field("B", "components"))
     singular_values_a = property(lambda self: self._field("A", "singular_values"))
@@ -206,6 +227,7 @@ class Subspace:
     def project(self, adapter, task_id: str) -> Projection:
         """Step 2: the adapter's loadings on the current basis (the basis does not change), with
         the delta-W error they leave. Register it with add_task."""
+        self._refuse_joint("project")
         adapter = as_adapter(adapter)
         self._check_fits(adapter, task_id)
         rows = self._project([adapter])
@@ -221,6 +243,7 @@ class Subspace:
     def add_task(self, projection: Projection) -> None:
         """Register a projected task (replacing one with the same id). A Projection made by hand
         (e.g. trained loadings) has no measured error: it is recorded as 0 against itself."""
+        self._refuse_joint("add_task")
         for module, mb in self.modules.items():
             for side, loadings in (("A", projection.loadings_a), ("B", projection.loadings_b)):
                 k = len(mb.side(side).singular_values)
@@ -235,6 +258,7 @@ class Subspace:
     def absorb(self, new_adapter, new_task_id) -> None:
         """Step 3, by a full recompute: one SVD per module over every task, rebuilt from its
         loadings, and the new adapter(s), as vlora's absorb. Accepts one adapter and id, or lists."""
+        self._refuse_joint("absorb")
         adapters, ids = self._new(new_adapter, new_task_id)
         new = {m: self._factor_rows(adapters, m) for m in self.modules}
 
@@ -243,13 +267,14 @@ class Subspace:
             x = torch.cat([reconstruct(loadings, old.components, old.mean).cpu(), new[module]["AB".index(side)]])
             return centred_svd(x, k, threshold, self.route)
 
-        self._rebase(_fit(self.rule, list(self.modules), refit))
+        self._rebase(self._refit(refit))
         self._append(adapters, ids, in_basis=True)
 
     def absorb_incremental(self, new_adapter, new_task_id) -> None:
         """Step 3, by the exact incremental update: each module's SVD of old and new rows together
         from the stored singular values, mean and count, truncated to k. Exact when nothing is
         truncated; the old adapters' files are never needed. Accepts one adapter and id, or lists."""
+        self._refuse_joint("absorb_incremental")
         adapters, ids = self._new(new_adapter, new_task_id)
         new = {m: self._factor_rows(adapters, m) for m in self.modules}
 
@@ -257,14 +282,16 @@ class Subspace:
             old = self.modules[module].side(side)
             return absorb(old, new[module]["AB".index(side)].to(old.components.device), k, threshold)
 
-        self._rebase(_fit(self.rule, list(self.modules), update))
+        self._rebase(self._refit(update))
         self._append(adapters, ids, in_basis=True)
 
     # -- reconstruct -----------------------------------------------------------------------------
 
     def reconstruct(self, task_id: str, dtype: torch.dtype | None = None) -> Adapter:
-        """The task's factors rebuilt from its loadings, in its original dtype (or `dtype`), with
-        its original config: `.save(folder)` writes a PEFT folder."""
+        """The task's factors rebuilt from its loadings at the collection's rank, in its original
+        dtype (or `dtype`), with its original config: `.save(folder)` writes a PEFT folder. A
+        flat module is `mean + loadings @ components`, a joint one A' = Q V^T, B' = U P, as
+        export rebuilds them (export then cuts an adapter of lower rank to its own)."""
         index = self._row(task_id)
         catalog = self._catalog[index]
         dtype = dtype or DTYPES.get(catalog.get("dtype"), torch.float32)
@@ -273,6 +300,12 @@ class Subspace:
             rows = self._rows[module]
             lora_a[module] = reconstruct(rows.a[index], mb.a.components, mb.a.mean).reshape(mb.shapes[0]).to(dtype)
             lora_b[module] = reconstruct(rows.b[index], mb.b.components, mb.b.mean).reshape(mb.shapes[1]).to(dtype)
+        for module, jm in self.joint.items():
+            rows, q, c = self._rows[module], jm.core_rank, jm.width
+            core_a, core_b = rows.a[index].view(1, q, c), rows.b[index].view(1, c, q)
+            a, b = joint_rebuild(jm.basis, core_a, core_b, jm.shapes[0][0])
+            lora_a[module], lora_b[module] = a[0].to(dtype), b[0].to(dtype)
+        lora_a, lora_b = dict(sorted(lora_a.items())), dict(sorted(lora_b.items()))
         text = catalog.get("config_json") or ""
         return Adapter(lora_a, lora_b, json.loads(text) if text else None, config_text=text)
 
@@ -292,6 +325,8 @@ class Subspace:
                 )
                 for d in (mb.a, mb.b)
             )
+        for jm in self.joint.values():
+            jm.basis = dataclasses.replace(jm.basis, u=move(jm.basis.u), v=move(jm.basis.v))
         for rows in self._rows.values():
             rows.a, rows.b = move(rows.a), move(rows.b)
         return self
@@ -323,18 +358,19 @@ class Subspace:
         stored = snapshot.measure(self._snapshot())
         original = sum(row["weights_bytes"] + len((row["config_json"] or "").encode()) for row in self._catalog)
         n = len(self.task_ids)
-        params_original = sum(n * (mb.a.mean.numel() + mb.b.mean.numel()) for mb in self.modules.values())
+        shapes = [m.shapes for m in [*self.modules.values(), *self.joint.values()]]
+        params_original = sum(n * (a[0] * a[1] + b[0] * b[1]) for a, b in shapes)
         params = sum(
             d.components.numel() + d.mean.numel() + n * len(d.singular_values)
             for mb in self.modules.values()
             for d in (mb.a, mb.b)
-        )
+        ) + sum(jm.basis.u.numel() + jm.basis.v.numel() + 2 * n * jm.k for jm in self.joint.values())
+        per_layer = {m: (len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in self.modules.items()}
+        per_layer.update({m: (jm.k, jm.k) for m, jm in self.joint.items()})
         return {
             "num_tasks": n,
-            "num_layers": len(self.modules),
-            "components_per_layer": {
-                m: (len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in self.modules.items()
-            },
+            "num_layers": len(per_layer),
+            "components_per_layer": dict(sorted(per_layer.items())),
             "original_bytes": original,
             "stored_bytes": stored,
             "compression_ratio": original / stored["total"] if stored["total"] else 0.0,
@@ -390,7 +426,7 @@ class Subspace:
     def load(cls, uri: str, version: str | None = None, endpoint_url: str | None = None) -> Subspace:
         """A store version (default: the current one), every object checked against its manifest."""
         snap = snapshot.load(uri, version, endpoint_url)
-        sub = cls(snap.modules, snap.rule, snap.route)
+        sub = cls(snap.modules, snap.rule, snap.route, snap.joint)
         sub._add(snap.task_ids, snap.rows, snap.catalog)
         sub.quarantined, sub.quantization, sub.source, sub.origin = (
             snap.quarantined,
@@ -398,13 +434,13 @@ class Subspace:
             snap.source,
             snap.origin,
         )
-        sub.method = snap.method
+        sub.method, sub.budget = snap.method, dict(snap.budget)
         return sub
 
     def __repr__(self) -> str:
         q = f", {self.quantization['scheme']}" if self.quantization else ""
         return (
-            f"Subspace({len(self.modules)} modules, {len(self.task_ids) + len(self._pending)} tasks, "
+            f"Subspace({len(self.layer_names)} modules, {len(self.task_ids) + len(self._pending)} tasks, "
             f"k={self.num_components}{q})"
         )
 
@@ -433,7 +469,21 @@ class Subspace:
             self.source,
             self.origin,
             self.error_summary(),
+            joint=self.joint,
+            budget=self.budget,
         )
+
+    def _refit(self, fit) -> dict[str, tuple[Decomposition, Decomposition]]:
+        """fit(module, side, k, threshold) on every module (absorb, absorb_incremental)."""
+        return _fit(self.rule, list(self.modules), fit, self.modules)
+
+    def _refuse_joint(self, method: str) -> None:
+        if self.joint:
+            module = next(iter(self.joint))
+            raise PipelineError(
+                f"Subspace.{method}: module {module!r} is joint (shared U and V), which {method} does not "
+                "handle in process; grow the store with `lora-subspace project` or `rebase`"
+            )
 
     def _row(self, task_id: str) -> int:
         self._flush()
@@ -487,7 +537,7 @@ class Subspace:
             self._catalog = [self._catalog[i] for i in keep]
             index = torch.tensor(keep, dtype=torch.long)
             self._rows = {m: r.take(index) for m, r in self._rows.items()}
-        for module in self.modules:
+        for module in self._rows:
             self._rows[module] = self._rows[module].cat(rows[module])
         self.task_ids += list(task_ids)
         self._catalog += catalog
@@ -539,7 +589,7 @@ class Subspace:
             self._rows[module] = _Rows(
                 la.to(torch.float32), lb.to(torch.float32), error, rows.norm, rows.measured & (change == 0)
             )
-            self.modules[module] = ModuleBasis(a, b, mb.shapes, codes)
+            self.modules[module] = dataclasses.replace(mb, a=a, b=b, packed=codes)
             moved[module] = change
         if scheme:  # the errors are now those of the packed basis, as compress --quantize records them
             self.quantization = {"scheme": scheme, "added_error": None}
@@ -580,18 +630,22 @@ def _task_ids(task_ids: Iterable[str] | None, n: int) -> list[str]:
     return ids
 
 
-def _fit(rule: ComponentRule, modules: list[str], fit) -> dict[str, tuple[Decomposition, Decomposition]]:
-    """fit(module, side, k, threshold) for every module and side, with k as the rule says (vlora's
-    collection-wide rule decides it on the first module's lora_A)."""
-    bases, fixed_k = {}, None
+def _fit(
+    rule: ComponentRule, modules: list[str], fit, kept: Mapping[str, ModuleBasis] | None = None
+) -> dict[str, tuple[Decomposition, Decomposition]]:
+    """fit(module, side, k, threshold) for every module and side, with k as the flow's strategies
+    decide it (strategies.fit_sides: vlora's collection-wide rule decides it on the first module's
+    lora_A); a module of `kept` with a byte budget keeps its k, as a budgeted store's re-base does."""
+    bases, k = {}, None
     for module in modules:
-        decs = []
-        for side in "AB":
-            dec = fit(module, side, *rule.limits(fixed_k))
-            if rule.needs_first_module and fixed_k is None:
-                fixed_k = max(len(dec.singular_values), 1)
-            decs.append(dec)
-        bases[module] = (decs[0], decs[1])
+        mb = (kept or {}).get(module)
+        decs, k = fit_sides(
+            rule,
+            k,
+            lambda side, limit, threshold, module=module: fit(module, side, limit, threshold),
+            {"A": mb.a, "B": mb.b} if mb is not None and mb.budget is not None else None,
+        )
+        bases[module] = (decs["A"], decs["B"])
     return bases
 
 

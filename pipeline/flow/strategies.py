@@ -182,11 +182,14 @@ def fit_flat(ctx: Context, module: str, stack) -> Outcome:
     spec = ctx.task.spec
     if spec.budgets:
         return _fit_within(ctx, module, stack)
-    bases = {}
-    for side in "AB":
-        limit, threshold = spec.rule.limits(ctx.k)
-        bases[side] = centred_svd(stack["AB".index(side)].to(ctx.device), limit, threshold, spec.route)
-        _decide_k(ctx, bases[side])
+    bases, k = fit_sides(
+        spec.rule,
+        ctx.k,
+        lambda side, limit, threshold: centred_svd(
+            stack["AB".index(side)].to(ctx.device), limit, threshold, spec.route
+        ),
+    )
+    _take_k(ctx, k)
     return _flat_outcome(ctx, module, stack, bases)
 
 
@@ -210,15 +213,14 @@ def absorb_flat(ctx: Context, module: str, stack) -> Outcome:
     spec = ctx.task.spec
     if spec.method == "aligned" and stack is not None:
         stack = _aligned(ctx, module, stack, (ctx.parents[module, "A"], ctx.parents[module, "B"]))
-    bases = {}
-    for side in "AB":
+    parents = {side: ctx.parents[module, side] for side in "AB"}
+
+    def update(side, limit, threshold):
         x = stack["AB".index(side)].to(ctx.device) if stack is not None else None
-        parent = ctx.parents[module, side]
-        limit, threshold = spec.rule.limits(ctx.k)
-        if spec.budgets:  # a budgeted store keeps each module's k
-            limit, threshold = len(parent.singular_values), None
-        bases[side] = absorb(_to(parent, ctx.device), x, limit, threshold)
-        _decide_k(ctx, bases[side])
+        return absorb(_to(parents[side], ctx.device), x, limit, threshold)
+
+    bases, k = fit_sides(spec.rule, ctx.k, update, parents if spec.budgets else None)
+    _take_k(ctx, k)
     return _flat_outcome(ctx, module, stack, bases)
 
 
@@ -261,11 +263,29 @@ def _fit_within(ctx: Context, module: str, stack) -> Outcome:
     return _flat_outcome(ctx, module, stack, {"A": fit.a, "B": fit.b})
 
 
-def _decide_k(ctx: Context, dec: Decomposition) -> None:
-    """vlora's rule: the first module side fitted decides k for the collection."""
-    spec = ctx.task.spec
-    if spec.rule.needs_first_module and ctx.k is None and not spec.budgets:
-        ctx.k = ctx.decided_k = max(len(dec.singular_values), 1)
+def fit_sides(
+    rule: ComponentRule,
+    k: int | None,
+    fit: Callable[[str, int | None, float | None], Decomposition],
+    kept: Mapping[str, Decomposition] | None = None,
+) -> tuple[dict[str, Decomposition], int | None]:
+    """One flat module's bases, `fit(side, k, threshold)` for lora_A then lora_B, with k as `rule`
+    says given the collection-wide k (None: not decided yet); under a byte budget each side keeps
+    the k of its basis in `kept`. Returns the bases and the collection-wide k, which vlora's rule
+    decides on the first side fitted. The one k rule of the flow's strategies and of the Python API."""
+    bases = {}
+    for side in "AB":
+        limit, threshold = (len(kept[side].singular_values), None) if kept is not None else rule.limits(k)
+        bases[side] = fit(side, limit, threshold)
+        if kept is None and rule.needs_first_module and k is None:
+            k = max(len(bases[side].singular_values), 1)
+    return bases, k
+
+
+def _take_k(ctx: Context, k: int | None) -> None:
+    """Record a collection-wide k the module just decided (vlora's rule)."""
+    if k != ctx.k:
+        ctx.k = ctx.decided_k = k
 
 
 def _aligned(ctx: Context, module: str, stack, bases) -> list[torch.Tensor]:

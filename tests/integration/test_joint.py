@@ -78,8 +78,8 @@ def test_auto_budget_chooses_joint_where_the_gauges_differ(runner, tmp_path, cap
     error = _relative(b @ a, _delta_w(src / "adapter-00005"))
     assert error == pytest.approx(_recorded(tmp_path / "auto", "adapter-00005"), rel=1e-3)
     assert json.loads((tmp_path / "out" / peft_format.CONFIG_FILE).read_text())["r"] == 4
-    # What reads joint stores: export, verify, info (above), re-base and evaluate (elsewhere). The
-    # Python API and quantize work on flat bases and refuse one with joint modules by name.
+    # What reads joint stores: export, verify, info (above), re-base, evaluate and the Python API
+    # (elsewhere). The quantize command works on flat bases and refuses one with joint modules by name.
     capsys.readouterr()
     assert run_cli("quantize", tmp_path / "auto", "--bits", 8) == 1
     assert "joint module(s)" in capsys.readouterr().err
