@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(by default export refuses them: a rebuilt adapter would replace what is there)",
     )
 
-    q = sub.add_parser("quantize", parents=[common], help="publish a version with the components packed (int8 or nf4)")
+    q = sub.add_parser(
+        "quantize", parents=[common, ray_options], help="publish a version with the components packed (int8 or nf4)"
+    )
     q.add_argument("store")
     q.add_argument(
         "--bits",
@@ -204,12 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     vi = sub.add_parser(
-        "vlora-import", parents=[common], help="publish a folder written by vlora's SharedSubspace.save as a version"
+        "vlora-import",
+        parents=[common, ray_options],
+        help="publish a folder written by vlora's SharedSubspace.save as a version",
     )
     vi.add_argument("folder", help="the vlora folder (subspace_meta.json, subspace.safetensors, task_*.safetensors)")
     vi.add_argument("store")
     vi.add_argument("--replace", action="store_true", help="publish over a store that already has versions")
-    ve = sub.add_parser("vlora-export", parents=[common], help="write a version in vlora's SharedSubspace layout")
+    ve = sub.add_parser(
+        "vlora-export", parents=[common, ray_options], help="write a version in vlora's SharedSubspace layout"
+    )
     ve.add_argument("store")
     ve.add_argument("folder")
     ve.add_argument("--version", help="a version id (default: current)")
@@ -539,27 +545,15 @@ def cmd_export(args) -> dict:
 
 
 def cmd_quantize(args) -> dict:
-    from pipeline.operations.info import version_bytes
-    from pipeline.subspace import Subspace
+    from pipeline.operations.quantize import quantize
 
     store = _store(args.store, args.endpoint_url)
-    _refuse_joint(
-        store, None, "quantize packs flat bases only", "compress the collection again with --quantize int8 or nf4"
-    )
-    sub = Subspace.load(args.store, None, args.endpoint_url)
-    try:
-        sub.quantize(args.bits)
-    except ValueError as exc:
-        raise PipelineError(f"{sub.origin[0]} {sub.origin[1]}: {exc}") from None
-    # The next version of the one loaded: if another writer published meanwhile, nothing is written.
-    loaded = sub.origin[1]
-    version = sub._save(args.store, args.endpoint_url, False, operation="quantize")
-    before, after = version_bytes(store, loaded), version_bytes(store, version)  # measured on the store
-    result = {"version": version, "quantization": sub.quantization, "bytes_before": before, "bytes_after": after}
+    result = quantize(store, args.bits, _ray(args, store.location))
     if not args.json:
-        added = sub.quantization["added_error"]
+        before, after, q = result["bytes_before"], result["bytes_after"], result["quantization"]
+        added = q["added_error"]
         print(
-            f"{version} ({sub.quantization['scheme']}) published to {store}: components "
+            f"{result['version']} ({q['scheme']}) published to {store}: components "
             f"{before['components']:,} -> {after['components']:,} bytes, "
             f"store {before['total']:,} -> {after['total']:,} bytes; "
             f"added delta-W error mean {added.get('mean', 0):.4f} max {added.get('max', 0):.4f}"
@@ -567,55 +561,27 @@ def cmd_quantize(args) -> dict:
     return result
 
 
-def _refuse_joint(store, version: str | None, why: str, instead: str) -> None:
-    """Commands that go through the in-process Subspace, which reads flat and aligned modules."""
-    version = store.require_version(version)
-    joint = sorted(m for m, e in store.manifest(version)["modules"].items() if e.get("method") == "joint")
-    if joint:
-        raise PipelineError(f"{store} {version} has {len(joint)} joint module(s) (e.g. {joint[0]!r}): {why}; {instead}")
-
-
 def cmd_vlora_import(args) -> dict:
-    from pipeline.operations.compress import check_out
-    from pipeline.vlora_format import read_vlora
+    from pipeline.operations.vlora import import_vlora
 
-    store = _store(args.store, args.endpoint_url)
-    check_out(store, "vlora-import", "STORE ")
-    current = store.current_version()
-    if current is not None and not args.replace:
-        raise PipelineError(
-            f"store {store} already has versions (current {current}): add --replace to publish the "
-            "imported subspace as its next version (earlier versions stay, for rollback)"
-        )
-    sub = read_vlora(args.folder, args.endpoint_url)
-    version = sub._save(args.store, args.endpoint_url, args.replace, operation="vlora-import")
+    store, folder = _store(args.store, args.endpoint_url), Location(args.folder, args.endpoint_url)
+    result = import_vlora(folder, store, _ray(args, folder, store.location), args.replace)
     if not args.json:
         print(
-            f"{version} (vlora-import) published to {_store(args.store, args.endpoint_url)}: "
-            f"{len(sub.task_ids)} tasks, {len(sub.modules)} modules"
+            f"{result['version']} (vlora-import) published to {store}: "
+            f"{result['tasks']} tasks, {result['modules']} modules"
         )
-    return {"version": version, "tasks": len(sub.task_ids), "modules": len(sub.modules)}
+    return result
 
 
 def cmd_vlora_export(args) -> dict:
-    from pipeline.subspace import Subspace
-    from pipeline.vlora_format import check_folder, write_vlora
+    from pipeline.operations.vlora import export_vlora
 
-    check_folder(args.folder, args.endpoint_url, args.overwrite)  # before loading the version
-    _refuse_joint(
-        _store(args.store, args.endpoint_url),
-        args.version,
-        "vlora's layout holds flat bases only",
-        "export its adapters as PEFT folders with `lora-subspace export --all`",
-    )
-    sub = Subspace.load(args.store, args.version, args.endpoint_url)
-    written = write_vlora(sub, args.folder, args.endpoint_url, args.overwrite)
+    store, folder = _store(args.store, args.endpoint_url), Location(args.folder, args.endpoint_url)
+    result = export_vlora(store, args.version, folder, _ray(args, store.location, folder), args.overwrite)
     if not args.json:
-        print(
-            f"wrote {written} tasks of {sub.origin[0]} {sub.origin[1]} "
-            f"to {Location(args.folder, args.endpoint_url)} (vlora layout)"
-        )
-    return {"version": sub.origin[1], "tasks": written, "out": str(Location(args.folder, args.endpoint_url))}
+        print(f"wrote {result['tasks']} tasks of {store} {result['version']} to {folder} (vlora layout)")
+    return result
 
 
 def cmd_evaluate(args) -> dict:

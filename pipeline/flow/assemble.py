@@ -127,7 +127,9 @@ def assemble(change, good, results, source, store, version, options, seconds) ->
     files[version_path(version, REPORT)] = store.write_object(
         version, REPORT, json.dumps(report, indent=1).encode()
     ).to_dict()
-    return _manifest(change, good, source, version, options, catalog, error, modules, files), summary
+    quantization = _quantization(change, options, results)
+    manifest = _manifest(change, good, source, version, options, catalog, error, modules, files, quantization)
+    return manifest, summary
 
 
 def _report(summary: Summary, change: Change, catalog: _CatalogTally, seconds: dict, results) -> dict:
@@ -161,6 +163,10 @@ def _write_catalog(store, version: str, change: Change, kept_previous: dict, cat
     where = store.version_location(version)
     scanned = [a for a in change.adapters if a.task_id not in kept_previous]
     streams = [[catalog_table(scanned, change.mode != "project")]]
+    if change.catalog:
+        streams.append(
+            [pa.Table.from_pylist(sorted(change.catalog, key=lambda r: r["task_id"]), schema=CATALOG_SCHEMA)]
+        )
     if change.parent_manifest:
         parent_where = store.version_location(change.parent)
         rows = without(_conformed(read_batches(parent_where, CATALOG), CATALOG_SCHEMA), {a.task_id for a in scanned})
@@ -207,7 +213,24 @@ def _shard_report(r) -> dict:
     }
 
 
-def _manifest(change, good, source, version, options, catalog, error, modules, files) -> dict:
+def _quantization(change: Change, options: Options, results) -> dict | None:
+    """How the bases are packed: as the parent recorded it (project); with the measured move of
+    every row's rebuilt delta W (quantize: mean over adapters of their mean over modules, max over
+    both; every adapter has a row per module); or, with bases fitted to what is stored, the scheme
+    alone (the errors recorded are those of the packed bases)."""
+    if change.mode == "project":
+        return change.parent_manifest.get("quantization")
+    if change.mode == "quantize":
+        rows = sum(r.added_rows for r in results)
+        if not rows:
+            return {"scheme": options.quantize, "added_error": {}}
+        added = {"mean": sum(r.added_sum for r in results) / rows, "max": max(r.added_max for r in results)}
+        return {"scheme": options.quantize, "added_error": added}
+    return {"scheme": options.quantize, "added_error": None} if options.quantize else None
+
+
+def _manifest(change, good, source, version, options, catalog, error, modules, files, quantization) -> dict:
+    base_model, dtype = _collection(change, good)
     return build_manifest(
         version,
         change.parent,
@@ -220,16 +243,22 @@ def _manifest(change, good, source, version, options, catalog, error, modules, f
         },
         adapters={"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
         original_bytes=catalog.original_bytes,
-        base_model=good[0].base_model if good else change.parent_manifest.get("base_model"),
-        dtype=good[0].dtype if good else change.parent_manifest.get("dtype"),
+        base_model=base_model,
+        dtype=dtype,
         error=error,
-        # Quantized bases record how; the errors above were measured on what is stored.
-        quantization=change.parent_manifest.get("quantization")
-        if change.mode == "project"
-        else ({"scheme": options.quantize, "added_error": None} if options.quantize else None),
+        quantization=quantization,
         modules=modules,
         files=files,
     )
+
+
+def _collection(change: Change, good) -> tuple[str | None, str | None]:
+    """The collection's base model and dtype: its first adapter read's; without one, the
+    parent's, or the catalog rows given (vlora-import)."""
+    if good:
+        return good[0].base_model, good[0].dtype
+    first = change.catalog[0] if change.catalog else change.parent_manifest
+    return first.get("base_model"), first.get("dtype")
 
 
 def _conformed(batches, schema: pa.Schema):

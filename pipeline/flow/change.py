@@ -11,7 +11,9 @@ from pipeline.flow.scan import ScannedAdapter
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["fit", "absorb", "project"]
+# fit: new bases; absorb: the parent's updated; project: the parent's kept; quantize: the parent's
+# packed (its rows keep their loadings); import: bases and rows read from another layout (vlora)
+Mode = Literal["fit", "absorb", "project", "quantize", "import"]
 
 
 @dataclass
@@ -19,7 +21,7 @@ class Change:
     """What a new version is made of. `adapters`: freshly scanned ones (ok ones are read from
     their files); the parent's rows are kept except for those the adapters replace."""
 
-    operation: str  # compress | project | rebase | rebase-full
+    operation: str  # compress | project | rebase | rebase-full | quantize | vlora-import
     mode: Mode
     adapters: list[ScannedAdapter]
     parent: str | None = None  # the version current when the work began
@@ -28,6 +30,7 @@ class Change:
     refit: bool = False  # fit mode over the parent's rebuilt rows too (rebase --full from the store)
     counts: dict[str, int] = field(default_factory=dict)  # discovery figures for the summary
     scan_seconds: float = 0.0
+    catalog: list[dict] = field(default_factory=list)  # catalog rows of adapters not scanned (vlora-import)
 
 
 @dataclass

@@ -140,7 +140,7 @@ def _write_shard(store: Store, ctx: Context, outcomes: list[Outcome], result: Sh
         _sorted_rows([o.moved for o in outcomes if o.moved is not None]),
     ]
     if task.parent:
-        streams.append(_moved_parent_rows(store, ctx, outcomes))
+        streams.append(_moved_parent_rows(store, ctx, outcomes, result))
     where = store.version_location(task.version)
     write_tables(where, staging_file(task.shard.name), merge_sorted(streams, LOADINGS_KEYS), LOADINGS_SCHEMA)
 
@@ -249,10 +249,11 @@ def _add_parent_rows(store, task, parents, parent_joint, stacks, result) -> None
     result.stack_bytes = sum(4 * x.numel() for pair in stacks.values() for x in pair)
 
 
-def _moved_parent_rows(store: Store, ctx: Context, outcomes: list[Outcome]) -> Iterator[pa.Table]:
+def _moved_parent_rows(store: Store, ctx: Context, outcomes: list[Outcome], result: ShardResult) -> Iterator[pa.Table]:
     """The parent's rows on the new bases, their errors estimated (linalg.loadings.Move); as they
     are where every module keeps the parent's bases; none of the modules moved already (joint ones
-    in a re-base)."""
+    in a re-base). Quantize keeps their loadings on the packed bases: a row stays measured only
+    where its rebuilt delta W did not move, and the moves are tallied in `result`."""
     task = ctx.task
     modules = [o.summary.module for o in outcomes if o.moved is None]
     if not modules:
@@ -268,10 +269,17 @@ def _moved_parent_rows(store: Store, ctx: Context, outcomes: list[Outcome]) -> I
         tables = []
         for module, rows in _by_module(batch):
             norm, error = _column(rows, "norm"), _column(rows, "error")
-            new_a, new_b, error, _ = moves[module](loadings_matrix(rows, "a"), loadings_matrix(rows, "b"), error, norm)
-            tables.append(
-                loadings_rows(rows.column("task_id").to_pylist(), module, new_a, new_b, error, norm, measured=False)
+            new_a, new_b, error, moved = moves[module](
+                loadings_matrix(rows, "a"), loadings_matrix(rows, "b"), error, norm
             )
+            measured = False
+            if moves[module].keep:
+                measured = rows.column("measured").to_numpy(zero_copy_only=False) & (moved == 0).numpy()
+                result.added_sum += float(moved.sum())
+                result.added_max = max(result.added_max, float(moved.max()))
+                result.added_rows += len(moved)
+            ids = rows.column("task_id").to_pylist()
+            tables.append(loadings_rows(ids, module, new_a, new_b, error, norm, measured=measured))
         yield from _sorted_rows(tables)
 
 
@@ -284,8 +292,9 @@ def _moves(ctx: Context, bases: dict, modules: list[str]) -> dict[str, Move]:
             f"rebase --full from the store cannot move the stored rows of joint module {joint[0]!r} "
             f"({len(joint)} in this shard) to the new bases: run `rebase --full --from-source`, or compress again"
         )
+    keep = ctx.task.mode == "quantize"  # bases rounded in place: the rows keep their loadings
     return {
-        m: Move((ctx.parents[m, "A"], ctx.parents[m, "B"]), (bases[m]["A"], bases[m]["B"]), ctx.task.shapes[m])
+        m: Move((ctx.parents[m, "A"], ctx.parents[m, "B"]), (bases[m]["A"], bases[m]["B"]), ctx.task.shapes[m], keep)
         for m in modules
     }
 
@@ -372,7 +381,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
 
     pending = list(shards)
     fixed_k = None
-    if options.rule.needs_first_module and change.mode != "project" and not budgets:
+    if options.rule.needs_first_module and change.mode not in ("project", "quantize") and not budgets:
         # vlora's rule: k comes from the first module's lora_A, so that shard runs first.
         run([task(shards[0])])
         if results[0].nonfinite:

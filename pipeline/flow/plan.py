@@ -90,8 +90,9 @@ def module_budgets(
 def version_shards(change: Change, shapes, rows: int, options: Options, parallelism: int) -> list[Shard]:
     """Fit and absorb: modules grouped to fit the memory budget for the rows read, at least one
     shard per CPU (each task also streams the parent's loadings once, so a re-base of a few uploads
-    makes few, wide shards). Project keeps the parent's grouping: its basis objects are reused."""
-    if change.mode != "project":
+    makes few, wide shards). Project and quantize keep the parent's grouping: its basis objects are
+    reused, or each read once."""
+    if change.mode not in ("project", "quantize"):
         widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
         return plan_shards(widths, rows, options.memory_budget, parallelism)
     groups: dict[str, list[str]] = {}

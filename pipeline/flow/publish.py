@@ -1,6 +1,6 @@
 """Writing one new store version: claim a version id (or resume a crashed run's), compute every
-shard, assemble, publish (manifest, then LATEST). Compress, project and rebase differ only in the
-Change they describe.
+shard, assemble, publish (manifest, then LATEST). Compress, project, rebase and quantize differ only
+in the Change they describe; vlora-import also in how its shards are computed.
 """
 
 from __future__ import annotations
@@ -22,9 +22,16 @@ log = logging.getLogger(__name__)
 
 
 def write_version(
-    change: Change, source: Location | None, store: Store, runner: Runner, options: Options, lock: WriterLock
+    change: Change,
+    source: Location | None,
+    store: Store,
+    runner: Runner,
+    options: Options,
+    lock: WriterLock,
+    compute=compute_all,
 ) -> Summary:
-    """Compute, assemble and publish one version, holding the store's lock.
+    """Compute, assemble and publish one version, holding the store's lock. `compute` makes the
+    shards (compute_all's signature and results); another layout's import brings its own.
 
     A crashed run of the same operation from the same parent is resumed: its version id is
     reused and every shard it finished with the same inputs is taken as it is. Other crashed
@@ -37,7 +44,7 @@ def write_version(
     started = time.perf_counter() - change.scan_seconds
     version = _claim_version(store, change)
     try:
-        results, good = compute_all(change, source, store, version, runner, options, seconds)
+        results, good = compute(change, source, store, version, runner, options, seconds)
         t0 = time.perf_counter()
         manifest, summary = assemble(change, good, results, source, store, version, options, seconds)
         publish(change, store, version, manifest, summary, options, seconds, lock, time.perf_counter() - t0)

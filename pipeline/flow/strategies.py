@@ -7,6 +7,7 @@ its new adapters.
   absorb-flat   an incremental update of the parent's flat bases
   absorb-joint  the parent's joint bases refitted with the new adapters and the parent's rebuilt ones
   keep-parent   the parent's bases as they are; only the new adapters' rows are made
+  pack-parent   the parent's flat bases packed (quantize); its rows are moved by the shard task
 
 `strategy_for` chooses one from the fit specification, the mode and the parent's entry for the
 module. A strategy never writes: the shard task writes what they return.
@@ -107,6 +108,10 @@ class ShardResult:
     stack_bytes: int = 0  # the factor stacks this task held: what grows with the rows it reads
     seconds: dict[str, float] = field(default_factory=dict)
     resumed: bool = False  # taken from a crashed run's finished shard, not computed again
+    # quantize: how far the rows' rebuilt delta W moved (relative), summed and largest, over rows
+    added_sum: float = 0.0
+    added_max: float = 0.0
+    added_rows: int = 0
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,6 +133,9 @@ class ShardResult:
             data["stack_bytes"],
             data["seconds"],
             True,
+            data.get("added_sum", 0.0),
+            data.get("added_max", 0.0),
+            data.get("added_rows", 0),
         )
 
 
@@ -170,6 +178,8 @@ def strategy_for(spec: FitSpec, mode: Mode, joint_parent: bool) -> Strategy:
     the module (absorb: a joint module stays joint)."""
     if mode == "project":
         return keep_parent
+    if mode == "quantize":
+        return pack_parent
     if mode == "absorb":
         return absorb_joint if joint_parent else absorb_flat
     return {"joint": fit_joint, "aligned": fit_aligned}.get(spec.method, fit_flat)
@@ -240,6 +250,16 @@ def keep_parent(ctx: Context, module: str, stack) -> Outcome:
     bases = {side: _to(ctx.parents[module, side], "cpu") for side in "AB"}
     outcome = _flat_outcome(ctx, module, stack, bases, packed=False)
     outcome.kept = True
+    return outcome
+
+
+def pack_parent(ctx: Context, module: str, stack) -> Outcome:
+    """The parent's flat bases with their components packed as the spec says; the module's entry
+    stays the parent's (k, explained variance, route). The parent's rows keep their loadings on
+    the packed bases (the shard task moves them, measuring how far each rebuilt delta W moves)."""
+    bases = {side: ctx.parents[module, side] for side in "AB"}
+    outcome = _flat_outcome(ctx, module, stack, bases)
+    outcome.summary = _budgeted(ctx.task, _parent_result(ctx.task, module))
     return outcome
 
 

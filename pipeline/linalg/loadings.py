@@ -69,3 +69,19 @@ class Move:
             new_a, new_b = la @ self.a[0] + self.a[1], lb @ self.b[0] + self.b[1]
         moved = relative(self.drift(la, lb, new_a, new_b), norm.to(torch.float64))
         return new_a, new_b, error.to(torch.float64).hypot(moved), moved
+
+
+def orthonormal_rows(components: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Components (k, D) with orthonormal rows spanning the same space, and R (k, k) with
+    l V = (l R) Q, or None when they already are orthonormal. vlora's incremental updates and
+    in-memory rounding (quantize) leave bases that are not, which the store's readers assume."""
+    v = components.to(torch.float64)
+    if not len(v) or float((v @ v.T - torch.eye(len(v), dtype=torch.float64)).abs().max()) <= 1e-5:
+        return components.to(torch.float32), None
+    q, r = torch.linalg.qr(v.T)  # V^T = Q R, so V = R^T Q^T
+    return q.T.to(torch.float32).contiguous(), r.T
+
+
+def onto_rows(loadings: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+    """Loadings (n, k) on components V moved onto the orthonormal rows Q of V = R Q."""
+    return loadings.to(torch.float32) if r is None else (loadings.to(torch.float64) @ r).to(torch.float32)

@@ -106,7 +106,7 @@ def test_save_never_overwrites_a_version_it_did_not_start_from(tmp_path):
 
 
 @pytest.mark.s3
-def test_save_load_and_quantize_on_s3(s3_endpoint, bucket, tmp_path):
+def test_save_load_and_quantize_on_s3(runner, s3_endpoint, bucket, tmp_path):
     ids = make_collection(tmp_path / "src", 8, preset="micro")
     sub = Subspace.from_adapters(_adapters(tmp_path / "src", ids), ids, num_components=3)
     uri = f"s3://{bucket}/store"
@@ -164,7 +164,7 @@ def test_compress_quantize_keeps_its_scheme_through_project_and_rebase(runner, t
     assert len(Subspace.load(str(tmp_path / "store")).tasks) == 13
 
 
-def test_vlora_folders_import_and_export_both_ways(tmp_path, capsys):
+def test_vlora_folders_import_and_export_both_ways(runner, tmp_path, capsys):
     ids = make_collection(tmp_path / "src", 10, preset="micro")
     theirs = [load_adapter(tmp_path / "src" / t) for t in ids]
     reference = SharedSubspace.from_adapters(theirs[:8], ids[:8], num_components=3)

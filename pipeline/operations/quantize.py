@@ -1,0 +1,73 @@
+"""Quantize: publish the current version with its components packed (int8 or nf4).
+
+A change like the others (pipeline.flow): each shard task reads one of the parent's basis
+objects, packs its components, and moves the parent's rows of its modules onto the packed bases
+(they keep their loadings; each error grows by how far the rebuilt delta W moved, measured from
+loadings alone), streaming the parent's loadings table. No process holds more than one basis
+object and a batch of rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.config import Options
+from pipeline.errors import PipelineError
+from pipeline.flow.change import Change
+from pipeline.flow.publish import write_version
+from pipeline.io.format import parameters_rule
+from pipeline.io.store import Store
+from pipeline.linalg.quantize import bits_scheme
+from pipeline.operations.info import version_bytes
+from pipeline.runners import Runner
+
+_DEFAULT_OPTIONS = Options()
+
+
+def quantize(store: Store, bits: int, runner: Runner, options: Options = _DEFAULT_OPTIONS) -> dict:
+    """The next version of the current one, its components packed: {"version", "quantization",
+    "bytes_before", "bytes_after"} (bytes measured on the store, info.version_bytes). If another
+    writer published meanwhile, the version quantized is the one it published."""
+    try:
+        scheme = bits_scheme(bits)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
+    store.require_version()  # a missing store fails before the lock would create a folder
+    with store.lock("quantize") as lock:
+        parent = store.require_version()
+        refuse_joint(
+            store, parent, "quantize packs flat bases only", "compress the collection again with --quantize int8 or nf4"
+        )
+        manifest = store.manifest(parent)
+        if manifest.get("quantization"):
+            raise PipelineError(
+                f"{store} {parent}: already quantized ({manifest['quantization']['scheme']}); "
+                "quantize the float subspace instead"
+            )
+        p = manifest["parameters"]
+        options = dataclasses.replace(
+            options,
+            rule=parameters_rule(p),
+            route=p["svd_route"],
+            quantize=scheme,
+            method=p.get("method", "flat"),
+            ratio=p.get("ratio"),
+            budget_bytes=p.get("budget_bytes"),
+        )
+        change = Change("quantize", "quantize", [], parent, manifest)
+        version = write_version(change, None, store, runner, options, lock).version
+    return {
+        "version": version,
+        "quantization": store.manifest(version)["quantization"],
+        "bytes_before": version_bytes(store, parent),
+        "bytes_after": version_bytes(store, version),
+    }
+
+
+def refuse_joint(store: Store, version: str | None, why: str, instead: str) -> None:
+    """Commands that write flat bases only (quantize, vlora-export) refuse a version holding joint
+    modules, by name."""
+    version = store.require_version(version)
+    joint = sorted(m for m, e in store.manifest(version)["modules"].items() if e.get("method") == "joint")
+    if joint:
+        raise PipelineError(f"{store} {version} has {len(joint)} joint module(s) (e.g. {joint[0]!r}): {why}; {instead}")
