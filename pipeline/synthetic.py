@@ -64,8 +64,31 @@ def generate(
     if structure not in STRUCTURES:
         raise ValueError(f"unknown structure {structure!r} (expected one of {', '.join(STRUCTURES)})")
     spec = PRESETS[preset]
-    gen = torch.Generator().manual_seed(seed)
-    sides = {}  # (module, side) -> (shape, mean, shared basis)
+    sides = _collection_sides(spec, structure, torch.Generator().manual_seed(seed), shared_dim)
+    config = json.dumps(_config(spec, preset), indent=2).encode()
+    ids = []
+    for index in range(start, start + n):
+        # A gauge adapter is the shared one of the same index, re-parameterised: same delta W.
+        family = "shared" if structure == "gauge" else structure
+        digest = hashlib.sha256(f"{seed}/{family}/{preset}/{index}".encode()).digest()
+        own = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        weights = _adapter_weights(sides, structure, noise, own)
+        if structure == "gauge":
+            _rotate(weights, sides, spec.rank, own)
+        task_id = f"{prefix}-{index:05d}"
+        folder = out.child(task_id)
+        folder.write_bytes(
+            save_safetensors({k: v.to(dtype).contiguous() for k, v in weights.items()}), peft_format.WEIGHTS_FILE
+        )
+        folder.write_bytes(config, peft_format.CONFIG_FILE)
+        ids.append(task_id)
+    return ids
+
+
+def _collection_sides(spec: Preset, structure: str, gen: torch.Generator, shared_dim: int) -> dict:
+    """(module, side) -> (shape, mean, shared basis of shape (shared_dim, width)): what every
+    adapter of the collection shares, drawn from `gen` in module order."""
+    sides = {}
     for layer in range(spec.layers):
         for name, (d_in, d_out) in spec.modules.items():
             module = f"model.layers.{layer}.self_attn.{name}"
@@ -79,7 +102,12 @@ def generate(
                 else:
                     mean, scale = torch.randn(width, generator=gen) * 0.02, 0.02
                 sides[module, side] = (shape, mean, torch.randn(shared_dim, width, generator=gen) * scale)
-    config = {
+    return sides
+
+
+def _config(spec: Preset, preset: str) -> dict:
+    """adapter_config.json of every adapter of a preset."""
+    return {
         "peft_type": "LORA",
         "r": spec.rank,
         "lora_alpha": spec.alpha,
@@ -93,28 +121,22 @@ def generate(
         "alpha_pattern": {},
         "fan_in_fan_out": False,
     }
-    ids = []
-    for index in range(start, start + n):
-        # A gauge adapter is the shared one of the same index, re-parameterised: same delta W.
-        family = "shared" if structure == "gauge" else structure
-        digest = hashlib.sha256(f"{seed}/{family}/{preset}/{index}".encode()).digest()
-        own = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        weights = {}
-        for (module, side), (shape, mean, basis) in sides.items():
-            coefficients = torch.randn(basis.shape[0], generator=own)
-            spread = basis.abs().mean() if structure == "same-init" else 0.02
-            values = mean + coefficients @ basis + noise * spread * torch.randn(mean.shape[0], generator=own)
-            weights[peft_format.weight_key(module, side)] = values.reshape(shape)
-        if structure == "gauge":
-            for module in dict.fromkeys(m for m, _ in sides):
-                a_key, b_key = peft_format.weight_key(module, "A"), peft_format.weight_key(module, "B")
-                rotation, _ = torch.linalg.qr(torch.randn(spec.rank, spec.rank, generator=own))
-                weights[a_key], weights[b_key] = rotation @ weights[a_key], weights[b_key] @ rotation.T
-        task_id = f"{prefix}-{index:05d}"
-        folder = out.child(task_id)
-        folder.write_bytes(
-            save_safetensors({k: v.to(dtype).contiguous() for k, v in weights.items()}), peft_format.WEIGHTS_FILE
-        )
-        folder.write_bytes(json.dumps(config, indent=2).encode(), peft_format.CONFIG_FILE)
-        ids.append(task_id)
-    return ids
+
+
+def _adapter_weights(sides: dict, structure: str, noise: float, own: torch.Generator) -> dict[str, torch.Tensor]:
+    """One adapter's factors, keyed as peft writes them: mean + its coefficients @ the shared basis + noise."""
+    weights = {}
+    for (module, side), (shape, mean, basis) in sides.items():
+        coefficients = torch.randn(basis.shape[0], generator=own)
+        spread = basis.abs().mean() if structure == "same-init" else 0.02
+        values = mean + coefficients @ basis + noise * spread * torch.randn(mean.shape[0], generator=own)
+        weights[peft_format.weight_key(module, side)] = values.reshape(shape)
+    return weights
+
+
+def _rotate(weights: dict[str, torch.Tensor], sides: dict, rank: int, own: torch.Generator) -> None:
+    """Each module's factors re-parameterised in place, A -> R A, B -> B R^T, by a random orthogonal R."""
+    for module in dict.fromkeys(m for m, _ in sides):
+        a_key, b_key = peft_format.weight_key(module, "A"), peft_format.weight_key(module, "B")
+        rotation, _ = torch.linalg.qr(torch.randn(rank, rank, generator=own))
+        weights[a_key], weights[b_key] = rotation @ weights[a_key], weights[b_key] @ rotation.T

@@ -29,6 +29,7 @@ import torch
 from pipeline import cli, jobspec
 from pipeline.adapter import Adapter
 from pipeline.benchmark import methods
+from pipeline.benchmark.figures import format_table, ratios_and_targets
 from pipeline.benchmark.floors import math_floor, read_floor
 from pipeline.benchmark.peaks import Run, run_with_peaks
 from pipeline.errors import PipelineError
@@ -68,7 +69,6 @@ DEFAULTS: dict[str, Any] = {
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STAGES = ("scan", "compute", "assemble", "publish")  # of each version a run writes
-BF16_EPS = 2.0**-8  # "equal within bf16 rounding": errors agree to bf16's relative precision
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +121,35 @@ def benchmark(config: dict) -> dict:
     source, uploads = _collection(root, config)
     paths = [source.path(f"adapter-{i:05d}", WEIGHTS_FILE) for i in range(config["adapters"])]
     endpoint = ["--endpoint-url", config["endpoint_url"]] if config["endpoint_url"] else []
+    common = _compress_options(config, endpoint)
+    figures: dict[str, Any] = {"config": config, "machine": _machine()}
+    read = read_floor(source.fs, paths, source.is_local)
+    figures["collection"] = {
+        "adapters": config["adapters"],
+        "bytes": read["bytes"],
+        "adapter_bytes": read["bytes"] // len(paths),
+    }
+    if config["floors"]:
+        figures["floor"] = _floor(source, paths, read, config)
+
+    log.info("compress: %d adapters, %d repeats", config["adapters"], config["repeats"])
+    stores = [root.child("stores", f"compress-{r}") for r in range(config["repeats"])]
+    figures["compress"] = _measure([cli_argv("compress", source.uri, "--out", s.uri, *common) for s in stores], stores)
+    if config["rebase"]:
+        figures["rebase"], figures["full_compress"] = _rebase_and_full_compress(
+            root, stores[0], source, uploads, config, common, endpoint
+        )
+    log.info("export of one adapter")
+    figures["export"] = _export(stores[0], root, endpoint, config)
+    figures.update(_optional_steps(root, source, stores[0], config, endpoint))
+    for location in stores[1:]:
+        location.remove()
+    figures["ratios"], figures["targets"] = ratios_and_targets(figures)
+    return figures
+
+
+def _compress_options(config: dict, endpoint: list) -> list:
+    """The options every measured compress runs with."""
     common = [
         "--components",
         config["components"],
@@ -132,42 +161,43 @@ def benchmark(config: dict) -> dict:
     ]
     if config["chunk_size"]:
         common += ["--chunk-size", config["chunk_size"]]
-    figures: dict[str, Any] = {"config": config, "machine": _machine()}
-    read = read_floor(source.fs, paths, source.is_local)
-    figures["collection"] = {
-        "adapters": config["adapters"],
-        "bytes": read["bytes"],
-        "adapter_bytes": read["bytes"] // len(paths),
-    }
-    if config["floors"]:
-        log.info("floors: the bare math, a Ray start")
-        floor = {
-            "read": read,
-            "math": math_floor(source.fs, paths, config["components"]),
-            "ray_start": _ray_start(config),
-        }
-        floor["seconds"] = read["seconds"] + floor["math"]["seconds"] + floor["ray_start"]["seconds"]
-        figures["floor"] = floor
+    return common
 
-    log.info("compress: %d adapters, %d repeats", config["adapters"], config["repeats"])
-    stores = [root.child("stores", f"compress-{r}") for r in range(config["repeats"])]
-    figures["compress"] = _measure([cli_argv("compress", source.uri, "--out", s.uri, *common) for s in stores], stores)
-    if config["rebase"]:
-        log.info("rebase: %d uploads onto the store of %d", config["uploads"], config["adapters"])
-        figures["rebase"] = _rebase(stores[0], uploads, config, endpoint)
-        log.info("full compress of all %d", config["adapters"] + config["uploads"])
-        listing = _listing(source, uploads, config)
-        full_stores = [root.child("stores", f"full-{r}") for r in range(config["repeats"])]
-        figures["full_compress"] = _measure(
-            [cli_argv("compress", listing, "--out", s.uri, *common) for s in full_stores], full_stores
-        )
-        for location in full_stores:
-            location.remove()
-    log.info("export of one adapter")
-    figures["export"] = _export(stores[0], root, endpoint, config)
+
+def _floor(source: Location, paths: list[str], read: dict, config: dict) -> dict:
+    """The floors a compress is measured against: read every file, the bare math, a Ray start."""
+    log.info("floors: the bare math, a Ray start")
+    floor = {
+        "read": read,
+        "math": math_floor(source.fs, paths, config["components"]),
+        "ray_start": _ray_start(config),
+    }
+    floor["seconds"] = read["seconds"] + floor["math"]["seconds"] + floor["ray_start"]["seconds"]
+    return floor
+
+
+def _rebase_and_full_compress(
+    root: Location, store: Location, source: Location, uploads: Location, config: dict, common: list, endpoint: list
+) -> tuple[dict, dict]:
+    """The uploads re-based onto `store`, then a full compress of the collection and the uploads."""
+    log.info("rebase: %d uploads onto the store of %d", config["uploads"], config["adapters"])
+    rebase = _rebase(store, uploads, config, endpoint)
+    log.info("full compress of all %d", config["adapters"] + config["uploads"])
+    listing = _listing(source, uploads, config)
+    full_stores = [root.child("stores", f"full-{r}") for r in range(config["repeats"])]
+    full = _measure([cli_argv("compress", listing, "--out", s.uri, *common) for s in full_stores], full_stores)
+    for location in full_stores:
+        location.remove()
+    return rebase, full
+
+
+def _optional_steps(root: Location, source: Location, store: Location, config: dict, endpoint: list) -> dict:
+    """The figures of the steps the config turns on, after the export: quantize, library, methods,
+    trained, vlora, in that order."""
+    figures: dict[str, Any] = {}
     if config["quantize"]:
         log.info("quantize the store: int8, then nf4")
-        figures["quantize"] = _quantize(stores[0], endpoint)
+        figures["quantize"] = _quantize(store, endpoint)
     if config["library"]:
         figures["library"] = _library(source, config)
     if config["methods"]:
@@ -176,9 +206,6 @@ def benchmark(config: dict) -> dict:
         figures["trained"] = _trained(root, config)
     if config["vlora"]:
         figures["vlora"] = _vlora(source, config) if root.is_local else {"skipped": "vlora reads local folders only"}
-    for location in stores[1:]:
-        location.remove()
-    figures["ratios"], figures["targets"] = _ratios_and_targets(figures)
     return figures
 
 
@@ -247,10 +274,6 @@ def _measure(argvs: list[list[str]], stores: list[Location]) -> dict:
         run = _require(run_with_peaks(argv), argv[3])
         runs.append(run)
         results.append(_last_json(run.stdout))
-    reports = [json.loads(Store(stores[0]).version_location(v).read_bytes(REPORT)) for v in results[0]["versions"]]
-    manifest = Store(stores[0]).manifest()
-    shards = [s for r in reports for s in r["shards"]]
-    adapters = manifest["adapters"]["ok"]
     stages = {
         key: statistics.median(sum(v.get(key, 0.0) for v in r["seconds_per_version"]) for r in results)
         for key in STAGES
@@ -261,6 +284,18 @@ def _measure(argvs: list[list[str]], stores: list[Location]) -> dict:
         "job_seconds": statistics.median(sum(v["total"] for v in r["seconds_per_version"]) for r in results),
         "stages": stages,
         "peak_rss_mib": _max_peaks(runs),
+        **_store_figures(stores[0], results[0]["versions"]),
+    }
+
+
+def _store_figures(location: Location, versions: list[str]) -> dict:
+    """What a run read and wrote, from the reports of the versions it wrote and the store's manifest."""
+    store = Store(location)
+    reports = [json.loads(store.version_location(v).read_bytes(REPORT)) for v in versions]
+    manifest = store.manifest()
+    shards = [s for r in reports for s in r["shards"]]
+    adapters = manifest["adapters"]["ok"]
+    return {
         "adapters": adapters,
         "bytes_read": sum(s["bytes_read"] for s in shards),
         "range_requests": sum(s["requests"] for s in shards),
@@ -464,176 +499,6 @@ def _vlora(source: Location, config: dict) -> dict:
     with open(out, encoding="utf-8") as handle:
         result = json.load(handle)
     return {**result, "wall_seconds": run.seconds, "peak_rss_mib": run.peaks.get("driver", 0)}
-
-
-# -- figures ---------------------------------------------------------------------------------
-
-
-def _ratios_and_targets(f: dict) -> tuple[dict, list[dict]]:
-    ours, ratios, targets = f["compress"], {}, []
-    if "floor" in f:
-        ratios["ours_over_floor"] = ours["seconds"] / f["floor"]["seconds"]
-        targets.append(
-            _target("end to end within 2x of read + math + Ray-start floors", ratios["ours_over_floor"], "<=", 2.0)
-        )
-    if "rebase" in f:
-        ratios["rebase_over_full_compress"] = f["rebase"]["seconds"] / f["full_compress"]["seconds"]
-        ratios["rebase_over_full_compress_job_seconds"] = f["rebase"]["job_seconds"] / f["full_compress"]["job_seconds"]
-        # On a running cluster a job does not start Ray: compared without process and Ray start.
-        targets.append(
-            _target(
-                "incremental re-base at most 10% of a full compress (job seconds)",
-                ratios["rebase_over_full_compress_job_seconds"],
-                "<=",
-                0.10,
-            )
-        )
-    targets.append(_target("one-adapter export after start-up, seconds", f["export"]["seconds"], "<", 1.0))
-    if "methods" in f:
-        shared, gauge = f["methods"]["shared"], f["methods"]["gauge"]
-        best = min(gauge["aligned"]["error"], gauge["joint"]["error"])
-        ratios["gauge_best_over_flat_on_twin"] = best / max(shared["flat"]["error"], 1e-12)
-        targets.append(
-            _target(
-                "gauge twin: best invariant method at the flat bytes within 1.5x of flat on the un-rotated twin",
-                ratios["gauge_best_over_flat_on_twin"],
-                "<=",
-                1.5,
-            )
-        )
-        ratios["joint_seconds_over_flat"] = shared["joint"]["seconds"] / max(shared["flat"]["seconds"], 1e-9)
-        targets.append(
-            _target(
-                "joint fit (width and rank search included) at most 3x the flat method's compute",
-                ratios["joint_seconds_over_flat"],
-                "<=",
-                3.0,
-            )
-        )
-    trained = f.get("trained", {})
-    if "auto" in trained:
-        ratios["trained_auto_error_over_flat"] = trained["auto"]["error"] / max(trained["flat"]["error"], 1e-12)
-        targets.append(
-            _target(
-                "peft-trained adapters, mixed init seeds: "
-                "auto's delta-W error at most half the flat method's at equal bytes",
-                ratios["trained_auto_error_over_flat"],
-                "<=",
-                0.5,
-            )
-        )
-    vlora = f.get("vlora", {})
-    if "seconds" in vlora:
-        ratios["vlora_over_ours"] = vlora["seconds"] / ours["seconds"]
-        ratios["vlora_peak_over_our_largest_process"] = vlora["peak_rss_mib"] / max(
-            max(ours["peak_rss_mib"].values()), 1
-        )
-        ratios["error_ours"], ratios["error_vlora"] = ours["error"]["mean"], vlora["error"]["mean"]
-        relative = abs(ours["error"]["mean"] - vlora["error"]["mean"]) / max(vlora["error"]["mean"], 1e-12)
-        targets += [
-            _target("at least 10x faster than vlora load + from_adapters", ratios["vlora_over_ours"], ">=", 10.0),
-            _target(
-                "every process at most 1/10 of vlora's peak RSS",
-                ratios["vlora_peak_over_our_largest_process"],
-                ">=",
-                10.0,
-            ),
-            _target("delta-W error equal to vlora's within bf16 rounding (relative)", relative, "<=", BF16_EPS),
-        ]
-    return {k: round(v, 6) for k, v in ratios.items()}, targets
-
-
-def _target(name: str, value: float, op: str, bound: float) -> dict:
-    met = {"<=": value <= bound, "<": value < bound, ">=": value >= bound}[op]
-    return {"name": name, "value": round(value, 6), "target": f"{op} {bound:g}", "met": met}
-
-
-def format_table(f: dict) -> str:
-    c, ours = f["config"], f["compress"]
-    lines = [
-        f"benchmark: {c['adapters']} x {c['preset']} ({c['structure']}, {c['dtype']}), k={c['components']}, "
-        f"{f['machine']['cpus']} CPUs, {f['collection']['bytes'] / 2**30:.2f} GiB of adapters; "
-        f"medians of {c['repeats']}",
-        f"{'':44}{'seconds':>9}   peak RSS MiB per process",
-    ]
-
-    def row(name, seconds, peaks=None):
-        lines.append(f"{name:44}{seconds:>9.2f}   " + ", ".join(f"{k} {v}" for k, v in sorted((peaks or {}).items())))
-
-    row("compress, end to end", ours["seconds"], ours["peak_rss_mib"])
-    row("  job (no process or Ray start)", ours["job_seconds"])
-    for stage, seconds in ours["stages"].items():
-        row(f"    {stage}", seconds)
-    if "floor" in f:
-        floor = f["floor"]
-        row("floor: read every file once", floor["read"]["seconds"])
-        row(f"floor: bare math ({', '.join(floor['math']['routes'])})", floor["math"]["seconds"])
-        row("floor: Ray start", floor["ray_start"]["seconds"])
-    if "rebase" in f:
-        row(f"rebase of {c['uploads']} uploads, end to end", f["rebase"]["seconds"], f["rebase"]["peak_rss_mib"])
-        row("  job", f["rebase"]["job_seconds"])
-        row(
-            f"full compress of {f['full_compress']['adapters']}, end to end",
-            f["full_compress"]["seconds"],
-            f["full_compress"]["peak_rss_mib"],
-        )
-        row("  job", f["full_compress"]["job_seconds"])
-    row("export one adapter (after start-up)", f["export"]["seconds"])
-    for scheme, q in f.get("quantize", {}).items():
-        row(f"quantize {scheme}, end to end", q["seconds"], q["peak_rss_mib"])
-        before, after = q["bytes_before"], q["bytes_after"]
-        lines.append(
-            f"  store {before['total'] / 2**20:.2f} -> {after['total'] / 2**20:.2f} MiB (components "
-            f"{before['components'] / 2**20:.2f} -> {after['components'] / 2**20:.2f}); added delta-W error mean "
-            f"{q['added_error']['mean']:.5f}, max {q['added_error']['max']:.5f}"
-        )
-    if "methods" in f:
-        m = f["methods"]
-        lines.append(
-            f"methods at equal bytes ({c['methods']} adapters, k {c['components']}): delta-W error mean, seconds"
-        )
-        for structure in ("shared", "gauge"):
-            lines.append(
-                f"  {structure:8}"
-                + "".join(
-                    f"  {name} {m[structure][name]['error']:.4f} ({m[structure][name]['seconds']:.1f} s)"
-                    for name in methods.METHODS
-                )
-            )
-            lines.append(
-                f"            joint (c, q) {m[structure]['joint_width_rank']}, auto chose {m[structure]['auto_chose']}"
-            )
-    trained = f.get("trained", {})
-    if "auto" in trained:
-        lines.append(
-            f"peft-trained adapters ({trained['adapters']}, half one init seed), "
-            f"at 1/{trained['ratio']} of their bytes; "
-            f"test accuracy of the originals {trained['original']['accuracy']:.3f}"
-        )
-        for method in ("flat", "auto"):
-            t = trained[method]
-            lines.append(
-                f"  {method:5} delta-W error {t['error']:.4f} (seed 0 {t['error_seed0']:.4f}, "
-                f"own seeds {t['error_own_seed']:.4f}), "
-                f"accuracy {t['accuracy']:.3f} (largest drop {t['accuracy_drop_max']:.3f}), modules {t['methods']}"
-            )
-    for mode, lib in f.get("library", {}).items():
-        row(f"Subspace build, {mode}", lib["seconds"], {"driver": lib["peak_rss_mib"]})
-    vlora = f.get("vlora")
-    if vlora and "seconds" in vlora:
-        row("vlora load_adapter + from_adapters", vlora["seconds"], {"driver": vlora["peak_rss_mib"]})
-        lines.append(f"delta-W error mean: ours {ours['error']['mean']:.5f}, vlora {vlora['error']['mean']:.5f}")
-    elif vlora:
-        lines.append(f"vlora: {vlora['skipped']}")
-    lines.append(
-        f"read {ours['bytes_read'] / 2**20:.0f} MiB in {ours['range_requests']} range requests "
-        f"({ours['requests_per_adapter']:.1f} per adapter, {ours['shards']} shards); "
-        f"wrote {ours['objects_written']} objects, "
-        f"{ours['store_bytes'] / 2**20:.1f} MiB; SVD routes {', '.join(ours['svd_routes'])}"
-    )
-    for t in f["targets"]:
-        lines.append(f"[{'met' if t['met'] else 'NOT met'}] {t['name']}: {t['value']:g} (target {t['target']})")
-    return "\n".join(lines)
 
 
 # -- helpers ---------------------------------------------------------------------------------

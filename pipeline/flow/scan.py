@@ -133,6 +133,15 @@ def check_task_id(task_id: str) -> None:
 
 
 def _parse_config(raw: bytes | None, warnings: list[str]) -> tuple[dict | None, str]:
+    """The config as a dict and its text, checked; (None, "") with a warning when there is none
+    or it is not a JSON object (the rank is then read off the shapes)."""
+    config, text = _decode_config(raw, warnings)
+    if config is not None:
+        _check_config(config)
+    return config, text
+
+
+def _decode_config(raw: bytes | None, warnings: list[str]) -> tuple[dict | None, str]:
     if raw is None:
         warnings.append(
             f"no {peft_format.CONFIG_FILE}: rank read off the shapes, exported config assumes lora_alpha = r"
@@ -157,6 +166,11 @@ def _parse_config(raw: bytes | None, warnings: list[str]) -> tuple[dict | None, 
     if not isinstance(config, dict):
         warnings.append(f"{peft_format.CONFIG_FILE} is not a JSON object: rank read off the shapes")
         return None, ""
+    return config, text
+
+
+def _check_config(config: dict) -> None:
+    """Depth, field types, a plain LoRA (not DoRA), a bounded rank, then _check_sizes."""
     depth = _depth(config)
     if depth > peft_format.MAX_CONFIG_DEPTH:
         raise AdapterError(
@@ -175,7 +189,6 @@ def _parse_config(raw: bytes | None, warnings: list[str]) -> tuple[dict | None, 
             f"config r={printable(repr(config['r']), 32)} is not a positive rank (at most {peft_format.MAX_RANK})"
         )
     _check_sizes(config)
-    return config, text
 
 
 def _depth(value) -> int:
@@ -240,6 +253,17 @@ def _type_names(kind) -> str:
 
 
 def _factor_layout(tensors: dict[str, TensorInfo]) -> tuple[dict[str, tuple[TensorInfo, TensorInfo]], str]:
+    """module -> (lora_A info, lora_B info), in module order, and the factors' one dtype."""
+    modules = {module: _lora_pair(module, pair) for module, pair in sorted(_sides_by_module(tensors).items())}
+    dtypes = {info.dtype for pair in modules.values() for info in pair}
+    if len(dtypes) > 1:
+        raise AdapterError(f"factors mix dtypes {sorted(dtypes)}")
+    return modules, dtypes.pop()
+
+
+def _sides_by_module(tensors: dict[str, TensorInfo]) -> dict[str, dict[str, TensorInfo]]:
+    """module -> side -> info; AdapterError for a tensor that is not a LoRA factor (compression
+    would lose it), a side given twice, or no factors at all."""
     sides: dict[str, dict[str, TensorInfo]] = {}
     foreign = []
     for key, info in tensors.items():
@@ -258,21 +282,20 @@ def _factor_layout(tensors: dict[str, TensorInfo]) -> tuple[dict[str, tuple[Tens
         )
     if not sides:
         raise AdapterError(f"no LoRA factors in {peft_format.WEIGHTS_FILE}")
-    modules = {}
-    for module, pair in sorted(sides.items()):
-        missing = [s for s in peft_format.SIDES if s not in pair]
-        if missing:
-            raise AdapterError(f"module {module!r} has no lora_{missing[0]}")
-        a, b = pair["A"], pair["B"]
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1] or 0 in a.shape + b.shape:
-            raise AdapterError(
-                f"module {module!r}: shapes lora_A {list(a.shape)} and lora_B {list(b.shape)} do not form a LoRA pair"
-            )
-        modules[module] = (a, b)
-    dtypes = {info.dtype for pair in modules.values() for info in pair}
-    if len(dtypes) > 1:
-        raise AdapterError(f"factors mix dtypes {sorted(dtypes)}")
-    return modules, dtypes.pop()
+    return sides
+
+
+def _lora_pair(module: str, pair: dict[str, TensorInfo]) -> tuple[TensorInfo, TensorInfo]:
+    """(lora_A, lora_B) of one module: both present, 2-d, non-empty, A's rows B's columns."""
+    missing = [s for s in peft_format.SIDES if s not in pair]
+    if missing:
+        raise AdapterError(f"module {module!r} has no lora_{missing[0]}")
+    a, b = pair["A"], pair["B"]
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1] or 0 in a.shape + b.shape:
+        raise AdapterError(
+            f"module {module!r}: shapes lora_A {list(a.shape)} and lora_B {list(b.shape)} do not form a LoRA pair"
+        )
+    return a, b
 
 
 def _check_against_config(scanned: ScannedAdapter) -> None:
@@ -292,60 +315,90 @@ def check_collection(adapters: list[ScannedAdapter], reference: dict | None = No
     """Quarantine what disagrees with the collection (the most common value among good adapters,
     or the store's manifest when `reference` is given): duplicate task ids, base model, module
     set, factor shapes."""
+    _quarantine_duplicates(adapters)
+    good = [a for a in adapters if a.ok]
+    _quarantine_other_base_models(good, _expected_base_model(good, reference))
+    good = [a for a in good if a.ok]
+    if not good:
+        return
+    layout, ranks = _expected_layout(good, reference)
+    for a in good:
+        reason = _rank_above_store(a, ranks) if a.layout() == layout else _layout_difference(a, layout)
+        if reason:
+            a.quarantine(reason)
+
+
+def _quarantine_duplicates(adapters: list[ScannedAdapter]) -> None:
+    """Every adapter after the first with a task id."""
     first_uri: dict[str, str] = {}
     for adapter in adapters:
         if adapter.task_id in first_uri:
             adapter.quarantine(f"duplicate task id (also at {printable(redact(first_uri[adapter.task_id]))})")
         else:
             first_uri[adapter.task_id] = adapter.location.uri
-    good = [a for a in adapters if a.ok]
+
+
+def _expected_base_model(good: list[ScannedAdapter], reference: dict | None) -> str | None:
+    """The store's base model, or the most common among `good`; None when none is named."""
+    if reference is not None:
+        return reference.get("base_model") or None
     bases = Counter(a.base_model for a in good if a.base_model)
-    if reference is not None:
-        bases = Counter([reference["base_model"]] if reference.get("base_model") else [])
-    if bases:
-        base = bases.most_common(1)[0][0]
-        for a in good:
-            if a.base_model and a.base_model != base:
-                a.quarantine(
-                    f"base model {printable(repr(a.base_model), 128)} "
-                    f"differs from the collection's {printable(repr(base), 128)}"
-                )
-    good = [a for a in good if a.ok]
-    if not good:
+    return bases.most_common(1)[0][0] if bases else None
+
+
+def _quarantine_other_base_models(good: list[ScannedAdapter], base: str | None) -> None:
+    """Every adapter that names a base model other than `base` (when there is one)."""
+    if not base:
         return
-    if reference is not None:
-        layout = tuple((m, e["a_shape"][1], e["b_shape"][0]) for m, e in sorted(reference["modules"].items()))
-        ranks = {m: e["a_shape"][0] for m, e in reference["modules"].items()}
-    else:
-        layout = Counter(a.layout() for a in good).most_common(1)[0][0]
-        ranks = {}
+    for a in good:
+        if a.base_model and a.base_model != base:
+            a.quarantine(
+                f"base model {printable(repr(a.base_model), 128)} "
+                f"differs from the collection's {printable(repr(base), 128)}"
+            )
+
+
+def _expected_layout(good: list[ScannedAdapter], reference: dict | None) -> tuple[tuple, dict[str, int]]:
+    """The layout (ScannedAdapter.layout) adapters must have, and the store's rank per module
+    (empty for a new collection: any rank is accepted)."""
+    if reference is None:
+        return Counter(a.layout() for a in good).most_common(1)[0][0], {}
+    modules = reference["modules"]
+    layout = tuple((m, e["a_shape"][1], e["b_shape"][0]) for m, e in sorted(modules.items()))
+    return layout, {m: e["a_shape"][0] for m, e in modules.items()}
+
+
+def _rank_above_store(a: ScannedAdapter, ranks: dict[str, int]) -> str:
+    """Why an adapter of the expected layout cannot join: a module's rank above the store's."""
+    above = [m for m in sorted(a.modules) if a.modules[m][0].shape[0] > ranks.get(m, a.modules[m][0].shape[0])]
+    if not above:
+        return ""
+    m = above[0]
+    return (
+        f"module {m!r}: rank {a.modules[m][0].shape[0]} is above the store's {ranks[m]} "
+        "(compress the collection again to raise it)"
+    )
+
+
+def _layout_difference(a: ScannedAdapter, layout: tuple) -> str:
+    """How an adapter's layout differs from the expected one: its module set, or else the first
+    module whose d_in x d_out differs."""
     modules = {m for m, _, _ in layout}
     dims = {m: (d_in, d_out) for m, d_in, d_out in layout}
-    for a in good:
-        if a.layout() == layout:
-            above = [m for m in sorted(a.modules) if a.modules[m][0].shape[0] > ranks.get(m, a.modules[m][0].shape[0])]
-            if above:
-                m = above[0]
-                a.quarantine(
-                    f"module {m!r}: rank {a.modules[m][0].shape[0]} is above the store's {ranks[m]} "
-                    "(compress the collection again to raise it)"
-                )
-            continue
-        mine = set(a.modules)
-        if mine != modules:
-            missing, extra = sorted(modules - mine), sorted(mine - modules)
-            a.quarantine(
-                "module set differs from the collection's"
-                + (f"; missing {len(missing)} (e.g. {missing[0]!r})" if missing else "")
-                + (f"; extra {len(extra)} (e.g. {extra[0]!r})" if extra else "")
-            )
-            continue
-        module = next(m for m in sorted(mine) if (a.modules[m][0].shape[1], a.modules[m][1].shape[0]) != dims[m])
-        (_, d_in), (d_out, _) = a.modules[module][0].shape, a.modules[module][1].shape
-        a.quarantine(
-            f"module {module!r}: d_in x d_out {d_in} x {d_out} "
-            f"differs from the collection's {dims[module][0]} x {dims[module][1]}"
+    mine = set(a.modules)
+    if mine != modules:
+        missing, extra = sorted(modules - mine), sorted(mine - modules)
+        return (
+            "module set differs from the collection's"
+            + (f"; missing {len(missing)} (e.g. {missing[0]!r})" if missing else "")
+            + (f"; extra {len(extra)} (e.g. {extra[0]!r})" if extra else "")
         )
+    module = next(m for m in sorted(mine) if (a.modules[m][0].shape[1], a.modules[m][1].shape[0]) != dims[m])
+    (_, d_in), (d_out, _) = a.modules[module][0].shape, a.modules[module][1].shape
+    return (
+        f"module {module!r}: d_in x d_out {d_in} x {d_out} "
+        f"differs from the collection's {dims[module][0]} x {dims[module][1]}"
+    )
 
 
 SCAN_BATCH = 64

@@ -225,6 +225,29 @@ def module_entry(
     }
 
 
+def _need(problems: list[str], container: dict, key: str, kinds, label: str, optional: bool = False) -> bool:
+    """Whether `container[key]` is of `kinds` (never a bool); if not, a problem naming `label`.
+    An `optional` key may be absent."""
+    if optional and key not in container:
+        return False
+    value = container.get(key)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        problems.append(f"{label} is {'missing' if key not in container else type(value).__name__}")
+        return False
+    return True
+
+
+# Top-level manifest fields checked by type alone, in report order: (key, kinds, optional).
+_TYPED_FIELDS = (
+    ("created", str, False),
+    ("operation", str, True),  # early format-1 manifests lack it
+    ("original_bytes", int, False),
+    ("parameters", dict, False),
+)
+# adapters.<key>, all counts: in_basis is absent from early format-1 manifests.
+_ADAPTER_COUNTS = (("ok", False), ("quarantined", False), ("in_basis", True))
+
+
 def manifest_problems(manifest: object, version: str) -> list[str]:
     """What makes a parsed manifest unusable: every field a reader relies on, with its type (fields
     that early format-1 manifests lack, `operation`, `adapters.in_basis` and a module's `count`,
@@ -232,18 +255,28 @@ def manifest_problems(manifest: object, version: str) -> list[str]:
     Empty when it is sound."""
     if not isinstance(manifest, dict):
         return [f"not a JSON object ({type(manifest).__name__})"]
+    problems = _identity_problems(manifest, version)
+    for key, kinds, optional in _TYPED_FIELDS:
+        _need(problems, manifest, key, kinds, key, optional)
+    if _need(problems, manifest, "adapters", dict, "adapters"):
+        for key, optional in _ADAPTER_COUNTS:
+            _need(problems, manifest["adapters"], key, int, f"adapters.{key}", optional)
+    files = manifest.get("files")
+    if _need(problems, manifest, "files", dict, "files"):
+        problems += [problem for path, entry in files.items() for problem in _file_problems(path, entry)]
+    if _need(problems, manifest, "modules", dict, "modules"):
+        for module, entry in manifest["modules"].items():
+            problems += _module_problems(module, entry, files)
+    return problems
+
+
+def _identity_problems(manifest: dict, version: str) -> list[str]:
+    """format_version (one this code reads), version (the folder's) and parent (a version id or null)."""
     problems = []
-
-    def need(container: dict, key: str, kinds, label: str, optional: bool = False) -> bool:
-        if optional and key not in container:
-            return False
-        value = container.get(key)
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            problems.append(f"{label} is {'missing' if key not in container else type(value).__name__}")
-            return False
-        return True
-
-    if need(manifest, "format_version", int, "format_version") and manifest["format_version"] > FORMAT_VERSION:
+    if (
+        _need(problems, manifest, "format_version", int, "format_version")
+        and manifest["format_version"] > FORMAT_VERSION
+    ):
         problems.append(f"format_version {manifest['format_version']}: this lora-subspace reads up to {FORMAT_VERSION}")
     if manifest.get("version") != version:
         problems.append(f"version is {manifest.get('version')!r}, not {version!r}")
@@ -252,45 +285,41 @@ def manifest_problems(manifest: object, version: str) -> list[str]:
         problems.append("parent is missing")
     elif parent is not None and not (isinstance(parent, str) and VERSION_RE.match(parent)):
         problems.append(f"parent {parent!r} is not a version id")
-    need(manifest, "created", str, "created")
-    need(manifest, "operation", str, "operation", optional=True)
-    need(manifest, "original_bytes", int, "original_bytes")
-    need(manifest, "parameters", dict, "parameters")
-    if need(manifest, "adapters", dict, "adapters"):
-        for key in ("ok", "quarantined", "in_basis"):
-            need(manifest["adapters"], key, int, f"adapters.{key}", optional=key == "in_basis")
-    files = manifest.get("files")
-    if need(manifest, "files", dict, "files"):
-        for path, entry in files.items():
-            if not is_object_path(path):
-                problems.append(f"file {path!r} is not a store path (versions/vNNNNNN/..., no '..')")
-            elif not (
-                isinstance(entry, dict)
-                and isinstance(entry.get("bytes"), int)
-                and entry["bytes"] >= 0
-                and isinstance(entry.get("sha256"), str)
-                and _SHA256_RE.match(entry["sha256"])
-            ):
-                problems.append(f"file {path!r}: entry is not {{bytes, sha256}}")
-    if need(manifest, "modules", dict, "modules"):
-        for module, entry in manifest["modules"].items():
-            label = f"module {module!r}"
-            if not isinstance(entry, dict):
-                problems.append(f"{label} is {type(entry).__name__}")
-                continue
-            if isinstance(files, dict) and entry.get("basis") not in files:
-                problems.append(f"{label}: basis {entry.get('basis')!r} is not one of the files")
-            for key in ("a_shape", "b_shape"):
-                shape = entry.get(key)
-                if not (
-                    isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)
-                ):
-                    problems.append(f"{label}: {key} is {shape!r}")
-            for key in ("k_a", "k_b", "count") + (("width", "core_rank") if entry.get("method") == "joint" else ()):
-                need(entry, key, int, f"{label}.{key}", optional=key == "count")
-            for key in ("explained_variance_a", "explained_variance_b"):
-                need(entry, key, (int, float), f"{label}.{key}")
-            need(entry, "svd_route", str, f"{label}.svd_route")
+    return problems
+
+
+def _file_problems(path: object, entry: object) -> list[str]:
+    """One `files` entry: a store path mapped to {bytes, sha256}."""
+    if not is_object_path(path):
+        return [f"file {path!r} is not a store path (versions/vNNNNNN/..., no '..')"]
+    sound = (
+        isinstance(entry, dict)
+        and isinstance(entry.get("bytes"), int)
+        and entry["bytes"] >= 0
+        and isinstance(entry.get("sha256"), str)
+        and _SHA256_RE.match(entry["sha256"])
+    )
+    return [] if sound else [f"file {path!r}: entry is not {{bytes, sha256}}"]
+
+
+def _module_problems(module: str, entry: object, files: object) -> list[str]:
+    """One `modules` entry: its basis among `files`, two positive 2-d shapes, ranks and counts
+    (and a joint module's width and core rank), explained variances, the SVD route."""
+    label = f"module {module!r}"
+    if not isinstance(entry, dict):
+        return [f"{label} is {type(entry).__name__}"]
+    problems = []
+    if isinstance(files, dict) and entry.get("basis") not in files:
+        problems.append(f"{label}: basis {entry.get('basis')!r} is not one of the files")
+    for key in ("a_shape", "b_shape"):
+        shape = entry.get(key)
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):
+            problems.append(f"{label}: {key} is {shape!r}")
+    for key in ("k_a", "k_b", "count") + (("width", "core_rank") if entry.get("method") == "joint" else ()):
+        _need(problems, entry, key, int, f"{label}.{key}", optional=key == "count")
+    for key in ("explained_variance_a", "explained_variance_b"):
+        _need(problems, entry, key, (int, float), f"{label}.{key}")
+    _need(problems, entry, "svd_route", str, f"{label}.svd_route")
     return problems
 
 

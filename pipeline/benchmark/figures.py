@@ -1,0 +1,269 @@
+"""What the benchmark's measurements come to: the ratios between them, the targets met or not,
+and the table printed at the end of a run. Pure functions of the figures dict run.py builds."""
+
+from __future__ import annotations
+
+from pipeline.benchmark import methods
+
+BF16_EPS = 2.0**-8  # "equal within bf16 rounding": errors agree to bf16's relative precision
+
+
+def ratios_and_targets(f: dict) -> tuple[dict, list[dict]]:
+    """Every ratio (rounded to 6 decimals) and target of the steps the run measured, in step order."""
+    ratios, targets = {}, []
+    for step in (_floor_figures, _rebase_figures, _export_figures, _methods_figures, _trained_figures, _vlora_figures):
+        step_ratios, step_targets = step(f)
+        ratios.update(step_ratios)
+        targets += step_targets
+    return {k: round(v, 6) for k, v in ratios.items()}, targets
+
+
+def _floor_figures(f: dict) -> tuple[dict, list[dict]]:
+    if "floor" not in f:
+        return {}, []
+    ratio = f["compress"]["seconds"] / f["floor"]["seconds"]
+    return {"ours_over_floor": ratio}, [
+        _target("end to end within 2x of read + math + Ray-start floors", ratio, "<=", 2.0)
+    ]
+
+
+def _rebase_figures(f: dict) -> tuple[dict, list[dict]]:
+    if "rebase" not in f:
+        return {}, []
+    rebase, full = f["rebase"], f["full_compress"]
+    ratios = {
+        "rebase_over_full_compress": rebase["seconds"] / full["seconds"],
+        "rebase_over_full_compress_job_seconds": rebase["job_seconds"] / full["job_seconds"],
+    }
+    # On a running cluster a job does not start Ray: compared without process and Ray start.
+    target = _target(
+        "incremental re-base at most 10% of a full compress (job seconds)",
+        ratios["rebase_over_full_compress_job_seconds"],
+        "<=",
+        0.10,
+    )
+    return ratios, [target]
+
+
+def _export_figures(f: dict) -> tuple[dict, list[dict]]:
+    return {}, [_target("one-adapter export after start-up, seconds", f["export"]["seconds"], "<", 1.0)]
+
+
+def _methods_figures(f: dict) -> tuple[dict, list[dict]]:
+    if "methods" not in f:
+        return {}, []
+    shared, gauge = f["methods"]["shared"], f["methods"]["gauge"]
+    best = min(gauge["aligned"]["error"], gauge["joint"]["error"])
+    ratios = {
+        "gauge_best_over_flat_on_twin": best / max(shared["flat"]["error"], 1e-12),
+        "joint_seconds_over_flat": shared["joint"]["seconds"] / max(shared["flat"]["seconds"], 1e-9),
+    }
+    targets = [
+        _target(
+            "gauge twin: best invariant method at the flat bytes within 1.5x of flat on the un-rotated twin",
+            ratios["gauge_best_over_flat_on_twin"],
+            "<=",
+            1.5,
+        ),
+        _target(
+            "joint fit (width and rank search included) at most 3x the flat method's compute",
+            ratios["joint_seconds_over_flat"],
+            "<=",
+            3.0,
+        ),
+    ]
+    return ratios, targets
+
+
+def _trained_figures(f: dict) -> tuple[dict, list[dict]]:
+    trained = f.get("trained", {})
+    if "auto" not in trained:
+        return {}, []
+    ratio = trained["auto"]["error"] / max(trained["flat"]["error"], 1e-12)
+    target = _target(
+        "peft-trained adapters, mixed init seeds: auto's delta-W error at most half the flat method's at equal bytes",
+        ratio,
+        "<=",
+        0.5,
+    )
+    return {"trained_auto_error_over_flat": ratio}, [target]
+
+
+def _vlora_figures(f: dict) -> tuple[dict, list[dict]]:
+    ours, vlora = f["compress"], f.get("vlora", {})
+    if "seconds" not in vlora:
+        return {}, []
+    ratios = {
+        "vlora_over_ours": vlora["seconds"] / ours["seconds"],
+        "vlora_peak_over_our_largest_process": vlora["peak_rss_mib"] / max(max(ours["peak_rss_mib"].values()), 1),
+        "error_ours": ours["error"]["mean"],
+        "error_vlora": vlora["error"]["mean"],
+    }
+    relative = abs(ours["error"]["mean"] - vlora["error"]["mean"]) / max(vlora["error"]["mean"], 1e-12)
+    targets = [
+        _target("at least 10x faster than vlora load + from_adapters", ratios["vlora_over_ours"], ">=", 10.0),
+        _target(
+            "every process at most 1/10 of vlora's peak RSS", ratios["vlora_peak_over_our_largest_process"], ">=", 10.0
+        ),
+        _target("delta-W error equal to vlora's within bf16 rounding (relative)", relative, "<=", BF16_EPS),
+    ]
+    return ratios, targets
+
+
+def _target(name: str, value: float, op: str, bound: float) -> dict:
+    met = {"<=": value <= bound, "<": value < bound, ">=": value >= bound}[op]
+    return {"name": name, "value": round(value, 6), "target": f"{op} {bound:g}", "met": met}
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+def format_table(f: dict) -> str:
+    """The run's figures as the lines the job prints: a header, then each measured step's rows,
+    what was read and written, and every target."""
+    c = f["config"]
+    lines = [
+        f"benchmark: {c['adapters']} x {c['preset']} ({c['structure']}, {c['dtype']}), k={c['components']}, "
+        f"{f['machine']['cpus']} CPUs, {f['collection']['bytes'] / 2**30:.2f} GiB of adapters; "
+        f"medians of {c['repeats']}",
+        f"{'':44}{'seconds':>9}   peak RSS MiB per process",
+    ]
+    for step in (
+        _compress_rows,
+        _floor_rows,
+        _rebase_rows,
+        _export_rows,
+        _quantize_rows,
+        _methods_rows,
+        _trained_rows,
+        _library_rows,
+        _vlora_rows,
+        _io_rows,
+        _target_rows,
+    ):
+        lines += step(f)
+    return "\n".join(lines)
+
+
+def _row(name: str, seconds: float, peaks: dict | None = None) -> str:
+    return f"{name:44}{seconds:>9.2f}   " + ", ".join(f"{k} {v}" for k, v in sorted((peaks or {}).items()))
+
+
+def _compress_rows(f: dict) -> list[str]:
+    ours = f["compress"]
+    return [
+        _row("compress, end to end", ours["seconds"], ours["peak_rss_mib"]),
+        _row("  job (no process or Ray start)", ours["job_seconds"]),
+        *(_row(f"    {stage}", seconds) for stage, seconds in ours["stages"].items()),
+    ]
+
+
+def _floor_rows(f: dict) -> list[str]:
+    if "floor" not in f:
+        return []
+    floor = f["floor"]
+    return [
+        _row("floor: read every file once", floor["read"]["seconds"]),
+        _row(f"floor: bare math ({', '.join(floor['math']['routes'])})", floor["math"]["seconds"]),
+        _row("floor: Ray start", floor["ray_start"]["seconds"]),
+    ]
+
+
+def _rebase_rows(f: dict) -> list[str]:
+    if "rebase" not in f:
+        return []
+    rebase, full = f["rebase"], f["full_compress"]
+    return [
+        _row(f"rebase of {f['config']['uploads']} uploads, end to end", rebase["seconds"], rebase["peak_rss_mib"]),
+        _row("  job", rebase["job_seconds"]),
+        _row(f"full compress of {full['adapters']}, end to end", full["seconds"], full["peak_rss_mib"]),
+        _row("  job", full["job_seconds"]),
+    ]
+
+
+def _export_rows(f: dict) -> list[str]:
+    return [_row("export one adapter (after start-up)", f["export"]["seconds"])]
+
+
+def _quantize_rows(f: dict) -> list[str]:
+    lines = []
+    for scheme, q in f.get("quantize", {}).items():
+        before, after = q["bytes_before"], q["bytes_after"]
+        lines += [
+            _row(f"quantize {scheme}, end to end", q["seconds"], q["peak_rss_mib"]),
+            f"  store {before['total'] / 2**20:.2f} -> {after['total'] / 2**20:.2f} MiB (components "
+            f"{before['components'] / 2**20:.2f} -> {after['components'] / 2**20:.2f}); added delta-W error mean "
+            f"{q['added_error']['mean']:.5f}, max {q['added_error']['max']:.5f}",
+        ]
+    return lines
+
+
+def _methods_rows(f: dict) -> list[str]:
+    if "methods" not in f:
+        return []
+    c, m = f["config"], f["methods"]
+    lines = [f"methods at equal bytes ({c['methods']} adapters, k {c['components']}): delta-W error mean, seconds"]
+    for structure in ("shared", "gauge"):
+        lines.append(
+            f"  {structure:8}"
+            + "".join(
+                f"  {name} {m[structure][name]['error']:.4f} ({m[structure][name]['seconds']:.1f} s)"
+                for name in methods.METHODS
+            )
+        )
+        lines.append(
+            f"            joint (c, q) {m[structure]['joint_width_rank']}, auto chose {m[structure]['auto_chose']}"
+        )
+    return lines
+
+
+def _trained_rows(f: dict) -> list[str]:
+    trained = f.get("trained", {})
+    if "auto" not in trained:
+        return []
+    lines = [
+        f"peft-trained adapters ({trained['adapters']}, half one init seed), "
+        f"at 1/{trained['ratio']} of their bytes; "
+        f"test accuracy of the originals {trained['original']['accuracy']:.3f}"
+    ]
+    for method in ("flat", "auto"):
+        t = trained[method]
+        lines.append(
+            f"  {method:5} delta-W error {t['error']:.4f} (seed 0 {t['error_seed0']:.4f}, "
+            f"own seeds {t['error_own_seed']:.4f}), "
+            f"accuracy {t['accuracy']:.3f} (largest drop {t['accuracy_drop_max']:.3f}), modules {t['methods']}"
+        )
+    return lines
+
+
+def _library_rows(f: dict) -> list[str]:
+    return [
+        _row(f"Subspace build, {mode}", lib["seconds"], {"driver": lib["peak_rss_mib"]})
+        for mode, lib in f.get("library", {}).items()
+    ]
+
+
+def _vlora_rows(f: dict) -> list[str]:
+    ours, vlora = f["compress"], f.get("vlora")
+    if vlora and "seconds" in vlora:
+        return [
+            _row("vlora load_adapter + from_adapters", vlora["seconds"], {"driver": vlora["peak_rss_mib"]}),
+            f"delta-W error mean: ours {ours['error']['mean']:.5f}, vlora {vlora['error']['mean']:.5f}",
+        ]
+    return [f"vlora: {vlora['skipped']}"] if vlora else []
+
+
+def _io_rows(f: dict) -> list[str]:
+    ours = f["compress"]
+    return [
+        f"read {ours['bytes_read'] / 2**20:.0f} MiB in {ours['range_requests']} range requests "
+        f"({ours['requests_per_adapter']:.1f} per adapter, {ours['shards']} shards); "
+        f"wrote {ours['objects_written']} objects, "
+        f"{ours['store_bytes'] / 2**20:.1f} MiB; SVD routes {', '.join(ours['svd_routes'])}"
+    ]
+
+
+def _target_rows(f: dict) -> list[str]:
+    return [
+        f"[{'met' if t['met'] else 'NOT met'}] {t['name']}: {t['value']:g} (target {t['target']})" for t in f["targets"]
+    ]
