@@ -309,8 +309,9 @@ def _module_problems(module: str, entry: object, files: object) -> list[str]:
     if not isinstance(entry, dict):
         return [f"{label} is {type(entry).__name__}"]
     problems = []
-    if isinstance(files, dict) and entry.get("basis") not in files:
-        problems.append(f"{label}: basis {entry.get('basis')!r} is not one of the files")
+    basis = entry.get("basis")
+    if isinstance(files, dict) and not (isinstance(basis, str) and basis in files):
+        problems.append(f"{label}: basis {basis!r} is not one of the files")
     for key in ("a_shape", "b_shape"):
         shape = entry.get(key)
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)):

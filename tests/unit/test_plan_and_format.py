@@ -3,6 +3,7 @@ import pytest
 from pipeline import peft_format
 from pipeline.cli import parse_size
 from pipeline.flow.plan import plan_shards, shard_bytes
+from pipeline.io.format import manifest_problems
 
 
 def test_shards_cover_every_module_once_within_budget():
@@ -84,3 +85,17 @@ def test_json_log_lines_are_objects_without_secrets(capsys):
     entry = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert entry["level"] == "WARNING" and entry["logger"] == "pipeline.test" and entry["time"]
     assert entry["message"] == "reading s3://bucket/x"
+
+
+@pytest.mark.parametrize("basis", [["a"], {"b": 1}, None, 3])
+def test_a_module_whose_basis_is_not_a_path_is_a_problem_not_a_crash(basis):
+    path = "versions/v000001/bases/shard-000.safetensors"
+    manifest = {
+        "format_version": 1,
+        "version": "v000001",
+        "parent": None,
+        "files": {path: {"bytes": 1, "sha256": "0" * 64}},
+        "modules": {"m": {"basis": basis}},
+    }
+    problems = manifest_problems(manifest, "v000001")
+    assert f"module 'm': basis {basis!r} is not one of the files" in problems
