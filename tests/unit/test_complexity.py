@@ -24,11 +24,6 @@ WORST_GRADE = "C"
 BEING_REDUCED_ELSEWHERE = {
     "pipeline/cli.py",
     "pipeline/jobspec.py",
-    "pipeline/subspace.py",
-    "pipeline/vlora_format.py",
-    "pipeline/operations/info.py",
-    "pipeline/operations/report.py",
-    "pipeline/operations/snapshot.py",
 }
 
 
