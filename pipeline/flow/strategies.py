@@ -47,7 +47,8 @@ class FitSpec:
     route: str = "auto"
     quantize: str | None = None  # int8 | nf4: the basis is stored packed, and loadings fit what is stored
     method: str = "flat"  # flat | aligned (factors in one gauge first) | joint | auto (flat or joint, by error)
-    budgets: Mapping[str, float] | None = None  # module -> stored floats per adapter (a byte budget; fit mode)
+    # module -> stored floats per adapter that the storage budget allows (fit mode; None without one)
+    floats_per_adapter: Mapping[str, float] | None = None
     fixed_k: int | None = None  # the collection-wide k, once the first module decided it
 
 
@@ -180,7 +181,7 @@ def strategy_for(spec: FitSpec, mode: Mode, joint_parent: bool) -> Strategy:
 
 def fit_flat(ctx: Context, module: str, stack) -> Outcome:
     spec = ctx.task.spec
-    if spec.budgets:
+    if spec.floats_per_adapter:
         return _fit_within(ctx, module, stack)
     bases = {}
     for side in "AB":
@@ -196,7 +197,7 @@ def fit_aligned(ctx: Context, module: str, stack) -> Outcome:
 
 def fit_joint(ctx: Context, module: str, stack) -> Outcome:
     spec = ctx.task.spec
-    if spec.budgets:
+    if spec.floats_per_adapter:
         return _fit_within(ctx, module, stack)
     (r, d_in), (d_out, _) = ctx.task.shapes[module]
     n = len(stack[0])
@@ -215,7 +216,7 @@ def absorb_flat(ctx: Context, module: str, stack) -> Outcome:
         x = stack["AB".index(side)].to(ctx.device) if stack is not None else None
         parent = ctx.parents[module, side]
         limit, threshold = spec.rule.limits(ctx.k)
-        if spec.budgets:  # a budgeted store keeps each module's k
+        if spec.floats_per_adapter:  # a budgeted store keeps each module's k
             limit, threshold = len(parent.singular_values), None
         bases[side] = absorb(_to(parent, ctx.device), x, limit, threshold)
         _decide_k(ctx, bases[side])
@@ -252,7 +253,7 @@ def _fit_within(ctx: Context, module: str, stack) -> Outcome:
         stack[0].to(ctx.device),
         stack[1].to(ctx.device),
         ctx.task.shapes[module],
-        spec.budgets[module] * n,
+        spec.floats_per_adapter[module] * n,
         candidates(spec.method),
         spec.route,
     )
@@ -264,7 +265,7 @@ def _fit_within(ctx: Context, module: str, stack) -> Outcome:
 def _decide_k(ctx: Context, dec: Decomposition) -> None:
     """vlora's rule: the first module side fitted decides k for the collection."""
     spec = ctx.task.spec
-    if spec.rule.needs_first_module and ctx.k is None and not spec.budgets:
+    if spec.rule.needs_first_module and ctx.k is None and not spec.floats_per_adapter:
         ctx.k = ctx.decided_k = max(len(dec.singular_values), 1)
 
 
@@ -335,7 +336,7 @@ def _keep_joint(ctx: Context, module: str, stack) -> Outcome:
 
 
 def _budgeted(task: ShardTask, summary: ModuleResult) -> ModuleResult:
-    summary.budget = task.spec.budgets[summary.module] if task.spec.budgets else None
+    summary.budget = task.spec.floats_per_adapter[summary.module] if task.spec.floats_per_adapter else None
     return summary
 
 
