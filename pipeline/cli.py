@@ -5,31 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import traceback
 
-from pipeline import __version__
+from pipeline import __version__, commands, config
+from pipeline.config import ComponentRule, Options, cli_flag, raise_problems, step_problems
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location, printable, redact
 
 log = logging.getLogger("lora-subspace")
-EXPORT_BATCH = 16
 SHOWN_ERRORS = 20  # per-adapter errors printed after project or rebase, worst first
 SHOWN_FAILURES = 10  # verify problems printed per version
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
 
 
 def parse_size(text: str) -> int:
     """'512MiB', '2G', '1000000' -> bytes (powers of 1024); at least one byte."""
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB)")
-    unit = (match[2] or "B").upper()[0]
-    size = int(float(match[1]) * 1024 ** "BKMGT".index(unit))
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
-    return size
+    try:
+        return config.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _number(text: str, kind: type):
@@ -75,9 +69,33 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _Deprecated(argparse.Action):
+    """A former option name, hidden from --help: it still works, and main() warns of its new name."""
+
+    def __init__(self, *args, new: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.deprecated = [*getattr(namespace, "deprecated", []), f"{option_string} is now {self.new}"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lora-subspace", description="Compress LoRA adapter collections into shared subspaces.")
     parser.add_argument("--version", action="version", version=f"lora-subspace {__version__}")
+    common, ray_options, writing = _shared_options()
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compress(sub, [common, ray_options, writing])
+    _add_grow(sub, [common, ray_options], writing)
+    _add_history(sub, [common])
+    _add_outputs(sub, common, ray_options)
+    return parser
+
+
+def _shared_options() -> tuple[argparse.ArgumentParser, ...]:
+    """The options every command takes, those of commands that run Ray, and those of commands that
+    write a version."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS, or AWS_ENDPOINT_URL)")
     common.add_argument("--verbose", "-v", action="store_true", help="debug logs and tracebacks")
@@ -90,17 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     ray_options.add_argument("--num-cpus", type=_positive, help="CPUs of the embedded local Ray (default: all)")
     writing = argparse.ArgumentParser(add_help=False)
     writing.add_argument(
-        "--memory-budget",
+        "--task-memory",
         type=parse_size,
-        default=parse_size("1GiB"),
-        help="stacked bytes per shard task (default 1GiB)",
+        default=config.DEFAULT_TASK_MEMORY,
+        help="memory bound of one compute task: bytes of stacked factors per shard task (default 1GiB); "
+        "not the storage budget (--ratio, --budget-bytes)",
+    )
+    writing.add_argument(
+        "--memory-budget",
+        dest="task_memory",
+        type=parse_size,
+        action=_Deprecated,
+        new="--task-memory",
+        help=argparse.SUPPRESS,
     )
     writing.add_argument("--strict", action="store_true", help="fail on any quarantined adapter")
-    sub = parser.add_subparsers(dest="command", required=True)
+    return common, ray_options, writing
 
-    c = sub.add_parser(
-        "compress", parents=[common, ray_options, writing], help="build a new store version from a collection"
-    )
+
+def _add_compress(sub, parents: list[argparse.ArgumentParser]) -> None:
+    c = sub.add_parser("compress", parents=parents, help="build a new store version from a collection")
     c.add_argument("source", help="folder or manifest (.txt/.parquet) of PEFT adapters: path, file:// or s3://")
     c.add_argument("--out", required=True, help="store URI (path, file:// or s3://)")
     k = c.add_mutually_exclusive_group()
@@ -109,24 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--ratio",
         type=_ratio,
-        help="byte budget: store at most 1/RATIO of the adapters' tensor bytes; each module gets "
+        help="storage budget: store at most 1/RATIO of the adapters' tensor bytes; each module gets "
         "the method and parameters of lowest delta-W error that fit",
     )
     k.add_argument(
-        "--budget-bytes", type=parse_size, help="byte budget in bytes (e.g. 200MiB), shared by modules as --ratio is"
+        "--budget-bytes", type=parse_size, help="storage budget in bytes (e.g. 200MiB), shared by modules as --ratio is"
     )
     c.add_argument("--adaptive", action="store_true", help="choose k per module from the variance threshold")
-    c.add_argument("--svd-route", default="auto", choices=["auto", "gram", "covariance", "svd", "randomized"])
+    c.add_argument("--svd-route", default="auto", choices=config.SVD_ROUTES)
     c.add_argument(
         "--method",
-        choices=["auto", "flat", "aligned", "joint"],
+        choices=config.METHODS,
         default="auto",
         help="auto (default): flat, or with a budget whichever of flat and joint fits it with less error; "
         "flat: vlora's; aligned: every adapter's factors put in one gauge first (needs --components); "
         "joint: shared bases of delta W (width --components, or from the budget)",
     )
     c.add_argument(
-        "--quantize", choices=["int8", "nf4"], help="store the components packed: int8 (4x smaller) or nf4 (7.5x)"
+        "--quantize",
+        choices=config.QUANTIZE_SCHEMES,
+        help="store the components packed: int8 (4x smaller) or nf4 (7.5x)",
     )
     c.add_argument(
         "--chunk-size",
@@ -135,46 +164,50 @@ def build_parser() -> argparse.ArgumentParser:
         "incrementally, each publishing a version (bounds memory whatever the collection's size)",
     )
 
+
+def _add_grow(sub, parents: list[argparse.ArgumentParser], writing: argparse.ArgumentParser) -> None:
     grow = argparse.ArgumentParser(add_help=False)
     grow.add_argument("store", help="store URI (path, file:// or s3://)")
     grow.add_argument("source", help="the collection, as given to compress: new and changed adapters are found in it")
     grow.add_argument("--dry-run", action="store_true", help="print what would change and write nothing")
     p = sub.add_parser(
-        "project",
-        parents=[common, ray_options, grow, writing],
-        help="add new adapters on the current basis (basis unchanged)",
+        "project", parents=[*parents, grow, writing], help="add new adapters on the current basis (basis unchanged)"
     )
     p.add_argument(
         "--max-error", type=float, help="flag new adapters above this delta-W error (default: twice the store's p95)"
     )
-    r = sub.add_parser(
-        "rebase", parents=[common, ray_options, grow, writing], help="absorb new adapters into the basis"
-    )
+    r = sub.add_parser("rebase", parents=[*parents, grow, writing], help="absorb new adapters into the basis")
     r.add_argument(
         "--full", action="store_true", help="recompute the basis over the stored adapters (rebuilt) and the new ones"
     )
     r.add_argument("--from-source", action="store_true", help="with --full: read every adapter from its original files")
     r.add_argument("--chunk-size", type=_positive, help="absorb new adapters this many at a time, a version each")
 
+
+def _add_history(sub, parents: list[argparse.ArgumentParser]) -> None:
+    """The commands that read a store's versions or move its pointer."""
     vf = sub.add_parser(
-        "verify", parents=[common], help="check a version's objects against their checksums and invariants"
+        "verify", parents=parents, help="check a version's objects against their checksums and invariants"
     )
     vf.add_argument("store")
     vf.add_argument("--version", help="a version id (default: current)")
     vf.add_argument("--all", action="store_true", help="every published version")
-    v = sub.add_parser("versions", parents=[common], help="list a store's versions")
+    v = sub.add_parser("versions", parents=parents, help="list a store's versions")
     v.add_argument("store")
-    rb = sub.add_parser("rollback", parents=[common], help="point the store at an earlier version")
+    rb = sub.add_parser("rollback", parents=parents, help="point the store at an earlier version")
     rb.add_argument("store")
     rb.add_argument("version")
-    pr = sub.add_parser("prune", parents=[common], help="delete old versions")
+    pr = sub.add_parser("prune", parents=parents, help="delete old versions")
     pr.add_argument("store")
     pr.add_argument("--keep", type=_positive, required=True, help="how many of the newest versions to keep")
-
-    i = sub.add_parser("info", parents=[common], help="describe a store version")
+    i = sub.add_parser("info", parents=parents, help="describe a store version")
     i.add_argument("store")
     i.add_argument("--version", help="a version id (default: current)")
 
+
+def _add_outputs(sub, common: argparse.ArgumentParser, ray_options: argparse.ArgumentParser) -> None:
+    """The commands that write something else than a version: adapters, a vlora folder, a report;
+    quantize and vlora-import, which publish one from a Subspace; evaluate."""
     e = sub.add_parser("export", parents=[common, ray_options], help="write adapters back as PEFT folders")
     e.add_argument("store")
     e.add_argument(
@@ -192,7 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="write into target folders that already hold files "
         "(by default export refuses them: a rebuilt adapter would replace what is there)",
     )
+    _add_store_operations(sub, common, ray_options)
+    ev = sub.add_parser(
+        "evaluate",
+        parents=[common, ray_options],
+        help="held-out delta-W error of a basis built like the store's, against baselines",
+    )
+    ev.add_argument(
+        "store", help="the store whose method and parameters (k, budget, quantization) the basis is built with"
+    )
+    ev.add_argument("source", help="the collection (folder or manifest, as compress takes it)")
+    ev.add_argument("--holdout", type=_fraction, default=0.1, help="fraction of adapters held out (default 0.1)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    rp = sub.add_parser("report", parents=[common], help="write a self-contained HTML report of a version")
+    rp.add_argument("store")
+    rp.add_argument("--out", required=True, help="the HTML file to write (path, file:// or s3://)")
+    rp.add_argument("--version", help="a version id (default: current)")
+    rp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+
+def _add_store_operations(sub, common: argparse.ArgumentParser, ray_options: argparse.ArgumentParser) -> None:
+    """quantize, vlora-import and vlora-export: sharded operations on a store, like compress."""
     q = sub.add_parser(
         "quantize", parents=[common, ray_options], help="publish a version with the components packed (int8 or nf4)"
     )
@@ -204,7 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="8: int8 with a scale per component; 4: nf4 in blocks of 64",
     )
-
     vi = sub.add_parser(
         "vlora-import",
         parents=[common, ray_options],
@@ -221,25 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--version", help="a version id (default: current)")
     ve.add_argument("--overwrite", action="store_true", help="write into FOLDER even if it already holds files")
 
-    ev = sub.add_parser(
-        "evaluate",
-        parents=[common, ray_options],
-        help="held-out delta-W error of a basis built like the store's, against baselines",
-    )
-    ev.add_argument(
-        "store", help="the store whose method and parameters (k, budget, quantization) the basis is built with"
-    )
-    ev.add_argument("source", help="the collection (folder or manifest, as compress takes it)")
-    ev.add_argument("--holdout", type=_fraction, default=0.1, help="fraction of adapters held out (default 0.1)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
-
-    rp = sub.add_parser("report", parents=[common], help="write a self-contained HTML report of a version")
-    rp.add_argument("store")
-    rp.add_argument("--out", required=True, help="the HTML file to write (path, file:// or s3://)")
-    rp.add_argument("--version", help="a version id (default: current)")
-    rp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 an error stated in one line (input, storage, store), 2 a usage error
@@ -250,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.log_format)
+    for note in getattr(args, "deprecated", []):
+        log.warning("%s (the former name still works)", note)
     json_logs = args.log_format == "json"
     args.json = args.json or json_logs  # stdout too carries JSON only
     try:
@@ -324,56 +359,47 @@ def _store(uri: str, endpoint_url: str | None):
 
 
 def _ray(args, *locations: Location):
-    """A runner that joins or starts Ray on its first task, so that input checks before it fail in
-    a moment, not after Ray's start; on start, it checks that its tasks will find the local paths
-    among `locations`."""
-    from pipeline.runners import LazyRunner
+    return commands.runner(_cluster(args), *locations)
 
-    def start():
-        from pipeline.runners.ray_runner import RayRunner
 
-        runner = RayRunner(args.address, args.num_cpus, quiet=args.log_format == "json")
-        runner.check_local_paths([location.root for location in locations if location.is_local])
-        if runner.dashboard_url:
-            log.info("Ray dashboard: %s", runner.dashboard_url)
-        return runner
+def _cluster(args) -> commands.Cluster:
+    return commands.Cluster(args.address, args.num_cpus, quiet=args.log_format == "json")
 
-    return LazyRunner(start)
+
+def options_from_args(args) -> Options:
+    """The Options of compress, project or rebase from their arguments: every problem (with the
+    run's steps: chunks, --full, --from-source) in one error, named by its flag."""
+    defaults = Options()
+
+    def given(name: str, default=None):  # a subcommand has only its own options
+        return getattr(args, name, default)
+
+    rule = ComponentRule(given("components"), given("variance_threshold", 0.6), given("adaptive", False))
+    options = Options(
+        rule,
+        args.task_memory,
+        args.strict,
+        given("svd_route", defaults.route),
+        given("max_error"),
+        given("quantize"),
+        given("method", defaults.method),
+        given("ratio"),
+        given("budget_bytes"),
+    )
+    steps = step_problems(given("chunk_size"), given("full", False), given("from_source", False), cli_flag)
+    raise_problems(options.problems(cli_flag) + steps)
+    return options
 
 
 def cmd_compress(args) -> dict:
-    from pipeline.config import ComponentRule, Options
-    from pipeline.operations.compress import compress
-
-    if args.method == "aligned" and args.components is None:
-        raise PipelineError("--method aligned needs --components (the rank of the structure the alignment looks for)")
-    if args.method == "joint" and args.components is None and not (args.ratio or args.budget_bytes):
-        raise PipelineError(
-            "--method joint needs --components (the width of U and V) or a budget (--ratio or --budget-bytes)"
-        )
-    rule = ComponentRule(args.components, args.variance_threshold, args.adaptive)
-    options = Options(
-        rule,
-        args.memory_budget,
-        args.strict,
-        args.svd_route,
-        quantize=args.quantize,
-        method=args.method,
-        ratio=args.ratio,
-        budget_bytes=args.budget_bytes,
+    options = options_from_args(args)
+    summaries = commands.compress_collection(
+        args.source, args.out, options, args.chunk_size, _cluster(args), args.endpoint_url
     )
-    source, store = Location(args.source, args.endpoint_url), _store(args.out, args.endpoint_url)
-    summaries = [
-        s.to_dict() for s in compress(source, store, _ray(args, source, store.location), options, args.chunk_size)
-    ]
     if not args.json:
         for summary in summaries:
             _print_summary(summary)
-    return {
-        **summaries[-1],
-        "versions": [s["version"] for s in summaries],
-        "seconds_per_version": [s["seconds"] for s in summaries],
-    }
+    return commands.compress_result(summaries)
 
 
 def _print_summary(s: dict) -> None:
@@ -403,30 +429,39 @@ def _print_summary(s: dict) -> None:
 
 
 def _grow(args, operation: str, **flags) -> dict:
-    from pipeline.config import Options
-    from pipeline.operations.grow import grow
-
-    source, store = Location(args.source, args.endpoint_url), _store(args.store, args.endpoint_url)
-    options = Options(memory_budget=args.memory_budget, strict=args.strict, max_error=getattr(args, "max_error", None))
-    result = grow(source, store, _ray(args, source, store.location), operation, options, dry_run=args.dry_run, **flags)
+    options = options_from_args(args)
+    result = commands.grow_store(
+        operation,
+        args.store,
+        args.source,
+        options,
+        dry_run=args.dry_run,
+        cluster=_cluster(args),
+        endpoint_url=args.endpoint_url,
+        **flags,
+    )
     if not args.json:
-        d = result["diff"]
-        print(
-            f"{'would change' if args.dry_run else 'found'}: {len(d['added'])} new, {len(d['replaced'])} replaced, "
-            f"{len(d['pending'])} projected but not in the basis, "
-            f"{d['unchanged']} unchanged, {len(d['missing'])} no longer in the source (kept)"
-        )
-        if args.dry_run:
-            for kind in ("added", "replaced", "pending"):
-                for task_id in d[kind]:
-                    print(f"  {kind:8} {printable(task_id)}")
-        elif d["replaced"]:
-            print(f"  replaced (re-uploaded under the same id): {', '.join(map(printable, d['replaced']))}")
-        for summary in result["versions"]:
-            _print_summary(summary)
-        if not args.dry_run and not result["versions"]:
-            print(f"{store} is up to date: nothing written")
+        _print_growth(result, args)
     return result
+
+
+def _print_growth(result: dict, args) -> None:
+    d = result["diff"]
+    print(
+        f"{'would change' if args.dry_run else 'found'}: {len(d['added'])} new, {len(d['replaced'])} replaced, "
+        f"{len(d['pending'])} projected but not in the basis, "
+        f"{d['unchanged']} unchanged, {len(d['missing'])} no longer in the source (kept)"
+    )
+    if args.dry_run:
+        for kind in ("added", "replaced", "pending"):
+            for task_id in d[kind]:
+                print(f"  {kind:8} {printable(task_id)}")
+    elif d["replaced"]:
+        print(f"  replaced (re-uploaded under the same id): {', '.join(map(printable, d['replaced']))}")
+    for summary in result["versions"]:
+        _print_summary(summary)
+    if not args.dry_run and not result["versions"]:
+        print(f"{_store(args.store, args.endpoint_url)} is up to date: nothing written")
 
 
 def cmd_project(args) -> dict:
@@ -434,10 +469,6 @@ def cmd_project(args) -> dict:
 
 
 def cmd_rebase(args) -> dict:
-    if args.from_source and not args.full:
-        raise PipelineError("--from-source needs --full")
-    if args.full and args.chunk_size:
-        raise PipelineError("--chunk-size is for the incremental re-base, not --full")
     return _grow(args, "rebase", full=args.full, from_source=args.from_source, chunk_size=args.chunk_size)
 
 
@@ -526,22 +557,23 @@ def cmd_info(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from pipeline.operations.export import export_batch, plan_export
-
     if bool(args.all) == bool(args.task_ids):
         raise PipelineError("export needs TASK_IDs or --all (not both)")
-    store = _store(args.store, args.endpoint_url)
-    version = store.require_version(args.version)
-    out = Location(args.out, args.endpoint_url)
-    # Every check (ids, targets, --out writable) before Ray starts or anything is written.
-    tasks = plan_export(store, version, None if args.all else args.task_ids, out, args.overwrite, EXPORT_BATCH)
-    if len(args.task_ids) == 1:
-        written = export_batch(tasks[0])
-    else:
-        written = [w for _, ws in _ray(args, store.location, out).map_unordered(export_batch, tasks) for w in ws]
+    result = commands.export_adapters(
+        args.store,
+        args.out,
+        None if args.all else args.task_ids,
+        args.version,
+        args.overwrite,
+        _cluster(args),
+        args.endpoint_url,
+    )
     if not args.json:
-        print(f"exported {len(written)} adapter(s) from {store} {version} to {out}")
-    return {"version": version, "exported": len(written), "out": str(out)}
+        print(
+            f"exported {result['exported']} adapter(s) from {_store(args.store, args.endpoint_url)} "
+            f"{result['version']} to {result['out']}"
+        )
+    return result
 
 
 def cmd_quantize(args) -> dict:

@@ -1,9 +1,49 @@
 """Small shared types: the configuration every layer may read (entry points build it, operations
-and the flow's steps pass it down). Imports nothing of the pipeline."""
+and the flow's steps pass it down), and its checks. Imports nothing of the pipeline but its
+errors.
+
+Names in problems are the configuration's keys (`components`, `svd_route`, `task_memory`, ...):
+a job config's own, a CLI flag with `--` and dashes (`spell=cli_flag`)."""
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
+
+from pipeline.errors import PipelineError
+
+Method = Literal["auto", "flat", "aligned", "joint"]
+SvdRoute = Literal["auto", "gram", "covariance", "svd", "randomized"]
+QuantizeScheme = Literal["int8", "nf4"]
+Operation = Literal["project", "rebase"]
+METHODS: tuple[str, ...] = get_args(Method)
+SVD_ROUTES: tuple[str, ...] = get_args(SvdRoute)
+QUANTIZE_SCHEMES: tuple[str, ...] = get_args(QuantizeScheme)
+OPERATIONS: tuple[str, ...] = get_args(Operation)
+DEFAULT_TASK_MEMORY = 1 << 30
+
+Spell = Callable[[str], str]
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
+
+
+def cli_flag(key: str) -> str:
+    """A configuration key as the CLI spells it: `svd_route` -> `--svd-route`."""
+    return "--" + key.replace("_", "-")
+
+
+def parse_size(text: str | int) -> int:
+    """'512MiB', '2G', '1000' (or an int) -> bytes (powers of 1024); ValueError below one byte."""
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(f"not a size: {text!r} (e.g. 512MiB, 2GiB)")
+    unit = (match[2] or "B").upper()[0]
+    size = int(float(match[1]) * 1024 ** "BKMGT".index(unit))
+    if size < 1:
+        raise ValueError(f"must be at least 1 byte, got {text!r}")
+    return size
 
 
 @dataclass(frozen=True)
@@ -31,15 +71,111 @@ class ComponentRule:
 
 @dataclass(frozen=True)
 class Options:
+    """Every knob of compress, project and rebase. The fit's part (`rule`, `route`, `quantize`,
+    `method`, `ratio`, `budget_bytes`) is stored in each version's manifest, and project and
+    rebase take it from there (pipeline.io.format.read_parameters); the rest is the run's own."""
+
     rule: ComponentRule = ComponentRule()
-    memory_budget: int = 1 << 30  # bytes of stacked factors per shard task
-    strict: bool = False
-    route: str = "auto"
+    task_memory: int = DEFAULT_TASK_MEMORY  # bytes of stacked factors per shard task (not the storage budget)
+    strict: bool = False  # fail on any quarantined adapter
+    route: SvdRoute = "auto"
     max_error: float | None = None  # flag new adapters above this delta-W error
-    quantize: str | None = None  # int8 | nf4: bases stored packed (linalg.quantize)
+    quantize: QuantizeScheme | None = None  # bases stored packed (linalg.quantize)
     # flat (vlora's) | aligned (one gauge first) | joint (shared U, V) | auto: flat, or with a budget the better
-    method: str = "auto"
-    ratio: float | None = (
-        None  # byte budget: bases and loadings (float32 values) at most the adapters' tensor bytes / ratio
-    )
-    budget_bytes: int | None = None  # byte budget given as bytes (turned into a ratio of the collection's)
+    method: Method = "auto"
+    # The storage budget: bases and loadings (float32 values) at most the adapters' tensor bytes / ratio,
+    ratio: float | None = None
+    budget_bytes: int | None = None  # or given in bytes (turned into a ratio of the collection's)
+
+    @property
+    def budgeted(self) -> bool:
+        return bool(self.ratio or self.budget_bytes)
+
+    def problems(self, spell: Spell = str) -> list[str]:
+        """Every problem of these options (types, ranges, combinations), each naming its keys as
+        `spell` writes them; empty when they are sound."""
+        return _value_problems(self, spell) + _combination_problems(self, spell)
+
+    def validated(self, spell: Spell = str) -> Options:
+        """These options, or one PipelineError naming every problem."""
+        raise_problems(self.problems(spell))
+        return self
+
+
+def step_problems(
+    chunk_size: int | None = None, full: bool = False, from_source: bool = False, spell: Spell = str
+) -> list[str]:
+    """The problems of how a compress or rebase proceeds (chunks, a full re-base, from the source)."""
+    problems = _check(chunk_size, spell("chunk_size"), _is_int, "an integer", optional=True, least=1)
+    if from_source and not full:
+        problems.append(f"{spell('from_source')} needs {spell('full')}")
+    if full and chunk_size:
+        problems.append(f"{spell('chunk_size')} is for the incremental re-base, not {spell('full')}")
+    return problems
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One PipelineError naming every problem, if there is any."""
+    if problems:
+        raise PipelineError("; ".join(problems))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _check(value, name: str, kind: Callable, what: str, optional: bool = False, least=None) -> list[str]:
+    if optional and value is None:
+        return []
+    if not kind(value):
+        return [f"{name} must be {what}, got {type(value).__name__} {value!r}"]
+    if least is not None and value < least:
+        return [f"{name} must be at least {least}, got {value!r}"]
+    return []
+
+
+def _one_of(value, name: str, choices: tuple[str, ...], optional: bool = False) -> list[str]:
+    if (optional and value is None) or value in choices:
+        return []
+    return [f"{name} must be one of {', '.join(choices)}, got {value!r}"]
+
+
+def _value_problems(options: Options, spell: Spell) -> list[str]:
+    rule = options.rule
+    problems = _check(rule.components, spell("components"), _is_int, "an integer", optional=True, least=1)
+    if not (_is_number(rule.variance_threshold) and 0 < rule.variance_threshold <= 1):
+        problems.append(f"{spell('variance_threshold')} must be in (0, 1], got {rule.variance_threshold!r}")
+    problems += _check(rule.adaptive, spell("adaptive"), lambda v: isinstance(v, bool), "true or false")
+    problems += _check(options.task_memory, spell("task_memory"), _is_int, "a number of bytes", least=1)
+    problems += _check(options.strict, spell("strict"), lambda v: isinstance(v, bool), "true or false")
+    problems += _one_of(options.route, spell("svd_route"), SVD_ROUTES)
+    problems += _check(options.max_error, spell("max_error"), _is_number, "a number", optional=True, least=0)
+    problems += _one_of(options.quantize, spell("quantize"), QUANTIZE_SCHEMES, optional=True)
+    problems += _one_of(options.method, spell("method"), METHODS)
+    if options.ratio is not None and not (_is_number(options.ratio) and options.ratio > 1):
+        problems.append(f"{spell('ratio')} must be above 1 (the compression factor), got {options.ratio!r}")
+    problems += _check(options.budget_bytes, spell("budget_bytes"), _is_int, "a number of bytes", True, least=1)
+    return problems
+
+
+def _combination_problems(options: Options, spell: Spell) -> list[str]:
+    problems = []
+    if options.ratio is not None and options.budget_bytes is not None:
+        problems.append(f"{spell('ratio')} and {spell('budget_bytes')} are two ways of giving one budget: give one")
+    if options.rule.components is not None and options.budgeted:
+        budget = spell("ratio" if options.ratio is not None else "budget_bytes")
+        problems.append(f"{spell('components')} and {budget} exclude each other (a budget decides each module's k)")
+    if options.method == "aligned" and options.rule.components is None:
+        problems.append(
+            f"{spell('method')} aligned needs {spell('components')} (the rank of the structure the alignment looks for)"
+        )
+    if options.method == "joint" and options.rule.components is None and not options.budgeted:
+        problems.append(
+            f"{spell('method')} joint needs {spell('components')} (the width of U and V) "
+            f"or a budget ({spell('ratio')} or {spell('budget_bytes')})"
+        )
+    return problems

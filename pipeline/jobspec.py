@@ -1,16 +1,17 @@
 """Job configs: YAML files naming what a scheduled job does, validated before any cluster work.
 
 A config is a flat mapping of the job's fields; `--set key=value` overrides any of them (the value
-is read as YAML, so `--set components=16` is an int). Unknown keys, wrong types and missing
-required fields are errors that name the key. A valid config becomes the argument list of the
-matching `lora-subspace` command, so a job runs exactly what the CLI runs.
+is read as YAML, so `--set components=16` is an int). Unknown keys, wrong types, values out of
+range, combinations that do not go together and missing required fields are reported together,
+each naming its key. A valid config becomes the typed arguments (pipeline.config.Options and the
+rest) of the function the matching `lora-subspace` command runs (pipeline.commands), so a job runs
+exactly what the CLI runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import dataclasses
 import json
 import sys
 import time
@@ -19,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from pipeline import cli
+from pipeline import cli, commands
+from pipeline.config import ComponentRule, Options, parse_size, step_problems
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location
 from pipeline.io.store import Store
@@ -29,56 +31,59 @@ from pipeline.io.store import Store
 class Field:
     kind: type | tuple[type, ...]
     required: bool = False
-    flag: str | None = None  # the CLI option; None for positional fields, handled per job
+    choices: tuple | None = None
+    least: int | None = None
 
 
+_SIZE = (str, int)  # 4GiB, or a number of bytes
 _COMMON = {
-    "endpoint_url": Field(str, flag="--endpoint-url"),
-    "address": Field(str, flag="--address"),
-    "num_cpus": Field(int, flag="--num-cpus"),
-    "log_format": Field(str, flag="--log-format"),
+    "endpoint_url": Field(str),
+    "address": Field(str),
+    "num_cpus": Field(int, least=1),
+    "log_format": Field(str, choices=("text", "json")),
     "report": Field(bool),  # write STORE/reports/<version>.html after the run (default true)
 }
 _WRITING = {
-    "memory_budget": Field((str, int), flag="--memory-budget"),
-    "strict": Field(bool, flag="--strict"),
+    "task_memory": Field(_SIZE),  # bytes of stacked factors per shard task
+    "memory_budget": Field(_SIZE),  # task_memory's former name, still read
+    "strict": Field(bool),
 }
 
 JOBS: dict[str, dict[str, Field]] = {
     "compress": {
         "source": Field(str, required=True),
-        "store": Field(str, required=True, flag="--out"),
-        "components": Field(int, flag="--components"),
-        "variance_threshold": Field(float, flag="--variance-threshold"),
-        "adaptive": Field(bool, flag="--adaptive"),
-        "svd_route": Field(str, flag="--svd-route"),
-        "chunk_size": Field(int, flag="--chunk-size"),
-        "method": Field(str, flag="--method"),
-        "ratio": Field((int, float), flag="--ratio"),
-        "budget_bytes": Field((str, int), flag="--budget-bytes"),
-        "quantize": Field(str, flag="--quantize"),
+        "store": Field(str, required=True),
+        "components": Field(int),
+        "variance_threshold": Field(float),
+        "adaptive": Field(bool),
+        "svd_route": Field(str),
+        "chunk_size": Field(int),
+        "method": Field(str),
+        "ratio": Field((int, float)),  # the storage budget, as a compression factor
+        "budget_bytes": Field(_SIZE),  # or in bytes
+        "quantize": Field(str),
         **_WRITING,
         **_COMMON,
     },
     "rebase": {
         "source": Field(str, required=True),
         "store": Field(str, required=True),
-        "operation": Field(str),  # rebase (default) or project
-        "full": Field(bool, flag="--full"),
-        "from_source": Field(bool, flag="--from-source"),
-        "chunk_size": Field(int, flag="--chunk-size"),
-        "max_error": Field(float, flag="--max-error"),
+        "operation": Field(str, choices=("rebase", "project")),
+        "full": Field(bool),
+        "from_source": Field(bool),
+        "chunk_size": Field(int),
+        "max_error": Field(float),
         "prune_keep": Field(int),  # after publishing, prune to this many versions
         **_WRITING,
         **_COMMON,
     },
     "export": {
         "store": Field(str, required=True),
-        "out": Field(str, required=True, flag="--out"),
+        "out": Field(str, required=True),
         "task_ids": Field(list),
-        "all": Field(bool, flag="--all"),
-        "version": Field(str, flag="--version"),
-        "overwrite": Field(bool, flag="--overwrite"),
+        "all": Field(bool),
+        "version": Field(str),
+        "overwrite": Field(bool),
         **_COMMON,
     },
     # python -m jobs.benchmark: its own runner (pipeline.benchmark.run), defaults there.
@@ -90,7 +95,7 @@ JOBS: dict[str, dict[str, Field]] = {
         "uploads": Field(int),
         "components": Field(int),
         "repeats": Field(int),
-        "memory_budget": Field((str, int)),
+        "task_memory": Field((str, int)),
         "chunk_size": Field(int),
         "num_cpus": Field(int),
         "seed": Field(int),
@@ -112,7 +117,8 @@ JOBS: dict[str, dict[str, Field]] = {
 
 
 def load(job: str, path: str | None, overrides: list[str]) -> dict[str, Any]:
-    """The validated config of `job` from a YAML file and `key=value` overrides."""
+    """The validated config of `job` from a YAML file and `key=value` overrides: PipelineError
+    naming every problem."""
     config: dict[str, Any] = {}
     if path:
         try:
@@ -134,40 +140,120 @@ def load(job: str, path: str | None, overrides: list[str]) -> dict[str, Any]:
 
 
 def validate(job: str, config: dict[str, Any], where: str) -> None:
+    """Every problem of a config in one PipelineError: its keys' (unknown, type, range, missing),
+    then, built from the keys that passed, its Options' and the run's steps'."""
     fields = JOBS[job]
-    for key, value in config.items():
-        if key not in fields:
-            raise PipelineError(f"{where}: unknown key {key!r} for the {job} job (known: {', '.join(sorted(fields))})")
-        kind = fields[key].kind
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if value is not None and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
-            if not (float in kinds and isinstance(value, int) and not isinstance(value, bool)):
-                names = " or ".join(k.__name__ for k in kinds)
-                raise PipelineError(f"{where}: {key!r} must be {names}, got {type(value).__name__} {value!r}")
+    bad = {key: problem for key, value in config.items() if (problem := _key_problem(job, key, value))}
+    problems = list(bad.values())
     missing = [k for k, f in fields.items() if f.required and config.get(k) is None]
     if missing:
-        raise PipelineError(f"{where}: missing required key(s) {', '.join(missing)} for the {job} job")
-    if job == "rebase" and config.get("operation", "rebase") not in ("rebase", "project"):
-        raise PipelineError(f"{where}: 'operation' must be rebase or project, got {config['operation']!r}")
-    if job == "export" and bool(config.get("all")) == bool(config.get("task_ids")):
-        raise PipelineError(f"{where}: the export job needs task_ids or all: true (not both)")
+        problems.append(f"missing required key(s) {', '.join(missing)} for the {job} job")
+    usable = {k: v for k, v in config.items() if k not in bad}
+    if job == "export" and bool(usable.get("all")) == bool(usable.get("task_ids")):
+        problems.append("the export job needs task_ids or all: true (not both)")
+    if job in ("compress", "rebase"):
+        problems += _run_problems(job, usable)
+    if problems:
+        raise PipelineError(f"{where}: {'; '.join(problems)}")
 
 
-def to_argv(job: str, config: dict[str, Any]) -> list[str]:
-    """The lora-subspace command line that runs this config (always with --json)."""
-    fields = JOBS[job]
+def _key_problem(job: str, key: str, value: Any) -> str | None:
+    field = JOBS[job].get(key)
+    if field is None:
+        return f"unknown key {key!r} for the {job} job (known: {', '.join(sorted(JOBS[job]))})"
+    if value is None:  # null: not given
+        return None
+    kinds = field.kind if isinstance(field.kind, tuple) else (field.kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        if not (float in kinds and isinstance(value, int) and not isinstance(value, bool)):
+            return f"{key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__} {value!r}"
+    if field.choices and value not in field.choices:
+        return f"{key!r} must be {' or '.join(field.choices)}, got {value!r}"
+    if field.least is not None and value < field.least:
+        return f"{key!r} must be at least {field.least}, got {value!r}"
+    if field.kind == _SIZE:
+        try:
+            parse_size(value)
+        except ValueError as exc:
+            return f"{key!r}: {exc}"
+    return None
+
+
+def _run_problems(job: str, config: dict[str, Any]) -> list[str]:
+    """Problems of the Options and steps a compress or rebase config builds (keys as written)."""
+    problems = []
+    if "task_memory" in config and "memory_budget" in config:
+        problems.append("'memory_budget' is the former name of 'task_memory': give one")
+    given = [k for k in ("components", "ratio", "budget_bytes") if config.get(k) is not None]
+    if config.get("variance_threshold") is not None and given:
+        problems.append(f"'variance_threshold' and {given[0]!r} exclude each other")
+
+    def spell(key: str) -> str:  # as the config writes it
+        return repr("memory_budget" if key == "task_memory" and "memory_budget" in config else key)
+
+    steps = step_problems(config.get("chunk_size"), bool(config.get("full")), bool(config.get("from_source")), spell)
+    return problems + options(job, config).problems(spell) + steps
+
+
+def options(job: str, config: dict[str, Any]) -> Options:
+    """The Options of a compress or rebase config whose keys passed their checks (a rebase takes
+    its fit parameters from the store: of its config, only the run's own knobs count)."""
+
+    def get(key: str, default=None):  # a key set to null is a key not given
+        return default if config.get(key) is None else config[key]
+
+    defaults = Options()
+    memory = get("task_memory", get("memory_budget"))
+    run_knobs = Options(
+        task_memory=defaults.task_memory if memory is None else parse_size(memory),
+        strict=get("strict", False),
+        max_error=get("max_error"),
+    )
+    if job == "rebase":
+        return run_knobs
+    budget = get("budget_bytes")
+    return dataclasses.replace(
+        run_knobs,
+        rule=ComponentRule(get("components"), get("variance_threshold", 0.6), get("adaptive", False)),
+        route=get("svd_route", defaults.route),
+        quantize=get("quantize"),
+        method=get("method", defaults.method),
+        ratio=get("ratio"),
+        budget_bytes=None if budget is None else parse_size(budget),
+    )
+
+
+def run(job: str, config: dict[str, Any]) -> dict:
+    """What the job's command answers, from a validated config: the same function the CLI runs."""
+    cluster = commands.Cluster(config.get("address"), config.get("num_cpus"), config.get("log_format") == "json")
+    endpoint_url = config.get("endpoint_url")
     if job == "compress":
-        argv = ["compress", config["source"]]
-    elif job == "rebase":
-        argv = [config.get("operation") or "rebase", config["store"], config["source"]]
-    else:
-        argv = ["export", config["store"], *(config.get("task_ids") or [])]
-    for key, value in config.items():
-        flag = fields[key].flag
-        if flag is None or value is None or value is False:
-            continue
-        argv += [flag] if value is True else [flag, str(value)]
-    return argv + ["--json"]
+        summaries = commands.compress_collection(
+            config["source"], config["store"], options(job, config), config.get("chunk_size"), cluster, endpoint_url
+        )
+        return commands.compress_result(summaries)
+    if job == "rebase":
+        return commands.grow_store(
+            config.get("operation") or "rebase",
+            config["store"],
+            config["source"],
+            options(job, config),
+            full=bool(config.get("full")),
+            from_source=bool(config.get("from_source")),
+            chunk_size=config.get("chunk_size"),
+            cluster=cluster,
+            endpoint_url=endpoint_url,
+        )
+    task_ids = None if config.get("all") else config["task_ids"]
+    return commands.export_adapters(
+        config["store"],
+        config["out"],
+        task_ids,
+        config.get("version"),
+        bool(config.get("overwrite")),
+        cluster,
+        endpoint_url,
+    )
 
 
 def main(job: str, argv: list[str] | None = None) -> int:
@@ -182,10 +268,10 @@ def main(job: str, argv: list[str] | None = None) -> int:
     line: dict[str, Any] = {"job": job}
     try:
         config = load(job, args.config, args.set)
-        cli_args = _parse(to_argv(job, config))
-        cli.configure_logging(False, cli_args.log_format)
-        result = cli.COMMANDS[cli_args.command](cli_args)
-        line.update(status="ok", **_summary(job, result))
+        cli.configure_logging(False, config.get("log_format") or "text")
+        if "memory_budget" in config:
+            cli.log.warning("config key memory_budget is now task_memory (the former name still works)")
+        line.update(status="ok", **_summary(job, run(job, config)))
         if job != "export" and line.get("version") and config.get("report", True):
             line["report"] = _write_report(config, line["version"])
         if job == "rebase" and config.get("prune_keep"):
@@ -198,18 +284,6 @@ def main(job: str, argv: list[str] | None = None) -> int:
     print(json.dumps(line, default=str))
     sys.stdout.flush()
     return 0 if line["status"] == "ok" else 1
-
-
-def _parse(argv: list[str]) -> argparse.Namespace:
-    """The CLI's parse of a job's arguments; a value the CLI refuses (e.g. memory_budget: 0) is a
-    PipelineError, so the job still prints its status line."""
-    message = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(message):
-            return cli.build_parser().parse_args(argv)
-    except SystemExit:
-        reason = message.getvalue().strip().splitlines()[-1:] or ["invalid arguments"]
-        raise PipelineError(f"config: {reason[0].partition('error: ')[2] or reason[0]}") from None
 
 
 def _store(config: dict) -> Store:

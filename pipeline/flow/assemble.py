@@ -28,9 +28,9 @@ from pipeline.io.format import (
     basis_file,
     build_manifest,
     module_entry,
-    rule_parameters,
     staging_file,
     version_path,
+    write_parameters,
 )
 from pipeline.io.location import redact
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
@@ -236,11 +236,7 @@ def _manifest(change, good, source, version, options, catalog, error, modules, f
         change.parent,
         change.operation,
         source=redact(source.uri) if source else (change.parent_manifest or {}).get("source"),
-        parameters={
-            **rule_parameters(options.rule, options.route, options.quantize, options.method),
-            "ratio": options.ratio,
-            "budget_bytes": options.budget_bytes,
-        },
+        parameters=write_parameters(options),
         adapters={"ok": catalog.ok, "quarantined": catalog.quarantined, "in_basis": catalog.in_basis},
         original_bytes=catalog.original_bytes,
         base_model=base_model,

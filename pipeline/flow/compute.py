@@ -24,7 +24,7 @@ import torch
 from pipeline import failpoints
 from pipeline.errors import PipelineError
 from pipeline.flow.change import good_adapters
-from pipeline.flow.plan import largest_shard_bytes, module_budgets, module_shapes, version_shards
+from pipeline.flow.plan import floats_per_adapter, largest_shard_bytes, module_shapes, version_shards
 from pipeline.flow.strategies import (
     Context,
     FitSpec,
@@ -343,10 +343,10 @@ def compute_all(change, source, store, version, runner, options, seconds):
 def _compute_shards(change, good, source, store, version, runner, options) -> list[ShardResult]:
     shapes = module_shapes(change, good)
     rows = _row_count(change, good)
-    budgets = module_budgets(change, good, shapes, rows, options)
+    floats = floats_per_adapter(change, good, shapes, rows, options)
     shards = version_shards(change, shapes, rows, options, runner.num_cpus)
     memory = _shard_memory(shards, shapes, rows, len(good), options)
-    spec = FitSpec(options.rule, options.route, options.quantize, options.method, budgets)
+    spec = FitSpec(options.rule, options.route, options.quantize, options.method, floats)
     parent = _parent(change, good)
     inputs = _digest(
         [
@@ -358,7 +358,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
             options.route,
             options.quantize,
             options.method,
-            budgets,
+            floats,
             [(a.task_id, a.location.uri, a.weights_bytes, a.weights_tag) for a in good],
         ]
     )
@@ -381,7 +381,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
 
     pending = list(shards)
     fixed_k = None
-    if options.rule.needs_first_module and change.mode not in ("project", "quantize") and not budgets:
+    if options.rule.needs_first_module and change.mode not in ("project", "quantize") and not floats:
         # vlora's rule: k comes from the first module's lora_A, so that shard runs first.
         run([task(shards[0])])
         if results[0].nonfinite:
@@ -408,7 +408,7 @@ def _row_count(change, good) -> int:
 
 def _shard_memory(shards, shapes, rows: int, adapters: int, options) -> int:
     """The memory declared to Ray per shard task (logged with the plan): the largest shard's
-    stacks, never above the budget, so a single oversized module is still scheduled rather than
+    stacks, never above the memory bound per task, so a single oversized module is still scheduled rather than
     left infeasible. Ray then packs no more shards on a node than fit."""
     widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
     peak = largest_shard_bytes(shards, widths, max(rows, 1))
@@ -419,13 +419,13 @@ def _shard_memory(shards, shapes, rows: int, adapters: int, options) -> int:
         len(shards),
         peak / 2**20,
     )
-    if peak > options.memory_budget:
+    if peak > options.task_memory:
         log.warning(
-            "one shard needs ~%.0f MiB, over the %.0f MiB budget: use --chunk-size",
+            "one shard needs ~%.0f MiB, over the %.0f MiB task memory (--task-memory): use --chunk-size",
             peak / 2**20,
-            options.memory_budget / 2**20,
+            options.task_memory / 2**20,
         )
-    return min(peak, options.memory_budget)
+    return min(peak, options.task_memory)
 
 
 def _parent(change, good) -> Parent | None:

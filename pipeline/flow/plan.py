@@ -1,4 +1,5 @@
-"""Plan: group modules into shards that fit a worker's memory budget."""
+"""Plan: group modules into shards that fit the memory bound per task, and share a storage budget
+out among modules."""
 
 from __future__ import annotations
 
@@ -29,15 +30,15 @@ def shard_bytes(n_adapters: int, widths: list[int]) -> int:
     return 4 * n_adapters * sum(widths) + 8 * side * side
 
 
-def plan_shards(widths: dict[str, int], n_adapters: int, budget_bytes: int, parallelism: int) -> list[Shard]:
-    """Consecutive modules (sorted by name) per shard, each shard within budget_bytes where a
+def plan_shards(widths: dict[str, int], n_adapters: int, task_memory: int, parallelism: int) -> list[Shard]:
+    """Consecutive modules (sorted by name) per shard, each shard within task_memory bytes where a
     single module allows it, and at least `parallelism` shards when there are enough modules.
 
     widths: module -> flattened width of lora_A plus lora_B (r * d_in + d_out * r).
     """
     modules = sorted(widths)
     total = shard_bytes(n_adapters, list(widths.values()))
-    target = min(budget_bytes, max(total // max(parallelism, 1), 1))
+    target = min(task_memory, max(total // max(parallelism, 1), 1))
     shards: list[list[str]] = [[]]
     for module in modules:
         current = shards[-1]
@@ -64,37 +65,38 @@ def module_shapes(change: Change, good: list[ScannedAdapter]) -> dict[str, tuple
     return shapes
 
 
-def module_budgets(
+def floats_per_adapter(
     change: Change, good: list[ScannedAdapter], shapes, rows: int, options: Options
 ) -> dict[str, float] | None:
-    """Stored floats per adapter per module that a byte budget allows: each module gets the
-    budget's share of its own tensor bytes. A re-base keeps the parent's; None without a budget."""
+    """Stored floats per adapter per module that the storage budget (`ratio` or `budget_bytes`)
+    allows: each module gets the budget's share of its own tensor bytes. A re-base keeps the
+    parent's; None without a budget."""
     parent = change.parent_manifest
     if parent and "budget" in next(iter(parent["modules"].values())):
         return {m: e["budget"] for m, e in parent["modules"].items()}
-    if parent or not (options.ratio or options.budget_bytes):
+    if parent or not options.budgeted:
         return None
     module_bytes = {m: sum(x.end - x.start for a in good for x in a.modules[m]) for m in shapes}
     ratio = options.ratio or sum(module_bytes.values()) / options.budget_bytes
-    budgets = {m: size / ratio / FLOAT_BYTES / len(good) for m, size in module_bytes.items()}
-    for module, per_adapter in budgets.items():
+    floats = {m: size / ratio / FLOAT_BYTES / len(good) for m, size in module_bytes.items()}
+    for module, per_adapter in floats.items():
         (r, d_in), (d_out, _) = shapes[module]
         if not fits(per_adapter * rows, rows, r, d_in, d_out, candidates(options.method)):
             raise PipelineError(
                 f"a budget of 1/{ratio:.3g} of the adapters' bytes is too small for module {module!r}: "
                 f"no {' or '.join(candidates(options.method))} fit takes {per_adapter * rows * FLOAT_BYTES:.0f} bytes"
             )
-    return budgets
+    return floats
 
 
 def version_shards(change: Change, shapes, rows: int, options: Options, parallelism: int) -> list[Shard]:
-    """Fit and absorb: modules grouped to fit the memory budget for the rows read, at least one
+    """Fit and absorb: modules grouped to fit the memory bound per task for the rows read, at least one
     shard per CPU (each task also streams the parent's loadings once, so a re-base of a few uploads
     makes few, wide shards). Project and quantize keep the parent's grouping: its basis objects are
     reused, or each read once."""
     if change.mode not in ("project", "quantize"):
         widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
-        return plan_shards(widths, rows, options.memory_budget, parallelism)
+        return plan_shards(widths, rows, options.task_memory, parallelism)
     groups: dict[str, list[str]] = {}
     for module, entry in sorted(change.parent_manifest["modules"].items()):
         groups.setdefault(entry["basis"], []).append(module)

@@ -48,7 +48,8 @@ class FitSpec:
     route: str = "auto"
     quantize: str | None = None  # int8 | nf4: the basis is stored packed, and loadings fit what is stored
     method: str = "flat"  # flat | aligned (factors in one gauge first) | joint | auto (flat or joint, by error)
-    budgets: Mapping[str, float] | None = None  # module -> stored floats per adapter (a byte budget; fit mode)
+    # module -> stored floats per adapter that the storage budget allows (fit mode; None without one)
+    floats_per_adapter: Mapping[str, float] | None = None
     fixed_k: int | None = None  # the collection-wide k, once the first module decided it
 
 
@@ -190,7 +191,7 @@ def strategy_for(spec: FitSpec, mode: Mode, joint_parent: bool) -> Strategy:
 
 def fit_flat(ctx: Context, module: str, stack) -> Outcome:
     spec = ctx.task.spec
-    if spec.budgets:
+    if spec.floats_per_adapter:
         return _fit_within(ctx, module, stack)
     bases, k = fit_sides(
         spec.rule,
@@ -209,7 +210,7 @@ def fit_aligned(ctx: Context, module: str, stack) -> Outcome:
 
 def fit_joint(ctx: Context, module: str, stack) -> Outcome:
     spec = ctx.task.spec
-    if spec.budgets:
+    if spec.floats_per_adapter:
         return _fit_within(ctx, module, stack)
     (r, d_in), (d_out, _) = ctx.task.shapes[module]
     n = len(stack[0])
@@ -229,7 +230,7 @@ def absorb_flat(ctx: Context, module: str, stack) -> Outcome:
         x = stack["AB".index(side)].to(ctx.device) if stack is not None else None
         return absorb(_to(parents[side], ctx.device), x, limit, threshold)
 
-    bases, k = fit_sides(spec.rule, ctx.k, update, parents if spec.budgets else None)
+    bases, k = fit_sides(spec.rule, ctx.k, update, parents if spec.floats_per_adapter else None)
     _take_k(ctx, k)
     return _flat_outcome(ctx, module, stack, bases)
 
@@ -274,7 +275,7 @@ def _fit_within(ctx: Context, module: str, stack) -> Outcome:
         stack[0].to(ctx.device),
         stack[1].to(ctx.device),
         ctx.task.shapes[module],
-        spec.budgets[module] * n,
+        spec.floats_per_adapter[module] * n,
         candidates(spec.method),
         spec.route,
     )
@@ -375,7 +376,7 @@ def _keep_joint(ctx: Context, module: str, stack) -> Outcome:
 
 
 def _budgeted(task: ShardTask, summary: ModuleResult) -> ModuleResult:
-    summary.budget = task.spec.budgets[summary.module] if task.spec.budgets else None
+    summary.budget = task.spec.floats_per_adapter[summary.module] if task.spec.floats_per_adapter else None
     return summary
 
 

@@ -101,8 +101,8 @@ def compute_imported(
     started = time.perf_counter()
     n = len(found)
     sizes = {layer: layer_bytes(layout, layer, n) for layer in layout.layers}
-    shards = basis_objects(sizes, min(options.memory_budget, max(sum(sizes.values()) // runner.num_cpus, 1)))
-    memory = min(max(sum(sizes[m] for m in s.modules) for s in shards), options.memory_budget)
+    shards = basis_objects(sizes, min(options.task_memory, max(sum(sizes.values()) // runner.num_cpus, 1)))
+    memory = min(max(sum(sizes[m] for m in s.modules) for s in shards), options.task_memory)
     log.info(
         "plan: %d tasks, %d layers in %d shards (largest needs ~%.0f MiB)", n, len(sizes), len(shards), memory / 2**20
     )

@@ -15,6 +15,7 @@ Sections follow docs/store-format.md; the Store class (pipeline.io.store) and th
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -28,7 +29,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from pipeline import __version__
-from pipeline.config import ComponentRule
+from pipeline.config import ComponentRule, Options
 from pipeline.errors import IntegrityError, PipelineError
 from pipeline.io.location import redact
 from pipeline.linalg import quantize
@@ -180,21 +181,48 @@ def build_manifest(
     }
 
 
-def rule_parameters(rule: ComponentRule, route: str, quantize: str | None, method: str = "flat") -> dict:
-    """Manifest `parameters`: what project and rebase reuse."""
+# Manifest `parameters`: the fit's part of Options, which project and rebase reuse. Stores written
+# before these keys existed lack them (and a saved Subspace records no budget): read as these.
+_ABSENT_IN_EARLY_STORES = {"quantize": None, "method": "flat", "ratio": None, "budget_bytes": None}
+_REQUIRED_PARAMETERS = ("components", "variance_threshold", "adaptive", "svd_route")
+
+
+def write_parameters(options: Options) -> dict:
+    """Manifest `parameters` of a version fitted with `options` (its stored part only)."""
+    rule = options.rule
     return {
         "components": rule.components,
         "variance_threshold": None if rule.components is not None else rule.variance_threshold,
         "adaptive": rule.adaptive,
-        "svd_route": route,
-        "quantize": quantize,
-        "method": method,
+        "svd_route": options.route,
+        "quantize": options.quantize,
+        "method": options.method,
+        "ratio": options.ratio,
+        "budget_bytes": options.budget_bytes,
     }
 
 
-def parameters_rule(parameters: dict) -> ComponentRule:
-    """The ComponentRule a manifest's `parameters` record."""
-    return ComponentRule(parameters["components"], parameters["variance_threshold"] or 0.6, parameters["adaptive"])
+def read_parameters(parameters: dict, run: Options | None = None, where: str = "manifest") -> Options:
+    """The Options a version was fitted with (its manifest `parameters`), carrying `run`'s own
+    knobs (task memory, strict, max_error); PipelineError naming every problem of the stored values."""
+    missing = [key for key in _REQUIRED_PARAMETERS if key not in parameters]
+    if missing:
+        raise PipelineError(f"{where}: parameters lack {', '.join(missing)}")
+    p = {**_ABSENT_IN_EARLY_STORES, **parameters}
+    threshold = 0.6 if p["variance_threshold"] is None else p["variance_threshold"]  # not recorded with a k
+    options = dataclasses.replace(
+        run or Options(),
+        rule=ComponentRule(p["components"], threshold, p["adaptive"]),
+        route=p["svd_route"],
+        quantize=p["quantize"],
+        method=p["method"],
+        ratio=p["ratio"],
+        budget_bytes=p["budget_bytes"],
+    )
+    problems = options.problems(lambda key: f"parameters.{key}")
+    if problems:
+        raise PipelineError(f"{where}: {'; '.join(problems)}")
+    return options
 
 
 def module_entry(

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from pipeline.config import Options
+from pipeline.config import Options, raise_problems, step_problems
 from pipeline.errors import PipelineError
 from pipeline.flow.change import Change, Summary
 from pipeline.flow.discover import chunks
@@ -46,6 +46,8 @@ _DEFAULT_OPTIONS = Options()
 def compress(
     source: Location, store: Store, runner: Runner, options: Options = _DEFAULT_OPTIONS, chunk_size: int | None = None
 ) -> list[Summary]:
+    options.validated()
+    raise_problems(step_problems(chunk_size))
     refs = discover(source)
     check_out(store)
     new_folder = store.location.is_local and not os.path.exists(store.location.root)

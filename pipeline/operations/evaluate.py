@@ -8,7 +8,6 @@ adapter the basis spends. Memory is the pipeline's, plus one adapter at a time f
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import tempfile
 
@@ -21,7 +20,7 @@ from pipeline.config import Options
 from pipeline.errors import PipelineError
 from pipeline.flow.scan import read_factors
 from pipeline.io.adapters import AdapterRef, discover
-from pipeline.io.format import LOADINGS, parameters_rule
+from pipeline.io.format import LOADINGS, read_parameters
 from pipeline.io.location import Location, printable
 from pipeline.io.store import Store
 from pipeline.linalg.budget import joint_floats
@@ -89,16 +88,7 @@ def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.
 
 def like(manifest: dict) -> Options:
     """Compress options that build a store the way the manifest's was built."""
-    p = manifest["parameters"]
-    return dataclasses.replace(
-        Options(),
-        rule=parameters_rule(p),
-        route=p["svd_route"],
-        quantize=p.get("quantize"),
-        method=p.get("method", "flat"),
-        ratio=p.get("ratio"),
-        budget_bytes=p.get("budget_bytes"),
-    )
+    return read_parameters(manifest["parameters"])
 
 
 def _listing(where: Location, name: str, refs: list[AdapterRef]) -> Location:

@@ -6,17 +6,16 @@ plus the new ones).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
-from pipeline.config import Options
+from pipeline.config import OPERATIONS, Operation, Options, raise_problems, step_problems
 from pipeline.flow.change import Change, Summary
 from pipeline.flow.discover import chunks, diff, stored_catalog, with_digests, with_files
 from pipeline.flow.publish import write_version
 from pipeline.flow.scan import scan
 from pipeline.io.adapters import discover
-from pipeline.io.format import parameters_rule
+from pipeline.io.format import read_parameters
 from pipeline.io.location import Location
 from pipeline.io.store import Store
 from pipeline.runners import Runner
@@ -28,7 +27,7 @@ def grow(
     source: Location,
     store: Store,
     runner: Runner,
-    operation: str,
+    operation: Operation,
     options: Options,
     *,
     full: bool = False,
@@ -37,7 +36,11 @@ def grow(
     chunk_size: int | None = None,
 ) -> dict:
     """project or rebase: returns {"diff": ..., "versions": [summaries]} (no versions for a dry
-    run or when nothing changed)."""
+    run or when nothing changed). Of `options`, only the run's own knobs count (task memory,
+    strict, max_error): the fit's are the store's."""
+    options.validated()
+    wrong = [] if operation in OPERATIONS else [f"operation must be one of {', '.join(OPERATIONS)}, got {operation!r}"]
+    raise_problems(wrong + step_problems(chunk_size, full, from_source))
     store.require_version()  # a missing store fails before the source is listed
     refs = with_files(discover(source), runner)
     if dry_run:
@@ -50,15 +53,8 @@ def grow(
         changes = diff(with_digests(refs, catalog, runner), catalog)
         if changes.missing:
             log.info("%d adapter(s) in the store are no longer in the source; they stay", len(changes.missing))
-        options = dataclasses.replace(
-            options,
-            rule=parameters_rule(manifest["parameters"]),
-            route=manifest["parameters"]["svd_route"],
-            quantize=manifest["parameters"].get("quantize"),
-            method=manifest["parameters"].get("method", "flat"),
-            ratio=manifest["parameters"].get("ratio"),
-            budget_bytes=manifest["parameters"].get("budget_bytes"),
-        )
+        # The store's fit parameters, with this run's own knobs (task memory, strict, max_error).
+        options = read_parameters(manifest["parameters"], options, f"{store} {parent} manifest")
         if from_source:
             to_read = refs  # adapters gone from the source join as rebuilt from the store
         else:

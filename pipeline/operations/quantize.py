@@ -15,7 +15,7 @@ from pipeline.config import Options
 from pipeline.errors import PipelineError
 from pipeline.flow.change import Change
 from pipeline.flow.publish import write_version
-from pipeline.io.format import parameters_rule
+from pipeline.io.format import read_parameters
 from pipeline.io.store import Store
 from pipeline.linalg.quantize import bits_scheme
 from pipeline.operations.info import version_bytes
@@ -44,16 +44,7 @@ def quantize(store: Store, bits: int, runner: Runner, options: Options = _DEFAUL
                 f"{store} {parent}: already quantized ({manifest['quantization']['scheme']}); "
                 "quantize the float subspace instead"
             )
-        p = manifest["parameters"]
-        options = dataclasses.replace(
-            options,
-            rule=parameters_rule(p),
-            route=p["svd_route"],
-            quantize=scheme,
-            method=p.get("method", "flat"),
-            ratio=p.get("ratio"),
-            budget_bytes=p.get("budget_bytes"),
-        )
+        options = dataclasses.replace(read_parameters(manifest["parameters"], options), quantize=scheme)
         change = Change("quantize", "quantize", [], parent, manifest)
         version = write_version(change, None, store, runner, options, lock).version
     return {

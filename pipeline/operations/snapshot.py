@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.config import ComponentRule
+from pipeline.config import ComponentRule, Options
 from pipeline.errors import IntegrityError, PipelineError
 from pipeline.flow.compute import explained
 from pipeline.flow.plan import basis_objects
@@ -37,11 +37,11 @@ from pipeline.io.format import (
     loadings_matrix,
     loadings_rows,
     module_entry,
-    parameters_rule,
     read_decomposition,
     read_joint,
-    rule_parameters,
+    read_parameters,
     version_path,
+    write_parameters,
 )
 from pipeline.io.location import Location
 from pipeline.io.store import Store
@@ -218,13 +218,16 @@ def write(sub: Snapshot, store: Store, version: str, parent: str | None, operati
         parent,
         operation,
         source=sub.source,
-        parameters={
-            **rule_parameters(
-                sub.rule, sub.route, sub.quantization["scheme"] if sub.quantization else None, sub.method
-            ),
-            "ratio": sub.budget.get("ratio"),
-            "budget_bytes": sub.budget.get("budget_bytes"),
-        },
+        parameters=write_parameters(
+            Options(
+                sub.rule,
+                route=sub.route,
+                quantize=sub.quantization["scheme"] if sub.quantization else None,
+                method=sub.method,
+                ratio=sub.budget.get("ratio"),
+                budget_bytes=sub.budget.get("budget_bytes"),
+            )
+        ),
         adapters=adapters,
         original_bytes=sum(r["weights_bytes"] + len((r["config_json"] or "").encode()) for r in sub.catalog),
         base_model=first.get("base_model"),
@@ -298,21 +301,21 @@ def load(uri: str, version: str | None = None, endpoint_url: str | None = None) 
     ids = [r["task_id"] for r in ok]
     widths = {m: (len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in modules.items()}
     widths.update({m: (jm.k, jm.k) for m, jm in joint.items()})
-    p = manifest["parameters"]
+    stored = read_parameters(manifest["parameters"], where=f"{store} {version}")
     return Snapshot(
         modules,
         _read_rows(store, version, widths, ids),
         ids,
         ok,
         [r for r in catalog if r["status"] != "ok"],
-        parameters_rule(p),
-        p["svd_route"],
-        p.get("method", "flat"),
+        stored.rule,
+        stored.route,
+        stored.method,
         manifest.get("quantization"),
         manifest.get("source"),
         (str(store), version),
         joint=joint,
-        budget={key: p[key] for key in ("ratio", "budget_bytes") if p.get(key) is not None},
+        budget={key: value for key in ("ratio", "budget_bytes") if (value := getattr(stored, key)) is not None},
     )
 
 

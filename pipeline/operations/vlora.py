@@ -48,7 +48,7 @@ def import_vlora(
     found = scan_tasks(layout, runner)
     if not found:
         raise PipelineError(f"nothing to publish to {store}: the subspace holds no adapters")
-    options = Options(ComponentRule(layout.num_components), options.memory_budget, route="auto", method="flat")
+    options = Options(ComponentRule(layout.num_components), options.task_memory, route="auto", method="flat")
     with store.lock("vlora-import") as lock:
         parent = _refuse_versions(store, replace)
         change = Change("vlora-import", "import", [], parent, catalog=[catalog_row(t, layout) for t in found])
@@ -138,7 +138,7 @@ def export_vlora(
     _refuse_unsafe(store, version, folder, ids)
     k = {m: (e["k_a"], e["k_b"]) for m, e in modules.items()}
     per_task = 8 * sum(a + b for a, b in k.values())  # its rows as read, and as tensors
-    size = max(1, min(options.memory_budget // per_task, math.ceil(len(ids) / runner.num_cpus)))
+    size = max(1, min(options.task_memory // per_task, math.ceil(len(ids) / runner.num_cpus)))
     batches = [TaskFiles(store.location, version, folder, k, ids[i : i + size]) for i in range(0, len(ids), size)]
     for _ in runner.map_unordered(write_task_files, batches, memory=per_task * size):
         pass

@@ -39,7 +39,7 @@ def _compress(source: str, store: str):
     from pipeline.runners.ray_runner import RayRunner
 
     runner = RayRunner()
-    compress(Location(source), Store(Location(store)), runner, Options(ComponentRule(components=4), memory_budget=1))
+    compress(Location(source), Store(Location(store)), runner, Options(ComponentRule(components=4), task_memory=1))
     return runner
 
 

@@ -29,7 +29,7 @@ def _cli(*args: str) -> tuple[int, str]:
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = main([*args, "--components", "4", "--memory-budget", "1"])
+        code = main([*args, "--components", "4", "--task-memory", "1"])
     lines = [line for line in err.getvalue().splitlines() if line.startswith("lora-subspace:")]
     return code, lines[-1] if lines else ""
 

@@ -212,7 +212,7 @@ def test_messages_name_the_cli_options_and_joint_stores_read_as_info_does(runner
     assert "--replace" in err and "replace=True" not in err
 
 
-@pytest.mark.parametrize("option", ["--memory-budget", "--budget-bytes"])
+@pytest.mark.parametrize("option", ["--task-memory", "--memory-budget", "--budget-bytes"])
 @pytest.mark.parametrize("value", ["0", "0.1", "0MiB"])
 def test_sizes_of_zero_bytes_are_usage_errors(option, value, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:

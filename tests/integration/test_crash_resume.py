@@ -21,7 +21,7 @@ from pipeline.io.format import basis_file
 from pipeline.io.location import Location
 from pipeline.io.store import Store
 
-SHARDED = ["--memory-budget", "1"]  # one module per shard: 8 shards to kill a run among
+SHARDED = ["--task-memory", "1"]  # one module per shard: 8 shards to kill a run among
 
 
 class Place:

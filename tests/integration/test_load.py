@@ -40,7 +40,7 @@ def test_memory_does_not_grow_with_the_number_of_adapters(tmp_path):
     assert Store(Location(str(tmp_path / "store-3000"))).manifest()["adapters"]["ok"] == 3000
 
 
-def test_a_few_large_adapters_stay_within_the_memory_budget(tmp_path):
+def test_a_few_large_adapters_stay_within_the_task_memory(tmp_path):
     make_collection(tmp_path / "src", 4, preset="mistral7b-qkv")  # 38 MB of float32 factors each
     run = run_with_peaks(
         cli(
@@ -50,7 +50,7 @@ def test_a_few_large_adapters_stay_within_the_memory_budget(tmp_path):
             tmp_path / "store",
             "--components",
             3,
-            "--memory-budget",
+            "--task-memory",
             "32MiB",
             "--num-cpus",
             2,

@@ -36,7 +36,7 @@ def collection(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_node(runner, collection):
     assert (
-        run_cli("compress", collection / "src", "--out", collection / "single", "--components", 4, "--memory-budget", 1)
+        run_cli("compress", collection / "src", "--out", collection / "single", "--components", 4, "--task-memory", 1)
         == 0
     )
     return _snapshot(collection / "single")

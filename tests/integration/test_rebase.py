@@ -269,7 +269,7 @@ def test_chunked_compress_holds_one_chunk_at_a_time(runner, uploads, tmp_path, c
             8,
             "--chunk-size",
             8,
-            "--memory-budget",
+            "--task-memory",
             budget,
             "--json",
         )
@@ -285,7 +285,7 @@ def test_chunked_compress_holds_one_chunk_at_a_time(runner, uploads, tmp_path, c
     chunked = _true_errors(tmp_path / "store", uploads.pool, uploads.ids[:24], tmp_path / "a")
 
     assert (
-        run_cli("compress", uploads.src, "--out", tmp_path / "whole", "--components", 8, "--memory-budget", budget) == 0
+        run_cli("compress", uploads.src, "--out", tmp_path / "whole", "--components", 8, "--task-memory", budget) == 0
     )
     assert "over the" in caplog.text  # the whole collection does not fit the same budget
     whole = _true_errors(tmp_path / "whole", uploads.pool, uploads.ids[:24], tmp_path / "b")

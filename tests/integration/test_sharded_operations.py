@@ -46,7 +46,7 @@ def stores(tmp_path_factory):
     made = {}
     for name, budget in (("several", TINY), ("one", LARGE)):
         store = Store(Location(str(root / name)))
-        options = Options(ComponentRule(3), memory_budget=budget, method="flat")
+        options = Options(ComponentRule(3), task_memory=budget, method="flat")
         compress(Location(str(root / "src")), store, SerialRunner(), options)
         made[name] = store
     return root, made
@@ -104,7 +104,7 @@ def test_vlora_export_and_import_in_shards_write_what_one_shard_writes(stores, t
     budgets = {"several": 24, "one": LARGE}  # 24 bytes: one task's loadings per export batch
     for name in ("several", "one"):
         out = Location(str(tmp_path / f"vlora-{name}"))
-        export_vlora(store, "v000001", out, runners[name], options=Options(memory_budget=budgets[name]))
+        export_vlora(store, "v000001", out, runners[name], options=Options(task_memory=budgets[name]))
     files = sorted(p.name for p in (tmp_path / "vlora-one").iterdir())
     assert len(files) == 10 + 2
     for name in files:
@@ -117,7 +117,7 @@ def test_vlora_export_and_import_in_shards_write_what_one_shard_writes(stores, t
     for name, budget in (("several", TINY), ("one", LARGE)):
         target = Store(Location(str(tmp_path / f"imported-{name}")))
         runner = Recording()
-        import_vlora(Location(str(tmp_path / "vlora-one")), target, runner, options=Options(memory_budget=budget))
+        import_vlora(Location(str(tmp_path / "vlora-one")), target, runner, options=Options(task_memory=budget))
         imported[name] = (target, runner.of(ImportTask))
         _verified(target)
     (several, tasks), (one, single) = imported["several"], imported["one"]

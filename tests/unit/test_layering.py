@@ -15,7 +15,7 @@ LAYERS = [
     ("io", {"io"}),
     ("flow", {"flow"}),
     ("operations", {"operations"}),
-    ("entry", {"cli", "jobspec", "subspace", "adapter", "synthetic", "benchmark"}),
+    ("entry", {"cli", "commands", "jobspec", "subspace", "adapter", "synthetic", "benchmark"}),
 ]
 RANK = {top: i for i, (_, tops) in enumerate(LAYERS) for top in tops}
 

@@ -21,7 +21,7 @@ def test_small_collections_still_spread_over_the_workers():
 
 
 def test_a_module_over_budget_gets_a_shard_of_its_own():
-    shards = plan_shards({"big": 10**6, "small": 10}, 100, budget_bytes=1000, parallelism=1)
+    shards = plan_shards({"big": 10**6, "small": 10}, 100, task_memory=1000, parallelism=1)
     assert [s.modules for s in shards] == [("big",), ("small",)]
 
 
