@@ -10,7 +10,7 @@ import pytest
 from pipeline.synthetic import PRESETS
 
 
-def _benchmark(tmp_path, *settings, env=None):
+def _benchmark(tmp_path, *settings, env=None, timeout=600):
     out = tmp_path / "figures.json"
     # The trained step has its own test (a model built from a config): off unless asked for.
     sets = [
@@ -35,7 +35,7 @@ def _benchmark(tmp_path, *settings, env=None):
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         env=env,
     )
     return done, (json.loads(out.read_text()) if out.exists() else None)
@@ -147,6 +147,7 @@ def test_trained_step_on_a_model_built_from_a_config(tmp_path):
         "rebase=false",
         "quantize=false",
         "library=false",
+        timeout=1200,  # a hang guard: five configurations, each compressed, exported and scored
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     t = f["trained"]
