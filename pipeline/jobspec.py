@@ -108,7 +108,6 @@ JOBS: dict[str, dict[str, Field]] = {
         "trained": Field(int),
         "trained_model": Field(str),
         "trained_steps": Field(int),
-        "trained_ratio": Field((int, float)),
         "workdir": Field(str),
         "endpoint_url": Field(str),
         "out": Field(str),

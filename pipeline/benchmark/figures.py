@@ -3,7 +3,7 @@ and the table printed at the end of a run. Pure functions of the figures dict ru
 
 from __future__ import annotations
 
-from pipeline.benchmark import methods
+from pipeline.benchmark import methods, retention
 
 BF16_EPS = 2.0**-8  # "equal within bf16 rounding": errors agree to bf16's relative precision
 
@@ -76,17 +76,32 @@ def _methods_figures(f: dict) -> tuple[dict, list[dict]]:
 
 
 def _trained_figures(f: dict) -> tuple[dict, list[dict]]:
-    trained = f.get("trained", {})
-    if "auto" not in trained:
-        return {}, []
-    ratio = trained["auto"]["error"] / max(trained["flat"]["error"], 1e-12)
-    target = _target(
-        "peft-trained adapters, mixed init seeds: auto's delta-W error at most half the flat method's at equal bytes",
-        ratio,
-        "<=",
-        0.5,
-    )
-    return {"trained_auto_error_over_flat": ratio}, [target]
+    rows = {row["name"]: row for row in f.get("trained", {}).get("rows", []) if "refused" not in row}
+    auto, flat = rows.get(retention.HEADLINE_ROW), rows.get(retention.FLAT_ROW)
+    ratios, targets = {}, []
+    if auto and flat:
+        ratios["trained_auto_error_over_flat"] = auto["error"]["mean"] / max(flat["error"]["mean"], 1e-12)
+        targets.append(
+            _target(
+                f"peft-trained adapters, mixed init seeds: auto's delta-W error at most half the flat method's "
+                f"at equal bytes ({retention.HEADLINE_ROW})",
+                ratios["trained_auto_error_over_flat"],
+                "<=",
+                0.5,
+            )
+        )
+    if auto:
+        ratios["trained_min_retention"] = auto["retention"]["min"]
+        targets.append(
+            _target(
+                f"peft-trained adapters, {retention.HEADLINE_ROW}: every adapter keeps at least "
+                f"{retention.KEEP:g} of its test accuracy (minimum retention)",
+                auto["retention"]["min"],
+                ">=",
+                retention.KEEP,
+            )
+        )
+    return ratios, targets
 
 
 def _vlora_figures(f: dict) -> tuple[dict, list[dict]]:
@@ -219,21 +234,45 @@ def _methods_rows(f: dict) -> list[str]:
 
 def _trained_rows(f: dict) -> list[str]:
     trained = f.get("trained", {})
-    if "auto" not in trained:
+    if "rows" not in trained:
         return []
     lines = [
-        f"peft-trained adapters ({trained['adapters']}, half one init seed), "
-        f"at 1/{trained['ratio']} of their bytes; "
-        f"test accuracy of the originals {trained['original']['accuracy']:.3f}"
+        f"peft-trained adapters ({trained['adapters']}, {len(trained['families'])} task families, half one init "
+        f"seed); test accuracy of the originals {trained['original']['accuracy']:.3f}; "
+        "retention = exported accuracy / original's"
     ]
-    for method in ("flat", "auto"):
-        t = trained[method]
+    for row in trained["rows"]:
+        lines += _trained_row(row)
+    bound = trained["error_bound"]
+    lines.append(
+        f"  every adapter kept >= {bound['keep']:g} up to delta-W error {_maybe(bound['largest_error_all_kept'])}; "
+        f"smallest at which one did not: {_maybe(bound['smallest_error_not_kept'])} ({bound['pairs']} pairs)"
+    )
+    return lines
+
+
+def _trained_row(row: dict) -> list[str]:
+    if "refused" in row:
+        return [f"  {row['name']:24} refused: {row['refused']}"]
+    kept = row["retention"]
+    lines = [
+        f"  {row['name']:24} {row['store_bytes']:>11,} B, ratio {row['ratio_reached']:.2f}, delta-W error "
+        f"{row['error']['mean']:.4f} (max {row['error']['max']:.4f}), retention {kept['mean']:.3f} "
+        f"(min {kept['min']:.3f}, {kept['worst']}), modules {row['methods']}"
+    ]
+    if "projected" in row:
+        before, after = row["projected"]["before_rebase"], row["projected"]["after_rebase"]
         lines.append(
-            f"  {method:5} delta-W error {t['error']:.4f} (seed 0 {t['error_seed0']:.4f}, "
-            f"own seeds {t['error_own_seed']:.4f}), "
-            f"accuracy {t['accuracy']:.3f} (largest drop {t['accuracy_drop_max']:.3f}), modules {t['methods']}"
+            f"    {row['held_out']} projected: retention {before['mean']:.3f} (min {before['min']:.3f}) before rebase, "
+            f"{after['mean']:.3f} (min {after['min']:.3f}) after; all after rebase "
+            f"{row['after_rebase']['retention']['mean']:.3f} (min {row['after_rebase']['retention']['min']:.3f}), "
+            f"{row['after_rebase']['store_bytes']:,} B"
         )
     return lines
+
+
+def _maybe(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4f}"
 
 
 def _library_rows(f: dict) -> list[str]:

