@@ -22,6 +22,11 @@ RUNNERS = ("auto", "local", "ray")
 # would cost more than its worker processes gain on such a stage.
 LOCAL_ADAPTERS = 256
 LOCAL_BYTES = 512 << 20
+# Lost workers and transient storage faults (resets, timeouts, throttling: the OSErrors left after
+# s3fs's own retries) are retried, in-process as on Ray; a bug, bad input or a permanent storage
+# error is not.
+MAX_RETRIES = 3
+PERMANENT = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 class Runner(Protocol):
@@ -62,15 +67,28 @@ class LocalRunner:
 
     def map_unordered(self, fn, items, *, num_cpus=1, use_gpu=False, memory=None):
         if memory or self.threads == 1 or len(items) < 2:
-            yield from SerialRunner().map_unordered(fn, items)
+            for index, item in enumerate(items):
+                yield index, with_retries(fn, item)
             return
         pool = ThreadPoolExecutor(min(self.threads, len(items)))
         try:
-            futures = {pool.submit(fn, item): index for index, item in enumerate(items)}
+            futures = {pool.submit(with_retries, fn, item): index for index, item in enumerate(items)}
             for future in as_completed(futures):
                 yield futures[future], future.result()
         finally:
             pool.shutdown(cancel_futures=True)  # a failed task: the others not started never start
+
+
+def with_retries(fn: Callable[[Any], Any], item: Any) -> Any:
+    """fn(item), again after a transient OSError, up to MAX_RETRIES times (as a Ray task is)."""
+    for attempt in range(MAX_RETRIES):
+        try:
+            return fn(item)
+        except PERMANENT:
+            raise
+        except OSError as exc:
+            log.warning("%s: %s; retrying (%d of %d)", fn.__name__, exc, attempt + 1, MAX_RETRIES)
+    return fn(item)
 
 
 def local_cpus() -> int:

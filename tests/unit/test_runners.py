@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.commands import Cluster
 from pipeline.errors import PipelineError
-from pipeline.runners import LOCAL_ADAPTERS, LOCAL_BYTES, LocalRunner, RunnerChoice, for_work
+from pipeline.runners import LOCAL_ADAPTERS, LOCAL_BYTES, MAX_RETRIES, LocalRunner, RunnerChoice, for_work
 
 
 def test_tasks_without_a_memory_bound_run_on_threads():
@@ -77,3 +77,26 @@ def test_an_address_makes_auto_ray(monkeypatch):
         Cluster(address="head:6379", runner="local")
     with pytest.raises(PipelineError, match="--runner must be one of auto, local, ray"):
         Cluster(runner="threads")
+
+
+@pytest.mark.parametrize("memory", [None, 1 << 20])
+def test_transient_storage_errors_are_retried_as_on_ray_and_permanent_ones_are_not(memory):
+    calls: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def flaky(item):
+        with lock:
+            calls[item] = calls.get(item, 0) + 1
+            attempt = calls[item]
+        if item == 0 and attempt <= MAX_RETRIES:
+            raise ConnectionResetError("connection reset by peer")
+        if item == 1:
+            raise PermissionError("access denied")
+        return item
+
+    runner = LocalRunner(num_cpus=2)
+    assert list(runner.map_unordered(flaky, [0], memory=memory)) == [(0, 0)]
+    assert calls[0] == MAX_RETRIES + 1  # the first try and MAX_RETRIES more, as Ray's max_retries
+    with pytest.raises(PermissionError):
+        list(runner.map_unordered(flaky, [1, 2], memory=memory))
+    assert calls[1] == 1
