@@ -12,6 +12,7 @@ from pipeline import __version__, commands, config
 from pipeline.config import ComponentRule, Options, cli_flag, raise_problems, step_problems
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location, printable, redact
+from pipeline.runners import LOCAL_ADAPTERS, LOCAL_BYTES, RUNNERS
 
 log = logging.getLogger("lora-subspace")
 SHOWN_ERRORS = 20  # per-adapter errors printed after project or rebase, worst first
@@ -106,6 +107,14 @@ def _shared_options() -> tuple[argparse.ArgumentParser, ...]:
     ray_options = argparse.ArgumentParser(add_help=False)
     ray_options.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     ray_options.add_argument("--num-cpus", type=_positive, help="CPUs of the embedded local Ray (default: all)")
+    ray_options.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="auto",
+        help=f"auto (default): without --address or RAY_ADDRESS, project, rebase and export stages of at most "
+        f"{LOCAL_ADAPTERS} adapters and {LOCAL_BYTES >> 20} MiB run in-process, without starting Ray; "
+        "local: everything in-process; ray: everything on Ray",
+    )
     writing = argparse.ArgumentParser(add_help=False)
     writing.add_argument(
         "--task-memory",
@@ -363,7 +372,7 @@ def _ray(args, *locations: Location):
 
 
 def _cluster(args) -> commands.Cluster:
-    return commands.Cluster(args.address, args.num_cpus, quiet=args.log_format == "json")
+    return commands.Cluster(args.address, args.num_cpus, quiet=args.log_format == "json", runner=args.runner)
 
 
 def options_from_args(args) -> Options:

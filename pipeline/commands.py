@@ -6,23 +6,39 @@ so that `lora-subspace --help` stays fast."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from pipeline.config import Operation, Options
+from pipeline.errors import PipelineError
 from pipeline.io.location import Location
+from pipeline.runners import RUNNERS
 
 log = logging.getLogger("lora-subspace")
-EXPORT_BATCH = 16
 
 
 @dataclass(frozen=True)
 class Cluster:
     """Where compute tasks run: a Ray cluster to join (default RAY_ADDRESS, else an embedded
-    local Ray with `num_cpus`), quiet under JSON logs (no progress bar of Ray's)."""
+    local Ray with `num_cpus`), quiet under JSON logs (no progress bar of Ray's). `runner`:
+    "auto" runs small stages in-process and the rest on Ray, unless an address is given (Ray
+    for all); "local" runs everything in-process; "ray" everything on Ray."""
 
     address: str | None = None
     num_cpus: int | None = None
     quiet: bool = False
+    runner: str = "auto"
+
+    def __post_init__(self):
+        if self.runner not in RUNNERS:
+            raise PipelineError(f"--runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
+        if self.runner == "local" and self.address:
+            raise PipelineError("--runner local runs in-process: it joins no cluster (--address)")
+
+    def mode(self) -> str:
+        """The runner mode: an address (--address or RAY_ADDRESS) makes "auto" Ray's."""
+        joins = self.address or os.environ.get("RAY_ADDRESS")
+        return "ray" if self.runner == "auto" and joins else self.runner
 
 
 def store_at(uri: str, endpoint_url: str | None):
@@ -32,10 +48,10 @@ def store_at(uri: str, endpoint_url: str | None):
 
 
 def runner(cluster: Cluster, *locations: Location):
-    """A runner that joins or starts Ray on its first task, so that input checks before it fail in
-    a moment, not after Ray's start; on start, it checks that its tasks will find the local paths
-    among `locations`."""
-    from pipeline.runners import LazyRunner
+    """In-process or Ray per stage (pipeline.runners.RunnerChoice), Ray joined or started on its
+    first task, so that input checks before it fail in a moment, not after Ray's start; on
+    start, it checks that its tasks will find the local paths among `locations`."""
+    from pipeline.runners import RunnerChoice
 
     def start():
         from pipeline.runners.ray_runner import RayRunner
@@ -46,7 +62,7 @@ def runner(cluster: Cluster, *locations: Location):
             log.info("Ray dashboard: %s", ray.dashboard_url)
         return ray
 
-    return LazyRunner(start)
+    return RunnerChoice(start, cluster.mode(), cluster.num_cpus)
 
 
 def compress_collection(
@@ -113,16 +129,12 @@ def export_adapters(
     endpoint_url: str | None = None,
 ) -> dict:
     """Rebuild adapters as PEFT folders: `task_ids`, or every adapter when None."""
-    from pipeline.operations.export import export_batch, plan_export
+    from pipeline.operations.export import export_all, plan_export
 
     source = store_at(store, endpoint_url)
     version = source.require_version(version)
     where = Location(out, endpoint_url)
     # Every check (ids, targets, out writable) before Ray starts or anything is written.
-    tasks = plan_export(source, version, task_ids, where, overwrite, EXPORT_BATCH)
-    if task_ids is not None and len(task_ids) == 1:
-        written = export_batch(tasks[0])
-    else:
-        batches = runner(cluster, source.location, where).map_unordered(export_batch, tasks)
-        written = [w for _, ws in batches for w in ws]
+    plan = plan_export(source, version, task_ids, where, overwrite)
+    written = export_all(source, plan, runner(cluster, source.location, where))
     return {"version": version, "exported": len(written), "out": str(where)}

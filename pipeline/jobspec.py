@@ -25,6 +25,7 @@ from pipeline.config import ComponentRule, Options, parse_size, step_problems
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location
 from pipeline.io.store import Store
+from pipeline.runners import RUNNERS
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ _COMMON = {
     "endpoint_url": Field(str),
     "address": Field(str),
     "num_cpus": Field(int, least=1),
+    "runner": Field(str, choices=RUNNERS),  # auto, local or ray: as --runner
     "log_format": Field(str, choices=("text", "json")),
     "report": Field(bool),  # write STORE/reports/<version>.html after the run (default true)
 }
@@ -150,6 +152,8 @@ def validate(job: str, config: dict[str, Any], where: str) -> None:
     usable = {k: v for k, v in config.items() if k not in bad}
     if job == "export" and bool(usable.get("all")) == bool(usable.get("task_ids")):
         problems.append("the export job needs task_ids or all: true (not both)")
+    if usable.get("runner") == "local" and usable.get("address"):
+        problems.append("'runner': local runs in-process: it joins no cluster ('address')")
     if job in ("compress", "rebase"):
         problems += _run_problems(job, usable)
     if problems:
@@ -224,7 +228,12 @@ def options(job: str, config: dict[str, Any]) -> Options:
 
 def run(job: str, config: dict[str, Any]) -> dict:
     """What the job's command answers, from a validated config: the same function the CLI runs."""
-    cluster = commands.Cluster(config.get("address"), config.get("num_cpus"), config.get("log_format") == "json")
+    cluster = commands.Cluster(
+        config.get("address"),
+        config.get("num_cpus"),
+        config.get("log_format") == "json",
+        config.get("runner") or "auto",
+    )
     endpoint_url = config.get("endpoint_url")
     if job == "compress":
         summaries = commands.compress_collection(

@@ -1,7 +1,9 @@
 """Export: rebuild adapters from the store as PEFT folders that peft, vLLM, LoRAX and TGI load.
 
-Reads the version's basis objects once per batch and only the batch's rows of the loadings and
-catalog tables. Each adapter keeps its original config file and dtype.
+Several adapters are written in batches (`export_all`): each batch task reads the version's
+basis objects once and only its adapters' rows of the loadings and catalog tables, and writes
+its folders on a few threads. A small export runs in-process, a large one on Ray
+(pipeline.runners.for_work). Each adapter keeps its original config file and dtype.
 
 Everything that can be checked is checked before any adapter is rebuilt (`plan_export`): the
 ids against the catalog, the ids that become folder names against the safe-path rule, the target
@@ -11,8 +13,12 @@ folders for files already there, and that --out can be written.
 from __future__ import annotations
 
 import json
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
 import torch
 from safetensors.torch import save as save_safetensors
 
@@ -25,8 +31,13 @@ from pipeline.io.store import Store
 from pipeline.io.targets import check_writable, holding_files
 from pipeline.linalg.decompose import reconstruct
 from pipeline.linalg.gauge import cut_rank, joint_rebuild
+from pipeline.runners import Runner, for_work
 
 SHOWN_IDS = 10  # ids named in one error line
+# Adapters per batch task: about two tasks per CPU (each reads the basis once), within bounds
+# that keep a task's loadings small and its count of basis reads low.
+BATCH_LEAST, BATCH_MOST, BATCHES_PER_CPU = 16, 256, 2
+WRITE_THREADS = 4  # folders of a batch serialized and written at once: writes wait on storage
 
 
 @dataclass
@@ -43,11 +54,10 @@ def plan_export(
     task_ids: list[str] | None,
     out: Location,
     overwrite: bool = False,
-    batch: int = 16,
-) -> list[ExportTask]:
-    """The batches that export `task_ids` (None: every adapter compressed) of `version` to `out`,
-    after every check, so a refused export writes nothing. One id is written to `out` itself,
-    several to out/<task_id>/. Without `overwrite`, targets that already hold files are refused."""
+) -> ExportTask:
+    """What exports `task_ids` (None: every adapter compressed) of `version` to `out`, after every
+    check, so a refused export writes nothing. One id is written to `out` itself, several to
+    out/<task_id>/. Without `overwrite`, targets that already hold files are refused."""
     ids = select(store, version, task_ids)
     if task_ids is not None and len(task_ids) == 1:
         targets = [""]
@@ -74,11 +84,30 @@ def plan_export(
                 "nothing was written (--overwrite writes over them)"
             )
     if targets == [""]:
-        return [ExportTask(store.location, version, ids, [out])]  # written in-process: a storage error is one line
+        return ExportTask(store.location, version, ids, [out])
     check_writable(out)  # before fanning out, not in every task
+    return ExportTask(store.location, version, ids, [out.child(t) for t in ids])
+
+
+def export_all(store: Store, plan: ExportTask, runner: Runner) -> list[str]:
+    """Write the plan's adapters; returns the folders written. One adapter is written here (a
+    storage error is one line); several in batches on `runner`, in-process when they are few
+    and small (pipeline.runners.for_work: their rebuilt float32 factors are the bytes counted)."""
+    if len(plan.task_ids) == 1:
+        return export_batch(plan)
+    modules = store.manifest(plan.version)["modules"].values()
+    per_adapter = 4 * sum(math.prod(e["a_shape"]) + math.prod(e["b_shape"]) for e in modules)
+    run = for_work(runner, len(plan.task_ids), per_adapter * len(plan.task_ids))
+    batches = export_batches(plan, run.num_cpus)
+    return [w for _, written in run.map_unordered(export_batch, batches) for w in written]
+
+
+def export_batches(plan: ExportTask, parallelism: int) -> list[ExportTask]:
+    """The plan's adapters in consecutive batches, about BATCHES_PER_CPU per CPU."""
+    ids, outs = plan.task_ids, plan.outs
+    size = min(BATCH_MOST, max(BATCH_LEAST, math.ceil(len(ids) / (BATCHES_PER_CPU * max(parallelism, 1)))))
     return [
-        ExportTask(store.location, version, ids[i : i + batch], [out.child(t) for t in ids[i : i + batch]])
-        for i in range(0, len(ids), batch)
+        ExportTask(plan.store, plan.version, ids[i : i + size], outs[i : i + size]) for i in range(0, len(ids), size)
     ]
 
 
@@ -117,24 +146,41 @@ def export_batch(task: ExportTask) -> list[str]:
             raise PipelineError(f"no adapter {task_id!r} in {store} version {task.version}")
         if row["status"] != "ok":
             raise PipelineError(f"adapter {task_id!r} was quarantined, not compressed: {row['reason']}")
-    rows = store.read_table(task.version, LOADINGS, task.task_ids, columns=["task_id", "module", "a", "b"]).to_pylist()
-    loadings: dict[str, dict[str, tuple[list, list]]] = {}
-    for row in rows:
-        loadings.setdefault(row["task_id"], {})[row["module"]] = (row["a"], row["b"])
+    loadings = batch_loadings(store, task)
     basis: dict[str, torch.Tensor] = {}
     for path in sorted({entry["basis"] for entry in manifest["modules"].values()}):
         basis.update(store.read_basis(path, manifest["files"][path]))
-    written = []
-    for task_id, out in zip(task.task_ids, task.outs):
-        ranks = adapter_ranks(catalog[task_id], manifest["modules"])
-        weights = rebuild(manifest["modules"], basis, loadings[task_id], DTYPES[catalog[task_id]["dtype"]], ranks)
-        config = catalog[task_id]["config_json"] or json.dumps(
-            peft_format.minimal_config(ranks, manifest.get("base_model")),
-            indent=2,
-        )
-        write_peft_folder(out, weights, config)
-        written.append(str(out))
-    return written
+    with ThreadPoolExecutor(WRITE_THREADS) as writers:
+        pending = []
+        for task_id, out in zip(task.task_ids, task.outs):
+            ranks = adapter_ranks(catalog[task_id], manifest["modules"])
+            weights = rebuild(manifest["modules"], basis, loadings[task_id], DTYPES[catalog[task_id]["dtype"]], ranks)
+            config = catalog[task_id]["config_json"] or json.dumps(
+                peft_format.minimal_config(ranks, manifest.get("base_model")),
+                indent=2,
+            )
+            pending.append(writers.submit(write_peft_folder, out, weights, config))
+        for done in pending:
+            done.result()  # a failed write is the batch's error
+    return [str(out) for out in task.outs]
+
+
+def batch_loadings(store: Store, task: ExportTask) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The batch's rows of the loadings table, read once: task id -> module -> (a, b), as float32
+    arrays sliced from the columns (no Python float per value)."""
+    table = store.read_table(task.version, LOADINGS, task.task_ids, columns=["task_id", "module", "a", "b"])
+    sides = {}
+    for side in ("a", "b"):
+        column = table.column(side).combine_chunks() if table.num_rows else pa.array([], pa.list_(pa.float32()))
+        if column.null_count:
+            raise PipelineError(f"{store} {task.version}: {LOADINGS} has rows without loadings ({side})")
+        offsets, values = column.offsets.to_numpy(), column.values.to_numpy(zero_copy_only=False)
+        sides[side] = [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+    loadings: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    rows = zip(table.column("task_id").to_pylist(), table.column("module").to_pylist(), sides["a"], sides["b"])
+    for task_id, module, a, b in rows:
+        loadings.setdefault(task_id, {})[module] = (a, b)
+    return loadings
 
 
 def adapter_ranks(row: dict, modules: dict[str, dict]) -> dict[str, int]:

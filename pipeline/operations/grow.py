@@ -1,7 +1,9 @@
 """Growing a store after uploads: discovery against the current catalog, then `project` (new
 adapters on the current basis), `rebase` (the incremental update absorbs them) or `rebase --full`
 (one SVD over the stored adapters, rebuilt, or read again from the source with --from-source,
-plus the new ones).
+plus the new ones). Stages run in-process when their work is small (pipeline.runners.for_work):
+listing a manifest's folders by their count, the rest by the adapters read and the parent
+version's bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pipeline.io.adapters import discover
 from pipeline.io.format import read_parameters
 from pipeline.io.location import Location
 from pipeline.io.store import Store
-from pipeline.runners import Runner
+from pipeline.peft_format import WEIGHTS_FILE
+from pipeline.runners import Runner, for_work
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,8 @@ def grow(
     wrong = [] if operation in OPERATIONS else [f"operation must be one of {', '.join(OPERATIONS)}, got {operation!r}"]
     raise_problems(wrong + step_problems(chunk_size, full, from_source))
     store.require_version()  # a missing store fails before the source is listed
-    refs = with_files(discover(source), runner)
+    found = discover(source)
+    refs = with_files(found, for_work(runner, len(found)))
     if dry_run:
         catalog = stored_catalog(store, store.require_version())
         return {"diff": diff(with_digests(refs, catalog, runner), catalog).to_dict(), "versions": []}
@@ -62,6 +66,7 @@ def grow(
         if not to_read and not full:
             log.info("%s is up to date with %s: nothing to do", store, source)
             return {"diff": changes.to_dict(), "versions": []}
+        runner = for_work(runner, *_work(to_read, catalog if full and not from_source else [], manifest))
         status = {row["task_id"]: row["status"] for row in catalog}
         summaries: list[Summary] = []
         parts = chunks(sorted(to_read, key=lambda r: r.task_id), None if full else chunk_size)
@@ -80,3 +85,14 @@ def grow(
             manifest = store.manifest(parent)
             status = {**status, **{a.task_id: a.status for a in adapters}}
     return {"diff": changes.to_dict(), "versions": [s.to_dict() for s in summaries]}
+
+
+def _work(to_read: list, rebuilt: list[dict], manifest: dict) -> tuple[int, int]:
+    """The adapters a run reads and their bytes: the weights files of `to_read`, the stored ones
+    it rebuilds (catalog rows), and the parent version's objects (basis and loadings streamed)."""
+    read = [(ref.files or {}).get(WEIGHTS_FILE) for ref in to_read]
+    stored = [row for row in rebuilt if row["status"] == "ok"]
+    nbytes = sum(stat.size for stat in read if stat is not None and stat.size > 0)
+    nbytes += sum(row["weights_bytes"] or 0 for row in stored)
+    nbytes += sum(entry["bytes"] for entry in manifest["files"].values())
+    return len(read) + len(stored), nbytes

@@ -1,14 +1,32 @@
 """Executors: they fan work out and collect results; they know nothing of adapters.
 
-`SerialRunner` runs in-process (tests, debugging); `RayRunner` (the only module importing Ray)
-runs on a local or remote Ray cluster. Both yield `(index, result)` as results finish.
-A shared module: imports only pipeline.errors.
+`SerialRunner` runs in-process (tests, debugging); `LocalRunner` in-process on threads;
+`RayRunner` (the only module importing Ray) on a local or remote Ray cluster. All yield
+`(index, result)` as results finish. `RunnerChoice` picks in-process or Ray per stage, by the
+size of the stage's work. A shared module: imports only pipeline.errors.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+RUNNERS = ("auto", "local", "ray")
+# A stage of at most LOCAL_ADAPTERS adapters and LOCAL_BYTES of their bytes (read or written) runs
+# in-process under "auto": Ray's start-up (seconds, tens on a busy machine) and per-task overhead
+# would cost more than its worker processes gain on such a stage.
+LOCAL_ADAPTERS = 256
+LOCAL_BYTES = 512 << 20
+# Lost workers and transient storage faults (resets, timeouts, throttling: the OSErrors left after
+# s3fs's own retries) are retried, in-process as on Ray; a bug, bad input or a permanent storage
+# error is not.
+MAX_RETRIES = 3
+PERMANENT = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 class Runner(Protocol):
@@ -33,6 +51,49 @@ class SerialRunner:
     def map_unordered(self, fn, items, *, num_cpus=1, use_gpu=False, memory=None):
         for index, item in enumerate(items):
             yield index, fn(item)
+
+
+class LocalRunner:
+    """In-process, without Ray. Tasks that declare a memory bound (compute shards, each planned
+    within --task-memory) run one at a time, so the process holds one task's memory as a Ray
+    worker would; the others (listings, reads, exports: mostly waiting on storage) on `threads`
+    threads. `num_cpus` is what an embedded Ray would have, so the plan (its shards) is the same."""
+
+    has_gpus = False
+
+    def __init__(self, num_cpus: int | None = None, threads: int | None = None):
+        self.num_cpus = num_cpus or local_cpus()
+        self.threads = threads or self.num_cpus
+
+    def map_unordered(self, fn, items, *, num_cpus=1, use_gpu=False, memory=None):
+        if memory or self.threads == 1 or len(items) < 2:
+            for index, item in enumerate(items):
+                yield index, with_retries(fn, item)
+            return
+        pool = ThreadPoolExecutor(min(self.threads, len(items)))
+        try:
+            futures = {pool.submit(with_retries, fn, item): index for index, item in enumerate(items)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            pool.shutdown(cancel_futures=True)  # a failed task: the others not started never start
+
+
+def with_retries(fn: Callable[[Any], Any], item: Any) -> Any:
+    """fn(item), again after a transient OSError, up to MAX_RETRIES times (as a Ray task is)."""
+    for attempt in range(MAX_RETRIES):
+        try:
+            return fn(item)
+        except PERMANENT:
+            raise
+        except OSError as exc:
+            log.warning("%s: %s; retrying (%d of %d)", fn.__name__, exc, attempt + 1, MAX_RETRIES)
+    return fn(item)
+
+
+def local_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class LazyRunner:
@@ -61,3 +122,45 @@ class LazyRunner:
         if not items:
             return iter(())
         return self.runner.map_unordered(fn, items, **options)
+
+
+class RunnerChoice:
+    """In-process or Ray, per stage of a command. `mode` "local" or "ray" forces one; "auto" runs
+    in-process the stages that say their work is small (`for_work`) and on Ray the others. Ray is
+    made (started or joined) once, on the first task that needs it."""
+
+    def __init__(self, make_ray: Callable[[], Runner], mode: str = "auto", num_cpus: int | None = None):
+        if mode not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {mode!r}")
+        self.mode = mode
+        self.ray = LazyRunner(make_ray)
+        self.local = LocalRunner(num_cpus)
+
+    def for_work(self, adapters: int, nbytes: int = 0) -> Runner:
+        small = adapters <= LOCAL_ADAPTERS and nbytes <= LOCAL_BYTES
+        if self.mode == "local" or (self.mode == "auto" and small):
+            log.debug("in-process: %d adapter(s), %d bytes", adapters, nbytes)
+            return self.local
+        return self.ray
+
+    @property
+    def default(self) -> Runner:
+        """The runner of stages that do not size their work: Ray, unless forced in-process."""
+        return self.local if self.mode == "local" else self.ray
+
+    @property
+    def has_gpus(self) -> bool:
+        return self.default.has_gpus
+
+    @property
+    def num_cpus(self) -> int:
+        return self.default.num_cpus
+
+    def map_unordered(self, fn, items, **options):
+        return self.default.map_unordered(fn, items, **options)
+
+
+def for_work(runner: Runner, adapters: int, nbytes: int = 0) -> Runner:
+    """The runner of a stage of `adapters` adapters and `nbytes` of their bytes: a RunnerChoice
+    picks one; any other runner runs every stage itself."""
+    return runner.for_work(adapters, nbytes) if isinstance(runner, RunnerChoice) else runner

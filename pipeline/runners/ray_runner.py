@@ -11,13 +11,10 @@ import ray
 from ray.exceptions import RayTaskError
 
 from pipeline.errors import PipelineError
+from pipeline.runners import MAX_RETRIES, PERMANENT
 
 log = logging.getLogger(__name__)
 
-# Lost workers and transient storage faults (resets, timeouts, throttling: the OSErrors left after
-# s3fs's own retries) are retried; a bug, bad input or a permanent storage error is not.
-MAX_RETRIES = 3
-PERMANENT = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
 # Local folders that every node of the cluster mounts at the same path (os.pathsep-separated).
 SHARED_PATHS_ENV = "LORA_SUBSPACE_SHARED_PATHS"
 
