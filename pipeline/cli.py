@@ -9,7 +9,7 @@ import sys
 import traceback
 
 from pipeline import __version__, commands, config
-from pipeline.config import ComponentRule, Options, cli_flag, raise_problems, step_problems
+from pipeline.config import ComponentRule, Options, cli_flag, parse_max_error, raise_problems, step_problems
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location, printable, redact
 
@@ -44,6 +44,16 @@ def _positive(text: str) -> int:
     value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _max_error(text: str) -> float:
+    try:
+        value = parse_max_error(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or none: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
     return value
 
 
@@ -123,6 +133,13 @@ def _shared_options() -> tuple[argparse.ArgumentParser, ...]:
         help=argparse.SUPPRESS,
     )
     writing.add_argument("--strict", action="store_true", help="fail on any quarantined adapter")
+    writing.add_argument(
+        "--max-error",
+        type=_max_error,
+        metavar="E",
+        help="bound on every stored adapter module's relative delta-W error, as exported: modules the shared "
+        "bases miss get residual factors of their own; none: no bound (project and rebase default to the store's)",
+    )
     return common, ray_options, writing
 
 
@@ -170,11 +187,8 @@ def _add_grow(sub, parents: list[argparse.ArgumentParser], writing: argparse.Arg
     grow.add_argument("store", help="store URI (path, file:// or s3://)")
     grow.add_argument("source", help="the collection, as given to compress: new and changed adapters are found in it")
     grow.add_argument("--dry-run", action="store_true", help="print what would change and write nothing")
-    p = sub.add_parser(
+    sub.add_parser(
         "project", parents=[*parents, grow, writing], help="add new adapters on the current basis (basis unchanged)"
-    )
-    p.add_argument(
-        "--max-error", type=float, help="flag new adapters above this delta-W error (default: twice the store's p95)"
     )
     r = sub.add_parser("rebase", parents=[*parents, grow, writing], help="absorb new adapters into the basis")
     r.add_argument(

@@ -44,6 +44,8 @@ from pipeline.io.format import (
     LOADINGS,
     LOADINGS_KEYS,
     LOADINGS_SCHEMA,
+    RESIDUALS,
+    RESIDUALS_SCHEMA,
     basis_file,
     basis_tensors,
     done_file,
@@ -53,6 +55,8 @@ from pipeline.io.format import (
     loadings_rows,
     read_decomposition,
     read_joint,
+    residual_staging_file,
+    residual_table,
     staging_file,
     version_path,
 )
@@ -143,6 +147,29 @@ def _write_shard(store: Store, ctx: Context, outcomes: list[Outcome], result: Sh
         streams.append(_moved_parent_rows(store, ctx, outcomes, result))
     where = store.version_location(task.version)
     write_tables(where, staging_file(task.shard.name), merge_sorted(streams, LOADINGS_KEYS), LOADINGS_SCHEMA)
+    _write_residuals(store, ctx, outcomes, result)
+
+
+def _write_residuals(store: Store, ctx: Context, outcomes: list[Outcome], result: ShardResult) -> None:
+    """The shard's residuals, staged when there are any: the new adapters', and the parent's of
+    adapters this version keeps (project: their rows do not move)."""
+    task = ctx.task
+    tables = [residual_table([r for o in outcomes for r in o.residuals])]
+    if task.parent and task.parent.residuals and task.mode == "project":
+        tables.append(_parent_residuals(store, task))
+    table = pa.concat_tables(tables).sort_by([(k, "ascending") for k in LOADINGS_KEYS])
+    result.residual_rows = table.num_rows
+    if table.num_rows:
+        where = store.version_location(task.version)
+        write_tables(where, residual_staging_file(task.shard.name), [table], RESIDUALS_SCHEMA)
+
+
+def _parent_residuals(store: Store, task: ShardTask) -> pa.Table:
+    """The parent's residuals of the shard's modules, without the adapters the new version replaces."""
+    modules = pa.array(task.shard.modules, pa.string())
+    batches = without(read_batches(store.location, task.parent.residuals), set(task.parent.drop))
+    tables = [pa.Table.from_batches([b.filter(pc.is_in(b.column("module"), value_set=modules))]) for b in batches]
+    return pa.concat_tables(tables) if tables else RESIDUALS_SCHEMA.empty_table()
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -346,7 +373,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     floats = floats_per_adapter(change, good, shapes, rows, options)
     shards = version_shards(change, shapes, rows, options, runner.num_cpus)
     memory = _shard_memory(shards, shapes, rows, len(good), options)
-    spec = FitSpec(options.rule, options.route, options.quantize, options.method, floats)
+    spec = FitSpec(options.rule, options.route, options.quantize, options.method, floats, max_error=options.bound)
     parent = _parent(change, good)
     inputs = _digest(
         [
@@ -359,6 +386,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
             options.quantize,
             options.method,
             floats,
+            options.bound,
             [(a.task_id, a.location.uri, a.weights_bytes, a.weights_tag) for a in good],
         ]
     )
@@ -434,6 +462,7 @@ def _parent(change, good) -> Parent | None:
     if not change.parent_manifest:
         return None
     basis = {m: e["basis"] for m, e in change.parent_manifest["modules"].items()}
+    residuals = version_path(change.parent, RESIDUALS)
     checksums = {path: change.parent_manifest["files"][path] for path in set(basis.values())}
     return Parent(
         basis,
@@ -442,6 +471,7 @@ def _parent(change, good) -> Parent | None:
         frozenset(a.task_id for a in good),
         change.refit,
         change.parent_manifest["modules"],
+        residuals if residuals in change.parent_manifest["files"] else None,
     )
 
 
