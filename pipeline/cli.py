@@ -437,6 +437,15 @@ def _print_summary(s: dict) -> None:
         print(f"  quarantined {printable(task_id)}: {reason}")
     for task_id, reason in s["kept_previous"].items():
         print(f"  kept the earlier upload of {printable(task_id)}: the new one was quarantined ({reason})")
+    if s.get("residuals"):
+        shown = ", ".join(printable(t) for t in list(s["residuals"])[:5])
+        more = f" and {len(s['residuals']) - 5} more" if len(s["residuals"]) > 5 else ""
+        stored = s["residuals_stored"]
+        print(
+            f"  {len(s['residuals'])} adapter(s) read this run stored with residuals (the shared bases miss the "
+            f"error bound): {shown}{more}; the version's residuals: {stored['adapters']} adapter(s), "
+            f"{stored['modules']} module(s), {stored['bytes']:,} bytes"
+        )
     if s["flagged"]:
         worst = ", ".join(f"{printable(t)} ({e:.3f})" for t, e in list(s["flagged"].items())[:5])
         print(f"  {len(s['flagged'])} adapter(s) the basis represents badly: {worst}; run `lora-subspace rebase`")

@@ -133,6 +133,12 @@ def assemble(change, good, results, source, store, version, options, seconds) ->
         residuals=dict(sorted(residuals.read.items())),
         residuals_stored=residuals.stored(entry),
     )
+    unbounded = sum(r.unbounded for r in results)
+    if unbounded:
+        summary.notes.append(
+            f"{unbounded} stored adapter module(s) were above --max-error {options.bound:g} already and cannot be "
+            "brought within it without their files: `rebase --full --from-source` reads them"
+        )
     report = _report(summary, change, catalog, seconds, results)
     files[version_path(version, REPORT)] = store.write_object(
         version, REPORT, json.dumps(report, indent=1).encode()

@@ -117,6 +117,7 @@ class ShardResult:
     added_max: float = 0.0
     added_rows: int = 0
     residual_rows: int = 0  # rows of the staged residuals (none staged: 0)
+    unbounded: int = 0  # the parent's rows above the error bound, which could not be brought within it
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,6 +143,7 @@ class ShardResult:
             data.get("added_max", 0.0),
             data.get("added_rows", 0),
             data.get("residual_rows", 0),
+            data.get("unbounded", 0),
         )
 
 

@@ -81,21 +81,29 @@ def fit_residual(
     zero-padded past its own `rank`), its factors cast to `dtype`; the adapter's own factors
     (exact) when none of rank below `rank` does."""
     a, b = own[0].double(), own[1].double()
+    norm = _product_norm(b, a)
+    kind, ra, rb, diff = smallest_residual((a, b), written, rank, dtype, target(bound) * norm)
+    return Residual(kind, ra, rb, shared_error, diff / norm if norm > 0 else diff)
+
+
+def smallest_residual(own, written, rank: int, dtype: torch.dtype, goal: float):
+    """(kind, a, b, ||B A - B' A' - B_s A_s||): the residual of smallest rank s < `rank` whose
+    factors, cast to `dtype`, bring `written` within `goal` (absolute) of `own`; else `own`'s
+    first `rank` factors (kind exact), cast. Factors returned float32."""
+    a, b = own[0].double(), own[1].double()
     aw, bw = written[0].double(), written[1].double()
-    goal = target(bound)
     u, s, vh = difference_svd(a, b, aw, bw)
-    norm = float(torch.linalg.matrix_norm(b @ a))
     tail = s.flip(0).square().cumsum(0).flip(0).sqrt().tolist() + [0.0]  # tail[j]: ||R - R_j||
-    start = next(j for j, t in enumerate(tail) if t <= goal * norm)
+    start = next(j for j, t in enumerate(tail) if t <= goal)
     for j in range(max(start, 1), rank):
         root = s[:j].sqrt()
         ra = (root[:, None] * vh[:j]).to(dtype).double()
         rb = (u[:, :j] * root).to(dtype).double()
-        error = error_of(a, b, torch.cat([aw, ra]), torch.cat([bw, rb], dim=1))
-        if error <= goal:
-            return Residual("add", ra.float(), rb.float(), shared_error, error)
+        diff = _product_norm(torch.cat([b, -bw, -rb], dim=1), torch.cat([a, aw, ra]))
+        if diff <= goal:
+            return "add", ra.float(), rb.float(), diff
     ea, eb = a[:rank].to(dtype).double(), b[:, :rank].to(dtype).double()
-    return Residual("exact", ea.float(), eb.float(), shared_error, error_of(a, b, ea, eb))
+    return "exact", ea.float(), eb.float(), _product_norm(torch.cat([b, -eb], dim=1), torch.cat([a, ea]))
 
 
 def with_residual(

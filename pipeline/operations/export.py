@@ -205,6 +205,18 @@ def read_residuals(store: Store, version: str, manifest: dict, task_ids: list[st
     return found
 
 
+def refuse_residuals(store: Store, version: str, manifest: dict, why: str, instead: str) -> None:
+    """Commands that cannot keep an adapter's residuals refuse a version holding any, naming the
+    first adapters that have them."""
+    if version_path(version, RESIDUALS) not in manifest["files"]:
+        return
+    ids = sorted(set(store.read_table(version, RESIDUALS, columns=["task_id"]).column("task_id").to_pylist()))
+    raise PipelineError(
+        f"{store} {version} holds residuals (adapters the shared bases miss the error bound on: {_names(ids[:5])}"
+        f"{f' and {len(ids) - 5} more' if len(ids) > 5 else ''}): {why}; {instead}"
+    )
+
+
 def add_residuals(
     weights: dict[str, torch.Tensor], rows: dict[str, dict], modules: dict[str, dict], ranks: dict[str, int], dtype
 ) -> tuple[dict[str, torch.Tensor], int]:
