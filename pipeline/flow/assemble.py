@@ -91,9 +91,7 @@ def assemble(change, good, results, source, store, version, options, seconds) ->
     errors = _ErrorTally({a.task_id for a in good})
     files[version_path(version, LOADINGS)] = _write_loadings(store, version, results, errors)
     residuals = _ResidualTally({a.task_id for a in good})
-    entry = _write_residuals(store, version, results, residuals)
-    if entry is not None:
-        files[version_path(version, RESIDUALS)] = entry
+    entry = _write_residuals(store, version, results, residuals, files)
     # A replacement that was quarantined does not push out an earlier upload that compressed fine.
     kept_previous = {
         a.task_id: a.reason for a in change.adapters if not a.ok and change.parent_status.get(a.task_id) == "ok"
@@ -133,12 +131,7 @@ def assemble(change, good, results, source, store, version, options, seconds) ->
         residuals=dict(sorted(residuals.read.items())),
         residuals_stored=residuals.stored(entry),
     )
-    unbounded = sum(r.unbounded for r in results)
-    if unbounded:
-        summary.notes.append(
-            f"{unbounded} stored adapter module(s) were above --max-error {options.bound:g} already and cannot be "
-            "brought within it without their files: `rebase --full --from-source` reads them"
-        )
+    summary.notes += _bound_notes(results, options)
     report = _report(summary, change, catalog, seconds, results)
     files[version_path(version, REPORT)] = store.write_object(
         version, REPORT, json.dumps(report, indent=1).encode()
@@ -200,9 +193,9 @@ class _ResidualTally:
         return {"adapters": len(self.adapters), "modules": self.modules, "bytes": entry["bytes"]}
 
 
-def _write_residuals(store, version: str, results, tally: _ResidualTally) -> dict | None:
-    """The shards' staged residuals merged into the version's residuals table; None (no object)
-    when no adapter has one."""
+def _write_residuals(store, version: str, results, tally: _ResidualTally, files: dict) -> dict | None:
+    """The shards' staged residuals merged into the version's residuals table, added to `files`;
+    None (no object) when no adapter has one."""
     staged = [r for r in results if r.residual_rows]
     if not staged:
         return None
@@ -210,7 +203,19 @@ def _write_residuals(store, version: str, results, tally: _ResidualTally) -> dic
     merged = tally.tap(
         merge_sorted([read_batches(where, residual_staging_file(r.shard.name)) for r in staged], LOADINGS_KEYS)
     )
-    return write_tables(where, RESIDUALS, merged, RESIDUALS_SCHEMA).to_dict()
+    entry = files[version_path(version, RESIDUALS)] = write_tables(where, RESIDUALS, merged, RESIDUALS_SCHEMA).to_dict()
+    return entry
+
+
+def _bound_notes(results, options: Options) -> list[str]:
+    """Stored adapters a re-base could not bring within the bound (given to a store made without it)."""
+    unbounded = sum(r.unbounded for r in results)
+    if not unbounded:
+        return []
+    return [
+        f"{unbounded} stored adapter module(s) were above --max-error {options.bound:g} already and cannot be "
+        "brought within it without their files: `rebase --full --from-source` reads them"
+    ]
 
 
 def _write_catalog(store, version: str, change: Change, kept_previous: dict, catalog: _CatalogTally) -> dict:

@@ -143,3 +143,55 @@ def test_the_summary_and_info_name_adapters_given_residuals(runner, tmp_path, ca
     stored = summary["residuals_stored"]
     assert f"{stored['adapters']} adapter(s), {stored['modules']} module(s), {stored['bytes']:,} bytes" in line
     assert f"bound {BOUND:g}" in line
+
+
+def _peft_delta(model, adapter):
+    """module name -> the delta W peft applies for `adapter` (its scaling included), float64."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name: layer.get_delta_weight(adapter).to(torch.float64)
+        for name, layer in model.named_modules()
+        if isinstance(layer, LoraLayer) and adapter in layer.lora_A
+    }
+
+
+def test_peft_loads_adapters_with_residuals_at_their_widened_rank(runner, tmp_path):
+    """Residuals widen an exported adapter to r + the largest residual rank it needs (modules
+    that need less padded with zeros); alpha grows with r so that peft's scaling is unchanged,
+    with rank and alpha patterns and rsLoRA too. peft loads it and applies delta W within the bound."""
+    from conftest import peft_base_model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    configs = [
+        {},
+        {"use_rslora": True},
+        {"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"v_proj": 3}},
+        {"rank_pattern": {"q_proj": 2}, "use_rslora": True},
+        {},
+    ]
+    for index, extra in enumerate(configs):
+        torch.manual_seed(200 + index)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **extra)
+        get_peft_model(peft_base_model(), config).save_pretrained(tmp_path / "src" / f"task-{index}")
+    bound = 0.5  # random adapters share nothing: residuals of rank 1 to 3 beside one component
+    assert (
+        run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 1, "--max-error", bound) == 0
+    )
+    assert run_cli("export", tmp_path / "store", "--all", "--out", tmp_path / "out") == 0
+    rows = _residual_rows(tmp_path / "store", "v000001")
+    assert "add" in {r["kind"] for r in rows}
+    widened = 0
+    for index in range(len(configs)):
+        name = f"task-{index}"
+        model = PeftModel.from_pretrained(peft_base_model(), tmp_path / "src" / name, adapter_name="original")
+        result = model.load_adapter(tmp_path / "out" / name, adapter_name="exported")
+        assert not result.unexpected_keys
+        original, exported = _peft_delta(model, "original"), _peft_delta(model, "exported")
+        assert original.keys() == exported.keys() and len(original) == 4
+        for module, delta in original.items():
+            assert float(torch.linalg.norm(exported[module] - delta) / torch.linalg.norm(delta)) <= bound
+        extra = max([r["rank"] - 4 if r["kind"] == "exact" else r["rank"] for r in rows if r["task_id"] == name] + [0])
+        assert model.peft_config["exported"].r == 4 + extra
+        widened += extra > 0
+    assert widened
