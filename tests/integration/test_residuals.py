@@ -191,7 +191,112 @@ def test_peft_loads_adapters_with_residuals_at_their_widened_rank(runner, tmp_pa
         assert original.keys() == exported.keys() and len(original) == 4
         for module, delta in original.items():
             assert float(torch.linalg.norm(exported[module] - delta) / torch.linalg.norm(delta)) <= bound
+            layer = model.get_submodule(module)
+            assert layer.scaling["exported"] == pytest.approx(layer.scaling["original"], rel=1e-12)
         extra = max([r["rank"] - 4 if r["kind"] == "exact" else r["rank"] for r in rows if r["task_id"] == name] + [0])
         assert model.peft_config["exported"].r == 4 + extra
         widened += extra > 0
     assert widened
+
+
+def _within_bound(src, store, ids, out):
+    assert run_cli("export", store, "--all", "--out", out) == 0
+    errors = exported_errors(src, out, ids, _modules(src / ids[0]))
+    assert max(errors.values()) <= BOUND, max(errors.items(), key=lambda e: e[1])
+
+
+def test_residuals_survive_chunked_compress_rollback_and_prune(runner, tmp_path):
+    src, store = tmp_path / "src", tmp_path / "store"
+    ids = make_collection(src, 9, shared_dim=3, noise=0.1)
+    ids += make_collection(src, 3, shared_dim=3, noise=0.1, seed=7, prefix="other")
+    _mixed_ranks(src, ids, torch.bfloat16)
+    assert run_cli("compress", src, "--out", store, "--components", 3, "--max-error", BOUND, "--chunk-size", 4) == 0
+    assert run_cli("verify", store, "--all") == 0
+    _within_bound(src, store, ids, tmp_path / "chunked")
+    assert _residual_rows(store, "v000003")
+    assert run_cli("rollback", store, "v000002") == 0
+    assert json.loads((store / "LATEST").read_text()) == {"version": "v000002", "format_version": 2}
+    _within_bound(src, store, ids[:8], tmp_path / "rolled-back")
+    assert run_cli("rebase", store, src) == 0  # v000004 from v000002: the last chunk again
+    assert run_cli("prune", store, "--keep", 1) == 0
+    assert run_cli("verify", store, "--all") == 0
+    _within_bound(src, store, ids, tmp_path / "pruned")
+
+
+def test_a_rebase_drops_residuals_the_new_bases_no_longer_need(runner, tmp_path):
+    src, store = tmp_path / "src", tmp_path / "store"
+    ids = make_collection(src, 4, shared_dim=3, noise=0.01)
+    assert run_cli("compress", src, "--out", store, "--components", 6, "--max-error", BOUND) == 0
+    assert not _residual_rows(store, "v000001")
+    other = make_collection(src, 2, shared_dim=3, noise=0.01, seed=7, prefix="other")
+    assert run_cli("project", store, src) == 0  # the basis misses them: residuals
+    assert {r["task_id"] for r in _residual_rows(store, "v000002")} == set(other)
+    assert json.loads((store / "LATEST").read_text())["format_version"] == 2
+    assert run_cli("rebase", store, src) == 0  # the bases take them in (k 6 > 5 directions)
+    assert not (store / "versions/v000003/residuals.parquet").exists()
+    manifest = json.loads((store / "versions/v000003/manifest.json").read_text())
+    assert manifest["format_version"] == 1 and "residuals" not in manifest
+    assert json.loads((store / "LATEST").read_text())["format_version"] == 1
+    assert run_cli("verify", store, "--all") == 0
+    _within_bound(src, store, ids + other, tmp_path / "out")
+
+
+def test_max_error_none_writes_the_store_of_no_bound(runner, tmp_path):
+    """`--max-error none` (and no bound at all) writes the same bases and loadings as a store
+    with a bound that no module needs, and no residuals, format 1, no max_error parameter."""
+    src = tmp_path / "src"
+    make_collection(src, 6, shared_dim=3, noise=0.1)
+    for name, bound in (("plain", []), ("none", ["--max-error", "none"]), ("loose", ["--max-error", 10])):
+        assert run_cli("compress", src, "--out", tmp_path / name, "--components", 3, *bound) == 0
+    stored = {}
+    for name in ("plain", "none", "loose"):
+        version = tmp_path / name / "versions/v000001"
+        stored[name] = [(version / "loadings.parquet").read_bytes()] + [
+            p.read_bytes() for p in sorted((version / "basis").iterdir())
+        ]
+        manifest = json.loads((version / "manifest.json").read_text())
+        assert manifest["format_version"] == 1 and "residuals" not in manifest
+        assert manifest["parameters"].get("max_error") == (10 if name == "loose" else None)
+        assert not (version / "residuals.parquet").exists()
+    assert stored["plain"] == stored["none"] == stored["loose"]
+    # none on a store with a bound removes it: the next version keeps none.
+    make_collection(src, 1, shared_dim=3, noise=0.1, seed=7, prefix="other")
+    assert run_cli("project", tmp_path / "loose", src, "--max-error", "none") == 0
+    manifest = json.loads((tmp_path / "loose/versions/v000002/manifest.json").read_text())
+    assert "max_error" not in manifest["parameters"] and manifest["format_version"] == 1
+
+
+def test_the_outlier_rule_is_the_bound_even_when_the_store_errs_widely(runner, tmp_path, capsys):
+    src, store = tmp_path / "src", tmp_path / "store"
+    make_collection(src, 9, shared_dim=6, noise=0.3)
+    assert run_cli("compress", src, "--out", store, "--components", 2) == 0
+    p95 = json.loads((store / "versions/v000001/manifest.json").read_text())["error"]["p95"]
+    bound = p95 / 2  # far below the store's own errors: the percentile rule would flag none
+    make_collection(src, 3, shared_dim=6, noise=0.3, start=9)
+    capsys.readouterr()
+    assert run_cli("project", store, src, "--max-error", bound, "--json") == 0
+    summary = json.loads(capsys.readouterr().out)["versions"][0]
+    assert summary["read_errors"] and max(summary["read_errors"].values()) <= bound
+    assert summary["flagged"] and set(summary["flagged"]) == set(summary["read_errors"])
+    assert all(bound < e for e in summary["flagged"].values())
+    assert all(e < 2 * p95 for e in summary["flagged"].values())  # the percentile rule's limit
+
+
+def test_commands_that_would_lose_residuals_refuse_them(runner, tmp_path, capsys):
+    from pipeline import Subspace
+    from pipeline.errors import PipelineError
+
+    src, store = tmp_path / "src", tmp_path / "store"
+    make_collection(src, 6, shared_dim=3, noise=0.1)
+    assert run_cli("compress", src, "--out", store, "--components", 1, "--max-error", BOUND) == 0
+    first = sorted({r["task_id"] for r in _residual_rows(store, "v000001")})[0]
+    capsys.readouterr()
+    assert run_cli("quantize", store, "--bits", 8) == 1
+    assert run_cli("vlora-export", store, tmp_path / "vlora") == 1
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(line.startswith("lora-subspace: error: ") for line in errors)
+    assert "packing the components would move" in errors[0] and repr(first) in errors[0]
+    assert "vlora's layout has no place" in errors[1] and repr(first) in errors[1]
+    with pytest.raises(PipelineError, match="holds residuals .*the Python API does not hold residuals"):
+        Subspace.load(str(store))
+    assert not (tmp_path / "vlora").exists() and len(list((store / "versions").iterdir())) == 1
