@@ -29,7 +29,7 @@ from pipeline.io.store import Store
 from pipeline.io.tables import read_batches, without
 from pipeline.linalg.decompose import Decomposition, reconstruct
 from pipeline.linalg.gauge import JointBasis, cut_rank, joint_rebuild
-from pipeline.linalg.residual import _product_norm, smallest_residual, target, with_residual
+from pipeline.linalg.residual import product_norm, smallest_residual, target, with_residual
 
 # (loadings a, loadings b) of one row -> the factors export writes at (rank, dtype), float64
 Exporter = Callable[[torch.Tensor, torch.Tensor, int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
@@ -100,37 +100,55 @@ def keep_bound(
     exporters: tuple[Exporter, Exporter],
     bound: float,
     shapes,
+    estimate: torch.Tensor,
 ) -> tuple[torch.Tensor, list[dict]]:
     """(errors, residuals) of the parent's rows of one module moved to new loadings `moved`:
-    each error the triangle bound, and a residual where the shared part alone misses `bound`."""
+    each error the triangle bound, and a residual where the shared part alone misses `bound`.
+    A row above the bound already keeps what export wrote of it (its residual, as exact), or
+    without a residual gets the move's `estimate`."""
     goal = target(bound)
-    ids = rows.column("task_id").to_pylist()
     old = _matrix(rows, "a"), _matrix(rows, "b")
     errors = torch.tensor(rows.column("error").to_numpy().astype("float64"))
     norms = rows.column("norm").to_numpy().astype("float64")
     kept = []
-    for i, task_id in enumerate(ids):
-        if errors[i] > goal:
-            found.unbounded += 1
-            continue
+    for i, task_id in enumerate(rows.column("task_id").to_pylist()):
         rank, dtype = found.rank(task_id, module, shapes[0][0]), DTYPES[found.catalog[task_id]["dtype"]]
         before = exporters[0](old[0][i], old[1][i], rank, dtype)
         residual = found.residuals.get((task_id, module))
         if residual is not None:
             factors = residual_factors(residual, *shapes)
             before = with_residual(before, residual["kind"], *(f.double() for f in factors))
+        if errors[i] > goal:
+            found.unbounded += 1
+            if residual is None:
+                errors[i] = float(estimate[i])
+            else:
+                kept.append(_row(task_id, module, "exact", before, residual["shared_error"]))
+            continue
         after = exporters[1](moved[0][i], moved[1][i], rank, dtype)
         norm = max(float(norms[i]), 1e-300)
-        shift = _product_norm(torch.cat([before[1], -after[1]], dim=1), torch.cat([before[0], after[0]])) / norm
+        shift = product_norm(torch.cat([before[1], -after[1]], dim=1), torch.cat([before[0], after[0]])) / norm
         if errors[i] + shift <= goal:
             errors[i] += shift
             continue
         budget = (goal - float(errors[i])) * norm
         kind, ra, rb, diff = smallest_residual(before, after, before[0].shape[0], dtype, budget)
-        shared = float(errors[i]) + shift
-        kept.append({"task_id": task_id, "module": module, "kind": kind, "a": ra, "b": rb, "shared_error": shared})
+        kept.append(_row(task_id, module, kind, (ra, rb), float(errors[i]) + shift))
         errors[i] += diff / norm
     return errors, kept
+
+
+def _row(task_id: str, module: str, kind: str, factors, shared_error: float) -> dict:
+    """A residuals row (format.residual_table) of factors (a, b)."""
+    a, b = factors
+    return {
+        "task_id": task_id,
+        "module": module,
+        "kind": kind,
+        "a": a.float(),
+        "b": b.float(),
+        "shared_error": shared_error,
+    }
 
 
 def _matrix(rows: pa.Table, column: str) -> torch.Tensor:

@@ -172,8 +172,9 @@ def _bounded_joint(ctx: Context, found: StoredAdapters | None, outcome: Outcome,
     q, c = task.parent.modules[module]["core_rank"], parent.u.shape[1]
     moved = (loadings_matrix(outcome.moved, "a", q * c), loadings_matrix(outcome.moved, "b", q * c))
     exporters = (joint_exporter(parent, q, c), joint_exporter(fitted, q, c))
+    estimate = _column(outcome.moved, "error")
     error, extra = keep_bound(
-        found, module, ctx.joint_rows[module], moved, exporters, task.spec.max_error, task.shapes[module]
+        found, module, ctx.joint_rows[module], moved, exporters, task.spec.max_error, task.shapes[module], estimate
     )
     residuals += extra
     index = outcome.moved.schema.get_field_index("error")
@@ -341,7 +342,7 @@ def _moved_parent_rows(
                 loadings_matrix(rows, "a"), loadings_matrix(rows, "b"), error, norm
             )
             if found is not None:
-                error, extra = _bounded_flat(ctx, found, module, rows, (new_a, new_b), bases[module])
+                error, extra = _bounded_flat(ctx, found, module, rows, (new_a, new_b), bases[module], error)
                 residuals += extra
             measured = False
             if moves[module].keep:
@@ -354,13 +355,13 @@ def _moved_parent_rows(
         yield from _sorted_rows(tables)
 
 
-def _bounded_flat(ctx: Context, found: StoredAdapters, module: str, rows, moved, bases) -> tuple:
+def _bounded_flat(ctx: Context, found: StoredAdapters, module: str, rows, moved, bases, estimate) -> tuple:
     shapes = ctx.task.shapes[module]
     exporters = (
         flat_exporter(ctx.parents[module, "A"], ctx.parents[module, "B"], shapes),
         flat_exporter(bases["A"], bases["B"], shapes),
     )
-    return keep_bound(found, module, rows, moved, exporters, ctx.task.spec.max_error, shapes)
+    return keep_bound(found, module, rows, moved, exporters, ctx.task.spec.max_error, shapes, estimate)
 
 
 def _moves(ctx: Context, bases: dict, modules: list[str]) -> dict[str, Move]:

@@ -55,7 +55,7 @@ def difference_svd(a1, b1, a2, b2) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return ql @ u, s, vh @ qr_.T
 
 
-def _product_norm(left: torch.Tensor, right: torch.Tensor) -> float:
+def product_norm(left: torch.Tensor, right: torch.Tensor) -> float:
     """||left @ right||_F from the small Grams: tr(L^T L R R^T)."""
     return float(((left.T @ left) * (right @ right.T)).sum().clamp_min(0).sqrt())
 
@@ -63,8 +63,8 @@ def _product_norm(left: torch.Tensor, right: torch.Tensor) -> float:
 def error_of(a, b, a_hat, b_hat) -> float:
     """Relative delta-W error ||B A - B^ A^|| / ||B A|| of single factors of any ranks, float64."""
     a, b, a_hat, b_hat = (x.to(torch.float64) for x in (a, b, a_hat, b_hat))
-    norm = _product_norm(b, a)
-    diff = _product_norm(torch.cat([b, -b_hat], dim=1), torch.cat([a, a_hat]))
+    norm = product_norm(b, a)
+    diff = product_norm(torch.cat([b, -b_hat], dim=1), torch.cat([a, a_hat]))
     return diff / norm if norm > 0 else diff
 
 
@@ -81,7 +81,7 @@ def fit_residual(
     zero-padded past its own `rank`), its factors cast to `dtype`; the adapter's own factors
     (exact) when none of rank below `rank` does."""
     a, b = own[0].double(), own[1].double()
-    norm = _product_norm(b, a)
+    norm = product_norm(b, a)
     kind, ra, rb, diff = smallest_residual((a, b), written, rank, dtype, target(bound) * norm)
     return Residual(kind, ra, rb, shared_error, diff / norm if norm > 0 else diff)
 
@@ -99,11 +99,11 @@ def smallest_residual(own, written, rank: int, dtype: torch.dtype, goal: float):
         root = s[:j].sqrt()
         ra = (root[:, None] * vh[:j]).to(dtype).double()
         rb = (u[:, :j] * root).to(dtype).double()
-        diff = _product_norm(torch.cat([b, -bw, -rb], dim=1), torch.cat([a, aw, ra]))
+        diff = product_norm(torch.cat([b, -bw, -rb], dim=1), torch.cat([a, aw, ra]))
         if diff <= goal:
             return "add", ra.float(), rb.float(), diff
     ea, eb = a[:rank].to(dtype).double(), b[:, :rank].to(dtype).double()
-    return "exact", ea.float(), eb.float(), _product_norm(torch.cat([b, -eb], dim=1), torch.cat([a, ea]))
+    return "exact", ea.float(), eb.float(), product_norm(torch.cat([b, -eb], dim=1), torch.cat([a, ea]))
 
 
 def with_residual(

@@ -55,8 +55,17 @@ def describe(store: Store, version: str | None = None) -> dict:
         "quantization": manifest.get("quantization"),
         "max_error": manifest["parameters"].get("max_error"),
         "residuals": manifest.get("residuals"),
+        "residual_adapters": _residual_adapters(store, version, manifest),
         **_error_figures(errors),
     }
+
+
+def _residual_adapters(store: Store, version: str, manifest: dict) -> list[str]:
+    """The adapters with residuals, sorted (none without residuals.parquet)."""
+    if f"versions/{version}/{RESIDUALS}" not in manifest["files"]:
+        return []
+    ids = store.read_table(version, RESIDUALS, columns=["task_id"]).column("task_id")
+    return sorted(pc.unique(ids).to_pylist())
 
 
 def _error_figures(errors: pa.Table) -> dict:
@@ -210,7 +219,15 @@ def residuals_line(info: dict) -> str:
         f"{residuals['bytes']:,} bytes (ratio {info['compression_ratio']:.1f}x with them, "
         f"{info['original_bytes'] / without:.1f}x without); bound "
         + (f"{bound:g} on every module's delta-W error, as exported" if bound is not None else "none")
+        + _named(info.get("residual_adapters") or [])
     )
+
+
+def _named(ids: list[str]) -> str:
+    if not ids:
+        return ""
+    more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+    return f"; {', '.join(printable(t) for t in ids[:5])}{more}"
 
 
 def distribution_line(info: dict) -> str:

@@ -143,6 +143,11 @@ def test_the_summary_and_info_name_adapters_given_residuals(runner, tmp_path, ca
     stored = summary["residuals_stored"]
     assert f"{stored['adapters']} adapter(s), {stored['modules']} module(s), {stored['bytes']:,} bytes" in line
     assert f"bound {BOUND:g}" in line
+    assert run_cli("info", store, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert outliers <= set(info["residual_adapters"]) and len(info["residual_adapters"]) == stored["adapters"]
+    assert info["stored_bytes"]["residuals"] == stored["bytes"]
+    assert info["compression_ratio"] == info["original_bytes"] / info["stored_bytes"]["total"]
 
 
 def _peft_delta(model, adapter):
@@ -300,3 +305,37 @@ def test_commands_that_would_lose_residuals_refuse_them(runner, tmp_path, capsys
     with pytest.raises(PipelineError, match="holds residuals .*the Python API does not hold residuals"):
         Subspace.load(str(store))
     assert not (tmp_path / "vlora").exists() and len(list((store / "versions").iterdir())) == 1
+
+
+def test_verify_checks_every_residual_row(runner, tmp_path):
+    import hashlib
+
+    import pyarrow as pa
+
+    from pipeline.io.location import Location
+    from pipeline.io.store import Store
+    from pipeline.operations.verify import verify
+
+    src, store = tmp_path / "src", tmp_path / "store"
+    make_collection(src, 6, shared_dim=3, noise=0.1)
+    assert run_cli("compress", src, "--out", store, "--components", 1, "--max-error", BOUND) == 0
+    assert verify(Store(Location(str(store))))["failures"] == []
+    path = store / "versions/v000001/residuals.parquet"
+    rows = pq.read_table(path).to_pylist()
+    rows[0]["task_id"] = "ghost"
+    rows[1]["rank"] += 1
+    rows[2]["kind"] = "more"
+    rows[3]["a"] = [float("nan")] * len(rows[3]["a"])
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+    manifest_path = store / "versions/v000001/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    data = path.read_bytes()
+    entry = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"]["versions/v000001/residuals.parquet"] = entry
+    manifest_path.write_text(json.dumps(manifest))
+    failures = verify(Store(Location(str(store))))["failures"]
+    assert len(failures) == 5, failures  # four rows, and the counts (the ghost is one adapter more)
+    assert "'ghost'" in failures[0] and "no such compressed adapter" in failures[0]
+    assert "does not fit" in failures[1] and "kind 'more'" in failures[2] and "non-finite" in failures[3]
+    assert failures[4].startswith("residuals.parquet: counts")
+    assert run_cli("verify", store) == 1

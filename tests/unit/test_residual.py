@@ -73,3 +73,16 @@ def test_the_stored_bound_carries_over_unless_the_run_gives_one():
     assert read_parameters(stored, Options(strict=True)).max_error == 0.05
     assert read_parameters(stored, Options(max_error=0.2)).max_error == 0.2
     assert read_parameters(stored, Options(max_error=NO_BOUND)).bound is None
+
+
+def test_job_configs_take_the_bound_or_none():
+    from pipeline.errors import PipelineError
+    from pipeline.jobspec import load, options
+
+    compress = load("compress", None, ["source=a", "store=b", "components=4", "max_error=0.05"])
+    assert options("compress", compress) == Options(ComponentRule(4), max_error=0.05)
+    rebase = load("rebase", None, ["source=a", "store=b", "max_error=none"])
+    assert options("rebase", rebase).max_error == NO_BOUND and options("rebase", rebase).bound is None
+    assert options("rebase", load("rebase", None, ["source=a", "store=b"])).max_error is None  # the store's
+    with pytest.raises(PipelineError, match="max_error' must be a number, got str 'tight'"):
+        load("compress", None, ["source=a", "store=b", "max_error=tight"])
