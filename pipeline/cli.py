@@ -9,7 +9,7 @@ import sys
 import traceback
 
 from pipeline import __version__, commands, config
-from pipeline.config import ComponentRule, Options, cli_flag, raise_problems, step_problems
+from pipeline.config import ComponentRule, Options, cli_flag, parse_max_error, raise_problems, step_problems
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location, printable, redact
 from pipeline.runners import LOCAL_ADAPTERS, LOCAL_BYTES, RUNNERS
@@ -45,6 +45,16 @@ def _positive(text: str) -> int:
     value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _max_error(text: str) -> float:
+    try:
+        value = parse_max_error(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or none: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
     return value
 
 
@@ -132,6 +142,13 @@ def _shared_options() -> tuple[argparse.ArgumentParser, ...]:
         help=argparse.SUPPRESS,
     )
     writing.add_argument("--strict", action="store_true", help="fail on any quarantined adapter")
+    writing.add_argument(
+        "--max-error",
+        type=_max_error,
+        metavar="E",
+        help="bound on every stored adapter module's relative delta-W error, as exported: modules the shared "
+        "bases miss get residual factors of their own; none: no bound (project and rebase default to the store's)",
+    )
     return common, ray_options, writing
 
 
@@ -179,11 +196,8 @@ def _add_grow(sub, parents: list[argparse.ArgumentParser], writing: argparse.Arg
     grow.add_argument("store", help="store URI (path, file:// or s3://)")
     grow.add_argument("source", help="the collection, as given to compress: new and changed adapters are found in it")
     grow.add_argument("--dry-run", action="store_true", help="print what would change and write nothing")
-    p = sub.add_parser(
+    sub.add_parser(
         "project", parents=[*parents, grow, writing], help="add new adapters on the current basis (basis unchanged)"
-    )
-    p.add_argument(
-        "--max-error", type=float, help="flag new adapters above this delta-W error (default: twice the store's p95)"
     )
     r = sub.add_parser("rebase", parents=[*parents, grow, writing], help="absorb new adapters into the basis")
     r.add_argument(
@@ -432,6 +446,15 @@ def _print_summary(s: dict) -> None:
         print(f"  quarantined {printable(task_id)}: {reason}")
     for task_id, reason in s["kept_previous"].items():
         print(f"  kept the earlier upload of {printable(task_id)}: the new one was quarantined ({reason})")
+    if s.get("residuals"):
+        shown = ", ".join(printable(t) for t in list(s["residuals"])[:5])
+        more = f" and {len(s['residuals']) - 5} more" if len(s["residuals"]) > 5 else ""
+        stored = s["residuals_stored"]
+        print(
+            f"  {len(s['residuals'])} adapter(s) read this run stored with residuals (the shared bases miss the "
+            f"error bound): {shown}{more}; the version's residuals: {stored['adapters']} adapter(s), "
+            f"{stored['modules']} module(s), {stored['bytes']:,} bytes"
+        )
     if s["flagged"]:
         worst = ", ".join(f"{printable(t)} ({e:.3f})" for t, e in list(s["flagged"].items())[:5])
         print(f"  {len(s['flagged'])} adapter(s) the basis represents badly: {worst}; run `lora-subspace rebase`")

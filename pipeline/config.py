@@ -24,6 +24,10 @@ SVD_ROUTES: tuple[str, ...] = get_args(SvdRoute)
 QUANTIZE_SCHEMES: tuple[str, ...] = get_args(QuantizeScheme)
 OPERATIONS: tuple[str, ...] = get_args(Operation)
 DEFAULT_TASK_MEMORY = 1 << 30
+# The delta-W error bound of compress when none is given (None: no bound, no residuals). To be
+# chosen from the trained benchmark's measurements.
+DEFAULT_MAX_ERROR: float | None = None
+NO_BOUND = math.inf  # `--max-error none`: no bound, whatever the store recorded
 
 Spell = Callable[[str], str]
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
@@ -79,13 +83,20 @@ class Options:
     task_memory: int = DEFAULT_TASK_MEMORY  # bytes of stacked factors per shard task (not the storage budget)
     strict: bool = False  # fail on any quarantined adapter
     route: SvdRoute = "auto"
-    max_error: float | None = None  # flag new adapters above this delta-W error
+    # The relative delta-W error bound of every exported module (residuals where the shared bases
+    # miss it); None: not given (project and rebase keep the store's), NO_BOUND: none.
+    max_error: float | None = None
     quantize: QuantizeScheme | None = None  # bases stored packed (linalg.quantize)
     # flat (vlora's) | aligned (one gauge first) | joint (shared U, V) | auto: flat, or with a budget the better
     method: Method = "auto"
     # The storage budget: bases and loadings (float32 values) at most the adapters' tensor bytes / ratio,
     ratio: float | None = None
     budget_bytes: int | None = None  # or given in bytes (turned into a ratio of the collection's)
+
+    @property
+    def bound(self) -> float | None:
+        """The error bound in force: None when there is none."""
+        return None if self.max_error is None or self.max_error == NO_BOUND else self.max_error
 
     @property
     def budgeted(self) -> bool:
@@ -100,6 +111,15 @@ class Options:
         """These options, or one PipelineError naming every problem."""
         raise_problems(self.problems(spell))
         return self
+
+
+def parse_max_error(text: str | float | None) -> float | None:
+    """A --max-error or job `max_error` value: a number, or `none` (NO_BOUND); ValueError otherwise."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "none"):
+        return None if text is None else NO_BOUND
+    if isinstance(text, bool):
+        raise ValueError(f"not a number: {text!r}")
+    return float(text)
 
 
 def step_problems(
@@ -153,7 +173,9 @@ def _value_problems(options: Options, spell: Spell) -> list[str]:
     problems += _check(options.task_memory, spell("task_memory"), _is_int, "a number of bytes", least=1)
     problems += _check(options.strict, spell("strict"), lambda v: isinstance(v, bool), "true or false")
     problems += _one_of(options.route, spell("svd_route"), SVD_ROUTES)
-    problems += _check(options.max_error, spell("max_error"), _is_number, "a number", optional=True, least=0)
+    problems += _check(
+        options.max_error, spell("max_error"), lambda v: v == NO_BOUND or _is_number(v), "a number", True, least=0
+    )
     problems += _one_of(options.quantize, spell("quantize"), QUANTIZE_SCHEMES, optional=True)
     problems += _one_of(options.method, spell("method"), METHODS)
     if options.ratio is not None and not (_is_number(options.ratio) and options.ratio > 1):

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline import cli, commands
-from pipeline.config import ComponentRule, Options, parse_size, step_problems
+from pipeline.config import ComponentRule, Options, parse_max_error, parse_size, step_problems
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location
 from pipeline.io.store import Store
@@ -64,6 +64,7 @@ JOBS: dict[str, dict[str, Field]] = {
         "ratio": Field((int, float)),  # the storage budget, as a compression factor
         "budget_bytes": Field(_SIZE),  # or in bytes
         "quantize": Field(str),
+        "max_error": Field((int, float, str)),  # the delta-W error bound of every module, or none
         **_WRITING,
         **_COMMON,
     },
@@ -74,7 +75,7 @@ JOBS: dict[str, dict[str, Field]] = {
         "full": Field(bool),
         "from_source": Field(bool),
         "chunk_size": Field(int),
-        "max_error": Field(float),
+        "max_error": Field((int, float, str)),  # a number, or none
         "prune_keep": Field(int),  # after publishing, prune to this many versions
         **_WRITING,
         **_COMMON,
@@ -210,7 +211,7 @@ def options(job: str, config: dict[str, Any]) -> Options:
     run_knobs = Options(
         task_memory=defaults.task_memory if memory is None else parse_size(memory),
         strict=get("strict", False),
-        max_error=get("max_error"),
+        max_error=_max_error(get("max_error")),
     )
     if job == "rebase":
         return run_knobs
@@ -224,6 +225,14 @@ def options(job: str, config: dict[str, Any]) -> Options:
         ratio=get("ratio"),
         budget_bytes=None if budget is None else parse_size(budget),
     )
+
+
+def _max_error(value):
+    """A max_error value read (a number or none); anything else as it is, for the check to name."""
+    try:
+        return parse_max_error(value)
+    except ValueError:
+        return value
 
 
 def run(job: str, config: dict[str, Any]) -> dict:

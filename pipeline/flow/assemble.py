@@ -20,14 +20,18 @@ from pipeline.flow.scan import ScannedAdapter
 from pipeline.io.format import (
     CATALOG,
     CATALOG_SCHEMA,
+    FORMAT_VERSION,
     LOADINGS,
     LOADINGS_KEYS,
     LOADINGS_ROW_GROUP,
     LOADINGS_SCHEMA,
     REPORT,
+    RESIDUALS,
+    RESIDUALS_SCHEMA,
     basis_file,
     build_manifest,
     module_entry,
+    residual_staging_file,
     staging_file,
     version_path,
     write_parameters,
@@ -86,6 +90,8 @@ def assemble(change, good, results, source, store, version, options, seconds) ->
     files = {version_path(version, basis_file(r.shard.name)): r.file.to_dict() for r in results if r.file}
     errors = _ErrorTally({a.task_id for a in good})
     files[version_path(version, LOADINGS)] = _write_loadings(store, version, results, errors)
+    residuals = _ResidualTally({a.task_id for a in good})
+    entry = _write_residuals(store, version, results, residuals, files)
     # A replacement that was quarantined does not push out an earlier upload that compressed fine.
     kept_previous = {
         a.task_id: a.reason for a in change.adapters if not a.ok and change.parent_status.get(a.task_id) == "ok"
@@ -103,7 +109,7 @@ def assemble(change, good, results, source, store, version, options, seconds) ->
     read_errors = (
         {} if change.operation == "compress" else {t: round(e[0], 6) for t, e in sorted(errors.watched.items())}
     )
-    flagged = _flag(read_errors, change, options)
+    flagged = _flag(read_errors, change, options, residuals.read)
     quarantined = {a.task_id: a.reason for a in change.adapters if not a.ok}
     summary = Summary(
         change.operation,
@@ -122,13 +128,18 @@ def assemble(change, good, results, source, store, version, options, seconds) ->
         flagged,
         change.counts,
         {},
+        residuals=dict(sorted(residuals.read.items())),
+        residuals_stored=residuals.stored(entry),
     )
+    summary.notes += _bound_notes(results, options)
     report = _report(summary, change, catalog, seconds, results)
     files[version_path(version, REPORT)] = store.write_object(
         version, REPORT, json.dumps(report, indent=1).encode()
     ).to_dict()
     quantization = _quantization(change, options, results)
     manifest = _manifest(change, good, source, version, options, catalog, error, modules, files, quantization)
+    if summary.residuals_stored:
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "residuals": summary.residuals_stored}
     return manifest, summary
 
 
@@ -156,6 +167,55 @@ def _write_loadings(store, version: str, results, errors: _ErrorTally) -> dict:
     staged = [read_batches(where, staging_file(r.shard.name)) for r in results]
     merged = errors.tap(merge_sorted(staged, LOADINGS_KEYS))
     return write_tables(where, LOADINGS, merged, LOADINGS_SCHEMA, LOADINGS_ROW_GROUP).to_dict()
+
+
+class _ResidualTally:
+    """Adapters and modules with residuals, from the merged residuals stream; `read`: the adapters
+    whose files this run read, with their largest module error without a residual."""
+
+    def __init__(self, watch: set[str]):
+        self.watch, self.read = watch, {}
+        self.adapters: set[str] = set()
+        self.modules = 0
+
+    def tap(self, tables):
+        for table in tables:
+            self.modules += table.num_rows
+            for task_id, shared in zip(table.column("task_id").to_pylist(), table.column("shared_error").to_pylist()):
+                self.adapters.add(task_id)
+                if task_id in self.watch:
+                    self.read[task_id] = round(max(self.read.get(task_id, 0.0), shared), 6)
+            yield table
+
+    def stored(self, entry: dict | None) -> dict[str, int]:
+        if entry is None:
+            return {}
+        return {"adapters": len(self.adapters), "modules": self.modules, "bytes": entry["bytes"]}
+
+
+def _write_residuals(store, version: str, results, tally: _ResidualTally, files: dict) -> dict | None:
+    """The shards' staged residuals merged into the version's residuals table, added to `files`;
+    None (no object) when no adapter has one."""
+    staged = [r for r in results if r.residual_rows]
+    if not staged:
+        return None
+    where = store.version_location(version)
+    merged = tally.tap(
+        merge_sorted([read_batches(where, residual_staging_file(r.shard.name)) for r in staged], LOADINGS_KEYS)
+    )
+    entry = files[version_path(version, RESIDUALS)] = write_tables(where, RESIDUALS, merged, RESIDUALS_SCHEMA).to_dict()
+    return entry
+
+
+def _bound_notes(results, options: Options) -> list[str]:
+    """Stored adapters a re-base could not bring within the bound (given to a store made without it)."""
+    unbounded = sum(r.unbounded for r in results)
+    if not unbounded:
+        return []
+    return [
+        f"{unbounded} stored adapter module(s) were above --max-error {options.bound:g} already and cannot be "
+        "brought within it without their files: `rebase --full --from-source` reads them"
+    ]
 
 
 def _write_catalog(store, version: str, change: Change, kept_previous: dict, catalog: _CatalogTally) -> dict:
@@ -273,17 +333,19 @@ def _all_in_basis(batches):
         yield batch.set_column(index, "in_basis", pc.equal(batch.column("status"), "ok"))
 
 
-def _flag(read_errors: dict[str, float], change: Change, options: Options) -> dict[str, float]:
-    """New adapters the basis represents badly: above --max-error, or (without it) more than twice
-    the parent collection's 95th percentile. Only meaningful when the basis did not see them."""
+def _flag(read_errors: dict[str, float], change: Change, options: Options, shared: dict) -> dict[str, float]:
+    """New adapters the basis represents badly. With an error bound, those with a module above it
+    before any residual (their largest such error: `shared`, the adapters given residuals); without
+    one, those more than twice the parent collection's 95th percentile. Only meaningful when the
+    basis did not see them."""
     if change.mode != "project":
         return {}
-    limit = options.max_error
-    if limit is None:
-        p95 = (change.parent_manifest.get("error") or {}).get("p95")
-        if p95 is None:
-            return {}
-        limit = 2 * p95
+    if options.bound is not None:
+        return {t: e for t, e in sorted(shared.items()) if e > options.bound}
+    p95 = (change.parent_manifest.get("error") or {}).get("p95")
+    if p95 is None:
+        return {}
+    limit = 2 * p95
     return {t: round(e, 6) for t, e in sorted(read_errors.items()) if e > limit}
 
 

@@ -52,6 +52,9 @@ class Summary:
     changes: dict[str, int]
     seconds: dict[str, float]
     notes: list[str] = field(default_factory=list)  # what the user asked for and did not get, and why
+    # adapters this run stored with residuals (their largest error without one), and the version's total
+    residuals: dict[str, float] = field(default_factory=dict)
+    residuals_stored: dict[str, int] = field(default_factory=dict)  # {adapters, modules, bytes}
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -23,6 +23,7 @@ import torch
 
 from pipeline import failpoints
 from pipeline.errors import PipelineError
+from pipeline.flow.bounded import StoredAdapters, flat_exporter, joint_exporter, keep_bound, stored_adapters
 from pipeline.flow.change import good_adapters
 from pipeline.flow.plan import floats_per_adapter, largest_shard_bytes, module_shapes, version_shards
 from pipeline.flow.strategies import (
@@ -44,6 +45,8 @@ from pipeline.io.format import (
     LOADINGS,
     LOADINGS_KEYS,
     LOADINGS_SCHEMA,
+    RESIDUALS,
+    RESIDUALS_SCHEMA,
     basis_file,
     basis_tensors,
     done_file,
@@ -53,6 +56,8 @@ from pipeline.io.format import (
     loadings_rows,
     read_decomposition,
     read_joint,
+    residual_staging_file,
+    residual_table,
     staging_file,
     version_path,
 )
@@ -135,14 +140,70 @@ def _write_shard(store: Store, ctx: Context, outcomes: list[Outcome], result: Sh
             if o.joint is not None:
                 tensors.update(joint_tensors(o.summary.module, *o.joint))
         result.file = store.write_object(task.version, basis_file(task.shard.name), encode_basis(tensors))
+    found = _stored_adapters(store, ctx)
+    moved_residuals: list[dict] = []
     streams: list = [
         _sorted_rows([o.rows for o in outcomes if o.rows is not None]),
-        _sorted_rows([o.moved for o in outcomes if o.moved is not None]),
+        _sorted_rows([_bounded_joint(ctx, found, o, moved_residuals) for o in outcomes if o.moved is not None]),
     ]
     if task.parent:
-        streams.append(_moved_parent_rows(store, ctx, outcomes, result))
+        streams.append(_moved_parent_rows(store, ctx, outcomes, result, found, moved_residuals))
     where = store.version_location(task.version)
     write_tables(where, staging_file(task.shard.name), merge_sorted(streams, LOADINGS_KEYS), LOADINGS_SCHEMA)
+    _write_residuals(store, ctx, outcomes, result, moved_residuals)
+    result.unbounded = found.unbounded if found else 0
+
+
+def _stored_adapters(store: Store, ctx: Context) -> StoredAdapters | None:
+    """With an error bound, what keeping it needs of the parent's adapters that this shard moves
+    to new bases (flow.bounded); None when there is no bound or nothing moves."""
+    task = ctx.task
+    if task.spec.max_error is None or not task.parent or task.mode not in ("absorb", "fit"):
+        return None
+    return stored_adapters(store, task.parent, list(task.shard.modules))
+
+
+def _bounded_joint(ctx: Context, found: StoredAdapters | None, outcome: Outcome, residuals: list[dict]) -> pa.Table:
+    """A joint re-base's moved rows, with errors and residuals that keep the bound (if any)."""
+    if found is None:
+        return outcome.moved
+    task, module = ctx.task, outcome.summary.module
+    parent, fitted = ctx.parent_joint[module], outcome.joint[0]
+    q, c = task.parent.modules[module]["core_rank"], parent.u.shape[1]
+    moved = (loadings_matrix(outcome.moved, "a", q * c), loadings_matrix(outcome.moved, "b", q * c))
+    exporters = (joint_exporter(parent, q, c), joint_exporter(fitted, q, c))
+    estimate = _column(outcome.moved, "error")
+    error, extra = keep_bound(
+        found, module, ctx.joint_rows[module], moved, exporters, task.spec.max_error, task.shapes[module], estimate
+    )
+    residuals += extra
+    index = outcome.moved.schema.get_field_index("error")
+    return outcome.moved.set_column(index, "error", pa.array(error.numpy().astype("float32")))
+
+
+def _write_residuals(
+    store: Store, ctx: Context, outcomes: list[Outcome], result: ShardResult, moved: list[dict]
+) -> None:
+    """The shard's residuals, staged when there are any: the new adapters', those of the parent's
+    adapters moved to new bases (`moved`), and the parent's of adapters this version keeps as they
+    are (project: their rows do not move)."""
+    task = ctx.task
+    tables = [residual_table([r for o in outcomes for r in o.residuals] + moved)]
+    if task.parent and task.parent.residuals and task.mode == "project":
+        tables.append(_parent_residuals(store, task))
+    table = pa.concat_tables(tables).sort_by([(k, "ascending") for k in LOADINGS_KEYS])
+    result.residual_rows = table.num_rows
+    if table.num_rows:
+        where = store.version_location(task.version)
+        write_tables(where, residual_staging_file(task.shard.name), [table], RESIDUALS_SCHEMA)
+
+
+def _parent_residuals(store: Store, task: ShardTask) -> pa.Table:
+    """The parent's residuals of the shard's modules, without the adapters the new version replaces."""
+    modules = pa.array(task.shard.modules, pa.string())
+    batches = without(read_batches(store.location, task.parent.residuals), set(task.parent.drop))
+    tables = [pa.Table.from_batches([b.filter(pc.is_in(b.column("module"), value_set=modules))]) for b in batches]
+    return pa.concat_tables(tables) if tables else RESIDUALS_SCHEMA.empty_table()
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -249,11 +310,19 @@ def _add_parent_rows(store, task, parents, parent_joint, stacks, result) -> None
     result.stack_bytes = sum(4 * x.numel() for pair in stacks.values() for x in pair)
 
 
-def _moved_parent_rows(store: Store, ctx: Context, outcomes: list[Outcome], result: ShardResult) -> Iterator[pa.Table]:
+def _moved_parent_rows(
+    store: Store,
+    ctx: Context,
+    outcomes: list[Outcome],
+    result: ShardResult,
+    found: StoredAdapters | None = None,
+    residuals: list[dict] | None = None,
+) -> Iterator[pa.Table]:
     """The parent's rows on the new bases, their errors estimated (linalg.loadings.Move); as they
     are where every module keeps the parent's bases; none of the modules moved already (joint ones
     in a re-base). Quantize keeps their loadings on the packed bases: a row stays measured only
-    where its rebuilt delta W did not move, and the moves are tallied in `result`."""
+    where its rebuilt delta W did not move, and the moves are tallied in `result`. With an error
+    bound (`found`), errors and `residuals` keep it (flow.bounded)."""
     task = ctx.task
     modules = [o.summary.module for o in outcomes if o.moved is None]
     if not modules:
@@ -272,6 +341,9 @@ def _moved_parent_rows(store: Store, ctx: Context, outcomes: list[Outcome], resu
             new_a, new_b, error, moved = moves[module](
                 loadings_matrix(rows, "a"), loadings_matrix(rows, "b"), error, norm
             )
+            if found is not None:
+                error, extra = _bounded_flat(ctx, found, module, rows, (new_a, new_b), bases[module], error)
+                residuals += extra
             measured = False
             if moves[module].keep:
                 measured = rows.column("measured").to_numpy(zero_copy_only=False) & (moved == 0).numpy()
@@ -281,6 +353,15 @@ def _moved_parent_rows(store: Store, ctx: Context, outcomes: list[Outcome], resu
             ids = rows.column("task_id").to_pylist()
             tables.append(loadings_rows(ids, module, new_a, new_b, error, norm, measured=measured))
         yield from _sorted_rows(tables)
+
+
+def _bounded_flat(ctx: Context, found: StoredAdapters, module: str, rows, moved, bases, estimate) -> tuple:
+    shapes = ctx.task.shapes[module]
+    exporters = (
+        flat_exporter(ctx.parents[module, "A"], ctx.parents[module, "B"], shapes),
+        flat_exporter(bases["A"], bases["B"], shapes),
+    )
+    return keep_bound(found, module, rows, moved, exporters, ctx.task.spec.max_error, shapes, estimate)
 
 
 def _moves(ctx: Context, bases: dict, modules: list[str]) -> dict[str, Move]:
@@ -346,7 +427,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     floats = floats_per_adapter(change, good, shapes, rows, options)
     shards = version_shards(change, shapes, rows, options, runner.num_cpus)
     memory = _shard_memory(shards, shapes, rows, len(good), options)
-    spec = FitSpec(options.rule, options.route, options.quantize, options.method, floats)
+    spec = FitSpec(options.rule, options.route, options.quantize, options.method, floats, max_error=options.bound)
     parent = _parent(change, good)
     inputs = _digest(
         [
@@ -359,6 +440,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
             options.quantize,
             options.method,
             floats,
+            options.bound,
             [(a.task_id, a.location.uri, a.weights_bytes, a.weights_tag) for a in good],
         ]
     )
@@ -434,6 +516,7 @@ def _parent(change, good) -> Parent | None:
     if not change.parent_manifest:
         return None
     basis = {m: e["basis"] for m, e in change.parent_manifest["modules"].items()}
+    residuals = version_path(change.parent, RESIDUALS)
     checksums = {path: change.parent_manifest["files"][path] for path in set(basis.values())}
     return Parent(
         basis,
@@ -442,6 +525,7 @@ def _parent(change, good) -> Parent | None:
         frozenset(a.task_id for a in good),
         change.refit,
         change.parent_manifest["modules"],
+        residuals if residuals in change.parent_manifest["files"] else None,
     )
 
 

@@ -117,8 +117,10 @@ def publish(
     notes = capacity_notes(manifest, options.rule.components if change.mode == "fit" else None)
     for note in notes:
         log.warning("%s: %s", version, note)
+    for note in summary.notes:  # assemble's, before these
+        log.warning("%s: %s", version, note)
     summary.seconds = {k: round(v, 3) for k, v in seconds.items()}
-    summary.notes = notes
+    summary.notes = [*summary.notes, *notes]
 
 
 def capacity_notes(manifest: dict, components: int | None) -> list[str]:

@@ -37,6 +37,7 @@ from pipeline.linalg.gauge import JointBasis, align_rows, cut_rank, joint_cores,
 from pipeline.linalg.incremental import absorb
 from pipeline.linalg.loadings import ERROR_ROWS
 from pipeline.linalg.metrics import product_error, relative
+from pipeline.linalg.residual import fit_residual, target
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class FitSpec:
     # module -> stored floats per adapter that the storage budget allows (fit mode; None without one)
     floats_per_adapter: Mapping[str, float] | None = None
     fixed_k: int | None = None  # the collection-wide k, once the first module decided it
+    max_error: float | None = None  # the bound of each new adapter module's error: residuals beyond it
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Parent:
     drop: frozenset[str] = frozenset()
     refit: bool = False  # fit mode: the parent's reconstructed rows join the new SVD
     modules: dict[str, dict] = field(default_factory=dict)  # module -> the parent manifest's entry
+    residuals: str | None = None  # the parent's residuals table, if it has one
 
 
 @dataclass
@@ -113,6 +116,8 @@ class ShardResult:
     added_sum: float = 0.0
     added_max: float = 0.0
     added_rows: int = 0
+    residual_rows: int = 0  # rows of the staged residuals (none staged: 0)
+    unbounded: int = 0  # the parent's rows above the error bound, which could not be brought within it
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,6 +142,8 @@ class ShardResult:
             data.get("added_sum", 0.0),
             data.get("added_max", 0.0),
             data.get("added_rows", 0),
+            data.get("residual_rows", 0),
+            data.get("unbounded", 0),
         )
 
 
@@ -154,6 +161,9 @@ class Context:
     k: int | None = None
     decided_k: int | None = None
     align_seconds: float = 0.0
+    # module -> the adapters' own factors where a fit sees them in another gauge (aligned), kept
+    # for their residuals (an error bound only)
+    originals: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -169,6 +179,7 @@ class Outcome:
     rows: pa.Table | None = None
     moved: pa.Table | None = None
     kept: bool = False  # keep-parent: nothing of this module is written to the basis object
+    residuals: list[dict] = field(default_factory=list)  # the new adapters' (format.residual_table rows)
 
 
 Strategy = Callable[[Context, str, list | None], Outcome]
@@ -313,6 +324,8 @@ def _aligned(ctx: Context, module: str, stack, bases) -> list[torch.Tensor]:
     """The module's factors in one gauge: among themselves, or the parent's bases' (`bases`)."""
     clock = time.perf_counter()
     xa, xb = stack
+    if ctx.task.spec.max_error is not None:
+        ctx.originals[module] = stack
     aligned = list(align_rows(xa, xb, ctx.task.shapes[module], ctx.task.spec.rule.components, bases))
     ctx.align_seconds += time.perf_counter() - clock
     return aligned
@@ -339,8 +352,9 @@ def _flat_outcome(ctx: Context, module: str, stack, fitted: dict[str, Decomposit
         a.route,
         a.count,
     )
-    rows = _project_new(task, module, stack, a, b, ctx.device) if task.new else None
-    return Outcome(_budgeted(task, summary), bases, codes, rows=rows)
+    own = ctx.originals.get(module, stack)
+    rows, residuals = _project_new(task, module, stack, own, a, b, ctx.device) if task.new else (None, [])
+    return Outcome(_budgeted(task, summary), bases, codes, rows=rows, residuals=residuals)
 
 
 def _joint_outcome(ctx: Context, module: str, stack, fit: JointFit, count: int) -> Outcome:
@@ -360,7 +374,8 @@ def _joint_outcome(ctx: Context, module: str, stack, fit: JointFit, count: int) 
         width,
         fit.q,
     )
-    return Outcome(_budgeted(task, summary), joint=(fit.basis, count), rows=_joint_rows(ctx, module, stack, fit))
+    rows, residuals = _joint_rows(ctx, module, stack, fit)
+    return Outcome(_budgeted(task, summary), joint=(fit.basis, count), rows=rows, residuals=residuals)
 
 
 def _keep_joint(ctx: Context, module: str, stack) -> Outcome:
@@ -372,7 +387,8 @@ def _keep_joint(ctx: Context, module: str, stack) -> Outcome:
     parent = ctx.parent_joint[module]
     q = task.parent.modules[module]["core_rank"]
     fit = JointFit(parent, q, *_joint_cores(parent, stack, task.shapes[module], q, ctx.device))
-    return Outcome(summary, rows=_joint_rows(ctx, module, stack, fit), kept=True)
+    rows, residuals = _joint_rows(ctx, module, stack, fit)
+    return Outcome(summary, rows=rows, kept=True, residuals=residuals)
 
 
 def _budgeted(task: ShardTask, summary: ModuleResult) -> ModuleResult:
@@ -380,12 +396,13 @@ def _budgeted(task: ShardTask, summary: ModuleResult) -> ModuleResult:
     return summary
 
 
-def _joint_rows(ctx: Context, module: str, stack, fit: JointFit) -> pa.Table | None:
-    """The new adapters' rows of a joint module: their cores, and the error of what export writes."""
+def _joint_rows(ctx: Context, module: str, stack, fit: JointFit) -> tuple[pa.Table | None, list[dict]]:
+    """The new adapters' rows of a joint module: their cores, and the error of what export writes;
+    and their residuals."""
     task, device = ctx.task, ctx.device
     n = len(task.new)
     if not n:
-        return None
+        return None, []
     basis, core_a, core_b = fit.basis, fit.core_a[:n].to(torch.float32), fit.core_b[:n].to(torch.float32)
     u, v = basis.u.to(device, torch.float32), basis.v.to(device, torch.float32)
     xa, xb = stack[0][:n].to(device), stack[1][:n].to(device)
@@ -399,8 +416,8 @@ def _joint_rows(ctx: Context, module: str, stack, fit: JointFit) -> pa.Table | N
             rank,
         )
 
-    error, norm = _written_errors(task, module, xa, xb, written)
-    return loadings_rows(
+    error, norm, residuals = _written_errors(task, module, xa, xb, written)
+    rows = loadings_rows(
         [t for t, _, _ in task.new],
         module,
         core_a.reshape(n, -1).cpu(),
@@ -408,6 +425,7 @@ def _joint_rows(ctx: Context, module: str, stack, fit: JointFit) -> pa.Table | N
         error.cpu(),
         norm.cpu(),
     )
+    return rows, residuals
 
 
 def _joint_cores(basis: JointBasis, stack, shapes, q: int, device):
@@ -474,9 +492,10 @@ def _parent_result(task: ShardTask, module: str) -> ModuleResult:
 # -- loadings rows ---------------------------------------------------------------------------
 
 
-def _project_new(task, module, stack, a: Decomposition, b: Decomposition, device) -> pa.Table:
+def _project_new(task, module, stack, own, a: Decomposition, b: Decomposition, device) -> tuple[pa.Table, list[dict]]:
     """Rows for the new adapters: loadings on the new basis, the delta-W error of what export
-    writes from them, and ||B A||."""
+    writes from them, and ||B A||; and their residuals (fitted to `own`: the adapters' factors,
+    the stack's before any alignment)."""
     shapes, n = task.shapes[module], len(task.new)
     xa, xb = stack[0][:n].to(device), stack[1][:n].to(device)
     (ca, ma), (cb, mb) = (a.components.to(device), a.mean.to(device)), (b.components.to(device), b.mean.to(device))
@@ -491,22 +510,26 @@ def _project_new(task, module, stack, a: Decomposition, b: Decomposition, device
         )
         return cut_rank(rebuilt_a, rebuilt_b, rank) if rank < shapes[0][0] else (rebuilt_a, rebuilt_b)
 
-    error, norm = _written_errors(task, module, xa, xb, written)
-    return loadings_rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), error.cpu(), norm.cpu())
+    error, norm, residuals = _written_errors(task, module, xa, xb, written, (own[0][:n], own[1][:n]))
+    return loadings_rows([t for t, _, _ in task.new], module, la.cpu(), lb.cpu(), error.cpu(), norm.cpu()), residuals
 
 
 def _written_errors(
-    task: ShardTask, module: str, xa: torch.Tensor, xb: torch.Tensor, written
-) -> tuple[torch.Tensor, torch.Tensor]:
+    task: ShardTask, module: str, xa: torch.Tensor, xb: torch.Tensor, written, own=None
+) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """(relative delta-W error, ||B A||) float64 (n,) of the new adapters' factors as export
     writes them: `written(rows, rank)` rebuilds rows (index tensor) at their own rank as
     export.rebuild does, and the result is cast to the adapter's dtype, as the exported file holds
     it. Measured against the adapter's own factors xa (n, r*d_in), xb (n, d_out*r), flattened at
-    the collection's rank r; rows go ERROR_ROWS at a time, grouped by rank and dtype."""
+    the collection's rank r; rows go ERROR_ROWS at a time, grouped by rank and dtype. With a
+    bound (spec.max_error), rows above it get residuals (returned) and their error with them,
+    fitted to `own` (the adapters' factors where xa, xb hold them in another gauge)."""
+    own = (xa, xb) if own is None else own
     (r, d_in), (d_out, _) = task.shapes[module]
     n, device = len(xa), xa.device
     error = torch.zeros(n, dtype=torch.float64, device=device)
     norm = torch.zeros(n, dtype=torch.float64, device=device)
+    residuals: list[dict] = []
     groups: dict[tuple[int, str], list[int]] = {}
     for row, (_, _, infos) in enumerate(task.new):
         groups.setdefault((infos[module][0].shape[0], infos[module][0].dtype), []).append(row)
@@ -522,7 +545,37 @@ def _written_errors(
                 xa[index].view(-1, r, d_in).double(), xb[index].view(-1, d_out, r).double(), a, b
             )
             error[index], norm[index] = relative(diff, size), size
-    return error, norm
+            rows_own = (own[0][index].to(device).view(-1, r, d_in), own[1][index].to(device).view(-1, d_out, r))
+            residuals += _residuals(task, module, index, rows_own, (a, b), (rank, cast), error)
+    return error, norm, residuals
+
+
+def _residuals(task: ShardTask, module: str, index: torch.Tensor, own, written, rank_dtype, error) -> list[dict]:
+    """Residuals of the rows (`index`) whose `error` misses the bound, their errors updated to
+    those of what export writes with them. `own`, `written`: the rows' factors, the adapters'
+    and as export writes them (cast, padded to the collection's rank)."""
+    bound = task.spec.max_error
+    if bound is None:
+        return []
+    found = []
+    for position, row in enumerate(index.tolist()):
+        shared = float(error[row])
+        if shared <= target(bound):
+            continue
+        pair = (own[0][position], own[1][position])
+        residual = fit_residual(pair, (written[0][position], written[1][position]), *rank_dtype, bound, shared)
+        error[row] = residual.error
+        found.append(
+            {
+                "task_id": task.new[row][0],
+                "module": module,
+                "kind": residual.kind,
+                "a": residual.a.cpu(),
+                "b": residual.b.cpu(),
+                "shared_error": shared,
+            }
+        )
+    return found
 
 
 def _column(rows: pa.Table, name: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The store format, version 1, in one place: object names and paths, what is read from a store
+"""The store format, versions 1 and 2, in one place: object names and paths, what is read from a store
 and checked (version ids, task ids, object paths), manifest.json (its fields, building and
 checking one), the basis object codec, and the loadings and catalog tables (schemas, rows).
 Sections follow docs/store-format.md; the Store class (pipeline.io.store) and the writer lock
@@ -10,6 +10,7 @@ Sections follow docs/store-format.md; the Store class (pipeline.io.store) and th
     STORE/versions/<v>/basis/shard-NNNNN.safetensors
     STORE/versions/<v>/loadings.parquet           one row per (task_id, module), sorted by task_id
     STORE/versions/<v>/catalog.parquet            one row per adapter, quarantined ones too
+    STORE/versions/<v>/residuals.parquet          format 2 only: adapters' own factors beyond the shared ones
     STORE/versions/<v>/report.json
 """
 
@@ -38,13 +39,17 @@ from pipeline.linalg.gauge import JointBasis
 
 # -- layout: object names and paths -------------------------------------------------------------
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code reads and writes
+# A version without residuals is written as format 1, which every reader of format 1 reads; one
+# holding residuals is format 2, so that readers that would export it without them refuse it.
+PLAIN_FORMAT_VERSION = 1
 POINTER = "LATEST"
 LOCK = "LOCK"
 RUN = "run.json"  # present while the run that writes a version has not published it
 MANIFEST = "manifest.json"
 LOADINGS = "loadings.parquet"
 CATALOG = "catalog.parquet"
+RESIDUALS = "residuals.parquet"
 REPORT = "report.json"
 LOADINGS_ROW_GROUP = 8192
 VERSION_RE = re.compile(r"^v(\d{6})$")
@@ -73,6 +78,10 @@ def staging_file(shard: str) -> str:
     return f"staging/loadings-{shard}.parquet"
 
 
+def residual_staging_file(shard: str) -> str:
+    return f"staging/residuals-{shard}.parquet"
+
+
 def done_file(shard: str) -> str:
     """Written by a shard task after its basis object and staged loadings: the shard is finished."""
     return f"staging/{shard}.json"
@@ -87,9 +96,9 @@ def basis_key(module: str, side: str, field: str) -> str:
     return f"{module}.{side}.{field}"
 
 
-def pointer_record(version: str) -> bytes:
-    """LATEST's content."""
-    return json.dumps({"version": version, "format_version": FORMAT_VERSION}).encode() + b"\n"
+def pointer_record(version: str, format_version: int = PLAIN_FORMAT_VERSION) -> bytes:
+    """LATEST's content: the version and its manifest's format version."""
+    return json.dumps({"version": version, "format_version": format_version}).encode() + b"\n"
 
 
 def check_bytes(data: bytes, expected: dict, name: str) -> None:
@@ -137,10 +146,10 @@ def is_object_path(path: object) -> bool:
 # -- manifest.json ---------------------------------------------------------------------------------
 
 
-def manifest_fields(version: str, parent: str | None, operation: str) -> dict:
+def manifest_fields(version: str, parent: str | None, operation: str, format_version: int = 1) -> dict:
     """The fields every manifest starts with."""
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "version": version,
         "parent": parent,
         "operation": operation,
@@ -164,10 +173,13 @@ def build_manifest(
     quantization: dict | None,
     modules: dict,
     files: dict,
+    residuals: dict | None = None,
 ) -> dict:
-    """A version's manifest: every field of the table in docs/store-format.md."""
+    """A version's manifest: every field of the table in docs/store-format.md. A version holding
+    residuals (`residuals`: {adapters, modules, bytes}) is format 2."""
+    format_version = FORMAT_VERSION if residuals else PLAIN_FORMAT_VERSION
     return {
-        **manifest_fields(version, parent, operation),
+        **manifest_fields(version, parent, operation, format_version),
         "source": source,
         "parameters": parameters,
         "adapters": adapters,
@@ -178,12 +190,13 @@ def build_manifest(
         "quantization": quantization,
         "modules": modules,
         "files": files,
+        **({"residuals": residuals} if residuals else {}),
     }
 
 
 # Manifest `parameters`: the fit's part of Options, which project and rebase reuse. Stores written
 # before these keys existed lack them (and a saved Subspace records no budget): read as these.
-_ABSENT_IN_EARLY_STORES = {"quantize": None, "method": "flat", "ratio": None, "budget_bytes": None}
+_ABSENT_IN_EARLY_STORES = {"quantize": None, "method": "flat", "ratio": None, "budget_bytes": None, "max_error": None}
 _REQUIRED_PARAMETERS = ("components", "variance_threshold", "adaptive", "svd_route")
 
 
@@ -199,12 +212,14 @@ def write_parameters(options: Options) -> dict:
         "method": options.method,
         "ratio": options.ratio,
         "budget_bytes": options.budget_bytes,
+        **({"max_error": options.bound} if options.bound is not None else {}),  # absent: no bound
     }
 
 
 def read_parameters(parameters: dict, run: Options | None = None, where: str = "manifest") -> Options:
     """The Options a version was fitted with (its manifest `parameters`), carrying `run`'s own
-    knobs (task memory, strict, max_error); PipelineError naming every problem of the stored values."""
+    knobs (task memory, strict; max_error where the run gives one, else the stored bound);
+    PipelineError naming every problem of the stored values."""
     missing = [key for key in _REQUIRED_PARAMETERS if key not in parameters]
     if missing:
         raise PipelineError(f"{where}: parameters lack {', '.join(missing)}")
@@ -218,6 +233,7 @@ def read_parameters(parameters: dict, run: Options | None = None, where: str = "
         method=p["method"],
         ratio=p["ratio"],
         budget_bytes=p["budget_bytes"],
+        max_error=p["max_error"] if run is None or run.max_error is None else run.max_error,
     )
     problems = options.problems(lambda key: f"parameters.{key}")
     if problems:
@@ -361,7 +377,7 @@ def encode_manifest(manifest: dict) -> bytes:
 
 def encode_basis(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_safetensors(
-        {k: v.contiguous() for k, v in tensors.items()}, metadata={"format_version": str(FORMAT_VERSION)}
+        {k: v.contiguous() for k, v in tensors.items()}, metadata={"format_version": str(PLAIN_FORMAT_VERSION)}
     )
 
 
@@ -492,3 +508,56 @@ CATALOG_SCHEMA = pa.schema(
         ("weights_sha256", pa.string()),  # null on S3 and in catalogs written before it existed
     ]
 )
+
+
+# -- residuals.parquet (format 2) --------------------------------------------------------------------
+
+# One row per (task_id, module) whose shared reconstruction misses the version's max_error: kind
+# add (factors exported beside the shared ones) or exact (exported in their place), rank s, a
+# (s*d_in) and b (d_out*s) row-major, values of the adapter's dtype; shared_error: the module's
+# error without the residual (the loadings' error column holds the error with it).
+RESIDUALS_SCHEMA = pa.schema(
+    [
+        ("task_id", pa.string()),
+        ("module", pa.string()),
+        ("kind", pa.string()),
+        ("rank", pa.int32()),
+        ("a", pa.list_(pa.float32())),
+        ("b", pa.list_(pa.float32())),
+        ("shared_error", pa.float32()),
+    ]
+)
+
+
+def residual_table(rows: list[dict]) -> pa.Table:
+    """Residuals rows (RESIDUALS_SCHEMA) sorted by task_id, module; each row's a and b tensors
+    (s, d_in) and (d_out, s) are stored flattened."""
+    rows = sorted(rows, key=lambda row: (row["task_id"], row["module"]))
+    return pa.table(
+        {
+            "task_id": pa.array([row["task_id"] for row in rows], pa.string()),
+            "module": pa.array([row["module"] for row in rows], pa.string()),
+            "kind": pa.array([row["kind"] for row in rows], pa.string()),
+            "rank": pa.array([row["a"].shape[0] for row in rows], pa.int32()),
+            "a": pa.array([row["a"].reshape(-1).numpy() for row in rows], pa.list_(pa.float32())),
+            "b": pa.array([row["b"].reshape(-1).numpy() for row in rows], pa.list_(pa.float32())),
+            "shared_error": pa.array([row["shared_error"] for row in rows], pa.float32()),
+        },
+        schema=RESIDUALS_SCHEMA,
+    )
+
+
+def residual_factors(row: dict, a_shape, b_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residuals row's factors (rank, d_in), (d_out, rank) float32; IntegrityError when its
+    sizes do not fit the module's shapes."""
+    rank = row["rank"]
+    a, b = row["a"], row["b"]
+    if not (isinstance(rank, int) and rank > 0 and len(a) == rank * a_shape[1] and len(b) == b_shape[0] * rank):
+        raise IntegrityError(
+            f"residual of {row['task_id']!r} {row['module']!r}: rank {rank!r} with {len(a)} and {len(b)} values "
+            f"does not fit lora_A (., {a_shape[1]}) and lora_B ({b_shape[0]}, .)"
+        )
+    return (
+        torch.tensor(a, dtype=torch.float32).view(rank, a_shape[1]),
+        torch.tensor(b, dtype=torch.float32).view(b_shape[0], rank),
+    )

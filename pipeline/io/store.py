@@ -26,6 +26,7 @@ from pipeline.io.format import (
     CATALOG,
     FORMAT_VERSION,
     MANIFEST,
+    PLAIN_FORMAT_VERSION,
     POINTER,
     RUN,
     VERSION_RE,
@@ -233,7 +234,7 @@ class Store:
         where = self.version_location(version)
         where.write_bytes(encode_manifest(manifest), MANIFEST)
         failpoints.reach("publish")  # crash points: after the manifest, the pointer, the staging, the run record
-        self.set_pointer(version)
+        self.set_pointer(version, manifest.get("format_version", PLAIN_FORMAT_VERSION))
         failpoints.reach("publish-pointer")
         try:
             self._finish(version)
@@ -318,8 +319,10 @@ class Store:
         except FileNotFoundError:
             pass
 
-    def set_pointer(self, version: str) -> None:
-        self.location.write_atomic(pointer_record(version), POINTER)
+    def set_pointer(self, version: str, format_version: int = PLAIN_FORMAT_VERSION) -> None:
+        """Point LATEST at `version`, recording its manifest's format version (readers of an older
+        format refuse a version that needs a newer one)."""
+        self.location.write_atomic(pointer_record(version, format_version), POINTER)
 
     @contextlib.contextmanager
     def lock(self, operation: str, ttl: float = LOCK_TTL):

@@ -8,11 +8,12 @@ version: no process ever holds more than one chunk of factors, and a crashed run
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 
-from pipeline.config import Options, raise_problems, step_problems
+from pipeline.config import DEFAULT_MAX_ERROR, Options, raise_problems, step_problems
 from pipeline.errors import PipelineError
 from pipeline.flow.change import Change, Summary
 from pipeline.flow.discover import chunks
@@ -48,6 +49,8 @@ def compress(
 ) -> list[Summary]:
     options.validated()
     raise_problems(step_problems(chunk_size))
+    if options.max_error is None:
+        options = dataclasses.replace(options, max_error=DEFAULT_MAX_ERROR)
     refs = discover(source)
     check_out(store)
     new_folder = store.location.is_local and not os.path.exists(store.location.root)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,13 +25,23 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline import peft_format
 from pipeline.errors import PipelineError
-from pipeline.io.format import CATALOG, LOADINGS, basis_key, is_safe_task_id, read_joint
+from pipeline.io.format import (
+    CATALOG,
+    LOADINGS,
+    RESIDUALS,
+    basis_key,
+    is_safe_task_id,
+    read_joint,
+    residual_factors,
+    version_path,
+)
 from pipeline.io.location import Location
 from pipeline.io.safetensors_ranges import DTYPES
 from pipeline.io.store import Store
 from pipeline.io.targets import check_writable, holding_files
 from pipeline.linalg.decompose import reconstruct
-from pipeline.linalg.gauge import cut_rank, joint_rebuild
+from pipeline.linalg.gauge import cut_rank, joint_rebuild, pad_rank
+from pipeline.linalg.residual import with_residual
 from pipeline.runners import Runner, for_work
 
 SHOWN_IDS = 10  # ids named in one error line
@@ -150,16 +161,21 @@ def export_batch(task: ExportTask) -> list[str]:
     basis: dict[str, torch.Tensor] = {}
     for path in sorted({entry["basis"] for entry in manifest["modules"].values()}):
         basis.update(store.read_basis(path, manifest["files"][path]))
+    residuals = read_residuals(store, task.version, manifest, task.task_ids)
     with ThreadPoolExecutor(WRITE_THREADS) as writers:
         pending = []
         for task_id, out in zip(task.task_ids, task.outs):
             ranks = adapter_ranks(catalog[task_id], manifest["modules"])
-            weights = rebuild(manifest["modules"], basis, loadings[task_id], DTYPES[catalog[task_id]["dtype"]], ranks)
-            config = catalog[task_id]["config_json"] or json.dumps(
-                peft_format.minimal_config(ranks, manifest.get("base_model")),
-                indent=2,
-            )
-            pending.append(writers.submit(write_peft_folder, out, weights, config))
+            dtype = DTYPES[catalog[task_id]["dtype"]]
+            weights = rebuild(manifest["modules"], basis, loadings[task_id], dtype, ranks)
+            text = catalog[task_id]["config_json"]
+            if task_id in residuals:
+                weights, extra = add_residuals(weights, residuals[task_id], manifest["modules"], ranks, dtype)
+                ranks = {m: r + extra for m, r in ranks.items()}
+                if text:
+                    text = json.dumps(widened_config(json.loads(text), list(manifest["modules"]), extra), indent=2)
+            text = text or json.dumps(peft_format.minimal_config(ranks, manifest.get("base_model")), indent=2)
+            pending.append(writers.submit(write_peft_folder, out, weights, text))
         for done in pending:
             done.result()  # a failed write is the batch's error
     return [str(out) for out in task.outs]
@@ -222,6 +238,74 @@ def rebuild(
         weights[peft_format.weight_key(module, "A")] = a[0].to(dtype)
         weights[peft_format.weight_key(module, "B")] = b[0].to(dtype)
     return weights
+
+
+def read_residuals(store: Store, version: str, manifest: dict, task_ids: list[str]) -> dict[str, dict[str, dict]]:
+    """task_id -> module -> residuals row, of these adapters (none when the version has no residuals)."""
+    if version_path(version, RESIDUALS) not in manifest["files"]:
+        return {}
+    found: dict[str, dict[str, dict]] = {}
+    for row in store.read_table(version, RESIDUALS, task_ids).to_pylist():
+        found.setdefault(row["task_id"], {})[row["module"]] = row
+    return found
+
+
+def refuse_residuals(store: Store, version: str, manifest: dict, why: str, instead: str) -> None:
+    """Commands that cannot keep an adapter's residuals refuse a version holding any, naming the
+    first adapters that have them."""
+    if version_path(version, RESIDUALS) not in manifest["files"]:
+        return
+    ids = sorted(set(store.read_table(version, RESIDUALS, columns=["task_id"]).column("task_id").to_pylist()))
+    raise PipelineError(
+        f"{store} {version} holds residuals (adapters the shared bases miss the error bound on: {_names(ids[:5])}"
+        f"{f' and {len(ids) - 5} more' if len(ids) > 5 else ''}): {why}; {instead}"
+    )
+
+
+def add_residuals(
+    weights: dict[str, torch.Tensor], rows: dict[str, dict], modules: dict[str, dict], ranks: dict[str, int], dtype
+) -> tuple[dict[str, torch.Tensor], int]:
+    """One adapter's PEFT state dict with its residuals: an add residual's factors appended to the
+    module's, an exact one's in their place; then every module zero-padded by the same extra rank
+    (the largest a module needs), so the adapter keeps one rank pattern. Returns it and the extra."""
+    factors = {}
+    for module, entry in modules.items():
+        key_a, key_b = peft_format.weight_key(module, "A"), peft_format.weight_key(module, "B")
+        shared = (weights[key_a], weights[key_b])
+        row = rows.get(module)
+        if row is None:
+            factors[module] = shared
+            continue
+        a, b = residual_factors(row, entry["a_shape"], entry["b_shape"])
+        factors[module] = with_residual(shared, row["kind"], a.to(dtype), b.to(dtype))
+    extra = max([0, *(factors[m][0].shape[0] - ranks[m] for m in modules)])
+    padded = {}
+    for module, (a, b) in factors.items():
+        a, b = pad_rank(a[None], b[None], ranks[module] + extra)
+        padded[peft_format.weight_key(module, "A")] = a[0].contiguous()
+        padded[peft_format.weight_key(module, "B")] = b[0].contiguous()
+    return padded, extra
+
+
+def widened_config(config: dict, modules: list[str], extra: int) -> dict:
+    """An adapter's config for its factors widened by `extra` ranks: r and every rank_pattern
+    value grow by it, and lora_alpha and alpha_pattern with them so that each module's scaling
+    (alpha / r, alpha / sqrt(r) with use_rslora) is unchanged. An adapter with patterns gets one
+    entry per module (its rank and alpha differ from module to module)."""
+    rslora = bool(config.get("use_rslora"))
+    alpha = config.get("lora_alpha", 8)
+
+    def widened(value: float, rank: int) -> float:
+        grown = (rank + extra) / rank
+        return value * (math.sqrt(grown) if rslora else grown)
+
+    out = {**config, "r": config["r"] + extra, "lora_alpha": widened(alpha, config["r"])}
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        ranks = {m: peft_format.module_rank(config, m) for m in modules}
+        alphas = {m: peft_format.pattern_value(config.get("alpha_pattern") or {}, m, alpha) for m in modules}
+        out["rank_pattern"] = {re.escape(m): ranks[m] + extra for m in modules}
+        out["alpha_pattern"] = {re.escape(m): widened(alphas[m], ranks[m]) for m in modules}
+    return out
 
 
 def write_peft_folder(out: Location, weights: dict[str, torch.Tensor], config_text: str) -> None:

@@ -101,7 +101,7 @@ def rollback(store: Store, version: str) -> dict:
             raise PipelineError(target.problem or f"version {version} of {store} has no manifest")
         if survey.current is None and survey.problem:
             log.warning("replacing LATEST: %s", survey.problem)
-        store.set_pointer(version)
+        store.set_pointer(version, target.manifest.get("format_version", 1))
     return {"version": version, "previous": survey.current}
 
 

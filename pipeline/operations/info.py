@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import IntegrityError
-from pipeline.io.format import CATALOG, LOADINGS, MANIFEST
+from pipeline.io.format import CATALOG, LOADINGS, MANIFEST, RESIDUALS
 from pipeline.io.location import printable
 from pipeline.io.store import Store
 
@@ -53,8 +53,19 @@ def describe(store: Store, version: str | None = None) -> dict:
         "stored_bytes": stored,
         "compression_ratio": manifest["original_bytes"] / stored["total"],
         "quantization": manifest.get("quantization"),
+        "max_error": manifest["parameters"].get("max_error"),
+        "residuals": manifest.get("residuals"),
+        "residual_adapters": _residual_adapters(store, version, manifest),
         **_error_figures(errors),
     }
+
+
+def _residual_adapters(store: Store, version: str, manifest: dict) -> list[str]:
+    """The adapters with residuals, sorted (none without residuals.parquet)."""
+    if f"versions/{version}/{RESIDUALS}" not in manifest["files"]:
+        return []
+    ids = store.read_table(version, RESIDUALS, columns=["task_id"]).column("task_id")
+    return sorted(pc.unique(ids).to_pylist())
 
 
 def _error_figures(errors: pa.Table) -> dict:
@@ -114,6 +125,8 @@ def stored_bytes(store: Store, manifest: dict, manifest_bytes: int) -> dict[str,
             sizes["basis_other"] += entry["bytes"] - components - means
         elif path.endswith(LOADINGS):
             sizes["loadings"] += entry["bytes"]
+        elif path.endswith(RESIDUALS):  # a key only where there are residuals
+            sizes["residuals"] = entry["bytes"]
         else:
             sizes["metadata"] += entry["bytes"]
     sizes["total"] = sum(sizes.values())
@@ -189,9 +202,32 @@ def format_info(info: dict) -> str:
                 else "errors above were measured on the quantized basis"
             )
         )
+    if info.get("max_error") is not None or info.get("residuals"):
+        lines.append(residuals_line(info))
     for task_id, reason in info["quarantined"].items():
         lines.append(f"quarantined  {printable(task_id)}: {printable(reason or '')}")
     return "\n".join(lines)
+
+
+def residuals_line(info: dict) -> str:
+    """The error bound and what the residuals that keep it take."""
+    residuals = info.get("residuals") or {"adapters": 0, "modules": 0, "bytes": 0}
+    bound = info.get("max_error")
+    without = info["store_bytes"] - residuals["bytes"]
+    return (
+        f"residuals    {residuals['adapters']} adapter(s), {residuals['modules']} module(s), "
+        f"{residuals['bytes']:,} bytes (ratio {info['compression_ratio']:.1f}x with them, "
+        f"{info['original_bytes'] / without:.1f}x without); bound "
+        + (f"{bound:g} on every module's delta-W error, as exported" if bound is not None else "none")
+        + _named(info.get("residual_adapters") or [])
+    )
+
+
+def _named(ids: list[str]) -> str:
+    if not ids:
+        return ""
+    more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+    return f"; {', '.join(printable(t) for t in ids[:5])}{more}"
 
 
 def distribution_line(info: dict) -> str:

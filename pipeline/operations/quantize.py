@@ -18,6 +18,7 @@ from pipeline.flow.publish import write_version
 from pipeline.io.format import read_parameters
 from pipeline.io.store import Store
 from pipeline.linalg.quantize import bits_scheme
+from pipeline.operations.export import refuse_residuals
 from pipeline.operations.info import version_bytes
 from pipeline.runners import Runner
 
@@ -39,6 +40,14 @@ def quantize(store: Store, bits: int, runner: Runner, options: Options = _DEFAUL
             store, parent, "quantize packs flat bases only", "compress the collection again with --quantize int8 or nf4"
         )
         manifest = store.manifest(parent)
+        why = "packing the components would move adapters' errors past the bound without a measure of their own"
+        refuse_residuals(store, parent, manifest, why, "compress again with --quantize and --max-error")
+        bound = manifest["parameters"].get("max_error")
+        if bound is not None:
+            raise PipelineError(
+                f"{store} {parent} keeps every error within --max-error {bound:g}: {why}; "
+                "compress again with --quantize and --max-error"
+            )
         if manifest.get("quantization"):
             raise PipelineError(
                 f"{store} {parent}: already quantized ({manifest['quantization']['scheme']}); "

@@ -50,6 +50,7 @@ from pipeline.linalg import quantize
 from pipeline.linalg.decompose import Decomposition
 from pipeline.linalg.gauge import JointBasis
 from pipeline.linalg.loadings import Shapes
+from pipeline.operations.export import refuse_residuals
 from pipeline.operations.info import stored_bytes
 
 
@@ -295,6 +296,13 @@ def load(uri: str, version: str | None = None, endpoint_url: str | None = None) 
     store = Store(Location(uri, endpoint_url))
     version = store.require_version(version)
     manifest = store.manifest(version)
+    refuse_residuals(
+        store,
+        version,
+        manifest,
+        "the Python API does not hold residuals (it would save and reconstruct these adapters without them)",
+        "export them with `lora-subspace export`",
+    )
     modules, joint = _read_bases(store, version, manifest)
     catalog = store.read_table(version, CATALOG).to_pylist()
     ok = sorted((r for r in catalog if r["status"] == "ok"), key=lambda r: r["task_id"])

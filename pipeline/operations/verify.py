@@ -17,16 +17,19 @@ from pipeline.io.format import (
     LOADINGS,
     MANIFEST,
     POINTER,
+    RESIDUALS,
     basis_key,
     check_bytes,
     decode_basis,
     is_object_path,
     manifest_problems,
+    residual_factors,
     unsafe_task_ids,
     version_path,
 )
 from pipeline.io.store import PUBLISHED, UNREADABLE, Store
 from pipeline.io.tables import read_batches
+from pipeline.linalg.residual import KINDS
 
 # max |V V^T - I| allowed, by how components are stored. Packed ones are orthonormal only to their
 # rounding: measured at most 4e-3 (int8) and 0.1 (nf4) for k <= 64, D >= 64; a corrupt basis
@@ -105,6 +108,7 @@ def verify(store: Store, version: str | None = None) -> dict:
     if version_path(version, LOADINGS) in manifest["files"]:
         failures += _check_loadings(store, version, manifest)
     failures += _check_catalog(store, version, manifest)
+    failures += _check_residuals(store, version, manifest)
     report["failures"] = failures
     return report
 
@@ -217,3 +221,43 @@ def _unsafe_ids(table: str, column) -> list[str]:
     bad = unsafe_task_ids(pc.unique(column))
     shown = [f"{table}: task id {t!r} is not a safe relative path" for t in bad[:SHOWN_IDS]]
     return shown + ([f"{table}: {len(bad) - SHOWN_IDS} more unsafe task id(s)"] if len(bad) > SHOWN_IDS else [])
+
+
+def _check_residuals(store: Store, version: str, manifest: dict) -> list[str]:
+    """Each residuals row: kind known, factors that fit its module's shapes and finite, an adapter
+    the catalog holds as compressed; the counts as the manifest's `residuals` says. A version
+    without residuals has neither the object nor the summary, and is format 1."""
+    listed, summary = version_path(version, RESIDUALS) in manifest["files"], manifest.get("residuals")
+    if not listed:
+        return [f"{MANIFEST}: a residuals summary but no {RESIDUALS} among the files"] if summary else []
+    if not (isinstance(summary, dict) and manifest.get("format_version") == 2):
+        return [f"{MANIFEST}: {RESIDUALS} is listed, but the manifest is not format 2 with a residuals summary"]
+    try:
+        catalog = store.read_table(version, CATALOG, columns=["task_id", "status"]).to_pylist()
+        ok = {r["task_id"] for r in catalog if r["status"] == "ok"}
+        rows = store.read_table(version, RESIDUALS).to_pylist()
+    except (PipelineError, OSError, ValueError) as exc:
+        return [f"{RESIDUALS}: unreadable: {exc}"]
+    failures = [problem for row in rows for problem in _residual_problems(row, manifest["modules"], ok)]
+    counts = {"adapters": len({r["task_id"] for r in rows}), "modules": len(rows)}
+    expected = {k: summary.get(k) for k in counts}
+    return failures + ([] if counts == expected else [f"{RESIDUALS}: counts {counts}, the manifest says {expected}"])
+
+
+def _residual_problems(row: dict, modules: dict, ok: set[str]) -> list[str]:
+    where = f"{RESIDUALS}: {row['task_id']!r} {row['module']!r}"
+    if row["task_id"] not in ok:
+        return [f"{where}: no such compressed adapter in the catalog"]
+    if row["module"] not in modules:
+        return [f"{where}: no such module"]
+    if row["kind"] not in KINDS:
+        return [f"{where}: kind {row['kind']!r} is not one of {', '.join(KINDS)}"]
+    entry = modules[row["module"]]
+    try:
+        a, b = residual_factors(row, entry["a_shape"], entry["b_shape"])
+    except IntegrityError as exc:
+        return [f"{RESIDUALS}: {exc}"]
+    shared = row["shared_error"]
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all() and shared is not None and np.isfinite(shared)):
+        return [f"{where}: non-finite values"]
+    return []

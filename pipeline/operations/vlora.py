@@ -29,7 +29,7 @@ from pipeline.io.store import Store
 from pipeline.io.targets import holding_files
 from pipeline.io.vlora import BASIS, META, Layout, read_layout, task_file, write_streamed
 from pipeline.operations.compress import check_out
-from pipeline.operations.export import select
+from pipeline.operations.export import refuse_residuals, select
 from pipeline.operations.quantize import refuse_joint
 from pipeline.runners import Runner
 
@@ -130,6 +130,13 @@ def export_vlora(
     )
     version = store.require_version(version)
     manifest = store.manifest(version)
+    refuse_residuals(
+        store,
+        version,
+        manifest,
+        "vlora's layout has no place for an adapter's own factors",
+        "export its adapters as PEFT folders with `lora-subspace export --all`",
+    )
     modules = dict(sorted(manifest["modules"].items()))
     ranks = {e["a_shape"][0] for e in modules.values()}
     if len(ranks) != 1:
