@@ -178,7 +178,9 @@ def _value_problems(options: Options, spell: Spell) -> list[str]:
     )
     problems += _one_of(options.quantize, spell("quantize"), QUANTIZE_SCHEMES, optional=True)
     problems += _one_of(options.method, spell("method"), METHODS)
-    if options.ratio is not None and not (_is_number(options.ratio) and options.ratio > 1):
+    if options.ratio is not None and not _is_number(options.ratio):
+        problems.append(f"{spell('ratio')} must be a finite number, got {options.ratio!r}")
+    elif options.ratio is not None and options.ratio <= 1:
         problems.append(f"{spell('ratio')} must be above 1 (the compression factor), got {options.ratio!r}")
     problems += _check(options.budget_bytes, spell("budget_bytes"), _is_int, "a number of bytes", True, least=1)
     return problems

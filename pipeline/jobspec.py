@@ -76,7 +76,7 @@ JOBS: dict[str, dict[str, Field]] = {
         "from_source": Field(bool),
         "chunk_size": Field(int),
         "max_error": Field((int, float, str)),  # a number, or none
-        "prune_keep": Field(int),  # after publishing, prune to this many versions
+        "prune_keep": Field(int, least=1),  # after publishing, prune to this many versions
         **_WRITING,
         **_COMMON,
     },
@@ -175,6 +175,8 @@ def _key_problem(job: str, key: str, value: Any) -> str | None:
         return f"{key!r} must be {' or '.join(field.choices)}, got {value!r}"
     if field.least is not None and value < field.least:
         return f"{key!r} must be at least {field.least}, got {value!r}"
+    if key == "task_ids" and not all(isinstance(item, str) and item for item in value):
+        return f"{key!r} must be a list of task ids (non-empty strings), got {value!r}"
     if field.kind == _SIZE:
         try:
             parse_size(value)

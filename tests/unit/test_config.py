@@ -172,3 +172,7 @@ def test_memory_budget_is_a_hidden_name_of_task_memory():
     assert _parse("compress", "src", "--out", "st").task_memory == 2**30
     compress = build_parser()._subparsers._group_actions[0].choices["compress"]
     assert "--task-memory" in compress.format_help() and "--memory-budget" not in compress.format_help()
+
+
+def test_an_infinite_ratio_is_named_as_not_finite():
+    assert Options(ratio=float("inf")).problems() == ["ratio must be a finite number, got inf"]

@@ -127,3 +127,10 @@ def test_values_the_config_refuses_still_give_the_status_line(tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["status"] == "error" and "'memory_budget': must be at least 1 byte" in line["error"]
     assert "'from_source' needs 'full'" in line["error"]
+
+
+def test_prune_keep_and_task_ids_are_checked_before_the_job_runs():
+    with pytest.raises(PipelineError, match="'prune_keep' must be at least 1, got -3"):
+        load("rebase", None, ["source=a", "store=b", "prune_keep=-3"])
+    with pytest.raises(PipelineError, match="'task_ids' must be a list of task ids"):
+        load("export", None, ["store=a", "out=b", "task_ids=[1, {a: b}, null]"])
