@@ -140,6 +140,27 @@ def make_collection(path: Path, n: int, **kwargs) -> list[str]:
     return generate(Location(str(path)), n, **kwargs)
 
 
+LOW_RANK = 4  # mixed_ranks: the rank of every third adapter (the others keep the collection's)
+
+
+def mixed_ranks(src: Path, ids: list[str], dtype) -> None:
+    """Cut every third adapter of `src` to rank LOW_RANK and store every adapter's factors in `dtype`."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeline import peft_format
+
+    for index, task_id in enumerate(ids):
+        folder = src / task_id
+        tensors = load_file(str(folder / peft_format.WEIGHTS_FILE))
+        if index % 3 == 0:
+            tensors = {k: (v[:LOW_RANK] if ".lora_A." in k else v[:, :LOW_RANK]) for k, v in tensors.items()}
+            config = json.loads((folder / peft_format.CONFIG_FILE).read_text())
+            (folder / peft_format.CONFIG_FILE).write_text(json.dumps({**config, "r": LOW_RANK}))
+        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(folder / peft_format.WEIGHTS_FILE))
+
+
 def run_cli(*args: str) -> int:
     from pipeline.cli import main
 

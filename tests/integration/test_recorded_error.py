@@ -2,13 +2,11 @@
 rebuilt factors cut to the adapter's own rank and cast to its dtype. Checked by exporting and
 comparing the exported delta W with the original's, per adapter and module."""
 
-import json
-
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_collection, run_cli
-from safetensors.torch import load_file, save_file
+from conftest import make_collection, mixed_ranks, run_cli
+from safetensors.torch import load_file
 
 from pipeline import peft_format
 
@@ -16,18 +14,6 @@ from pipeline import peft_format
 # the same float32 values, but a batched product may round differently from a single one, and a
 # last-bit difference can move one entry to the neighbouring bf16/fp16 value.
 TOLERANCE = 1e-5
-LOW = 4  # the rank of every third adapter (the others have the collection's 8)
-
-
-def _mixed_ranks(src, ids, dtype):
-    for index, task_id in enumerate(ids):
-        folder = src / task_id
-        tensors = load_file(str(folder / peft_format.WEIGHTS_FILE))
-        if index % 3 == 0:
-            tensors = {k: (v[:LOW] if ".lora_A." in k else v[:, :LOW]) for k, v in tensors.items()}
-            config = json.loads((folder / peft_format.CONFIG_FILE).read_text())
-            (folder / peft_format.CONFIG_FILE).write_text(json.dumps({**config, "r": LOW}))
-        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(folder / peft_format.WEIGHTS_FILE))
 
 
 def _delta(tensors, module):
@@ -45,7 +31,7 @@ def _delta(tensors, module):
 def test_recorded_error_is_the_exported_error(runner, tmp_path, dtype, method):
     src = tmp_path / "src"
     ids = make_collection(src, 9, shared_dim=3, noise=0.2)
-    _mixed_ranks(src, ids, dtype)
+    mixed_ranks(src, ids, dtype)
     assert run_cli("compress", src, "--out", tmp_path / "store", *method) == 0
     assert run_cli("export", tmp_path / "store", "--all", "--out", tmp_path / "out") == 0
     rows = pq.read_table(

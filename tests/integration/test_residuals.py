@@ -7,24 +7,12 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_collection, run_cli
-from safetensors.torch import load_file, save_file
+from conftest import make_collection, mixed_ranks, run_cli
+from safetensors.torch import load_file
 
 from pipeline import peft_format
 
 BOUND = 0.06  # about the median error of these collections: some modules need residuals, some not
-LOW = 4  # the rank of every third adapter (the others have the collection's 8)
-
-
-def _mixed_ranks(src, ids, dtype):
-    for index, task_id in enumerate(ids):
-        folder = src / task_id
-        tensors = load_file(str(folder / peft_format.WEIGHTS_FILE))
-        if index % 3 == 0:
-            tensors = {k: (v[:LOW] if ".lora_A." in k else v[:, :LOW]) for k, v in tensors.items()}
-            config = json.loads((folder / peft_format.CONFIG_FILE).read_text())
-            (folder / peft_format.CONFIG_FILE).write_text(json.dumps({**config, "r": LOW}))
-        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(folder / peft_format.WEIGHTS_FILE))
 
 
 def _delta(folder, module):
@@ -67,7 +55,7 @@ def _residual_rows(store, version):
 def test_compress_bound_holds_on_exported_files(runner, tmp_path, dtype, method):
     src, store, out = tmp_path / "src", tmp_path / "store", tmp_path / "out"
     ids = make_collection(src, 9, shared_dim=3, noise=0.1, structure="gauge" if method[0] == "--method" else "shared")
-    _mixed_ranks(src, ids, dtype)
+    mixed_ranks(src, ids, dtype)
     assert run_cli("compress", src, "--out", store, "--max-error", BOUND, *method) == 0
     assert run_cli("verify", store) == 0
     assert run_cli("export", store, "--all", "--out", out) == 0
@@ -91,11 +79,11 @@ def _grown_store(tmp_path, method, dtype=torch.bfloat16):
     structure the basis does not know (a different seed), put in the source after it."""
     src, store = tmp_path / "src", tmp_path / "store"
     ids = make_collection(src, 9, shared_dim=3, noise=0.1)
-    _mixed_ranks(src, ids, dtype)
+    mixed_ranks(src, ids, dtype)
     assert run_cli("compress", src, "--out", store, "--max-error", BOUND, *method) == 0
     new = make_collection(src, 3, shared_dim=3, noise=0.1, start=9)
     new += make_collection(src, 3, shared_dim=3, noise=0.1, seed=7, prefix="other")
-    _mixed_ranks(src, new, dtype)
+    mixed_ranks(src, new, dtype)
     return src, store, ids + new, new
 
 
@@ -214,7 +202,7 @@ def test_residuals_survive_chunked_compress_rollback_and_prune(runner, tmp_path)
     src, store = tmp_path / "src", tmp_path / "store"
     ids = make_collection(src, 9, shared_dim=3, noise=0.1)
     ids += make_collection(src, 3, shared_dim=3, noise=0.1, seed=7, prefix="other")
-    _mixed_ranks(src, ids, torch.bfloat16)
+    mixed_ranks(src, ids, torch.bfloat16)
     assert run_cli("compress", src, "--out", store, "--components", 3, "--max-error", BOUND, "--chunk-size", 4) == 0
     assert run_cli("verify", store, "--all") == 0
     _within_bound(src, store, ids, tmp_path / "chunked")
