@@ -175,6 +175,11 @@ def _key_problem(job: str, key: str, value: Any) -> str | None:
         return f"{key!r} must be {' or '.join(field.choices)}, got {value!r}"
     if field.least is not None and value < field.least:
         return f"{key!r} must be at least {field.least}, got {value!r}"
+    return _item_problem(key, value, field)
+
+
+def _item_problem(key: str, value: Any, field: Field) -> str | None:
+    """What a value of the right type may still get wrong: its task ids, its size."""
     if key == "task_ids" and not all(isinstance(item, str) and item for item in value):
         return f"{key!r} must be a list of task ids (non-empty strings), got {value!r}"
     if field.kind == _SIZE:
