@@ -420,7 +420,10 @@ class Subspace:
         """Publish the subspace as a new version of the store at uri (path, file:// or s3://) and
         return its id. The store's current version must be the one this subspace was loaded from
         (or the store empty), unless `replace`: nothing another writer published is overwritten."""
-        return self._save(uri, endpoint_url, replace)
+        snap = self._snapshot()
+        version = snapshot.save(snap, uri, endpoint_url, replace)
+        self.origin = snap.origin
+        return version
 
     @classmethod
     def load(cls, uri: str, version: str | None = None, endpoint_url: str | None = None) -> Subspace:
@@ -445,13 +448,6 @@ class Subspace:
         )
 
     # -- internals -------------------------------------------------------------------------------
-
-    def _save(self, uri: str, endpoint_url: str | None, replace: bool, operation: str = "save") -> str:
-        """save, recording `operation` in the manifest (the CLI's quantize and vlora-import)."""
-        snap = self._snapshot()
-        version = snapshot.save(snap, uri, endpoint_url, replace, operation)
-        self.origin = snap.origin
-        return version
 
     def _snapshot(self) -> snapshot.Snapshot:
         """What a store version holds of this subspace (the rows as they are, not copied)."""

@@ -150,13 +150,12 @@ BASIS_OBJECT_BYTES = 256 << 20  # components per basis object: export and re-bas
 TASKS_PER_TABLE = 512  # tasks whose loadings rows are encoded at once
 
 
-def save(
-    sub: Snapshot, uri: str, endpoint_url: str | None = None, replace: bool = False, operation: str = "save"
-) -> str:
+def save(sub: Snapshot, uri: str, endpoint_url: str | None = None, replace: bool = False) -> str:
     """Publish as the store's next version; sets `sub.origin` to it."""
     store = Store(Location(uri, endpoint_url))
     if not sub.task_ids:
         raise PipelineError(f"nothing to publish to {store}: the subspace holds no adapters")
+    operation = "save"  # the manifest's operation of a version the Python API publishes
     with store.lock(operation) as lock:
         parent = store.current_version()
         if parent is not None and not replace and sub.origin != (str(store), parent):
