@@ -76,7 +76,3 @@ def decode(fields: dict[str, torch.Tensor], width: int) -> torch.Tensor:
     codes = torch.stack([packed >> 4, packed & 0x0F], dim=2).view(k, -1, BLOCK).long()
     values = NF4_LEVELS[codes] * fields["nf4_absmax"].to(torch.float32)[:, :, None]
     return values.view(k, -1)[:, :width].contiguous()
-
-
-def scheme_of(fields: dict[str, torch.Tensor]) -> str | None:
-    return next((s for s in SCHEMES if s in fields), None)
