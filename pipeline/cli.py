@@ -9,7 +9,15 @@ import sys
 import traceback
 
 from pipeline import __version__, commands, config
-from pipeline.config import ComponentRule, Options, cli_flag, parse_max_error, raise_problems, step_problems
+from pipeline.config import (
+    ComponentRule,
+    Options,
+    cli_flag,
+    parse_clusters,
+    parse_max_error,
+    raise_problems,
+    step_problems,
+)
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location, printable, redact
 from pipeline.runners import LOCAL_ADAPTERS, LOCAL_BYTES, RUNNERS
@@ -90,6 +98,16 @@ class _Deprecated(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
         namespace.deprecated = [*getattr(namespace, "deprecated", []), f"{option_string} is now {self.new}"]
+
+
+def _clusters(text: str) -> int | str:
+    try:
+        value = parse_clusters(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'not a number of groups or "auto": {text!r}') from None
+    if value != "auto" and value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +200,13 @@ def _add_compress(sub, parents: list[argparse.ArgumentParser]) -> None:
         "--quantize",
         choices=config.QUANTIZE_SCHEMES,
         help="store the components packed: int8 (4x smaller) or nf4 (7.5x)",
+    )
+    c.add_argument(
+        "--clusters",
+        type=_clusters,
+        metavar="K|auto",
+        help="groups of adapters by delta-W similarity, each with its own bases per module (project and rebase "
+        "put new adapters in the nearest group); auto: the number of groups for the budget and bound",
     )
     c.add_argument(
         "--chunk-size",
@@ -408,6 +433,7 @@ def options_from_args(args) -> Options:
         given("method", defaults.method),
         given("ratio"),
         given("budget_bytes"),
+        given("clusters"),
     )
     steps = step_problems(given("chunk_size"), given("full", False), given("from_source", False), cli_flag)
     raise_problems(options.problems(cli_flag) + steps)

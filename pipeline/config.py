@@ -92,6 +92,9 @@ class Options:
     # The storage budget: bases and loadings (float32 values) at most the adapters' tensor bytes / ratio,
     ratio: float | None = None
     budget_bytes: int | None = None  # or given in bytes (turned into a ratio of the collection's)
+    # Groups of adapters by delta-W similarity, each with its own bases per module: a number, "auto"
+    # (chosen for the budget and bound), or None: one basis per module for the whole collection.
+    clusters: int | str | None = None
 
     @property
     def bound(self) -> float | None:
@@ -183,7 +186,18 @@ def _value_problems(options: Options, spell: Spell) -> list[str]:
     elif options.ratio is not None and options.ratio <= 1:
         problems.append(f"{spell('ratio')} must be above 1 (the compression factor), got {options.ratio!r}")
     problems += _check(options.budget_bytes, spell("budget_bytes"), _is_int, "a number of bytes", True, least=1)
+    if options.clusters != "auto":
+        problems += _check(options.clusters, spell("clusters"), _is_int, 'an integer or "auto"', True, least=1)
     return problems
+
+
+def parse_clusters(text: str | int | None) -> int | str | None:
+    """A --clusters or job `clusters` value: a number of groups, or `auto`; ValueError otherwise."""
+    if text is None or text == "auto" or (isinstance(text, int) and not isinstance(text, bool)):
+        return text
+    if isinstance(text, str) and text.strip().isdigit():
+        return int(text)
+    raise ValueError(f'not a number of groups or "auto": {text!r}')
 
 
 def _combination_problems(options: Options, spell: Spell) -> list[str]:
@@ -196,6 +210,11 @@ def _combination_problems(options: Options, spell: Spell) -> list[str]:
     if options.method == "aligned" and options.rule.components is None:
         problems.append(
             f"{spell('method')} aligned needs {spell('components')} (the rank of the structure the alignment looks for)"
+        )
+    if options.clusters == "auto" and not options.budgeted:
+        problems.append(
+            f"{spell('clusters')} auto chooses the number of groups for a budget: give {spell('ratio')} or "
+            f"{spell('budget_bytes')}, or a number of groups"
         )
     if options.method == "joint" and options.rule.components is None and not options.budgeted:
         problems.append(

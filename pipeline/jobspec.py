@@ -65,6 +65,7 @@ JOBS: dict[str, dict[str, Field]] = {
         "budget_bytes": Field(_SIZE),  # or in bytes
         "quantize": Field(str),
         "max_error": Field((int, float, str)),  # the delta-W error bound of every module, or none
+        "clusters": Field((int, str)),  # groups of adapters with their own bases: a number, or auto
         **_WRITING,
         **_COMMON,
     },
@@ -231,6 +232,7 @@ def options(job: str, config: dict[str, Any]) -> Options:
         method=get("method", defaults.method),
         ratio=get("ratio"),
         budget_bytes=None if budget is None else parse_size(budget),
+        clusters=get("clusters"),
     )
 
 

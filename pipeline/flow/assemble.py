@@ -21,6 +21,7 @@ from pipeline.io.format import (
     CATALOG,
     CATALOG_SCHEMA,
     FORMAT_VERSION,
+    GROUPS,
     LOADINGS,
     LOADINGS_KEYS,
     LOADINGS_ROW_GROUP,
@@ -30,6 +31,8 @@ from pipeline.io.format import (
     RESIDUALS_SCHEMA,
     basis_file,
     build_manifest,
+    encode_basis,
+    groups_tensors,
     module_entry,
     residual_staging_file,
     staging_file,
@@ -138,6 +141,8 @@ def assemble(change, good, results, source, store, version, options, seconds) ->
     ).to_dict()
     quantization = _quantization(change, options, results)
     manifest = _manifest(change, good, source, version, options, catalog, error, modules, files, quantization)
+    if change.groups is not None:
+        manifest["groups"] = _write_groups(store, version, change.groups, manifest["files"])
     if summary.residuals_stored:
         manifest = {**manifest, "format_version": FORMAT_VERSION, "residuals": summary.residuals_stored}
     return manifest, summary
@@ -232,6 +237,15 @@ def _write_catalog(store, version: str, change: Change, kept_previous: dict, cat
         rows = without(_conformed(read_batches(parent_where, CATALOG), CATALOG_SCHEMA), {a.task_id for a in scanned})
         streams.append(_all_in_basis(rows) if change.refit else rows)
     return write_tables(where, CATALOG, catalog.tap(merge_sorted(streams, ["task_id"])), CATALOG_SCHEMA).to_dict()
+
+
+def _write_groups(store, version: str, groups, files: dict) -> dict:
+    """The groups object (each group's sketch sum and members) and the manifest's `groups`."""
+    path = version_path(version, GROUPS)
+    files[path] = store.write_object(
+        version, GROUPS, encode_basis(groups_tensors(groups.sums, groups.counts))
+    ).to_dict()
+    return {"count": groups.count, "sketches": path}
 
 
 def _module_entries(change: Change, results, version: str) -> dict[str, dict]:

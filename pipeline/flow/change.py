@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.flow.scan import ScannedAdapter
 
@@ -31,6 +31,7 @@ class Change:
     counts: dict[str, int] = field(default_factory=dict)  # discovery figures for the summary
     scan_seconds: float = 0.0
     catalog: list[dict] = field(default_factory=list)  # catalog rows of adapters not scanned (vlora-import)
+    groups: Any = None  # the new version's groups (pipeline.flow.grouping.Groups), None when ungrouped
 
 
 @dataclass

@@ -25,7 +25,14 @@ from pipeline import failpoints
 from pipeline.errors import PipelineError
 from pipeline.flow.bounded import StoredAdapters, flat_exporter, joint_exporter, keep_bound, stored_adapters
 from pipeline.flow.change import good_adapters
-from pipeline.flow.plan import floats_per_adapter, largest_shard_bytes, module_shapes, version_shards
+from pipeline.flow.grouping import group_adapters
+from pipeline.flow.plan import (
+    floats_per_adapter,
+    largest_shard_bytes,
+    module_members,
+    module_shapes,
+    version_shards,
+)
 from pipeline.flow.strategies import (
     Context,
     FitSpec,
@@ -229,7 +236,7 @@ def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, list[torch.T
             # those rows are checked entry by entry); ten times cheaper than isfinite on all.
             for row in (~torch.isfinite(stack.sum(dim=1))).nonzero().flatten().tolist():
                 if not torch.isfinite(stack[row]).all():
-                    result.nonfinite.setdefault(row, f"NaN or Inf in {module} lora_{'AB'[side]}")
+                    result.nonfinite.setdefault(task.new[row][0], f"NaN or Inf in {module} lora_{'AB'[side]}")
     return stacks
 
 
@@ -398,6 +405,7 @@ def compute_all(change, source, store, version, runner, options, seconds):
     """Every shard's results, in shard order. Adapters found holding NaN/Inf are quarantined and
     the shards recomputed without them, so no basis ever saw them."""
     started = time.perf_counter()
+    change.groups = group_adapters(change, good_adapters(change.adapters), store, runner, options)
     while True:
         good = good_adapters(change.adapters)
         if not good and change.mode == "absorb":
@@ -408,25 +416,26 @@ def compute_all(change, source, store, version, runner, options, seconds):
                 f"no usable adapters: all {len(change.adapters)} quarantined (e.g. {first.task_id!r}: {first.reason})"
             )
         results = _compute_shards(change, good, source, store, version, runner, options)
-        nonfinite = {i: reason for r in results for i, reason in r.nonfinite.items()}
+        nonfinite = {task_id: reason for r in results for task_id, reason in r.nonfinite.items()}
         if not nonfinite:
             break
         if options.strict:
-            index, reason = next(iter(nonfinite.items()))
-            raise PipelineError(f"--strict: adapter {good[index].task_id!r} quarantined: {reason}")
-        for index, reason in nonfinite.items():
-            good[index].quarantine(reason)
-            log.warning("quarantined %s: %s", printable(good[index].task_id), reason)
+            task_id, reason = next(iter(nonfinite.items()))
+            raise PipelineError(f"--strict: adapter {task_id!r} quarantined: {reason}")
+        for adapter in good:
+            if adapter.task_id in nonfinite:
+                adapter.quarantine(nonfinite[adapter.task_id])
+                log.warning("quarantined %s: %s", printable(adapter.task_id), adapter.reason)
     seconds["compute"] = time.perf_counter() - started
     return results, good
 
 
 def _compute_shards(change, good, source, store, version, runner, options) -> list[ShardResult]:
     shapes = module_shapes(change, good)
-    rows = _row_count(change, good)
+    rows = _row_counts(change, good, shapes)
     floats = floats_per_adapter(change, good, shapes, rows, options)
     shards = version_shards(change, shapes, rows, options, runner.num_cpus)
-    memory = _shard_memory(shards, shapes, rows, len(good), options)
+    memory = _shard_memory(shards, shapes, max(rows.values(), default=0), len(good), options)
     spec = FitSpec(options.rule, options.route, options.quantize, options.method, floats, max_error=options.bound)
     parent = _parent(change, good)
     inputs = _digest(
@@ -450,10 +459,14 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     reader = good[0].location if good else source
 
     def task(shard, fixed_k=None):
-        new = [(a.task_id, a.weights_path, {m: a.modules[m] for m in shard.modules}) for a in good]
+        # A shard holds one group's modules (plan): it reads that group's adapters.
+        members = [a for a in good if shard.modules[0] in a.modules]
+        new = [(a.task_id, a.weights_path, {m: a.modules[m] for m in shard.modules}) for a in members]
         key = _digest([inputs, shard.modules, fixed_k])
         fixed = dataclasses.replace(spec, fixed_k=fixed_k)
-        return ShardTask(shard, change.mode, fixed, store.location, version, reader, new, shapes, parent, key)
+        # A group that gets no new adapter keeps its bases: an absorb of nothing is a projection.
+        mode = "project" if change.mode == "absorb" and not new else change.mode
+        return ShardTask(shard, mode, fixed, store.location, version, reader, new, shapes, parent, key)
 
     progress = Progress("compute", len(shards), "shards")
     results: list[ShardResult | None] = [None] * len(shards)
@@ -477,15 +490,17 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     return results
 
 
-def _row_count(change, good) -> int:
-    """Rows each module's fit sees: the adapters read, and in a full re-base from the store the
-    parent's adapters not read again (they join, rebuilt)."""
-    rows = len(good)
+def _row_counts(change, good, shapes) -> dict[str, int]:
+    """Rows each module's fit sees: its adapters read, and in a full re-base from the store the
+    parent's adapters not read again (they join, rebuilt; counted whole for a grouped store's
+    modules, a bound on memory)."""
+    members = module_members(good)
+    rebuilt = 0
     if change.refit:
-        rows += change.parent_manifest["adapters"]["ok"] - sum(
+        rebuilt = change.parent_manifest["adapters"]["ok"] - sum(
             change.parent_status.get(a.task_id) == "ok" for a in good
         )
-    return rows
+    return {m: len(members.get(m, ())) + rebuilt for m in shapes}
 
 
 def _shard_memory(shards, shapes, rows: int, adapters: int, options) -> int:

@@ -9,6 +9,7 @@ from pipeline.config import Options
 from pipeline.errors import PipelineError
 from pipeline.flow.change import Change
 from pipeline.flow.scan import ScannedAdapter
+from pipeline.io.format import split_group
 from pipeline.linalg.budget import FLOAT_BYTES, candidates, fits
 
 
@@ -54,49 +55,71 @@ def largest_shard_bytes(shards: list[Shard], widths: dict[str, int], n_adapters:
 
 
 def module_shapes(change: Change, good: list[ScannedAdapter]) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
-    """lora_A and lora_B shapes per module at the collection's largest rank (lower ranks are
-    zero-padded to it)."""
+    """lora_A and lora_B shapes per (stored) module at the collection's largest rank (lower ranks
+    are zero-padded to it); a grouped collection's modules are each group's."""
     if change.parent_manifest:
         return {m: (tuple(e["a_shape"]), tuple(e["b_shape"])) for m, e in change.parent_manifest["modules"].items()}
+    ranks: dict[str, int] = {}  # per PEFT module: every group of a grouped store has the same rank
+    for adapter in good:
+        for module, (a, _) in adapter.modules.items():
+            name = split_group(module)[1]
+            ranks[name] = max(ranks.get(name, 0), a.shape[0])
     shapes = {}
-    for module, (a, b) in good[0].modules.items():
-        rank = max(x.modules[module][0].shape[0] for x in good)
-        shapes[module] = ((rank, a.shape[1]), (b.shape[0], rank))
+    for module, members in module_members(good).items():
+        (_, d_in), (d_out, _) = members[0].modules[module][0].shape, members[0].modules[module][1].shape
+        rank = ranks[split_group(module)[1]]
+        shapes[module] = ((rank, d_in), (d_out, rank))
     return shapes
 
 
+def module_members(good: list[ScannedAdapter]) -> dict[str, list[ScannedAdapter]]:
+    """The adapters of each stored module: all of them, or in a grouped collection its group's."""
+    members: dict[str, list[ScannedAdapter]] = {}
+    for adapter in good:
+        for module in adapter.modules:
+            members.setdefault(module, []).append(adapter)
+    return members
+
+
 def floats_per_adapter(
-    change: Change, good: list[ScannedAdapter], shapes, rows: int, options: Options
+    change: Change, good: list[ScannedAdapter], shapes, rows: dict[str, int], options: Options
 ) -> dict[str, float] | None:
     """Stored floats per adapter per module that the storage budget (`ratio` or `budget_bytes`)
-    allows: each module gets the budget's share of its own tensor bytes. A re-base keeps the
-    parent's; None without a budget."""
+    allows: each module gets the budget's share of its own adapters' tensor bytes. A re-base keeps
+    the parent's; None without a budget."""
     parent = change.parent_manifest
     if parent and "budget" in next(iter(parent["modules"].values())):
         return {m: e["budget"] for m, e in parent["modules"].items()}
     if parent or not options.budgeted:
         return None
-    module_bytes = {m: sum(x.end - x.start for a in good for x in a.modules[m]) for m in shapes}
+    members = module_members(good)
+    module_bytes = {m: sum(x.end - x.start for a in members[m] for x in a.modules[m]) for m in shapes}
     ratio = options.ratio or sum(module_bytes.values()) / options.budget_bytes
-    floats = {m: size / ratio / FLOAT_BYTES / len(good) for m, size in module_bytes.items()}
+    floats = {m: size / ratio / FLOAT_BYTES / len(members[m]) for m, size in module_bytes.items()}
     for module, per_adapter in floats.items():
         (r, d_in), (d_out, _) = shapes[module]
-        if not fits(per_adapter * rows, rows, r, d_in, d_out, candidates(options.method)):
+        if not fits(per_adapter * rows[module], rows[module], r, d_in, d_out, candidates(options.method)):
             raise PipelineError(
                 f"a budget of 1/{ratio:.3g} of the adapters' bytes is too small for module {module!r}: "
-                f"no {' or '.join(candidates(options.method))} fit takes {per_adapter * rows * FLOAT_BYTES:.0f} bytes"
+                f"no {' or '.join(candidates(options.method))} fit takes "
+                f"{per_adapter * rows[module] * FLOAT_BYTES:.0f} bytes"
             )
     return floats
 
 
-def version_shards(change: Change, shapes, rows: int, options: Options, parallelism: int) -> list[Shard]:
+def version_shards(change: Change, shapes, rows: dict[str, int], options: Options, parallelism: int) -> list[Shard]:
     """Fit and absorb: modules grouped to fit the memory bound per task for the rows read, at least one
     shard per CPU (each task also streams the parent's loadings once, so a re-base of a few uploads
-    makes few, wide shards). Project and quantize keep the parent's grouping: its basis objects are
-    reused, or each read once."""
+    makes few, wide shards); a shard never mixes groups. Project and quantize keep the parent's
+    grouping: its basis objects are reused, or each read once."""
     if change.mode not in ("project", "quantize"):
-        widths = {m: a[0] * a[1] + b[0] * b[1] for m, (a, b) in shapes.items()}
-        return plan_shards(widths, rows, options.task_memory, parallelism)
+        by_group: dict[int | None, dict[str, int]] = {}
+        for m, (a, b) in shapes.items():
+            by_group.setdefault(split_group(m)[0], {})[m] = a[0] * a[1] + b[0] * b[1]
+        planned, each = [], max(1, parallelism // len(by_group))
+        for _, widths in sorted(by_group.items(), key=lambda item: -1 if item[0] is None else item[0]):
+            planned += plan_shards(widths, max(rows[m] for m in widths), options.task_memory, each)
+        return [Shard(i, s.modules) for i, s in enumerate(planned)]
     groups: dict[str, list[str]] = {}
     for module, entry in sorted(change.parent_manifest["modules"].items()):
         groups.setdefault(entry["basis"], []).append(module)

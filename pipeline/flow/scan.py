@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 from pipeline import peft_format
 from pipeline.errors import AdapterError, PipelineError
 from pipeline.io.adapters import AdapterRef, read_adapter, weights_sha256
-from pipeline.io.format import is_safe_task_id
+from pipeline.io.format import is_safe_task_id, split_group
 from pipeline.io.location import Location, printable, redact
 from pipeline.io.safetensors_ranges import TensorInfo
 from pipeline.progress import Progress
@@ -363,9 +363,12 @@ def _expected_layout(good: list[ScannedAdapter], reference: dict | None) -> tupl
     (empty for a new collection: any rank is accepted)."""
     if reference is None:
         return Counter(a.layout() for a in good).most_common(1)[0][0], {}
-    modules = reference["modules"]
-    layout = tuple((m, e["a_shape"][1], e["b_shape"][0]) for m, e in sorted(modules.items()))
-    return layout, {m: e["a_shape"][0] for m, e in modules.items()}
+    dims, ranks = {}, {}
+    for stored, e in reference["modules"].items():
+        module = split_group(stored)[1]  # a grouped store holds each module once per group
+        dims[module] = (e["a_shape"][1], e["b_shape"][0])
+        ranks[module] = max(ranks.get(module, 0), e["a_shape"][0])
+    return tuple((m, *dims[m]) for m in sorted(dims)), ranks
 
 
 def _rank_above_store(a: ScannedAdapter, ranks: dict[str, int]) -> str:

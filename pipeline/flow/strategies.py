@@ -105,7 +105,7 @@ class ShardResult:
     shard: Shard
     file: FileEntry | None = None  # the basis object written (None: the parent's is kept)
     modules: list[ModuleResult] = field(default_factory=list)
-    nonfinite: dict[int, str] = field(default_factory=dict)  # index into task.new -> reason
+    nonfinite: dict[str, str] = field(default_factory=dict)  # task id -> reason
     decided_k: int | None = None
     bytes_read: int = 0
     requests: int = 0

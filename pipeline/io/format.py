@@ -96,6 +96,61 @@ def basis_key(module: str, side: str, field: str) -> str:
     return f"{module}.{side}.{field}"
 
 
+# -- groups (clustered bases) ----------------------------------------------------------------------
+# A grouped version stores each group's bases as modules of their own, named `g<N>/<module>`: every
+# step that works per module works per group unchanged; export and evaluate read an adapter's
+# modules under their PEFT names again (group_view).
+GROUPS = "groups.safetensors"
+_GROUPED_RE = re.compile(r"^g(\d{1,4})/(.+)$")
+
+
+def grouped(module: str, group: int) -> str:
+    """The stored name of `module`'s bases for `group`."""
+    return f"g{group}/{module}"
+
+
+def split_group(stored: str) -> tuple[int | None, str]:
+    """(group, PEFT module name) of a stored module name; (None, name) for an ungrouped one."""
+    match = _GROUPED_RE.match(stored)
+    return (int(match[1]), match[2]) if match else (None, stored)
+
+
+def in_group(mapping: dict, group: int | None) -> dict:
+    """The entries of `group` of a mapping keyed by stored module names (manifest modules, basis
+    tensor keys, an adapter's loadings or residuals), keyed by PEFT names: a grouped version read
+    as the ungrouped version of that group's adapters. An ungrouped version's (None) as it is."""
+    if group is None:
+        return mapping
+    prefix = grouped("", group)
+    return {key[len(prefix) :]: value for key, value in mapping.items() if key.startswith(prefix)}
+
+
+def group_of(stored_modules) -> int | None:
+    """The group of an adapter from the stored names of its loadings rows (None: ungrouped)."""
+    return split_group(next(iter(stored_modules)))[0]
+
+
+def groups_tensors(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """groups.safetensors: each group's sum of member sketches (K, S) and members seen (K,)."""
+    return {"sums": sums.detach().to("cpu", torch.float64), "counts": counts.detach().to("cpu", torch.int64)}
+
+
+def read_groups(tensors: dict[str, torch.Tensor], count: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums, counts) of a groups object, checked against the manifest's group count."""
+    sums, counts = tensors.get("sums"), tensors.get("counts")
+    sound = (
+        sums is not None
+        and counts is not None
+        and sums.dim() == 2
+        and sums.shape[0] == count
+        and counts.shape == (count,)
+        and bool(torch.isfinite(sums).all())
+    )
+    if not sound:
+        raise IntegrityError(f"{where}: not the sketch sums and counts of {count} groups")
+    return sums.double(), counts.long()
+
+
 def pointer_record(version: str, format_version: int = PLAIN_FORMAT_VERSION) -> bytes:
     """LATEST's content: the version and its manifest's format version."""
     return json.dumps({"version": version, "format_version": format_version}).encode() + b"\n"
@@ -174,6 +229,7 @@ def build_manifest(
     modules: dict,
     files: dict,
     residuals: dict | None = None,
+    groups: dict | None = None,
 ) -> dict:
     """A version's manifest: every field of the table in docs/store-format.md. A version holding
     residuals (`residuals`: {adapters, modules, bytes}) is format 2."""
@@ -191,12 +247,20 @@ def build_manifest(
         "modules": modules,
         "files": files,
         **({"residuals": residuals} if residuals else {}),
+        **({"groups": groups} if groups else {}),
     }
 
 
 # Manifest `parameters`: the fit's part of Options, which project and rebase reuse. Stores written
 # before these keys existed lack them (and a saved Subspace records no budget): read as these.
-_ABSENT_IN_EARLY_STORES = {"quantize": None, "method": "flat", "ratio": None, "budget_bytes": None, "max_error": None}
+_ABSENT_IN_EARLY_STORES = {
+    "quantize": None,
+    "method": "flat",
+    "ratio": None,
+    "budget_bytes": None,
+    "max_error": None,
+    "clusters": None,
+}
 _REQUIRED_PARAMETERS = ("components", "variance_threshold", "adaptive", "svd_route")
 
 
@@ -213,6 +277,7 @@ def write_parameters(options: Options) -> dict:
         "ratio": options.ratio,
         "budget_bytes": options.budget_bytes,
         **({"max_error": options.bound} if options.bound is not None else {}),  # absent: no bound
+        **({"clusters": options.clusters} if options.clusters is not None else {}),  # absent: one basis
     }
 
 
@@ -234,6 +299,7 @@ def read_parameters(parameters: dict, run: Options | None = None, where: str = "
         ratio=p["ratio"],
         budget_bytes=p["budget_bytes"],
         max_error=p["max_error"] if run is None or run.max_error is None else run.max_error,
+        clusters=p["clusters"],
     )
     problems = options.problems(lambda key: f"parameters.{key}")
     if problems:
@@ -311,6 +377,29 @@ def manifest_problems(manifest: object, version: str) -> list[str]:
     if _need(problems, manifest, "modules", dict, "modules"):
         for module, entry in manifest["modules"].items():
             problems += _module_problems(module, entry, files)
+        problems += _groups_problems(manifest.get("groups"), manifest["modules"], files)
+    return problems
+
+
+def _groups_problems(groups: object, modules: dict, files: object) -> list[str]:
+    """`groups` (absent: one basis per module): a count and its sketches object among the files;
+    every module name of a grouped version `g<N>/...` with N below the count, and none otherwise."""
+    numbered = [split_group(m)[0] for m in modules]
+    if groups is None:
+        return (
+            ["modules are grouped (g<N>/...) but the manifest has no groups"]
+            if any(n is not None for n in numbered)
+            else []
+        )
+    if not (isinstance(groups, dict) and isinstance(groups.get("count"), int) and groups["count"] >= 1):
+        return [f"groups is {groups!r}, not {{count, sketches}}"]
+    problems = []
+    if isinstance(files, dict) and groups.get("sketches") not in files:
+        problems.append(f"groups.sketches {groups.get('sketches')!r} is not one of the files")
+    if any(n is None or n >= groups["count"] for n in numbered):
+        problems.append(f"a module name is not g<N>/... with N below the {groups['count']} groups")
+    elif len({frozenset(in_group(modules, g)) for g in range(groups["count"])}) != 1:
+        problems.append("the groups do not all hold the same modules")
     return problems
 
 

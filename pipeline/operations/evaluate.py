@@ -20,7 +20,7 @@ from pipeline.config import Options
 from pipeline.errors import PipelineError
 from pipeline.flow.scan import read_factors
 from pipeline.io.adapters import AdapterRef, discover
-from pipeline.io.format import LOADINGS, read_parameters
+from pipeline.io.format import LOADINGS, read_parameters, split_group
 from pipeline.io.location import Location, printable
 from pipeline.io.store import Store
 from pipeline.linalg.budget import joint_floats
@@ -54,12 +54,13 @@ def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.
     per_adapter_bytes = _bytes_per_adapter(modules, len(train))
     q = _rank_at_bytes(modules, per_adapter_bytes)
     means = _mean_factors(train, source.endpoint_url)
+    names = sorted({split_group(m)[1] for m in modules})  # PEFT names (a grouped store's are per group)
     rows = {"basis": [], "mean_adapter": [], "own_svd": []}
     for ref in held_refs:
         lora_a, lora_b = _factors(ref, source.endpoint_url)
-        rows["basis"].append([basis_errors[ref.task_id][m] for m in sorted(modules)])
+        rows["basis"].append([basis_errors[ref.task_id][m] for m in names])
         mean_errors, own_errors = [], []
-        for module in sorted(modules):
+        for module in names:
             rank = max(lora_a[module].shape[0], means[module][0].shape[0])
             a, b = (x.float()[None] for x in _padded((lora_a[module], lora_b[module]), rank))
             mean_a, mean_b = (x.float()[None] for x in _padded(means[module], rank))
@@ -105,7 +106,7 @@ def _module_errors(store: Store, task_ids: list[str]) -> dict[str, dict[str, flo
     ).to_pylist()
     errors: dict[str, dict[str, float]] = {}
     for row in rows:
-        errors.setdefault(row["task_id"], {})[row["module"]] = row["error"]
+        errors.setdefault(row["task_id"], {})[split_group(row["module"])[1]] = row["error"]
     return errors
 
 

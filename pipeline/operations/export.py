@@ -30,6 +30,8 @@ from pipeline.io.format import (
     LOADINGS,
     RESIDUALS,
     basis_key,
+    group_of,
+    in_group,
     is_safe_task_id,
     read_joint,
     residual_factors,
@@ -162,18 +164,24 @@ def export_batch(task: ExportTask) -> list[str]:
     for path in sorted({entry["basis"] for entry in manifest["modules"].values()}):
         basis.update(store.read_basis(path, manifest["files"][path]))
     residuals = read_residuals(store, task.version, manifest, task.task_ids)
+    views = {}  # group -> its modules and basis under PEFT names (one view of an ungrouped version)
     with ThreadPoolExecutor(WRITE_THREADS) as writers:
         pending = []
         for task_id, out in zip(task.task_ids, task.outs):
-            ranks = adapter_ranks(catalog[task_id], manifest["modules"])
+            group = group_of(loadings[task_id])
+            if group not in views:
+                views[group] = (in_group(manifest["modules"], group), in_group(basis, group))
+            modules, group_basis = views[group]
+            ranks = adapter_ranks(catalog[task_id], modules)
             dtype = DTYPES[catalog[task_id]["dtype"]]
-            weights = rebuild(manifest["modules"], basis, loadings[task_id], dtype, ranks)
+            weights = rebuild(modules, group_basis, in_group(loadings[task_id], group), dtype, ranks)
             text = catalog[task_id]["config_json"]
             if task_id in residuals:
-                weights, extra = add_residuals(weights, residuals[task_id], manifest["modules"], ranks, dtype)
+                own = in_group(residuals[task_id], group)
+                weights, extra = add_residuals(weights, own, modules, ranks, dtype)
                 ranks = {m: r + extra for m, r in ranks.items()}
                 if text:
-                    text = json.dumps(widened_config(json.loads(text), list(manifest["modules"]), extra), indent=2)
+                    text = json.dumps(widened_config(json.loads(text), list(modules), extra), indent=2)
             text = text or json.dumps(peft_format.minimal_config(ranks, manifest.get("base_model")), indent=2)
             pending.append(writers.submit(write_peft_folder, out, weights, text))
         for done in pending:
@@ -260,6 +268,15 @@ def refuse_residuals(store: Store, version: str, manifest: dict, why: str, inste
         f"{store} {version} holds residuals (adapters the shared bases miss the error bound on: {_names(ids[:5])}"
         f"{f' and {len(ids) - 5} more' if len(ids) > 5 else ''}): {why}; {instead}"
     )
+
+
+def refuse_groups(store: Store, version: str, manifest: dict, why: str, instead: str) -> None:
+    """Commands that know one basis per module refuse a grouped version (clustered bases)."""
+    if manifest.get("groups"):
+        raise PipelineError(
+            f"{store} {version} has {manifest['groups']['count']} groups of adapters, each with its own bases "
+            f"(compress --clusters): {why}; {instead}"
+        )
 
 
 def add_residuals(

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import IntegrityError
-from pipeline.io.format import CATALOG, LOADINGS, MANIFEST, RESIDUALS
+from pipeline.io.format import CATALOG, LOADINGS, MANIFEST, RESIDUALS, split_group
 from pipeline.io.location import printable
 from pipeline.io.store import Store
 
@@ -56,8 +56,32 @@ def describe(store: Store, version: str | None = None) -> dict:
         "max_error": manifest["parameters"].get("max_error"),
         "residuals": manifest.get("residuals"),
         "residual_adapters": _residual_adapters(store, version, manifest),
+        "groups": _groups(manifest, errors),
         **_error_figures(errors),
     }
+
+
+def _groups(manifest: dict, errors: pa.Table) -> list[dict] | None:
+    """Per group (clustered bases): its adapters and their mean error, mean and max over the
+    group; None for an ungrouped version."""
+    if not manifest.get("groups"):
+        return None
+    per_adapter: dict[str, tuple[int, list[float]]] = {}
+    modules, values = errors.column("module").to_pylist(), errors.column("error").to_numpy()
+    for task_id, module, error in zip(errors.column("task_id").to_pylist(), modules, values.tolist()):
+        per_adapter.setdefault(task_id, (split_group(module)[0], []))[1].append(error)
+    groups = [{"adapters": 0, "means": []} for _ in range(manifest["groups"]["count"])]
+    for group, adapter_errors in per_adapter.values():
+        groups[group]["adapters"] += 1
+        groups[group]["means"].append(float(np.mean(adapter_errors)))
+    return [
+        {
+            "adapters": g["adapters"],
+            "error_mean": float(np.mean(g["means"] or [0])),
+            "error_max": max(g["means"] or [0]),
+        }
+        for g in groups
+    ]
 
 
 def _residual_adapters(store: Store, version: str, manifest: dict) -> list[str]:
@@ -204,6 +228,8 @@ def format_info(info: dict) -> str:
         )
     if info.get("max_error") is not None or info.get("residuals"):
         lines.append(residuals_line(info))
+    if info.get("groups"):
+        lines.append(groups_line(info["groups"]))
     for task_id, reason in info["quarantined"].items():
         lines.append(f"quarantined  {printable(task_id)}: {printable(reason or '')}")
     return "\n".join(lines)
@@ -221,6 +247,15 @@ def residuals_line(info: dict) -> str:
         + (f"{bound:g} on every module's delta-W error, as exported" if bound is not None else "none")
         + _named(info.get("residual_adapters") or [])
     )
+
+
+def groups_line(groups: list[dict]) -> str:
+    """e.g. 'groups       3, each with its own bases per module: g0 16 adapters (error mean 0.03, max 0.05), ...'."""
+    shown = ", ".join(
+        f"g{i} {g['adapters']} adapters (error mean {g['error_mean']:.4f}, max {g['error_max']:.4f})"
+        for i, g in enumerate(groups)
+    )
+    return f"groups       {len(groups)}, each with its own bases per module: {shown}"
 
 
 def _named(ids: list[str]) -> str:

@@ -14,6 +14,7 @@ import re
 import numpy as np
 
 from pipeline import __version__
+from pipeline.io.format import split_group
 from pipeline.io.location import Location
 from pipeline.io.store import Store
 from pipeline.operations.history import list_versions
@@ -177,7 +178,12 @@ def _natural(name: str) -> list:
 def module_label(name: str, chars: int) -> str:
     """A module's name in at most `chars` characters, keeping its layer number (its first numeric
     part): 'model.layers.12.self_attn.q_proj' reads '12.self_attn.q_proj', or '12.q_proj' when
-    that is too long, or '12.q_pr' at the least. A name without one keeps its end."""
+    that is too long, or '12.q_pr' at the least. A name without one keeps its end. A group's module
+    keeps its group: 'g1/model.layers.12.self_attn.q_proj' reads 'g1/12.q_proj'."""
+    group, name = split_group(name)
+    if group is not None:
+        prefix = f"g{group}/"
+        return prefix + module_label(name, max(chars - len(prefix), 1))
     parts = name.split(".")
     layer = next((i for i, p in enumerate(parts) if p.isdigit()), None)
     if layer is None or layer == len(parts) - 1:

@@ -50,7 +50,7 @@ from pipeline.linalg import quantize
 from pipeline.linalg.decompose import Decomposition
 from pipeline.linalg.gauge import JointBasis
 from pipeline.linalg.loadings import Shapes
-from pipeline.operations.export import refuse_residuals
+from pipeline.operations.export import refuse_groups, refuse_residuals
 from pipeline.operations.info import stored_bytes
 
 
@@ -301,6 +301,13 @@ def load(uri: str, version: str | None = None, endpoint_url: str | None = None) 
         manifest,
         "the Python API does not hold residuals (it would save and reconstruct these adapters without them)",
         "export them with `lora-subspace export`",
+    )
+    refuse_groups(
+        store,
+        version,
+        manifest,
+        "the Python API holds one basis per module",
+        "export the adapters with `lora-subspace export`",
     )
     modules, joint = _read_bases(store, version, manifest)
     catalog = store.read_table(version, CATALOG).to_pylist()

@@ -23,6 +23,7 @@ from pipeline.io.format import (
     decode_basis,
     is_object_path,
     manifest_problems,
+    read_groups,
     residual_factors,
     unsafe_task_ids,
     version_path,
@@ -105,12 +106,24 @@ def verify(store: Store, version: str | None = None) -> dict:
             failures += _check_module(
                 module, entry, bases[entry["basis"]], (manifest.get("quantization") or {}).get("scheme")
             )
+    failures += _check_groups(manifest.get("groups"), bases)
     if version_path(version, LOADINGS) in manifest["files"]:
         failures += _check_loadings(store, version, manifest)
     failures += _check_catalog(store, version, manifest)
     failures += _check_residuals(store, version, manifest)
     report["failures"] = failures
     return report
+
+
+def _check_groups(groups: dict | None, bases: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """A grouped version's sketch sums: one row per group, finite (the object's checksum is checked above)."""
+    if not groups or groups["sketches"] not in bases:
+        return []
+    try:
+        read_groups(bases[groups["sketches"]], groups["count"], groups["sketches"])
+    except IntegrityError as exc:
+        return [str(exc)]
+    return []
 
 
 def _check_module(module: str, entry: dict, tensors: dict[str, torch.Tensor], scheme: str | None) -> list[str]:
@@ -194,7 +207,8 @@ def _check_loadings(store: Store, version: str, manifest: dict) -> list[str]:
                 failures.append(f"{LOADINGS}: non-finite errors")
     except (IntegrityError, OSError, ValueError) as exc:
         return [f"{LOADINGS}: unreadable: {exc}"]
-    expected_rows = manifest["adapters"]["ok"] * len(modules)
+    # Each adapter has a row per module of its group (a grouped version holds modules per group).
+    expected_rows = manifest["adapters"]["ok"] * len(modules) // (manifest.get("groups") or {"count": 1})["count"]
     if rows != expected_rows:
         failures.append(f"{LOADINGS}: {rows} rows, the manifest implies {expected_rows}")
     return failures

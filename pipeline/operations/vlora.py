@@ -29,7 +29,7 @@ from pipeline.io.store import Store
 from pipeline.io.targets import holding_files
 from pipeline.io.vlora import BASIS, META, Layout, read_layout, task_file, write_streamed
 from pipeline.operations.compress import check_out
-from pipeline.operations.export import refuse_residuals, select
+from pipeline.operations.export import refuse_groups, refuse_residuals, select
 from pipeline.operations.quantize import refuse_joint
 from pipeline.runners import Runner
 
@@ -135,6 +135,13 @@ def export_vlora(
         version,
         manifest,
         "vlora's layout has no place for an adapter's own factors",
+        "export its adapters as PEFT folders with `lora-subspace export --all`",
+    )
+    refuse_groups(
+        store,
+        version,
+        manifest,
+        "vlora's layout holds one basis per module",
         "export its adapters as PEFT folders with `lora-subspace export --all`",
     )
     modules = dict(sorted(manifest["modules"].items()))
