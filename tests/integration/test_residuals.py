@@ -400,3 +400,34 @@ def test_evaluate_states_each_held_out_adapters_residuals_and_shared_error(runne
     for a in adapters:
         has = f"residuals in {a['residual_modules']} module(s)" if a["residual_modules"] else "no residuals"
         assert f"  {a['task_id']}: {a['error']:.4f} / {a['shared_error']:.4f}, {has}" in out
+
+
+def test_a_tighter_bound_on_a_store_made_without_one(runner, tmp_path, capsys, caplog):
+    """A store compressed with no bound misses a tight one: an incremental rebase with nothing
+    new to read cannot bring stored adapters within it (flow.bounded needs their files) and says
+    so; `rebase --full --from-source` reads them and keeps it, with residuals; a loose bound then
+    drops them (a full re-base from the store moves every row and needs none)."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    ids = make_collection(src, 9, shared_dim=3, noise=0.1)
+    assert run_cli("compress", src, "--out", store, "--components", 3, "--max-error", "none") == 0
+    assert json.loads((store / "versions/v000001/manifest.json").read_text())["error"]["max"] > BOUND
+    caplog.clear()
+    assert run_cli("rebase", store, src, "--max-error", BOUND) == 0
+    assert not (store / "versions/v000002").exists()
+    assert f"above --max-error {BOUND:g}" in caplog.text and "`rebase --full --from-source" in caplog.text
+    assert run_cli("rebase", store, src, "--full", "--from-source", "--max-error", BOUND) == 0
+    assert run_cli("verify", store, "--all") == 0
+    _within_bound(src, store, ids, tmp_path / "tight")
+    rows = _residual_rows(store, "v000002")
+    assert rows and json.loads((store / "versions/v000002/manifest.json").read_text())["residuals"]["modules"] == len(
+        rows
+    )
+    caplog.clear()
+    assert run_cli("rebase", store, src, "--max-error", BOUND) == 0  # kept now: nothing to say
+    assert "above --max-error" not in caplog.text
+    assert run_cli("rebase", store, src, "--full", "--max-error", 10) == 0
+    assert not _residual_rows(store, "v000003")
+    capsys.readouterr()
+    assert run_cli("info", store) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("residuals"))
+    assert line.startswith("residuals    0 adapter(s), 0 module(s), 0 bytes") and "bound 10 " in line
