@@ -235,7 +235,7 @@ def read_parameters(parameters: dict, run: Options | None = None, where: str = "
         budget_bytes=p["budget_bytes"],
         max_error=p["max_error"] if run is None or run.max_error is None else run.max_error,
     )
-    problems = options.problems(lambda key: f"parameters.{key}")
+    problems = options.without_idle_adaptive().problems(lambda key: f"parameters.{key}")
     if problems:
         raise PipelineError(f"{where}: {'; '.join(problems)}")
     return options

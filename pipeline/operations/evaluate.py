@@ -92,7 +92,7 @@ def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.
 
 def like(manifest: dict) -> Options:
     """Compress options that build a store the way the manifest's was built."""
-    return read_parameters(manifest["parameters"])
+    return read_parameters(manifest["parameters"]).without_idle_adaptive()
 
 
 def _listing(where: Location, name: str, refs: list[AdapterRef]) -> Location:
