@@ -82,7 +82,16 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-class _Deprecated(argparse.Action):
+class _Named(argparse.Action):
+    """Stores the value, and the option's name among those given (`named`), so that two names of
+    one setting given together can be refused rather than the last one winning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.named = [*getattr(namespace, "named", []), option_string]
+
+
+class _Deprecated(_Named):
     """A former option name, hidden from --help: it still works, and main() warns of its new name."""
 
     def __init__(self, *args, new: str, **kwargs):
@@ -90,7 +99,7 @@ class _Deprecated(argparse.Action):
         self.new = new
 
     def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
+        super().__call__(parser, namespace, values, option_string)
         namespace.deprecated = [*getattr(namespace, "deprecated", []), f"{option_string} is now {self.new}"]
 
 
@@ -131,6 +140,7 @@ def _shared_options() -> tuple[argparse.ArgumentParser, ...]:
     writing.add_argument(
         "--task-memory",
         type=parse_size,
+        action=_Named,
         default=config.DEFAULT_TASK_MEMORY,
         help="memory bound of one compute task: bytes of stacked factors per shard task (default 1GiB); "
         "not the storage budget (--ratio, --budget-bytes)",
@@ -441,6 +451,9 @@ def options_from_args(args) -> Options:
         given("budget_bytes"),
     )
     steps = step_problems(given("chunk_size"), given("full", False), given("from_source", False), cli_flag)
+    named = getattr(args, "named", [])
+    if "--task-memory" in named and "--memory-budget" in named:
+        steps.append("--memory-budget is the former name of --task-memory: give one")
     raise_problems(options.problems(cli_flag) + steps)
     return options
 

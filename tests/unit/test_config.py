@@ -198,3 +198,22 @@ def test_adaptive_beside_a_k_or_a_budget_is_refused_on_the_cli_but_read_from_ear
     # A store written before the rule records both (EARLY): it reads as written, and evaluate
     # compresses as it was built, where adaptive changed nothing.
     assert like({"parameters": EARLY}) == Options(ComponentRule(3, 0.6, False), method="flat").validated()
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["--task-memory", "--memory-budget"], ["--memory-budget", "--task-memory"]],
+    ids=["new-first", "old-first"],
+)
+def test_task_memory_and_its_former_name_together_are_refused(names):
+    """Whichever comes last would win: both given are one problem, in one line with any other."""
+    from pipeline.cli import options_from_args
+
+    args = _parse("rebase", "st", "src", names[0], "2MiB", names[1], "3MiB", "--from-source")
+    with pytest.raises(PipelineError) as caught:
+        options_from_args(args)
+    assert str(caught.value) == (
+        "--from-source needs --full; --memory-budget is the former name of --task-memory: give one"
+    )
+    for alone in names:
+        assert options_from_args(_parse("compress", "src", "--out", "st", alone, "2MiB")).task_memory == 2 * 2**20
