@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import select
 import sys
 import traceback
 
@@ -88,7 +90,16 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-class _Deprecated(argparse.Action):
+class _Named(argparse.Action):
+    """Stores the value, and the option's name among those given (`named`), so that two names of
+    one setting given together can be refused rather than the last one winning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.named = [*getattr(namespace, "named", []), option_string]
+
+
+class _Deprecated(_Named):
     """A former option name, hidden from --help: it still works, and main() warns of its new name."""
 
     def __init__(self, *args, new: str, **kwargs):
@@ -96,7 +107,7 @@ class _Deprecated(argparse.Action):
         self.new = new
 
     def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
+        super().__call__(parser, namespace, values, option_string)
         namespace.deprecated = [*getattr(namespace, "deprecated", []), f"{option_string} is now {self.new}"]
 
 
@@ -147,6 +158,7 @@ def _shared_options() -> tuple[argparse.ArgumentParser, ...]:
     writing.add_argument(
         "--task-memory",
         type=parse_size,
+        action=_Named,
         default=config.DEFAULT_TASK_MEMORY,
         help="memory bound of one compute task: bytes of stacked factors per shard task (default 1GiB); "
         "not the storage budget (--ratio, --budget-bytes)",
@@ -324,7 +336,7 @@ def _add_store_operations(sub, common: argparse.ArgumentParser, ray_options: arg
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 an error stated in one line (input, storage, store), 2 a usage error
-    (argparse), 130 interrupted."""
+    (argparse), 130 interrupted, 141 stdout's reader gone (quietly)."""
     given = sys.argv[1:] if argv is None else argv
     _Parser.json_errors = "--log-format=json" in given or any(
         a == "--log-format" and b == "json" for a, b in zip(given, given[1:])
@@ -337,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     args.json = args.json or json_logs  # stdout too carries JSON only
     try:
         result = COMMANDS[args.command](args)
+        if args.json:
+            print(json.dumps(result, indent=None if json_logs else 1, sort_keys=True, default=str))
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure is one line; -v adds the traceback
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():
+            return _reader_gone()
         interrupted = isinstance(exc, KeyboardInterrupt)
         message = "lora-subspace: interrupted" if interrupted else f"lora-subspace: error: {error_line(exc)}"
         if json_logs:
@@ -347,9 +363,34 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
             print(message, file=sys.stderr)
         return 130 if interrupted else 1
-    if args.json:
-        print(json.dumps(result, indent=None if json_logs else 1, sort_keys=True, default=str))
+    try:
+        sys.stdout.flush()  # what is still buffered, while a closed pipe can be told apart
+    except BrokenPipeError:
+        return _reader_gone()
     return 0
+
+
+SIGPIPE_STATUS = 128 + 13  # a shell's status for a writer killed by SIGPIPE, as `yes | head -1` leaves
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (so a BrokenPipeError came from printing,
+    not from a connection to storage or the cluster)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a captured stdout), or no poll
+        return False
+
+
+def _reader_gone() -> int:
+    """The reader of stdout stopped reading (`... | head -1`): end quietly, as tools killed by
+    SIGPIPE do, with stdout on /dev/null so that the interpreter's last flush does not fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return SIGPIPE_STATUS
 
 
 def error_line(exc: BaseException) -> str:
@@ -436,6 +477,9 @@ def options_from_args(args) -> Options:
         given("clusters"),
     )
     steps = step_problems(given("chunk_size"), given("full", False), given("from_source", False), cli_flag)
+    named = getattr(args, "named", [])
+    if "--task-memory" in named and "--memory-budget" in named:
+        steps.append("--memory-budget is the former name of --task-memory: give one")
     raise_problems(options.problems(cli_flag) + steps)
     return options
 

@@ -7,6 +7,7 @@ a job config's own, a CLI flag with `--` and dashes (`spell=cli_flag`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -110,6 +111,13 @@ class Options:
         `spell` writes them; empty when they are sound."""
         return _value_problems(self, spell) + _combination_problems(self, spell)
 
+    def without_idle_adaptive(self) -> Options:
+        """These options with `adaptive` off where a k or a budget decides k, which it does not
+        change: stores written before the two were refused together record both."""
+        if self.rule.adaptive is True and (self.rule.components is not None or self.budgeted):
+            return dataclasses.replace(self, rule=dataclasses.replace(self.rule, adaptive=False))
+        return self
+
     def validated(self, spell: Spell = str) -> Options:
         """These options, or one PipelineError naming every problem."""
         raise_problems(self.problems(spell))
@@ -205,8 +213,14 @@ def _combination_problems(options: Options, spell: Spell) -> list[str]:
     if options.ratio is not None and options.budget_bytes is not None:
         problems.append(f"{spell('ratio')} and {spell('budget_bytes')} are two ways of giving one budget: give one")
     if options.rule.components is not None and options.budgeted:
-        budget = spell("ratio" if options.ratio is not None else "budget_bytes")
+        budget = spell(_budget_key(options))
         problems.append(f"{spell('components')} and {budget} exclude each other (a budget decides each module's k)")
+    if options.rule.adaptive is True and (options.rule.components is not None or options.budgeted):
+        given = "components" if options.rule.components is not None else _budget_key(options)
+        problems.append(
+            f"{spell('adaptive')} and {spell(given)} exclude each other ({spell('adaptive')} picks each module's k "
+            f"from {spell('variance_threshold')}; {spell(given)} decides it)"
+        )
     if options.method == "aligned" and options.rule.components is None:
         problems.append(
             f"{spell('method')} aligned needs {spell('components')} (the rank of the structure the alignment looks for)"
@@ -222,3 +236,7 @@ def _combination_problems(options: Options, spell: Spell) -> list[str]:
             f"or a budget ({spell('ratio')} or {spell('budget_bytes')})"
         )
     return problems
+
+
+def _budget_key(options: Options) -> str:
+    return "ratio" if options.ratio is not None else "budget_bytes"

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from pipeline import __version__
-from pipeline.config import ComponentRule, Options
+from pipeline.config import METHODS, ComponentRule, Options
 from pipeline.errors import IntegrityError, PipelineError
 from pipeline.io.location import redact
 from pipeline.linalg import quantize
@@ -301,7 +301,7 @@ def read_parameters(parameters: dict, run: Options | None = None, where: str = "
         max_error=p["max_error"] if run is None or run.max_error is None else run.max_error,
         clusters=p["clusters"],
     )
-    problems = options.problems(lambda key: f"parameters.{key}")
+    problems = options.without_idle_adaptive().problems(lambda key: f"parameters.{key}")
     if problems:
         raise PipelineError(f"{where}: {'; '.join(problems)}")
     return options
@@ -368,6 +368,9 @@ def manifest_problems(manifest: object, version: str) -> list[str]:
     problems = _identity_problems(manifest, version)
     for key, kinds, optional in _TYPED_FIELDS:
         _need(problems, manifest, key, kinds, key, optional)
+    method = manifest["parameters"].get("method", "flat") if isinstance(manifest.get("parameters"), dict) else "flat"
+    if method not in METHODS:  # absent from early stores: flat (_ABSENT_IN_EARLY_STORES)
+        problems.append(f"parameters.method {method!r} is not one of {', '.join(METHODS)}")
     if _need(problems, manifest, "adapters", dict, "adapters"):
         for key, optional in _ADAPTER_COUNTS:
             _need(problems, manifest["adapters"], key, int, f"adapters.{key}", optional)

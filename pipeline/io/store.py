@@ -51,6 +51,7 @@ PUBLISHED = "published"  # a sound manifest, and no run record or LATEST names i
 UNREADABLE = "unreadable"  # no run record (or LATEST names it), but its manifest is not sound
 UNFINISHED = "unfinished"  # a run record, and LATEST does not name it: a run at work or crashed
 LEFTOVER = "leftover"  # neither: what prune or a discard left of a version (objects newer ones use)
+LISTED_VERSIONS = 20  # the latest versions named when a version asked for does not exist
 _REPAIR = (
     "`lora-subspace versions STORE` lists the sound versions, "
     "`lora-subspace rollback STORE VERSION` points LATEST at one"
@@ -393,9 +394,22 @@ class Store:
         try:
             return self._read_manifest(version)
         except FileNotFoundError:
-            raise PipelineError(
-                f"version {version} of {self} has no manifest ({self._uri('versions', version, MANIFEST)} is missing)"
+            raise self._missing(
+                version, f"no manifest ({self._uri('versions', version, MANIFEST)} is missing)"
             ) from None
+
+    def _missing(self, version: str, what: str) -> PipelineError:
+        """The error for an object a version lacks: the version itself when the store has no such
+        version (a mistyped --version), naming the versions `versions` lists."""
+        if version in self.versions():
+            return PipelineError(f"version {version} of {self} has {what}")
+        published = [s.version for s in self.survey().versions if s.state == PUBLISHED]
+        shown = ", ".join(published[-LISTED_VERSIONS:]) or "none"
+        earlier = len(published) - LISTED_VERSIONS
+        return PipelineError(
+            f"version {version} does not exist in {self}; its versions: {shown}"
+            + (f" (and {earlier} earlier: `lora-subspace versions` lists them)" if earlier > 0 else "")
+        )
 
     def raw_manifest(self, version: str) -> object:
         """A version's manifest as parsed JSON, unchecked (verify lists its problems):
@@ -463,7 +477,7 @@ class Store:
                     safe_task_id(bad[0], where.uri_of(where.path(name)))
             return table.drop_columns(["status"]) if with_status else table
         except FileNotFoundError:
-            raise PipelineError(f"version {version} of {self} has no {name}") from None
+            raise self._missing(version, f"no {name}") from None
         except (OSError, pa.ArrowInvalid) as exc:
             if isinstance(exc, pa.ArrowInvalid) or "checksum" in str(exc).lower():
                 raise IntegrityError(f"{where.uri_of(where.path(name))} is corrupt: {exc}") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -67,6 +68,10 @@ def read_layout(where: Location) -> Layout:
         raise PipelineError(f"{where}/{BASIS}: {exc}") from None
     if not layers or rank <= 0:
         raise PipelineError(f"{where}/{META}: no layers, or rank {rank}")
+    repeated = sorted(t for t, n in Counter(t for t in task_ids if isinstance(t, str)).items() if n > 1)
+    if repeated:  # one loadings file per task: a second listing would be dropped, or stored twice
+        more = f" (and {len(repeated) - 1} more)" if len(repeated) > 1 else ""
+        raise PipelineError(f"{where}/{META}: task {repeated[0]!r} is listed more than once in task_ids{more}")
     basis = {}
     for layer in layers:
         try:

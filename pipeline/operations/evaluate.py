@@ -28,6 +28,7 @@ from pipeline.linalg.gauge import canonical_factors, pad_rank
 from pipeline.linalg.metrics import error_summary, relative_product_error
 from pipeline.operations.compress import compress
 from pipeline.operations.grow import grow
+from pipeline.operations.info import WORST_LISTED, residual_picture, residual_rows
 from pipeline.runners import Runner
 
 
@@ -50,6 +51,7 @@ def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.
         grow(_listing(where, "all.parquet", train + held_refs), built, runner, "project", Options())
         basis_errors = _module_errors(built, [r.task_id for r in held_refs])
         fitted = built.manifest()
+        held_out_adapters = _held_out_residuals(built, fitted, basis_errors, [r.task_id for r in held_refs])
     modules = fitted["modules"]
     per_adapter_bytes = _bytes_per_adapter(modules, len(train))
     q = _rank_at_bytes(modules, per_adapter_bytes)
@@ -84,12 +86,14 @@ def evaluate(store: Store, source: Location, runner: Runner, holdout: float = 0.
         "held_out_ids": [r.task_id for r in held_refs],
         "error": summaries,
         "worst": _worst(rows, [r.task_id for r in held_refs]),
+        "max_error": fitted["parameters"].get("max_error"),
+        "held_out_adapters": held_out_adapters,
     }
 
 
 def like(manifest: dict) -> Options:
     """Compress options that build a store the way the manifest's was built."""
-    return read_parameters(manifest["parameters"])
+    return read_parameters(manifest["parameters"]).without_idle_adaptive()
 
 
 def _listing(where: Location, name: str, refs: list[AdapterRef]) -> Location:
@@ -108,6 +112,27 @@ def _module_errors(store: Store, task_ids: list[str]) -> dict[str, dict[str, flo
     for row in rows:
         errors.setdefault(row["task_id"], {})[split_group(row["module"])[1]] = row["error"]
     return errors
+
+
+def _held_out_residuals(
+    store: Store, manifest: dict, errors: dict[str, dict[str, float]], task_ids: list[str]
+) -> list[dict]:
+    """Per held-out adapter, as projected: whether it needed residuals to keep the store's bound
+    (its modules with one) and its error (mean over modules) with them and with the shared bases
+    alone; the worst without residuals first."""
+    rows = residual_rows(store, store.current_version(), manifest, task_ids)
+    adapters = []
+    for task_id in task_ids:
+        picture = residual_picture(errors[task_id], rows.get(task_id, {}), manifest["modules"])
+        adapters.append(
+            {
+                "task_id": task_id,
+                "residual_modules": picture["modules"],
+                "error": picture["mean"],
+                "shared_error": picture["shared_mean"],
+            }
+        )
+    return sorted(adapters, key=lambda a: (-a["shared_error"], a["task_id"]))
 
 
 def _mean_factors(refs: list[AdapterRef], endpoint_url: str | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -194,4 +219,23 @@ def format_evaluation(result: dict) -> str:
         f"worst held-out adapter under the basis: {printable(worst['task_id'])}, error {worst['error']:.4f} "
         f"(mean {result['error']['basis']['mean']:.4f})"
     )
-    return "\n".join(lines)
+    return "\n".join(lines + _residual_lines(result))
+
+
+def _residual_lines(result: dict) -> list[str]:
+    """Under an error bound: how many held-out adapters needed residuals, then each held-out
+    adapter (the WORST_LISTED worst without residuals) with its error with and without them."""
+    if result.get("max_error") is None:
+        return []
+    adapters = result["held_out_adapters"]
+    needing = sum(a["residual_modules"] > 0 for a in adapters)
+    lines = [
+        f"bound {result['max_error']:g}: {needing} of {len(adapters)} held-out adapters need residuals; "
+        "per adapter, error with residuals / with the shared bases alone (mean over modules):"
+    ]
+    for a in adapters[:WORST_LISTED]:
+        has = f"residuals in {a['residual_modules']} module(s)" if a["residual_modules"] else "no residuals"
+        lines.append(f"  {printable(a['task_id'])}: {a['error']:.4f} / {a['shared_error']:.4f}, {has}")
+    if len(adapters) > WORST_LISTED:
+        lines.append(f"  and {len(adapters) - WORST_LISTED} more (--json lists every one)")
+    return lines

@@ -65,6 +65,7 @@ def grow(
             to_read = changes.added + changes.replaced + (changes.pending if operation == "rebase" else [])
         if not to_read and not full:
             log.info("%s is up to date with %s: nothing to do", store, source)
+            _warn_bound_not_kept(store, parent, manifest, options)
             return {"diff": changes.to_dict(), "versions": []}
         runner = for_work(runner, *_work(to_read, catalog if full and not from_source else [], manifest))
         status = {row["task_id"]: row["status"] for row in catalog}
@@ -85,6 +86,23 @@ def grow(
             manifest = store.manifest(parent)
             status = {**status, **{a.task_id: a.status for a in adapters}}
     return {"diff": changes.to_dict(), "versions": [s.to_dict() for s in summaries]}
+
+
+def _warn_bound_not_kept(store: Store, version: str, manifest: dict, options: Options) -> None:
+    """A bound given to a store whose recorded errors exceed it is kept only for the adapters a run
+    reads (flow.bounded): with nothing to read, say so rather than leave it unsaid."""
+    worst = manifest.get("error", {}).get("max")
+    if options.bound is None or worst is None or worst <= options.bound:
+        return
+    log.warning(
+        "%s %s has modules above --max-error %g (up to %.4f) that no run brings within it without their "
+        "files, and this one reads none: `rebase --full --from-source --max-error %g` reads them",
+        store,
+        version,
+        options.bound,
+        worst,
+        options.bound,
+    )
 
 
 def _work(to_read: list, rebuilt: list[dict], manifest: dict) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import IntegrityError
-from pipeline.io.format import CATALOG, LOADINGS, MANIFEST, RESIDUALS, split_group
+from pipeline.io.format import CATALOG, LOADINGS, MANIFEST, RESIDUALS, split_group, version_path
 from pipeline.io.location import printable
 from pipeline.io.store import Store
 
@@ -55,7 +55,7 @@ def describe(store: Store, version: str | None = None) -> dict:
         "quantization": manifest.get("quantization"),
         "max_error": manifest["parameters"].get("max_error"),
         "residuals": manifest.get("residuals"),
-        "residual_adapters": _residual_adapters(store, version, manifest),
+        **_residual_figures(store, version, manifest, errors),
         "groups": _groups(manifest, errors),
         **_error_figures(errors),
     }
@@ -84,12 +84,55 @@ def _groups(manifest: dict, errors: pa.Table) -> list[dict] | None:
     ]
 
 
-def _residual_adapters(store: Store, version: str, manifest: dict) -> list[str]:
-    """The adapters with residuals, sorted (none without residuals.parquet)."""
-    if f"versions/{version}/{RESIDUALS}" not in manifest["files"]:
-        return []
-    ids = store.read_table(version, RESIDUALS, columns=["task_id"]).column("task_id")
-    return sorted(pc.unique(ids).to_pylist())
+def _residual_figures(store: Store, version: str, manifest: dict, errors: pa.Table) -> dict:
+    """The adapters with residuals, sorted, and the WORST_LISTED of them the shared bases alone
+    serve worst (by their mean error without residuals), with their errors with and without."""
+    rows = residual_rows(store, version, manifest)
+    if not rows:
+        return {"residual_adapters": [], "worst_residual_adapters": []}
+    module_errors: dict[str, dict[str, float]] = {}
+    for task_id, module, error in zip(*(errors.column(c).to_pylist() for c in ("task_id", "module", "error"))):
+        if task_id in rows:
+            module_errors.setdefault(task_id, {})[module] = error
+    pictures = {t: residual_picture(module_errors.get(t, {}), rows[t], manifest["modules"]) for t in rows}
+    ranked = sorted(pictures, key=lambda t: (-pictures[t]["shared_mean"], t))
+    return {
+        "residual_adapters": sorted(rows),
+        "worst_residual_adapters": [{"task_id": t, **pictures[t]} for t in ranked[:WORST_LISTED]],
+    }
+
+
+def residual_rows(
+    store: Store, version: str, manifest: dict, task_ids: list[str] | None = None
+) -> dict[str, dict[str, dict]]:
+    """task_id -> module -> {rank, shared_error} of the adapters with residuals (of task_ids, or
+    all); empty when the version has no residuals.parquet."""
+    if version_path(version, RESIDUALS) not in manifest["files"]:
+        return {}
+    table = store.read_table(version, RESIDUALS, task_ids, columns=["task_id", "module", "rank", "shared_error"])
+    found: dict[str, dict[str, dict]] = {}
+    for row in table.to_pylist():
+        found.setdefault(row["task_id"], {})[row["module"]] = {"rank": row["rank"], "shared_error": row["shared_error"]}
+    return found
+
+
+def residual_picture(module_errors: dict[str, float], residuals: dict[str, dict], modules: dict[str, dict]) -> dict:
+    """One adapter's residuals: the modules that have one, their float32 bytes (rank s of
+    A_s (s, d_in) and B_s (d_out, s)), and its delta-W error, mean and max over its modules, with
+    them (the loadings' errors) and without them (the shared bases alone: each residual's
+    shared_error in place of its module's error)."""
+    shared = {**module_errors, **{m: r["shared_error"] for m, r in residuals.items()}}
+    with_them = list(module_errors.values()) or [r["shared_error"] for r in residuals.values()]
+    return {
+        "modules": len(residuals),
+        "bytes": sum(
+            4 * r["rank"] * (modules[m]["a_shape"][1] + modules[m]["b_shape"][0]) for m, r in residuals.items()
+        ),
+        "mean": float(np.mean(with_them)),
+        "max": float(np.max(with_them)),
+        "shared_mean": float(np.mean(list(shared.values()))),
+        "shared_max": float(np.max(list(shared.values()))),
+    }
 
 
 def _error_figures(errors: pa.Table) -> dict:
@@ -227,7 +270,7 @@ def format_info(info: dict) -> str:
             )
         )
     if info.get("max_error") is not None or info.get("residuals"):
-        lines.append(residuals_line(info))
+        lines.append(f"residuals    {residuals_line(info)}")
     if info.get("groups"):
         lines.append(groups_line(info["groups"]))
     for task_id, reason in info["quarantined"].items():
@@ -236,12 +279,12 @@ def format_info(info: dict) -> str:
 
 
 def residuals_line(info: dict) -> str:
-    """The error bound and what the residuals that keep it take."""
+    """The error bound and what the residuals that keep it take (info's and the report's)."""
     residuals = info.get("residuals") or {"adapters": 0, "modules": 0, "bytes": 0}
     bound = info.get("max_error")
     without = info["store_bytes"] - residuals["bytes"]
     return (
-        f"residuals    {residuals['adapters']} adapter(s), {residuals['modules']} module(s), "
+        f"{residuals['adapters']} adapter(s), {residuals['modules']} module(s), "
         f"{residuals['bytes']:,} bytes (ratio {info['compression_ratio']:.1f}x with them, "
         f"{info['original_bytes'] / without:.1f}x without); bound "
         + (f"{bound:g} on every module's delta-W error, as exported" if bound is not None else "none")

@@ -1,7 +1,8 @@
 """Report: one self-contained HTML file (inline SVG, no scripts, no server) describing a version:
 per module its method, bases, explained variance and error over adapters; per adapter the error
-distribution and the worst adapters by name; the compression ratio, the quarantined adapters with
-their reasons, and the store's version history. Every name read from the store (task ids, module
+distribution and the worst adapters by name, and those with residuals with their errors with and
+without them; the compression ratio, the quarantined adapters with their reasons, and the store's
+version history. Every name read from the store (task ids, module
 names, reasons) is escaped."""
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pipeline.io.format import split_group
 from pipeline.io.location import Location
 from pipeline.io.store import Store
 from pipeline.operations.history import list_versions
-from pipeline.operations.info import describe, distribution_line, methods_line
+from pipeline.operations.info import describe, distribution_line, methods_line, residuals_line
 
 WIDTH, HEIGHT, PAD = 720, 220, 36
 CHAR_WIDTH = 5.5  # pixels of a 9px sans-serif character, to space the axis labels
 PALETTES = {"": ("#3b6ea8", "#d08c2c"), "flat": ("#3b6ea8", "#d08c2c"), "joint": ("#4e9a5b", "#9b4f96")}
 BASES = {"flat": ("k_a", "k_b"), "joint": ("c", "q")}
+ERROR_COLUMNS = ("mean", "max", "shared_mean", "shared_max")  # with residuals, then the shared bases alone
 esc = html.escape
 
 
@@ -80,6 +82,7 @@ def _facts(info: dict) -> list[tuple[str, str]]:
             "(relative, per adapter mean over modules; max over modules)",
         ),
         ("per adapter", distribution_line(info)),
+        *([("residuals", residuals_line(info))] if info.get("max_error") is not None or info.get("residuals") else []),
     ]
 
 
@@ -137,8 +140,24 @@ def _adapter_sections(info: dict) -> list[str]:
             ("task id", "error mean", "error max"),
             [(w["task_id"], f"{w['mean']:.4f}", f"{w['max']:.4f}") for w in info["worst_adapters"]],
         ),
+        *_residual_sections(info),
         f"<h2>Quarantined adapters ({len(quarantined)})</h2>",
         _table(("task id", "reason"), sorted(quarantined.items())) if quarantined else "<p>None.</p>",
+    ]
+
+
+def _residual_sections(info: dict) -> list[str]:
+    """The adapters with residuals the shared bases alone serve worst, with their errors with
+    and without their residuals (none without residuals)."""
+    worst = info.get("worst_residual_adapters") or []
+    if not worst:
+        return []
+    return [
+        f"<h2>Adapters with residuals ({len(info['residual_adapters'])}): the worst {len(worst)} without them</h2>",
+        _table(
+            ("task id", "modules with residuals", "residual bytes", "error mean", "error max", "without: mean", "max"),
+            [(w["task_id"], w["modules"], f"{w['bytes']:,}", *(f"{w[k]:.4f}" for k in ERROR_COLUMNS)) for w in worst],
+        ),
     ]
 
 

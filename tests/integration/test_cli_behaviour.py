@@ -311,3 +311,41 @@ def test_a_rebase_of_a_copied_collection_starts_no_ray(runner, tmp_path):
     result = _cli("rebase", str(tmp_path / "store"), str(tmp_path / "copy"), probe=True)
     assert result.returncode == 0, result.stderr
     assert "is up to date" in result.stdout and "RAY_IMPORTED False" in result.stderr
+
+
+def test_a_closed_stdout_ends_quietly(tmp_path):
+    """`lora-subspace info STORE | head -1`: a reader that stops reading ends the command quietly,
+    with a SIGPIPE-killed writer's status (141) and nothing on stderr."""
+    from conftest import make_collection
+
+    from pipeline import Subspace
+
+    ids = make_collection(tmp_path / "src", 4, preset="micro")
+    Subspace.from_adapters([str(tmp_path / "src" / t) for t in ids], ids, num_components=2).save(
+        str(tmp_path / "store")
+    )
+    for args in (["info"], ["info", "--json"], ["versions"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before anything is written: every write meets EPIPE
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "pipeline.cli", *args, str(tmp_path / "store")],
+                stdout=write,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=300,
+            )
+        finally:
+            os.close(write)
+        assert (result.returncode, result.stderr) == (141, ""), args
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "info", str(tmp_path / "store")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},  # one write per line: head leaves before the last
+    )
+    head = subprocess.run(["head", "-1"], stdin=writer.stdout, capture_output=True, text=True, timeout=300)
+    writer.stdout.close()
+    assert writer.wait(timeout=300) in (0, 141) and writer.stderr.read() == b""
+    writer.stderr.close()
+    assert head.stdout.startswith("store ") and head.stdout.count("\n") == 1

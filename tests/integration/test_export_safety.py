@@ -5,6 +5,7 @@ permanent storage error is one line, at once, and not retried."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -296,3 +297,19 @@ def test_the_ray_runner_retries_transient_errors_only(runner, tmp_path):
         list(runner.map_unordered(_fail, [(str(counts), "permanent")]))
     assert type(caught.value) is PermissionError and caught.value.filename == str(counts)
     assert counts.read_text() == "x"
+
+
+def test_a_version_that_does_not_exist_is_named_with_the_store_s_versions(built, tmp_path, capsys):
+    """export (one id, several, --all) and info of a --version the store does not hold say so, and
+    name the versions `versions` lists; nothing is written."""
+    capsys.readouterr()
+    assert run_cli("versions", built / "store") == 0
+    listed = re.findall(r"^[ *] (v\d{6}) ", capsys.readouterr().out, re.M)
+    assert listed == ["v000001"]
+    expected = f"lora-subspace: error: version v000099 does not exist in {built / 'store'}; its versions: v000001"
+    for ids in ([IDS[0]], IDS[:2], ["--all"]):
+        assert run_cli("export", built / "store", *ids, "--version", "v000099", "--out", tmp_path / "out") == 1
+        assert _error(capsys) == expected
+    assert run_cli("info", built / "store", "--version", "v000099") == 1
+    assert _error(capsys) == expected
+    assert not (tmp_path / "out").exists()

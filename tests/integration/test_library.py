@@ -201,3 +201,22 @@ def test_vlora_folders_import_and_export_both_ways(runner, tmp_path, capsys):
     assert run_cli("vlora-import", tmp_path / "back", tmp_path / "store3") == 1
     assert "holds no adapters" in capsys.readouterr().err
     assert Store(Location(str(tmp_path / "store3"))).current_version() is None
+
+
+def test_a_vlora_folder_listing_a_task_twice_is_refused(tmp_path, capsys):
+    """task_ids naming one task twice (one loadings file for both) is refused in one line naming
+    the task, and nothing is published."""
+    ids = make_collection(tmp_path / "src", 4, preset="micro")
+    theirs = [load_adapter(tmp_path / "src" / t) for t in ids]
+    SharedSubspace.from_adapters(theirs, ids, num_components=2).save(tmp_path / "vlora")
+    meta_path = tmp_path / "vlora" / "subspace_meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "task_ids": [*meta["task_ids"], ids[1]]}))
+    capsys.readouterr()
+    assert run_cli("vlora-import", tmp_path / "vlora", tmp_path / "store", "--runner", "local") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"lora-subspace: error: {tmp_path / 'vlora'}/subspace_meta.json: task {ids[1]!r} is listed more than once "
+        "in task_ids"
+    ]
+    assert Store(Location(str(tmp_path / "store"))).current_version() is None

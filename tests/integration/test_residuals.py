@@ -2,8 +2,11 @@
 where the shared bases miss it, the adapter's module has a residual in residuals.parquet.
 Measured on the exported files against the original adapters' files."""
 
+import html
 import json
+import re
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -327,3 +330,104 @@ def test_verify_checks_every_residual_row(runner, tmp_path):
     assert "does not fit" in failures[1] and "kind 'more'" in failures[2] and "non-finite" in failures[3]
     assert failures[4].startswith("residuals.parquet: counts")
     assert run_cli("verify", store) == 1
+
+
+def test_report_shows_the_adapters_with_residuals_and_their_errors_without_them(runner, tmp_path, capsys):
+    """The report states the bound and the residuals' adapters and bytes as info does, and lists
+    the adapters with residuals the shared bases alone serve worst, with their errors (mean and
+    max over modules) with the residuals (the loadings') and without (residuals.parquet's
+    shared_error in place of the loadings' error)."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    make_collection(src, 6, shared_dim=3, noise=0.1)
+    assert run_cli("compress", src, "--out", store, "--components", 1, "--max-error", BOUND) == 0
+    rows = _residual_rows(store, "v000001")
+    loadings = pq.read_table(store / "versions/v000001/loadings.parquet", columns=["task_id", "module", "error"])
+    errors = {(r["task_id"], r["module"]): r["error"] for r in loadings.to_pylist()}
+    modules = json.loads((store / "versions/v000001/manifest.json").read_text())["modules"]
+    expected = {}
+    for task_id in {r["task_id"] for r in rows}:
+        own = {m: e for (t, m), e in errors.items() if t == task_id}
+        shared = own | {r["module"]: r["shared_error"] for r in rows if r["task_id"] == task_id}
+        mine = [r for r in rows if r["task_id"] == task_id]
+        size = sum(
+            4 * r["rank"] * (modules[r["module"]]["a_shape"][1] + modules[r["module"]]["b_shape"][0]) for r in mine
+        )
+        figures = [float(np.mean(list(own.values()))), max(own.values())]
+        figures += [float(np.mean(list(shared.values()))), max(shared.values())]
+        expected[task_id] = (len(mine), size, figures)
+    assert run_cli("info", store) == 0
+    info_line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("residuals"))
+    assert run_cli("report", store, "--out", tmp_path / "report.html") == 0
+    page = (tmp_path / "report.html").read_text()
+    assert f"<tr><th>residuals</th><td>{html.escape(info_line.removeprefix('residuals').strip())}</td></tr>" in page
+    heading = f"<h2>Adapters with residuals ({len(expected)}): the worst {len(expected)} without them</h2>"
+    table = page.split(heading, 1)[1].split("</table>", 1)[0]
+    listed = [re.findall(r"<td>([^<]*)</td>", row) for row in table.split("<tr>")[2:]]
+    assert [cells[0] for cells in listed] == sorted(expected, key=lambda t: (-expected[t][2][2], t))
+    for task_id, modules_with, size, *figures in listed:
+        count, nbytes, values = expected[task_id]
+        assert (int(modules_with), int(size.replace(",", ""))) == (count, nbytes)
+        assert figures == [f"{v:.4f}" for v in values]
+        assert float(figures[2]) > float(figures[0])  # the residuals are there because the bases alone miss
+    # A store without a bound has neither the row nor the section.
+    assert run_cli("compress", src, "--out", tmp_path / "plain", "--components", 1) == 0
+    assert run_cli("report", tmp_path / "plain", "--out", tmp_path / "plain.html") == 0
+    page = (tmp_path / "plain.html").read_text()
+    assert "<th>residuals</th>" not in page and "Adapters with residuals" not in page
+
+
+def test_evaluate_states_each_held_out_adapters_residuals_and_shared_error(runner, tmp_path, capsys):
+    """Under the store's bound, the held-out adapters projected on a basis of the rest get
+    residuals where the bases miss it: evaluate names each with its error with them (within the
+    bound) and with the shared bases alone (above it for an adapter given residuals, equal without)."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    make_collection(src, 10, shared_dim=3, noise=0.1)
+    assert run_cli("compress", src, "--out", store, "--components", 1, "--max-error", BOUND) == 0
+    capsys.readouterr()
+    assert run_cli("evaluate", store, src, "--holdout", "0.3", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    adapters = result["held_out_adapters"]
+    assert result["max_error"] == BOUND and sorted(a["task_id"] for a in adapters) == sorted(result["held_out_ids"])
+    assert [a["shared_error"] for a in adapters] == sorted((a["shared_error"] for a in adapters), reverse=True)
+    assert any(a["residual_modules"] for a in adapters)
+    for a in adapters:
+        assert a["error"] <= BOUND
+        assert a["shared_error"] > a["error"] if a["residual_modules"] else a["shared_error"] == a["error"]
+    assert run_cli("evaluate", store, src, "--holdout", "0.3") == 0
+    out = capsys.readouterr().out
+    needing = sum(a["residual_modules"] > 0 for a in adapters)
+    assert f"bound {BOUND:g}: {needing} of 3 held-out adapters need residuals" in out
+    for a in adapters:
+        has = f"residuals in {a['residual_modules']} module(s)" if a["residual_modules"] else "no residuals"
+        assert f"  {a['task_id']}: {a['error']:.4f} / {a['shared_error']:.4f}, {has}" in out
+
+
+def test_a_tighter_bound_on_a_store_made_without_one(runner, tmp_path, capsys, caplog):
+    """A store compressed with no bound misses a tight one: an incremental rebase with nothing
+    new to read cannot bring stored adapters within it (flow.bounded needs their files) and says
+    so; `rebase --full --from-source` reads them and keeps it, with residuals; a loose bound then
+    drops them (a full re-base from the store moves every row and needs none)."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    ids = make_collection(src, 9, shared_dim=3, noise=0.1)
+    assert run_cli("compress", src, "--out", store, "--components", 3, "--max-error", "none") == 0
+    assert json.loads((store / "versions/v000001/manifest.json").read_text())["error"]["max"] > BOUND
+    caplog.clear()
+    assert run_cli("rebase", store, src, "--max-error", BOUND) == 0
+    assert not (store / "versions/v000002").exists()
+    assert f"above --max-error {BOUND:g}" in caplog.text and "`rebase --full --from-source" in caplog.text
+    assert run_cli("rebase", store, src, "--full", "--from-source", "--max-error", BOUND) == 0
+    assert run_cli("verify", store, "--all") == 0
+    _within_bound(src, store, ids, tmp_path / "tight")
+    rows = _residual_rows(store, "v000002")
+    assert rows and json.loads((store / "versions/v000002/manifest.json").read_text())["residuals"]["modules"] == len(
+        rows
+    )
+    caplog.clear()
+    assert run_cli("rebase", store, src, "--max-error", BOUND) == 0  # kept now: nothing to say
+    assert "above --max-error" not in caplog.text
+    assert run_cli("rebase", store, src, "--full", "--max-error", 10) == 0
+    assert not _residual_rows(store, "v000003")
+    capsys.readouterr()
+    assert run_cli("info", store) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("residuals"))
+    assert line.startswith("residuals    0 adapter(s), 0 module(s), 0 bytes") and "bound 10 " in line

@@ -39,6 +39,13 @@ def test_every_problem_is_reported_together():
         (Options(ratio=1), "--ratio must be above 1 (the compression factor), got 1"),
         (Options(budget_bytes=2.5), "--budget-bytes must be a number of bytes, got float 2.5"),
         (Options(quantize="int4"), "--quantize must be one of int8, nf4, got 'int4'"),
+        (
+            Options(ComponentRule(4, adaptive=True)),
+            "--adaptive and --components exclude each other (--adaptive picks each module's k from "
+            "--variance-threshold; --components decides it)",
+        ),
+        (Options(ComponentRule(adaptive=True), ratio=4), "--adaptive and --ratio exclude each other"),
+        (Options(ComponentRule(adaptive=True), budget_bytes=10), "--adaptive and --budget-bytes exclude each other"),
     ],
 )
 def test_each_rule_names_the_flags(options, message):
@@ -176,3 +183,37 @@ def test_memory_budget_is_a_hidden_name_of_task_memory():
 
 def test_an_infinite_ratio_is_named_as_not_finite():
     assert Options(ratio=float("inf")).problems() == ["ratio must be a finite number, got inf"]
+
+
+def test_adaptive_beside_a_k_or_a_budget_is_refused_on_the_cli_but_read_from_early_stores():
+    from pipeline.cli import options_from_args
+    from pipeline.operations.evaluate import like
+
+    for extra in (["--components", 4], ["--ratio", 4], ["--budget-bytes", "1MiB"]):
+        args = _parse("compress", "src", "--out", "st", "--adaptive", *extra)
+        with pytest.raises(PipelineError) as caught:
+            options_from_args(args)
+        assert str(caught.value).startswith(f"--adaptive and {extra[0]} exclude each other")
+    assert options_from_args(_parse("compress", "src", "--out", "st", "--adaptive")).rule.adaptive
+    # A store written before the rule records both (EARLY): it reads as written, and evaluate
+    # compresses as it was built, where adaptive changed nothing.
+    assert like({"parameters": EARLY}) == Options(ComponentRule(3, 0.6, False), method="flat").validated()
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["--task-memory", "--memory-budget"], ["--memory-budget", "--task-memory"]],
+    ids=["new-first", "old-first"],
+)
+def test_task_memory_and_its_former_name_together_are_refused(names):
+    """Whichever comes last would win: both given are one problem, in one line with any other."""
+    from pipeline.cli import options_from_args
+
+    args = _parse("rebase", "st", "src", names[0], "2MiB", names[1], "3MiB", "--from-source")
+    with pytest.raises(PipelineError) as caught:
+        options_from_args(args)
+    assert str(caught.value) == (
+        "--from-source needs --full; --memory-budget is the former name of --task-memory: give one"
+    )
+    for alone in names:
+        assert options_from_args(_parse("compress", "src", "--out", "st", alone, "2MiB")).task_memory == 2 * 2**20

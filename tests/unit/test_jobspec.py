@@ -67,6 +67,8 @@ def test_every_problem_of_a_config_is_reported_at_once(tmp_path):
         ("rebase", ["from_source=true"], "'from_source' needs 'full'"),
         ("rebase", ["full=true", "chunk_size=10"], "'chunk_size' is for the incremental re-base, not 'full'"),
         ("rebase", ["max_error=-1"], "'max_error' must be at least 0, got -1"),
+        ("compress", ["adaptive=true", "components=4"], "'adaptive' and 'components' exclude each other"),
+        ("compress", ["adaptive=true", "ratio=10"], "'adaptive' and 'ratio' exclude each other"),
     ],
 )
 def test_combinations_that_do_not_go_together(job, sets, message):

@@ -99,3 +99,38 @@ def test_a_module_whose_basis_is_not_a_path_is_a_problem_not_a_crash(basis):
     }
     problems = manifest_problems(manifest, "v000001")
     assert f"module 'm': basis {basis!r} is not one of the files" in problems
+
+
+@pytest.mark.parametrize("method", ["bogus", None, 3, ["flat"]])
+def test_a_manifest_whose_method_is_not_one_of_the_methods_is_refused(tmp_path, method):
+    """parameters.method is checked when a manifest is read, like its other fields: one line
+    naming the object and the value; a manifest without it (early stores) reads as flat."""
+    import json
+
+    from pipeline.errors import IntegrityError
+    from pipeline.io.location import Location
+    from pipeline.io.store import Store
+
+    manifest = {
+        "format_version": 1,
+        "version": "v000001",
+        "parent": None,
+        "created": "2026-01-01T00:00:00+00:00",
+        "original_bytes": 1,
+        "adapters": {"ok": 1, "quarantined": 0},
+        "parameters": {"method": method},
+        "files": {},
+        "modules": {},
+    }
+    assert manifest_problems(manifest, "v000001") == [
+        f"parameters.method {method!r} is not one of auto, flat, aligned, joint"
+    ]
+    for sound in ({}, {"method": "joint"}):
+        assert manifest_problems({**manifest, "parameters": sound}, "v000001") == []
+    (tmp_path / "versions/v000001").mkdir(parents=True)
+    (tmp_path / "versions/v000001/manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError) as refused:
+        Store(Location(str(tmp_path))).manifest("v000001")
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1 and "versions/v000001/manifest.json is not a valid manifest" in message
+    assert f"parameters.method {method!r}" in message
