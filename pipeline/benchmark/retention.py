@@ -23,11 +23,18 @@ from pathlib import Path
 # from 3/4 and projects the rest). A new configuration is one more line, e.g.
 # {"name": "ratio 10, groups 4", "compress": ["--ratio", "10", "--clusters", "4"]}.
 ROWS: tuple[dict, ...] = (
-    {"name": "ratio 5", "compress": ["--ratio", "5", "--method", "auto"]},
-    {"name": "ratio 10", "compress": ["--ratio", "10", "--method", "auto"]},
-    {"name": "ratio 20", "compress": ["--ratio", "20", "--method", "auto"]},
-    {"name": "flat, ratio 10", "compress": ["--ratio", "10", "--method", "flat"]},
-    {"name": "held out 1/4, ratio 10", "compress": ["--ratio", "10", "--method", "auto"], "held_out": True},
+    {"name": "ratio 5", "compress": ["--ratio", "5", "--method", "auto", "--max-error", "none"]},
+    {"name": "ratio 10", "compress": ["--ratio", "10", "--method", "auto", "--max-error", "none"]},
+    {"name": "ratio 20", "compress": ["--ratio", "20", "--method", "auto", "--max-error", "none"]},
+    {"name": "flat, ratio 10", "compress": ["--ratio", "10", "--method", "flat", "--max-error", "none"]},
+    {"name": "ratio 5, default bound", "compress": ["--ratio", "5", "--method", "auto"]},
+    {"name": "ratio 10, default bound", "compress": ["--ratio", "10", "--method", "auto"]},
+    {"name": "ratio 20, default bound", "compress": ["--ratio", "20", "--method", "auto"]},
+    {"name": "ratio 10, groups 4", "compress": ["--ratio", "10", "--clusters", "4", "--max-error", "none"]},
+    {"name": "ratio 10, groups auto", "compress": ["--ratio", "10", "--clusters", "auto", "--max-error", "none"]},
+    {"name": "flat, ratio 10, groups 4", "compress": ["--ratio", "10", "--method", "flat", "--clusters", "4"]},
+    {"name": "held out 1/4, ratio 10", "compress": ["--ratio", "10", "--max-error", "none"], "held_out": True},
+    {"name": "held out 1/4, ratio 10, default bound", "compress": ["--ratio", "10"], "held_out": True},
 )
 HEADLINE_ROW, FLAT_ROW = "ratio 10", "flat, ratio 10"  # the rows the job's targets compare
 KEEP = 0.97  # the retention an error bound is chosen for (error_bound)
@@ -94,6 +101,8 @@ def _state(where: Path, score: Score, original: dict, cpus: int) -> dict:
         "error": {"mean": info["error"]["mean"], "max": info["error"]["max"]},
         "retention": _summary(retention),
         "methods": _method_counts(info["methods"]),
+        "groups": len(info.get("groups") or []) or 1,
+        "residual_adapters": len(info.get("residual_adapters") or []),
         "per_adapter": {t: {"error": errors[t], "retention": retention[t]} for t in sorted(errors)},
     }
 
