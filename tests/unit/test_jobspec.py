@@ -69,6 +69,9 @@ def test_every_problem_of_a_config_is_reported_at_once(tmp_path):
         ("rebase", ["max_error=-1"], "'max_error' must be at least 0, got -1"),
         ("compress", ["adaptive=true", "components=4"], "'adaptive' and 'components' exclude each other"),
         ("compress", ["adaptive=true", "ratio=10"], "'adaptive' and 'ratio' exclude each other"),
+        ("compress", ["clusters=auto"], "'clusters' auto chooses the number of groups for a budget"),
+        ("compress", ["clusters=many"], "'clusters' must be an integer or \"auto\", got str 'many'"),
+        ("compress", ["clusters=0"], "'clusters' must be at least 1, got 0"),
     ],
 )
 def test_combinations_that_do_not_go_together(job, sets, message):
