@@ -90,17 +90,48 @@ def _trained_figures(f: dict) -> tuple[dict, list[dict]]:
                 0.5,
             )
         )
-    if auto:
-        ratios["trained_min_retention"] = auto["retention"]["min"]
-        targets.append(
-            _target(
-                f"peft-trained adapters, {retention.HEADLINE_ROW}: every adapter keeps at least "
-                f"{retention.KEEP:g} of its test accuracy (minimum retention)",
-                auto["retention"]["min"],
-                ">=",
-                retention.KEEP,
-            )
-        )
+    bounded, held = rows.get(retention.BOUND_ROW), rows.get(retention.HELD_BOUND_ROW)
+    unbounded = [rows[name] for name in retention.RATIO_10_ROWS if name in rows]
+    checks = [
+        (
+            f"{retention.BOUND_ROW}: every adapter keeps >= {retention.KEEP:g} (minimum retention)",
+            bounded,
+            lambda r: r["retention"]["min"],
+            ">=",
+            retention.KEEP,
+        ),
+        (
+            f"{retention.BOUND_ROW}: the store at least 5x smaller than the adapters",
+            bounded,
+            lambda r: r["ratio_reached"],
+            ">=",
+            5.0,
+        ),
+        (
+            f"{retention.HELD_BOUND_ROW}: every projected adapter keeps >= {retention.KEEP:g} before the re-base",
+            held,
+            lambda r: r["projected"]["before_rebase"]["min"],
+            ">=",
+            retention.KEEP,
+        ),
+        (
+            f"{retention.HELD_BOUND_ROW}: projected adapters keep >= {retention.KEEP:g} on average before the re-base",
+            held,
+            lambda r: r["projected"]["before_rebase"]["mean"],
+            ">=",
+            retention.KEEP,
+        ),
+        (
+            "ratio 10 without a bound, best of one basis and groups: minimum retention >= 0.95",
+            unbounded or None,
+            lambda rs: max(r["retention"]["min"] for r in rs),
+            ">=",
+            0.95,
+        ),
+    ]
+    for name, row, value, op, threshold in checks:
+        if row:
+            targets.append(_target(f"peft-trained adapters, {name}", value(row), op, threshold))
     return ratios, targets
 
 
@@ -253,12 +284,13 @@ def _trained_rows(f: dict) -> list[str]:
 
 def _trained_row(row: dict) -> list[str]:
     if "refused" in row:
-        return [f"  {row['name']:24} refused: {row['refused']}"]
+        return [f"  {row['name']:38} refused: {row['refused']}"]
     kept = row["retention"]
     lines = [
-        f"  {row['name']:24} {row['store_bytes']:>11,} B, ratio {row['ratio_reached']:.2f}, delta-W error "
+        f"  {row['name']:38} {row['store_bytes']:>11,} B, ratio {row['ratio_reached']:.2f}, delta-W error "
         f"{row['error']['mean']:.4f} (max {row['error']['max']:.4f}), retention {kept['mean']:.3f} "
-        f"(min {kept['min']:.3f}, {kept['worst']}), modules {row['methods']}"
+        f"(min {kept['min']:.3f}, {kept['worst']}), modules {row['methods']}, groups {row.get('groups', 1)}, "
+        f"adapters with residuals {row.get('residual_adapters', 0)}"
     ]
     if "projected" in row:
         before, after = row["projected"]["before_rebase"], row["projected"]["after_rebase"]

@@ -36,7 +36,10 @@ ROWS: tuple[dict, ...] = (
     {"name": "held out 1/4, ratio 10", "compress": ["--ratio", "10", "--max-error", "none"], "held_out": True},
     {"name": "held out 1/4, ratio 10, default bound", "compress": ["--ratio", "10"], "held_out": True},
 )
-HEADLINE_ROW, FLAT_ROW = "ratio 10", "flat, ratio 10"  # the rows the job's targets compare
+# The rows the job's targets read (pipeline.benchmark.figures)
+HEADLINE_ROW, FLAT_ROW = "ratio 10", "flat, ratio 10"
+BOUND_ROW, HELD_BOUND_ROW = "ratio 10, default bound", "held out 1/4, ratio 10, default bound"
+RATIO_10_ROWS = ("ratio 10", "ratio 10, groups 4", "ratio 10, groups auto")
 KEEP = 0.97  # the retention an error bound is chosen for (error_bound)
 
 Score = Callable[[Path, str], float]  # the test accuracy of the adapter folder exported for a task id

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from pipeline.config import DEFAULT_MAX_ERROR
 from pipeline.synthetic import PRESETS
 
 
@@ -160,11 +161,16 @@ def test_trained_step_on_a_model_built_from_a_config(tmp_path):
     # Flat k = 1 stores 2 r (d_in + d_out) + 2 n = 1040 floats per module, more than 1/10 of the
     # 8 adapters' 8 x 512: refused with the reason, and the step goes on.
     assert "too small" in rows["flat, ratio 10"]["refused"]
+    refused = {row["name"] for row in t["rows"] if "refused" in row}
+    assert refused <= {"flat, ratio 10", "flat, ratio 10, groups 4"}
+    assert all("too small" in rows[name]["refused"] for name in refused)
     measured = [row for row in t["rows"] if "refused" not in row]
-    assert len(measured) == len(ROWS) - 1
     for row in measured:
         _assert_sane_row(row, original, expected=set(original))
-        assert sum(row["methods"].values()) == 4  # query and value of 2 layers
+        assert sum(row["methods"].values()) == 4 * row["groups"]  # query and value of 2 layers, per group
+        if "--max-error" not in row["compress"]:  # the default bound holds on every module
+            assert row["error"]["max"] <= DEFAULT_MAX_ERROR
+    assert rows["ratio 10, groups 4"]["groups"] == 4
     held = rows["held out 1/4, ratio 10"]
     assert held["held_out"] == 2
     _assert_sane_row(held["after_rebase"], original)
