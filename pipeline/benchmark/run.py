@@ -159,8 +159,11 @@ def benchmark(config: dict) -> dict:
 
 
 def _compress_options(config: dict, endpoint: list) -> list:
-    """The options every measured compress runs with."""
+    """The options every measured compress runs with: vlora's fit, without residuals (they are
+    compared with vlora's bases, and quantized)."""
     common = [
+        "--max-error",
+        "none",
         "--components",
         config["components"],
         "--task-memory",

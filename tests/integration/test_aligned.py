@@ -97,5 +97,8 @@ def test_the_library_builds_aligned_subspaces_too(tmp_path):
 
 def test_aligned_needs_components(tmp_path, capsys):
     make_collection(tmp_path / "src", 4, preset="micro")
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--method", "aligned") == 1
+    assert (
+        run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", tmp_path / "store", "--method", "aligned")
+        == 1
+    )
     assert "--method aligned needs --components" in capsys.readouterr().err

@@ -163,7 +163,10 @@ def test_json_logs_carry_json_only(tmp_path):
 
 
 def test_capped_components_and_a_store_larger_than_its_input_are_noted(tmp_path, runner, capsys):
-    assert run_cli("compress", MINILM, "--out", tmp_path / "store", "--components", "8", "--json") == 0
+    assert (
+        run_cli("compress", "--max-error", "none", MINILM, "--out", tmp_path / "store", "--components", "8", "--json")
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     notes = " ".join(result["notes"])
     assert "k capped at 3" in notes and "4 adapter(s) have at most 3 directions" in notes
@@ -193,7 +196,12 @@ def test_messages_name_the_cli_options_and_joint_stores_read_as_info_does(runner
 
     make_collection(tmp_path / "src", 12, preset="micro", structure="gauge", shared_dim=3)
     store = tmp_path / "joint"
-    assert run_cli("compress", tmp_path / "src", "--out", store, "--method", "joint", "--components", 8) == 0
+    assert (
+        run_cli(
+            "compress", "--max-error", "none", tmp_path / "src", "--out", store, "--method", "joint", "--components", 8
+        )
+        == 0
+    )
     capsys.readouterr()
     assert run_cli("versions", store, "--json") == 0
     listing = json.loads(capsys.readouterr().out)["versions"][0]
@@ -204,7 +212,7 @@ def test_messages_name_the_cli_options_and_joint_stores_read_as_info_does(runner
     assert run_cli("vlora-export", store, tmp_path / "vlora") == 1
     assert "flat bases only" in capsys.readouterr().err and not (tmp_path / "vlora").exists()
     flat = tmp_path / "flat"
-    assert run_cli("compress", tmp_path / "src", "--out", flat, "--components", 3) == 0
+    assert run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", flat, "--components", 3) == 0
     assert run_cli("vlora-export", flat, tmp_path / "vlora") == 0
     capsys.readouterr()
     assert run_cli("vlora-import", tmp_path / "vlora", flat) == 1
@@ -216,7 +224,7 @@ def test_messages_name_the_cli_options_and_joint_stores_read_as_info_does(runner
 @pytest.mark.parametrize("value", ["0", "0.1", "0MiB"])
 def test_sizes_of_zero_bytes_are_usage_errors(option, value, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        run_cli("compress", MINILM, "--out", tmp_path / "store", option, value)
+        run_cli("compress", "--max-error", "none", MINILM, "--out", tmp_path / "store", option, value)
     assert exit_.value.code == 2
     assert "must be at least 1 byte" in capsys.readouterr().err
     assert not (tmp_path / "store").exists()
@@ -234,7 +242,7 @@ def test_found_by_a_new_user(runner, tmp_path, capsys):
     odd = src / "new\nline"
     odd.mkdir()
     shutil.copy(src / ids[0] / "adapter_config.json", odd)  # no weights: quarantined
-    assert run_cli("compress", src, "--out", store, "--components", 2) == 0
+    assert run_cli("compress", "--max-error", "none", src, "--out", store, "--components", 2) == 0
     capsys.readouterr()
 
     # report writes a new file only.
@@ -260,7 +268,7 @@ def test_found_by_a_new_user(runner, tmp_path, capsys):
     # A compress whose every adapter is quarantined leaves no folder.
     (tmp_path / "bad" / "a").mkdir(parents=True)
     (tmp_path / "bad" / "a" / "adapter_config.json").write_text("{}")
-    assert run_cli("compress", tmp_path / "bad", "--out", tmp_path / "new-store") == 1
+    assert run_cli("compress", "--max-error", "none", tmp_path / "bad", "--out", tmp_path / "new-store") == 1
     assert not (tmp_path / "new-store").exists()
 
     # vlora-import writes a store only where compress would.
@@ -306,7 +314,10 @@ def test_a_rebase_of_a_copied_collection_starts_no_ray(runner, tmp_path):
     from conftest import make_collection
 
     make_collection(tmp_path / "src", 6, preset="micro")
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 2) == 0
+    assert (
+        run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", tmp_path / "store", "--components", 2)
+        == 0
+    )
     shutil.copytree(tmp_path / "src", tmp_path / "copy", copy_function=shutil.copyfile)
     result = _cli("rebase", str(tmp_path / "store"), str(tmp_path / "copy"), probe=True)
     assert result.returncode == 0, result.stderr

@@ -18,7 +18,10 @@ def _load(folder):
 
 def test_compress_info_export_round_trip_with_all_components(runner, tmp_path, capsys):
     make_collection(tmp_path / "src", 12)
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 16) == 0
+    assert (
+        run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", tmp_path / "store", "--components", 16)
+        == 0
+    )
     capsys.readouterr()
     assert run_cli("info", tmp_path / "store", "--json") == 0
     info = json.loads(capsys.readouterr().out)
@@ -41,7 +44,10 @@ def test_store_layout_manifest_checksums_and_pointer(runner, tmp_path):
     import hashlib
 
     make_collection(tmp_path / "src", 6)
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 3) == 0
+    assert (
+        run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", tmp_path / "store", "--components", 3)
+        == 0
+    )
     pointer = json.loads((tmp_path / "store" / "LATEST").read_text())
     assert pointer == {"version": "v000001", "format_version": 1}
     root = tmp_path / "store" / "versions" / "v000001"
@@ -71,7 +77,17 @@ def test_a_second_compress_is_a_new_version_with_its_parent(runner, tmp_path):
     make_collection(tmp_path / "src", 5)
     for _ in range(2):  # file:// URIs work as plain paths do
         assert (
-            run_cli("compress", f"file://{tmp_path}/src", "--out", f"file://{tmp_path}/store", "--components", 2) == 0
+            run_cli(
+                "compress",
+                "--max-error",
+                "none",
+                f"file://{tmp_path}/src",
+                "--out",
+                f"file://{tmp_path}/store",
+                "--components",
+                2,
+            )
+            == 0
         )
     store = Store(Location(str(tmp_path / "store")))
     assert store.current_version() == "v000002" and store.manifest()["parent"] == "v000001"
@@ -79,7 +95,19 @@ def test_a_second_compress_is_a_new_version_with_its_parent(runner, tmp_path):
 
 def test_threshold_and_adaptive_choose_k(runner, tmp_path, capsys):
     make_collection(tmp_path / "src", 20, shared_dim=3, noise=0.01)
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "fixed", "--variance-threshold", "0.9") == 0
+    assert (
+        run_cli(
+            "compress",
+            "--max-error",
+            "none",
+            tmp_path / "src",
+            "--out",
+            tmp_path / "fixed",
+            "--variance-threshold",
+            "0.9",
+        )
+        == 0
+    )
     assert (
         run_cli(
             "compress", tmp_path / "src", "--out", tmp_path / "adaptive", "--variance-threshold", "0.9", "--adaptive"
@@ -94,14 +122,17 @@ def test_threshold_and_adaptive_choose_k(runner, tmp_path, capsys):
 
 def test_export_all_writes_every_adapter_in_parallel(runner, tmp_path):
     ids = make_collection(tmp_path / "src", 20)
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 20) == 0
+    assert (
+        run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", tmp_path / "store", "--components", 20)
+        == 0
+    )
     assert run_cli("export", tmp_path / "store", "--all", "--out", tmp_path / "all") == 0
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ids
     torch.testing.assert_close(_load(tmp_path / "all" / ids[7]), _load(tmp_path / "src" / ids[7]), atol=1e-5, rtol=1e-4)
 
 
 def test_real_peft_adapters_round_trip(runner, tmp_path):
-    assert run_cli("compress", MINILM, "--out", tmp_path / "store", "--components", 4) == 0
+    assert run_cli("compress", "--max-error", "none", MINILM, "--out", tmp_path / "store", "--components", 4) == 0
     for task in ("sentiment", "topic8"):
         assert run_cli("export", tmp_path / "store", task, "--out", tmp_path / task) == 0
         original, exported = _load(MINILM / task), _load(tmp_path / task)
@@ -127,7 +158,10 @@ def test_user_errors_are_one_line_with_nonzero_exit(runner, tmp_path, capsys, ar
     (tmp_path / "empty").mkdir()
     make_collection(tmp_path / "src", 3)
     if "good" in " ".join(args):
-        assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "good", "--components", 2) == 0
+        assert (
+            run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", tmp_path / "good", "--components", 2)
+            == 0
+        )
     capsys.readouterr()
     assert run_cli(*[a.format(tmp=tmp_path) for a in args]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -33,7 +33,7 @@ def built(runner, tmp_path_factory):
     (root / "src" / "broken").mkdir()
     shutil.copy(root / "src" / IDS[0] / "adapter_config.json", root / "src" / "broken")
     (root / "src" / "broken" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    assert run_cli("compress", root / "src", "--out", root / "store", "--components", 2) == 0
+    assert run_cli("compress", "--max-error", "none", root / "src", "--out", root / "store", "--components", 2) == 0
     return root
 
 
@@ -135,12 +135,14 @@ def test_compress_refuses_a_folder_that_is_not_a_store(built, tmp_path, capsys):
     out.mkdir()
     (out / "train.py").write_text("print('mine')\n")
     capsys.readouterr()
-    assert run_cli("compress", built / "src", "--out", out, "--components", 2) == 1
+    assert run_cli("compress", "--max-error", "none", built / "src", "--out", out, "--components", 2) == 1
     assert f"--out {out} holds files and is not a store" in _error(capsys)
     assert _files(out) == {"train.py": b"print('mine')\n"}
     # An existing store is compress's own output: a new version goes into it.
     shutil.copytree(built / "store", tmp_path / "store")
-    assert run_cli("compress", built / "src", "--out", tmp_path / "store", "--components", 2) == 0
+    assert (
+        run_cli("compress", "--max-error", "none", built / "src", "--out", tmp_path / "store", "--components", 2) == 0
+    )
     assert json.loads((tmp_path / "store" / "LATEST").read_text())["version"] == "v000002"
 
 
@@ -157,7 +159,20 @@ def test_s3_targets_holding_objects_are_refused(built, s3_endpoint, bucket, caps
     assert f"1 target folder(s) under --out s3://{bucket}/served/many already hold files: '{IDS[3]}'" in _error(capsys)
     assert run_cli("vlora-export", built / "store", f"s3://{bucket}/served/one", *endpoint) == 1
     assert f"s3://{bucket}/served/one already holds files" in _error(capsys)
-    assert run_cli("compress", built / "src", "--out", f"s3://{bucket}/data", "--components", 2, *endpoint) == 1
+    assert (
+        run_cli(
+            "compress",
+            "--max-error",
+            "none",
+            built / "src",
+            "--out",
+            f"s3://{bucket}/data",
+            "--components",
+            2,
+            *endpoint,
+        )
+        == 1
+    )
     assert f"--out s3://{bucket}/data holds files and is not a store" in _error(capsys)
     assert _keys(s3_endpoint, bucket) == before
     # A prefix beside them ("served/one" is not "served/on") and --overwrite are written.

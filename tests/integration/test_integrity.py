@@ -18,7 +18,10 @@ def _flip(path, offset):
 @pytest.fixture
 def store(runner, tmp_path):
     make_collection(tmp_path / "src", 8)
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 4) == 0
+    assert (
+        run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", tmp_path / "store", "--components", 4)
+        == 0
+    )
     return tmp_path / "store"
 
 

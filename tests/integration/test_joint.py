@@ -63,8 +63,10 @@ def _summary(capsys, *args):
 def test_auto_budget_chooses_joint_where_the_gauges_differ(runner, tmp_path, capsys):
     src = tmp_path / "gauge"
     make_collection(src, 24, preset="micro", structure="gauge", shared_dim=3)
-    flat = _summary(capsys, "compress", src, "--out", tmp_path / "flat", "--ratio", 4, "--method", "flat")
-    auto = _summary(capsys, "compress", src, "--out", tmp_path / "auto", "--ratio", 4)
+    flat = _summary(
+        capsys, "compress", "--max-error", "none", src, "--out", tmp_path / "flat", "--ratio", 4, "--method", "flat"
+    )
+    auto = _summary(capsys, "compress", "--max-error", "none", src, "--out", tmp_path / "auto", "--ratio", 4)
     assert auto["error"]["mean"] < 0.75 * flat["error"]["mean"]
     info = _summary(capsys, "info", tmp_path / "auto")
     assert info["parameters"]["method"] == "auto" and info["parameters"]["ratio"] == 4
@@ -88,20 +90,53 @@ def test_auto_budget_chooses_joint_where_the_gauges_differ(runner, tmp_path, cap
 def test_auto_keeps_the_flat_method_where_the_factors_share_structure(runner, tmp_path, capsys):
     src = tmp_path / "same-init"
     make_collection(src, 24, preset="micro", structure="same-init")
-    auto = _summary(capsys, "compress", src, "--out", tmp_path / "auto", "--budget-bytes", "20KiB")
+    auto = _summary(
+        capsys, "compress", "--max-error", "none", src, "--out", tmp_path / "auto", "--budget-bytes", "20KiB"
+    )
     info = _summary(capsys, "info", tmp_path / "auto")
     assert {c["method"] for c in info["methods"].values()} == {"flat"}
-    flat = _summary(capsys, "compress", src, "--out", tmp_path / "flat", "--budget-bytes", "20KiB", "--method", "flat")
+    flat = _summary(
+        capsys,
+        "compress",
+        "--max-error",
+        "none",
+        src,
+        "--out",
+        tmp_path / "flat",
+        "--budget-bytes",
+        "20KiB",
+        "--method",
+        "flat",
+    )
     assert auto["error"]["mean"] == pytest.approx(flat["error"]["mean"], rel=1e-6)
     assert _budgeted_bytes(info) <= 20 * 1024
 
 
 def test_budget_too_small_is_a_clear_error(runner, tmp_path, capsys):
     make_collection(tmp_path / "src", 4, preset="micro")
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--budget-bytes", "100") == 1
+    assert (
+        run_cli(
+            "compress", "--max-error", "none", tmp_path / "src", "--out", tmp_path / "store", "--budget-bytes", "100"
+        )
+        == 1
+    )
     assert "too small for module" in capsys.readouterr().err
     # Room for joint bases but not for a flat basis: refused for the flat method alone, by name.
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--ratio", 4, "--method", "flat") == 1
+    assert (
+        run_cli(
+            "compress",
+            "--max-error",
+            "none",
+            tmp_path / "src",
+            "--out",
+            tmp_path / "store",
+            "--ratio",
+            4,
+            "--method",
+            "flat",
+        )
+        == 1
+    )
     assert "no flat fit takes" in capsys.readouterr().err
     assert not (tmp_path / "store" / "LATEST").exists()
 
@@ -132,7 +167,18 @@ def test_joint_is_invariant_to_each_adapters_gauge(runner, tmp_path):
     _regauged(src, twin)
     for name, folder in (("src", src), ("twin", twin)):
         assert (
-            run_cli("compress", folder, "--out", tmp_path / f"store-{name}", "--method", "joint", "--components", 32)
+            run_cli(
+                "compress",
+                "--max-error",
+                "none",
+                folder,
+                "--out",
+                tmp_path / f"store-{name}",
+                "--method",
+                "joint",
+                "--components",
+                32,
+            )
             == 0
         )
         assert run_cli("export", tmp_path / f"store-{name}", "--all", "--out", tmp_path / f"out-{name}") == 0
@@ -176,7 +222,7 @@ def test_mixed_ranks_compress_and_export_at_each_adapters_rank(runner, tmp_path,
     src = tmp_path / "mixed"
     _mixed_ranks(tmp_path / "src", src)
     store = tmp_path / "store"
-    assert run_cli("compress", src, "--out", store, "--method", method, "--components", 6) == 0
+    assert run_cli("compress", "--max-error", "none", src, "--out", store, "--method", method, "--components", 6) == 0
     manifest = Store(Location(str(store))).manifest()
     assert manifest["adapters"]["ok"] == 10 and manifest["modules"][MODULE]["a_shape"] == [4, 64]
     assert run_cli("verify", store) == 0
@@ -200,10 +246,22 @@ def test_joint_rebase_warm_starts_from_the_stored_bases(runner, tmp_path, capsys
     src = tmp_path / "src"
     make_collection(src, 20, preset="micro", structure="gauge", shared_dim=3)
     store = tmp_path / "store"
-    assert run_cli("compress", src, "--out", store, "--method", "joint", "--components", 12) == 0
+    assert run_cli("compress", "--max-error", "none", src, "--out", store, "--method", "joint", "--components", 12) == 0
     make_collection(src, 8, preset="micro", structure="gauge", shared_dim=3, start=20)
     rebased = _summary(capsys, "rebase", store, src)["versions"][0]
-    full = _summary(capsys, "compress", src, "--out", tmp_path / "full", "--method", "joint", "--components", 12)
+    full = _summary(
+        capsys,
+        "compress",
+        "--max-error",
+        "none",
+        src,
+        "--out",
+        tmp_path / "full",
+        "--method",
+        "joint",
+        "--components",
+        12,
+    )
     manifest = Store(Location(str(store))).manifest()
     assert manifest["adapters"]["ok"] == 28 and manifest["modules"][MODULE]["method"] == "joint"
     assert manifest["modules"][MODULE]["count"] == 28
@@ -230,7 +288,23 @@ def test_a_budget_in_chunks_keeps_each_modules_choice(runner, tmp_path, structur
     src = tmp_path / "src"
     make_collection(src, 20, preset="micro", structure=structure, shared_dim=3)
     store = tmp_path / "store"
-    assert run_cli("compress", src, "--out", store, "--ratio", ratio, "--chunk-size", 8, "--method", method) == 0
+    assert (
+        run_cli(
+            "compress",
+            "--max-error",
+            "none",
+            src,
+            "--out",
+            store,
+            "--ratio",
+            ratio,
+            "--chunk-size",
+            8,
+            "--method",
+            method,
+        )
+        == 0
+    )
     s = Store(Location(str(store)))
     first, last = s.manifest("v000001")["modules"], s.manifest()["modules"]
     assert s.manifest()["version"] == "v000003" and s.manifest()["adapters"]["ok"] == 20
@@ -248,7 +322,7 @@ def test_quantize_keeps_joint_modules_float32(runner, tmp_path):
     src = tmp_path / "src"
     make_collection(src, 24, preset="micro", structure="gauge", shared_dim=3)
     store = tmp_path / "store"
-    assert run_cli("compress", src, "--out", store, "--ratio", 4, "--quantize", "int8") == 0
+    assert run_cli("compress", "--max-error", "none", src, "--out", store, "--ratio", 4, "--quantize", "int8") == 0
     s = Store(Location(str(store)))
     manifest = s.manifest()
     assert manifest["quantization"]["scheme"] == "int8" and manifest["modules"][MODULE]["method"] == "joint"
@@ -266,7 +340,7 @@ def test_an_upload_of_a_higher_rank_than_the_stores_is_quarantined(runner, tmp_p
     src = tmp_path / "src"
     make_collection(src, 6, preset="micro")
     store = tmp_path / "store"
-    assert run_cli("compress", src, "--out", store, "--components", 3) == 0
+    assert run_cli("compress", "--max-error", "none", src, "--out", store, "--components", 3) == 0
     template = src / "adapter-00000"
     weights = {
         k: torch.cat([v, v]) if ".lora_A." in k else torch.cat([v, v], dim=1)
@@ -288,7 +362,7 @@ def test_a_full_rebase_from_the_store_of_joint_modules_is_refused_in_one_line(ru
     nothing is published; --from-source re-reads the adapters instead."""
     src, store = tmp_path / "src", tmp_path / "store"
     make_collection(src, 12, preset="micro", structure="gauge", shared_dim=3)
-    assert run_cli("compress", src, "--out", store, "--method", "joint", "--components", 8) == 0
+    assert run_cli("compress", "--max-error", "none", src, "--out", store, "--method", "joint", "--components", 8) == 0
     make_collection(src, 2, preset="micro", structure="gauge", shared_dim=3, start=12)
     capsys.readouterr()
     assert run_cli("rebase", store, src, "--full") == 1

@@ -63,7 +63,10 @@ def test_save_and_load_round_trip_and_the_cli_reads_it(runner, tmp_path):
 
 def test_a_cli_compressed_store_is_what_from_adapters_builds(runner, tmp_path):
     ids = make_collection(tmp_path / "src", 12, preset="micro")
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 4) == 0
+    assert (
+        run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", tmp_path / "store", "--components", 4)
+        == 0
+    )
     from_store = Subspace.load(str(tmp_path / "store"))
     in_memory = Subspace.from_adapters(_adapters(tmp_path / "src", ids), ids, num_components=4)
     _assert_same(from_store, in_memory, tol=1e-5)
@@ -120,7 +123,10 @@ def test_save_load_and_quantize_on_s3(runner, s3_endpoint, bucket, tmp_path):
 
 def test_quantized_stores_are_smaller_and_read_back_as_stored(runner, tmp_path, capsys):
     ids = make_collection(tmp_path / "src", 12, preset="tiny")
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 6) == 0
+    assert (
+        run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", tmp_path / "store", "--components", 6)
+        == 0
+    )
     store = Store(Location(str(tmp_path / "store")))
     float_info = describe(store)
     capsys.readouterr()
@@ -149,7 +155,19 @@ def test_quantized_stores_are_smaller_and_read_back_as_stored(runner, tmp_path, 
 def test_compress_quantize_keeps_its_scheme_through_project_and_rebase(runner, tmp_path):
     make_collection(tmp_path / "src", 10, preset="micro")
     assert (
-        run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--components", 3, "--quantize", "int8") == 0
+        run_cli(
+            "compress",
+            "--max-error",
+            "none",
+            tmp_path / "src",
+            "--out",
+            tmp_path / "store",
+            "--components",
+            3,
+            "--quantize",
+            "int8",
+        )
+        == 0
     )
     make_collection(tmp_path / "src", 3, preset="micro", start=10)
     assert run_cli("project", tmp_path / "store", tmp_path / "src") == 0

@@ -73,10 +73,10 @@ def _basis(store_path):
 
 def test_untruncated_incremental_rebase_equals_a_full_recompute(runner, uploads, tmp_path):
     uploads(*uploads.ids[:12])
-    assert run_cli("compress", uploads.src, "--out", tmp_path / "store", "--components", 64) == 0
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", tmp_path / "store", "--components", 64) == 0
     uploads(*uploads.ids[12:20])
     assert run_cli("rebase", tmp_path / "store", uploads.src) == 0
-    assert run_cli("compress", uploads.src, "--out", tmp_path / "full", "--components", 64) == 0
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", tmp_path / "full", "--components", 64) == 0
 
     incremental, full = _basis(tmp_path / "store"), _basis(tmp_path / "full")
     assert incremental.keys() == full.keys()
@@ -99,10 +99,10 @@ def test_untruncated_incremental_rebase_equals_a_full_recompute(runner, uploads,
 
 def test_truncated_rebase_stays_within_one_percent_of_a_full_recompute_and_beats_vlora(runner, uploads, tmp_path):
     uploads(*uploads.ids[:40])
-    assert run_cli("compress", uploads.src, "--out", tmp_path / "store", "--components", 8) == 0
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", tmp_path / "store", "--components", 8) == 0
     uploads(*uploads.ids[40:])
     assert run_cli("rebase", tmp_path / "store", uploads.src) == 0
-    assert run_cli("compress", uploads.src, "--out", tmp_path / "full", "--components", 8) == 0
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", tmp_path / "full", "--components", 8) == 0
     ours = _true_errors(tmp_path / "store", uploads.pool, uploads.ids, tmp_path / "ours")
     full = _true_errors(tmp_path / "full", uploads.pool, uploads.ids, tmp_path / "fullout")
     assert float(ours.mean()) <= 1.01 * float(full.mean()), (float(ours.mean()), float(full.mean()))
@@ -149,7 +149,7 @@ def test_truncated_rebase_stays_within_one_percent_of_a_full_recompute_and_beats
 def test_discovery_finds_added_unchanged_and_replaced_adapters(runner, uploads, tmp_path, capsys):
     ids = uploads(*uploads.ids[:10])
     store = tmp_path / "store"
-    assert run_cli("compress", uploads.src, "--out", store, "--components", 4) == 0
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", store, "--components", 4) == 0
     added = uploads(*uploads.ids[10:13])
     # A re-upload under an existing id: different weights (another adapter's), newer mtime.
     replaced = ids[2]
@@ -189,7 +189,7 @@ def test_discovery_finds_added_unchanged_and_replaced_adapters(runner, uploads, 
 def test_project_shares_the_basis_flags_outliers_and_rebase_absorbs_them(runner, uploads, tmp_path, capsys):
     uploads(*uploads.ids[:20])
     store_path = tmp_path / "store"
-    assert run_cli("compress", uploads.src, "--out", store_path, "--components", 6) == 0
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", store_path, "--components", 6) == 0
     uploads(*uploads.ids[20:23])
     make_collection(uploads.src, 1, shared_dim=6, noise=0.3, seed=99, prefix="outlier")  # a different structure
     capsys.readouterr()
@@ -228,11 +228,11 @@ def test_project_shares_the_basis_flags_outliers_and_rebase_absorbs_them(runner,
 def test_full_rebase_from_the_store_and_from_the_source(runner, uploads, tmp_path, capsys):
     uploads(*uploads.ids[:30])
     store = tmp_path / "store"
-    assert run_cli("compress", uploads.src, "--out", store, "--components", 8) == 0
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", store, "--components", 8) == 0
     uploads(*uploads.ids[30:40])
     assert run_cli("rebase", store, uploads.src, "--full") == 0
     assert run_cli("rebase", store, uploads.src, "--full", "--from-source") == 0
-    assert run_cli("compress", uploads.src, "--out", tmp_path / "fresh", "--components", 8) == 0
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", tmp_path / "fresh", "--components", 8) == 0
     versions = Store(Location(str(store))).published()
     assert [m["operation"] for m in versions] == ["compress", "rebase-full", "rebase-full"]
     assert versions[2]["adapters"] == {"ok": 40, "quarantined": 0, "in_basis": 40}
@@ -285,7 +285,19 @@ def test_chunked_compress_holds_one_chunk_at_a_time(runner, uploads, tmp_path, c
     chunked = _true_errors(tmp_path / "store", uploads.pool, uploads.ids[:24], tmp_path / "a")
 
     assert (
-        run_cli("compress", uploads.src, "--out", tmp_path / "whole", "--components", 8, "--task-memory", budget) == 0
+        run_cli(
+            "compress",
+            "--max-error",
+            "none",
+            uploads.src,
+            "--out",
+            tmp_path / "whole",
+            "--components",
+            8,
+            "--task-memory",
+            budget,
+        )
+        == 0
     )
     assert "over the" in caplog.text  # the whole collection does not fit the same budget
     whole = _true_errors(tmp_path / "whole", uploads.pool, uploads.ids[:24], tmp_path / "b")
@@ -295,7 +307,7 @@ def test_chunked_compress_holds_one_chunk_at_a_time(runner, uploads, tmp_path, c
 def test_versions_rollback_and_prune_keep_what_they_must(runner, uploads, tmp_path, capsys):
     store_path = tmp_path / "store"
     uploads(*uploads.ids[:8])
-    assert run_cli("compress", uploads.src, "--out", store_path, "--components", 4) == 0  # v1
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", store_path, "--components", 4) == 0  # v1
     uploads(*uploads.ids[8:10])
     assert run_cli("rebase", store_path, uploads.src) == 0  # v2
     uploads(*uploads.ids[10:12])
@@ -344,7 +356,7 @@ def test_versions_rollback_and_prune_keep_what_they_must(runner, uploads, tmp_pa
 def test_a_second_writer_fails_cleanly(runner, uploads, tmp_path, capsys):
     store_path = tmp_path / "store"
     uploads(*uploads.ids[:8])
-    assert run_cli("compress", uploads.src, "--out", store_path, "--components", 4) == 0
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", store_path, "--components", 4) == 0
     uploads(*uploads.ids[8:12])
     store = Store(Location(str(store_path)))
     with store.lock("rebase"):
@@ -367,7 +379,7 @@ def test_bad_uploads_are_quarantined_and_never_replace_a_good_adapter(runner, up
 
     ids = uploads(*uploads.ids[:10])
     store_path = tmp_path / "store"
-    assert run_cli("compress", uploads.src, "--out", store_path, "--components", 4) == 0
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", store_path, "--components", 4) == 0
     good_before = _weights(store_path.parent / "src" / ids[1])
     # A new adapter holding NaN, and a truncated re-upload of a good one.
     poisoned = uploads(uploads.ids[10])[0]
@@ -407,7 +419,7 @@ def test_bad_uploads_are_quarantined_and_never_replace_a_good_adapter(runner, up
 def test_a_copy_without_file_times_is_up_to_date_and_a_same_size_change_is_replaced(runner, uploads, tmp_path, capsys):
     ids = uploads(*uploads.ids[:8])
     store = tmp_path / "store"
-    assert run_cli("compress", uploads.src, "--out", store, "--components", 4) == 0
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", store, "--components", 4) == 0
     # `cp -r` without -p: the same bytes, new modification times.
     copy = tmp_path / "copy"
     shutil.copytree(uploads.src, copy, copy_function=shutil.copyfile)
@@ -436,7 +448,7 @@ def test_a_copy_without_file_times_is_up_to_date_and_a_same_size_change_is_repla
 def test_a_catalog_written_before_weights_sha256_still_reads_and_grows(runner, uploads, tmp_path, capsys):
     ids = uploads(*uploads.ids[:6])
     store_path = tmp_path / "store"
-    assert run_cli("compress", uploads.src, "--out", store_path, "--components", 4) == 0
+    assert run_cli("compress", "--max-error", "none", uploads.src, "--out", store_path, "--components", 4) == 0
     # The catalog as stores of format 1 wrote it before the column existed, manifest to match.
     store = Store(Location(str(store_path)))
     catalog_path = store_path / "versions" / "v000001" / "catalog.parquet"
@@ -473,7 +485,12 @@ def test_an_s3_copy_keeps_its_etags_and_is_up_to_date(runner, s3_endpoint, bucke
         if path.is_file():
             s3.upload_file(str(path), bucket, f"adapters/{path.relative_to(tmp_path / 'src')}")
     store, endpoint = f"s3://{bucket}/subspace", ["--endpoint-url", s3_endpoint]
-    assert run_cli("compress", f"s3://{bucket}/adapters", "--out", store, "--components", 4, *endpoint) == 0
+    assert (
+        run_cli(
+            "compress", "--max-error", "none", f"s3://{bucket}/adapters", "--out", store, "--components", 4, *endpoint
+        )
+        == 0
+    )
     # A server-side copy (what `aws s3 cp --recursive` does): new LastModified, the same ETag.
     for item in s3.list_objects_v2(Bucket=bucket, Prefix="adapters/")["Contents"]:
         s3.copy_object(

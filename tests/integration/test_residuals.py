@@ -14,6 +14,7 @@ from conftest import make_collection, mixed_ranks, run_cli
 from safetensors.torch import load_file
 
 from pipeline import peft_format
+from pipeline.config import DEFAULT_MAX_ERROR
 
 BOUND = 0.06  # about the median error of these collections: some modules need residuals, some not
 
@@ -238,8 +239,8 @@ def test_a_rebase_drops_residuals_the_new_bases_no_longer_need(runner, tmp_path)
 
 
 def test_max_error_none_writes_the_store_of_no_bound(runner, tmp_path):
-    """`--max-error none` (and no bound at all) writes the same bases and loadings as a store
-    with a bound that no module needs, and no residuals, format 1, no max_error parameter."""
+    """`--max-error none` writes the same bases and loadings as a store with a bound that no module
+    needs (the default one included), and no residuals, format 1, no max_error parameter."""
     src = tmp_path / "src"
     make_collection(src, 6, shared_dim=3, noise=0.1)
     for name, bound in (("plain", []), ("none", ["--max-error", "none"]), ("loose", ["--max-error", 10])):
@@ -252,7 +253,7 @@ def test_max_error_none_writes_the_store_of_no_bound(runner, tmp_path):
         ]
         manifest = json.loads((version / "manifest.json").read_text())
         assert manifest["format_version"] == 1 and "residuals" not in manifest
-        assert manifest["parameters"].get("max_error") == (10 if name == "loose" else None)
+        assert manifest["parameters"].get("max_error") == {"loose": 10, "plain": DEFAULT_MAX_ERROR}.get(name)
         assert not (version / "residuals.parquet").exists()
     assert stored["plain"] == stored["none"] == stored["loose"]
     # none on a store with a bound removes it: the next version keeps none.
@@ -265,7 +266,7 @@ def test_max_error_none_writes_the_store_of_no_bound(runner, tmp_path):
 def test_the_outlier_rule_is_the_bound_even_when_the_store_errs_widely(runner, tmp_path, capsys):
     src, store = tmp_path / "src", tmp_path / "store"
     make_collection(src, 9, shared_dim=6, noise=0.3)
-    assert run_cli("compress", src, "--out", store, "--components", 2) == 0
+    assert run_cli("compress", src, "--out", store, "--components", 2, "--max-error", "none") == 0
     p95 = json.loads((store / "versions/v000001/manifest.json").read_text())["error"]["p95"]
     bound = p95 / 2  # far below the store's own errors: the percentile rule would flag none
     make_collection(src, 3, shared_dim=6, noise=0.3, start=9)
@@ -370,7 +371,7 @@ def test_report_shows_the_adapters_with_residuals_and_their_errors_without_them(
         assert figures == [f"{v:.4f}" for v in values]
         assert float(figures[2]) > float(figures[0])  # the residuals are there because the bases alone miss
     # A store without a bound has neither the row nor the section.
-    assert run_cli("compress", src, "--out", tmp_path / "plain", "--components", 1) == 0
+    assert run_cli("compress", src, "--out", tmp_path / "plain", "--components", 1, "--max-error", "none") == 0
     assert run_cli("report", tmp_path / "plain", "--out", tmp_path / "plain.html") == 0
     page = (tmp_path / "plain.html").read_text()
     assert "<th>residuals</th>" not in page and "Adapters with residuals" not in page

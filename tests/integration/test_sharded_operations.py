@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_collection
 
-from pipeline.config import ComponentRule, Options
+from pipeline.config import NO_BOUND, ComponentRule, Options
 from pipeline.flow.compute import ShardTask
 from pipeline.flow.vlora_import import ImportTask
 from pipeline.io.format import LOADINGS
@@ -46,7 +46,7 @@ def stores(tmp_path_factory):
     made = {}
     for name, budget in (("several", TINY), ("one", LARGE)):
         store = Store(Location(str(root / name)))
-        options = Options(ComponentRule(3), task_memory=budget, method="flat")
+        options = Options(ComponentRule(3), task_memory=budget, method="flat", max_error=NO_BOUND)  # quantized
         compress(Location(str(root / "src")), store, SerialRunner(), options)
         made[name] = store
     return root, made

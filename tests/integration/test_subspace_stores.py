@@ -52,7 +52,7 @@ def test_every_cli_store_opens_rebuilds_what_export_writes_and_saves_a_copy_that
     flags, methods = STORES[kind]
     ids = _mixed(tmp_path)
     store = tmp_path / "store"
-    assert run_cli("compress", tmp_path / "src", "--out", store, *flags) == 0
+    assert run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", store, *flags) == 0
     manifest = Store(Location(str(store))).manifest()
     assert {m: e.get("method", "flat") for m, e in manifest["modules"].items()} == (
         methods or {Q_PROJ: "flat", V_PROJ: "flat"}
@@ -100,7 +100,7 @@ def test_every_cli_store_opens_rebuilds_what_export_writes_and_saves_a_copy_that
 
 def test_methods_that_change_a_joint_module_refuse_it_by_name(runner, tmp_path):
     ids = _mixed(tmp_path)
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", "--ratio", 4) == 0
+    assert run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", tmp_path / "store", "--ratio", 4) == 0
     sub = Subspace.load(str(tmp_path / "store"))
     adapter = sub.reconstruct(ids[0])
     calls = {
@@ -128,7 +128,10 @@ def test_absorbing_into_a_budgeted_store_keeps_each_modules_k_as_rebase_does(run
     the bases `lora-subspace rebase` publishes."""
     src, store = tmp_path / "src", tmp_path / "store"
     make_collection(src, 16, preset="micro", structure="same-init")
-    assert run_cli("compress", src, "--out", store, "--budget-bytes", "20KiB", "--method", "flat") == 0
+    assert (
+        run_cli("compress", "--max-error", "none", src, "--out", store, "--budget-bytes", "20KiB", "--method", "flat")
+        == 0
+    )
     sub = Subspace.load(str(store))
     assert not sub.joint and sub.budget == {"budget_bytes": 20 * 1024}
     before = {m: (len(mb.a.singular_values), len(mb.b.singular_values)) for m, mb in sub.modules.items()}

@@ -39,11 +39,11 @@ def _assert_parity(folders, store, out, expected):
 def test_synthetic_collection(runner, tmp_path, ours, theirs):
     make_collection(tmp_path / "src", 24, shared_dim=5)
     folders = sorted((tmp_path / "src").iterdir())
-    assert run_cli("compress", tmp_path / "src", "--out", tmp_path / "store", *ours) == 0
+    assert run_cli("compress", "--max-error", "none", tmp_path / "src", "--out", tmp_path / "store", *ours) == 0
     _assert_parity(folders, tmp_path / "store", tmp_path / "out", _vlora_reconstructions(folders, **theirs))
 
 
 def test_real_peft_adapters(runner, tmp_path):
     folders = sorted(p for p in MINILM.iterdir() if p.is_dir())
-    assert run_cli("compress", MINILM, "--out", tmp_path / "store", "--components", 2) == 0
+    assert run_cli("compress", "--max-error", "none", MINILM, "--out", tmp_path / "store", "--components", 2) == 0
     _assert_parity(folders, tmp_path / "store", tmp_path / "out", _vlora_reconstructions(folders, num_components=2))
