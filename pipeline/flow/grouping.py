@@ -82,16 +82,17 @@ def _partition(sketches: torch.Tensor, good: list, options: Options) -> tuple[in
 
 
 def _shared_rank(adapter: ScannedAdapter, n: int, options: Options):
-    """rank_for(K): the components per module side each of K groups keeps at the budget, flat
-    bases' bytes being shared by the group and loadings paid per adapter (a proxy for auto)."""
-    tensor_bytes = sum(x.end - x.start for pair in adapter.modules.values() for x in pair) * n
-    ratio = options.ratio or tensor_bytes / options.budget_bytes
-    floats = tensor_bytes / ratio / FLOAT_BYTES  # the whole collection's budget
+    """rank_for(size): the components per module side a group of `size` adapters keeps at the
+    budget, flat bases (a mean and k components) paid by the group and k loadings per side by
+    each adapter (a proxy for auto)."""
+    tensor_bytes = sum(x.end - x.start for pair in adapter.modules.values() for x in pair)
+    ratio = options.ratio or tensor_bytes * n / options.budget_bytes
+    per_adapter = tensor_bytes / ratio / FLOAT_BYTES  # floats each adapter may take
     widths = sum(a.shape[0] * a.shape[1] + b.shape[0] * b.shape[1] for a, b in adapter.modules.values())
     sides = 2 * len(adapter.modules)
 
-    def rank_for(groups: int) -> int:
-        return int(floats // (groups * widths + sides * n))
+    def rank_for(size: int) -> int:
+        return max(0, int((per_adapter * size - widths) // (widths + sides * size)))
 
     return rank_for
 

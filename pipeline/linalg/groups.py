@@ -124,13 +124,13 @@ def _renumbered(labels: torch.Tensor) -> torch.Tensor:
     return torch.tensor([order[label] for label in labels.tolist()], dtype=torch.int64)
 
 
-def estimated_errors(sketches: torch.Tensor, labels: torch.Tensor, groups: int, rank: int) -> torch.Tensor:
-    """Each adapter's relative error in sketch space when its group keeps `rank` shared
+def estimated_errors(sketches: torch.Tensor, labels: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """Each adapter's relative error in sketch space when its group g keeps ranks[g] shared
     directions (its mean plus the top principal directions of its centred rows): (N,) float64.
     A proxy for the fit's error that ranks numbers of groups, not a measurement."""
     x = sketches.double()
     errors = torch.zeros(x.shape[0], dtype=torch.float64)
-    for group in range(groups):
+    for group, rank in enumerate(ranks):
         members = (labels == group).nonzero().flatten()
         rows = x[members]
         centred = rows - rows.mean(dim=0)
@@ -147,12 +147,16 @@ def choose_groups(
 ) -> tuple[int, torch.Tensor]:
     """The number of groups, among `candidates`, whose partition has the fewest adapters
     estimated above `bound` (when given) and then the lowest mean estimated error (the maximum
-    would follow a single misplaced adapter); `rank_for(K)` is the shared rank each group can keep
-    at the budget with K groups. Ties go to fewer groups. Returns it and its labels."""
+    would follow a single misplaced adapter); `rank_for(n)` is the shared rank a group of n
+    adapters can keep at the budget (a partition with a group that can keep none is skipped).
+    Ties go to fewer groups. Returns it and its labels."""
     best = None
     for groups in sorted(set(candidates)):
         labels = partition(sketches, groups, seed)
-        errors = estimated_errors(sketches, labels, groups, rank_for(groups))
+        ranks = [rank_for(int(n)) for n in torch.bincount(labels, minlength=groups)]
+        if groups > 1 and min(ranks) < 1:
+            continue
+        errors = estimated_errors(sketches, labels, ranks)
         above = int((errors > bound).sum()) if bound is not None else 0
         key = (above, round(float(errors.mean()), 6))
         if best is None or key < best[0]:

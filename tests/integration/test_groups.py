@@ -112,3 +112,27 @@ def test_commands_of_one_basis_per_module_refuse_a_grouped_store(runner, tmp_pat
     assert "has 3 groups of adapters, each with its own bases" in capsys.readouterr().err
     with pytest.raises(Exception, match="the Python API holds one basis per module"):
         Subspace.load(str(store))
+
+
+def test_unrelated_families_compress_better_with_groups_at_the_same_budget(runner, tmp_path, capsys):
+    """Four families of 32 (micro preset, each its own mean and two directions per factor): at
+    --ratio 8 one flat basis cannot hold every family's directions, while each group's can."""
+    src = tmp_path / "src"
+    for seed in range(4):
+        make_collection(src, 32, preset="micro", seed=seed, prefix=f"fam{seed}", shared_dim=2, noise=0.01)
+    figures = {}
+    for name, groups in (("one", []), ("four", ["--clusters", 4]), ("auto", ["--clusters", "auto"])):
+        store = tmp_path / name
+        flags = ["--ratio", 8, "--method", "flat", "--max-error", "none", *groups]
+        assert run_cli("compress", src, "--out", store, *flags) == 0
+        capsys.readouterr()
+        assert run_cli("info", store, "--json") == 0
+        figures[name] = json.loads(capsys.readouterr().out)
+    one = figures["one"]
+    for name in ("four", "auto"):
+        grouped = figures[name]
+        assert grouped["error"]["mean"] < 0.75 * one["error"]["mean"], (name, grouped["error"], one["error"])
+        # The budget bounds the bases' and loadings' float32 values alike; more modules and the
+        # groups object add a little metadata.
+        assert grouped["compression_ratio"] >= 0.8 * one["compression_ratio"]
+    assert len(figures["four"]["groups"]) == 4 and len(figures["auto"]["groups"]) > 1

@@ -54,7 +54,7 @@ def test_a_new_row_joins_the_group_of_its_family():
 
 def test_auto_prefers_the_families_when_each_group_can_hold_its_own():
     rows, families = _families(count=3, members=20, spread=0.05)
-    count, labels = groups.choose_groups(rows, [1, 2, 3], lambda k: 1, bound=None)
+    count, labels = groups.choose_groups(rows, [1, 2, 3], lambda n: 1, bound=None)
     assert count == 3 and torch.equal(labels, families)
 
 
