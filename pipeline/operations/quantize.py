@@ -20,7 +20,7 @@ from pipeline.io.store import Store
 from pipeline.linalg.quantize import bits_scheme
 from pipeline.operations.export import refuse_residuals
 from pipeline.operations.info import version_bytes
-from pipeline.runners import Runner
+from pipeline.runners import Runner, for_work
 
 _DEFAULT_OPTIONS = Options()
 
@@ -55,6 +55,7 @@ def quantize(store: Store, bits: int, runner: Runner, options: Options = _DEFAUL
             )
         options = dataclasses.replace(read_parameters(manifest["parameters"], options), quantize=scheme)
         change = Change("quantize", "quantize", [], parent, manifest)
+        runner = for_work(runner, manifest["adapters"]["ok"], version_size(manifest))  # reads the version once
         version = write_version(change, None, store, runner, options, lock).version
     return {
         "version": version,
@@ -62,6 +63,11 @@ def quantize(store: Store, bits: int, runner: Runner, options: Options = _DEFAUL
         "bytes_before": version_bytes(store, parent),
         "bytes_after": version_bytes(store, version),
     }
+
+
+def version_size(manifest: dict) -> int:
+    """The bytes of every object a version uses (what a pass over it reads at most)."""
+    return sum(entry["bytes"] for entry in manifest["files"].values())
 
 
 def refuse_joint(store: Store, version: str | None, why: str, instead: str) -> None:

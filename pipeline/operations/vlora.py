@@ -30,8 +30,8 @@ from pipeline.io.targets import holding_files
 from pipeline.io.vlora import BASIS, META, Layout, read_layout, task_file, write_streamed
 from pipeline.operations.compress import check_out
 from pipeline.operations.export import refuse_groups, refuse_residuals, select
-from pipeline.operations.quantize import refuse_joint
-from pipeline.runners import Runner
+from pipeline.operations.quantize import refuse_joint, version_size
+from pipeline.runners import Runner, for_work
 
 _DEFAULT_OPTIONS = Options()
 SHOWN_IDS = 10  # ids named in one error line
@@ -45,6 +45,8 @@ def import_vlora(
     check_out(store, "vlora-import", "STORE ")
     _refuse_versions(store, replace)
     layout = read_layout(folder)
+    basis_bytes = sum(info.end - info.start for fields in layout.basis.values() for info in fields.values())
+    runner = for_work(runner, len(layout.task_ids), basis_bytes)  # and each task's small file
     found = scan_tasks(layout, runner)
     if not found:
         raise PipelineError(f"nothing to publish to {store}: the subspace holds no adapters")
@@ -150,6 +152,7 @@ def export_vlora(
         raise PipelineError(f"vlora holds one rank for every layer; this subspace has ranks {sorted(ranks)}")
     ids = select(store, version, None)
     _refuse_unsafe(store, version, folder, ids)
+    runner = for_work(runner, len(ids), version_size(manifest))
     k = {m: (e["k_a"], e["k_b"]) for m, e in modules.items()}
     per_task = 8 * sum(a + b for a, b in k.values())  # its rows as read, and as tensors
     size = max(1, min(options.task_memory // per_task, math.ceil(len(ids) / runner.num_cpus)))

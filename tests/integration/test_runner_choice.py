@@ -167,3 +167,20 @@ def test_runner_flag_and_job_key_are_checked(tmp_path, capsys):
     assert main("export", ["--config", str(config)]) == 1
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "'runner': local runs in-process" in line["error"]
+
+
+def test_small_quantize_and_vlora_round_trip_start_no_ray(tmp_path, ray_tmp):
+    """quantize, vlora-export and vlora-import of a few adapters run in-process too."""
+    make_collection(tmp_path / "src", 6, preset="micro")
+    store = tmp_path / "store"
+    for args in (
+        ["compress", tmp_path / "src", "--out", store, "--components", 2, "--max-error", "none", "--runner", "local"],
+        ["vlora-export", store, tmp_path / "vlora"],
+        ["vlora-import", tmp_path / "vlora", tmp_path / "imported"],
+        ["quantize", store, "--bits", 8],
+    ):
+        run = _cli(ray_tmp, *args)
+        assert "RAY_IMPORTED False" in run.stderr, (args, run.stderr[-2000:])
+    assert _ray_sessions(ray_tmp) == []
+    assert [m["operation"] for m in Store(Location(str(store))).published()] == ["compress", "quantize"]
+    assert Store(Location(str(tmp_path / "imported"))).manifest()["adapters"]["ok"] == 6
