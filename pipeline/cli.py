@@ -63,8 +63,8 @@ def _max_error(text: str) -> float:
         value = parse_max_error(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number or none: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    if value != value or value < 0:  # NaN compares false with everything
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, or none, got {text}")
     return value
 
 
@@ -177,7 +177,8 @@ def _shared_options() -> tuple[argparse.ArgumentParser, ...]:
         type=_max_error,
         metavar="E",
         help="bound on every stored adapter module's relative delta-W error, as exported: modules the shared "
-        "bases miss get residual factors of their own; none: no bound (project and rebase default to the store's)",
+        f"bases miss get residual factors of their own; none: no bound (compress default {config.DEFAULT_MAX_ERROR:g}; "
+        "project and rebase default to the store's)",
     )
     return common, ray_options, writing
 

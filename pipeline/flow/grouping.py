@@ -17,7 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.flow.change import Change
 from pipeline.flow.scan import ScannedAdapter
 from pipeline.io.adapters import read_ranges
-from pipeline.io.format import grouped, read_groups
+from pipeline.io.format import grouped, read_groups, sketch_width
 from pipeline.io.location import Location, printable
 from pipeline.io.safetensors_ranges import decode
 from pipeline.io.store import Store
@@ -53,12 +53,18 @@ def group_adapters(change: Change, good: list[ScannedAdapter], store: Store, run
         entry = parent["groups"]
         path = entry["sketches"]
         tensors = store.read_basis(path, parent["files"][path])
-        sums, counts = read_groups(tensors, entry["count"], f"{store} {change.parent} {path}")
+        width = sketch_width(parent["modules"])
+        sums, counts = read_groups(tensors, entry["count"], width, f"{store} {change.parent} {path}")
         good = _sketched(good, runner, options.strict)
         labels = groups_math.nearest(torch.stack([s for _, s in good]), sums) if good else torch.zeros(0, dtype=int)
     elif change.mode == "fit" and not parent and options.clusters is not None:
         good = _sketched(good, runner, options.strict)
+        if not good:
+            return None  # all quarantined: compute says so
         count, labels = _partition(torch.stack([s for _, s in good]), good, options)
+        if count == 1:
+            log.info("groups: 1, of %d adapters: one basis per module", len(good))
+            return None  # a store of one group is an ungrouped one
         sums, counts = torch.zeros(count, good[0][1].shape[0], dtype=torch.float64), torch.zeros(count, dtype=int)
         log.info("groups: %d, of %s adapters", count, "/".join(map(str, torch.bincount(labels).tolist())))
     else:

@@ -272,6 +272,8 @@ def _sides_by_module(tensors: dict[str, TensorInfo]) -> dict[str, dict[str, Tens
             foreign.append(key)
             continue
         module, side = parsed
+        if "/" in module:  # a module path is dotted; the store names a group's modules g<N>/<module>
+            raise AdapterError(f"module name {module!r} holds '/', which no PEFT module path does")
         if side in sides.setdefault(module, {}):
             raise AdapterError(f"module {module!r} has two lora_{side} tensors (several adapter names in one file?)")
         sides[module][side] = info

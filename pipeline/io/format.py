@@ -33,6 +33,7 @@ from pipeline import __version__
 from pipeline.config import METHODS, ComponentRule, Options
 from pipeline.errors import IntegrityError, PipelineError
 from pipeline.io.location import redact
+from pipeline.linalg import groups as groups_math
 from pipeline.linalg import quantize
 from pipeline.linalg.decompose import Decomposition
 from pipeline.linalg.gauge import JointBasis
@@ -135,19 +136,27 @@ def groups_tensors(sums: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.
     return {"sums": sums.detach().to("cpu", torch.float64), "counts": counts.detach().to("cpu", torch.int64)}
 
 
-def read_groups(tensors: dict[str, torch.Tensor], count: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums, counts) of a groups object, checked against the manifest's group count."""
+def sketch_width(modules: dict) -> int:
+    """Values of one adapter's sketch in a grouped version (linalg.groups.sketch): SIDE² a module."""
+    return len(in_group(modules, 0)) * groups_math.SIDE**2
+
+
+def read_groups(
+    tensors: dict[str, torch.Tensor], count: int, width: int, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums, counts) of a groups object, checked against the manifest: `count` groups, sketches
+    of `width` values, finite sums, counts not below zero."""
     sums, counts = tensors.get("sums"), tensors.get("counts")
     sound = (
         sums is not None
         and counts is not None
-        and sums.dim() == 2
-        and sums.shape[0] == count
+        and sums.shape == (count, width)
         and counts.shape == (count,)
         and bool(torch.isfinite(sums).all())
+        and bool((counts >= 0).all())
     )
     if not sound:
-        raise IntegrityError(f"{where}: not the sketch sums and counts of {count} groups")
+        raise IntegrityError(f"{where}: not the sketch sums ({count} x {width}) and counts of {count} groups")
     return sums.double(), counts.long()
 
 
@@ -385,8 +394,9 @@ def manifest_problems(manifest: object, version: str) -> list[str]:
 
 
 def _groups_problems(groups: object, modules: dict, files: object) -> list[str]:
-    """`groups` (absent: one basis per module): a count and its sketches object among the files;
-    every module name of a grouped version `g<N>/...` with N below the count, and none otherwise."""
+    """`groups` (absent: one basis per module): a count of at least 2, its sketches object among
+    the files; every module name of a grouped version `g<N>/...`, each group 0..count-1 holding
+    the same modules, and none so named otherwise."""
     numbered = [split_group(m)[0] for m in modules]
     if groups is None:
         return (
@@ -394,14 +404,17 @@ def _groups_problems(groups: object, modules: dict, files: object) -> list[str]:
             if any(n is not None for n in numbered)
             else []
         )
-    if not (isinstance(groups, dict) and isinstance(groups.get("count"), int) and groups["count"] >= 1):
-        return [f"groups is {groups!r}, not {{count, sketches}}"]
+    count = groups.get("count") if isinstance(groups, dict) else None
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        return [f"groups is {groups!r}, not {{count (at least 2), sketches}}"]
     problems = []
-    if isinstance(files, dict) and groups.get("sketches") not in files:
-        problems.append(f"groups.sketches {groups.get('sketches')!r} is not one of the files")
-    if any(n is None or n >= groups["count"] for n in numbered):
-        problems.append(f"a module name is not g<N>/... with N below the {groups['count']} groups")
-    elif len({frozenset(in_group(modules, g)) for g in range(groups["count"])}) != 1:
+    sketches = groups.get("sketches")
+    if isinstance(files, dict) and (sketches not in files or not str(sketches).endswith(f"/{GROUPS}")):
+        problems.append(f"groups.sketches {sketches!r} is not the version's {GROUPS} among the files")
+    present = set(numbered)  # never range(count): a hostile count may be huge
+    if None in present or len(present) != count or present != set(range(len(present))):
+        problems.append(f"the module names are not g<N>/... for each of the {count} groups")
+    elif len({frozenset(in_group(modules, g)) for g in range(count)}) != 1:
         problems.append("the groups do not all hold the same modules")
     return problems
 

@@ -43,6 +43,7 @@ from pipeline.io.format import (
 )
 from pipeline.io.location import Location, redact, storage_error
 from pipeline.io.lock import LOCK_TTL, WriterLock
+from pipeline.io.safetensors_ranges import MAX_HEADER_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -441,17 +442,28 @@ class Store:
         against its manifest entry `{"bytes", "sha256"}` when given; packed components decoded
         unless `decode` is False."""
         data = self.location.read_bytes(path)
+        name = self.location.uri_of(self.location.path(path))
         if expected is not None:
-            check_bytes(data, expected, self.location.uri_of(self.location.path(path)))
-        tensors = load_safetensors(data)
+            check_bytes(data, expected, name)
+        try:
+            tensors = load_safetensors(data)
+        except Exception as exc:  # safetensors' own error type, or what a hostile header makes of it
+            raise IntegrityError(f"{redact(name)} is not a readable safetensors object: {exc}") from None
         return decode_basis(tensors) if decode else tensors
 
     def tensor_bytes(self, path: str) -> dict[str, int]:
         """Bytes of each tensor of a safetensors object (store-relative path), from its header alone."""
         fs, full = self.location.fs, self.location.path(path)
-        (length,) = struct.unpack("<Q", fs.cat_file(full, start=0, end=8))
-        header = json.loads(fs.cat_file(full, start=8, end=8 + length))
-        return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+        try:
+            (length,) = struct.unpack("<Q", fs.cat_file(full, start=0, end=8))
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"a header of {length} bytes")
+            header = json.loads(fs.cat_file(full, start=8, end=8 + length))
+            return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+        except (struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise IntegrityError(
+                f"{redact(self.location.uri_of(full))} is not a readable safetensors object: {exc}"
+            ) from None
 
     def read_table(
         self, version: str, name: str, task_ids: list[str] | None = None, columns: list[str] | None = None

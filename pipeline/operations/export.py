@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from pipeline import peft_format
-from pipeline.errors import PipelineError
+from pipeline.errors import IntegrityError, PipelineError
 from pipeline.io.format import (
     CATALOG,
     LOADINGS,
@@ -172,6 +172,10 @@ def export_batch(task: ExportTask) -> list[str]:
             if group not in views:
                 views[group] = (in_group(manifest["modules"], group), in_group(basis, group))
             modules, group_basis = views[group]
+            if set(in_group(loadings[task_id], group)) != set(modules) or len(loadings[task_id]) != len(modules):
+                raise IntegrityError(
+                    f"{store} {task.version}: adapter {task_id!r} lacks one loadings row per module of one group"
+                )
             ranks = adapter_ranks(catalog[task_id], modules)
             dtype = DTYPES[catalog[task_id]["dtype"]]
             weights = rebuild(modules, group_basis, in_group(loadings[task_id], group), dtype, ranks)

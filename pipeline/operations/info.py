@@ -71,7 +71,9 @@ def _groups(manifest: dict, errors: pa.Table) -> list[dict] | None:
     for task_id, module, error in zip(errors.column("task_id").to_pylist(), modules, values.tolist()):
         per_adapter.setdefault(task_id, (split_group(module)[0], []))[1].append(error)
     groups = [{"adapters": 0, "means": []} for _ in range(manifest["groups"]["count"])]
-    for group, adapter_errors in per_adapter.values():
+    for task_id, (group, adapter_errors) in per_adapter.items():
+        if group is None or not 0 <= group < len(groups):
+            raise IntegrityError(f"{LOADINGS} holds rows of adapter {task_id!r} outside the version's groups")
         groups[group]["adapters"] += 1
         groups[group]["means"].append(float(np.mean(adapter_errors)))
     return [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.compute as pc
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from pipeline.errors import IntegrityError, PipelineError
@@ -25,6 +26,8 @@ from pipeline.io.format import (
     manifest_problems,
     read_groups,
     residual_factors,
+    sketch_width,
+    split_group,
     unsafe_task_ids,
     version_path,
 )
@@ -91,13 +94,8 @@ def verify(store: Store, version: str | None = None) -> dict:
                 bases[path] = decode_basis(load_safetensors(data))
         except FileNotFoundError:
             failures.append(f"{path}: missing")
-        except (
-            IntegrityError,
-            ValueError,
-            KeyError,
-            TypeError,
-        ) as exc:  # safetensors raises ValueError-like errors on garbage
-            failures.append(f"{path}: {exc}")
+        except (IntegrityError, ValueError, KeyError, TypeError, OverflowError, SafetensorError) as exc:
+            failures.append(f"{path}: {exc}")  # what garbage makes of a safetensors header
     if problems:  # the objects' invariants are not checked against an unsound manifest
         report["failures"] = problems + failures
         return report
@@ -106,7 +104,7 @@ def verify(store: Store, version: str | None = None) -> dict:
             failures += _check_module(
                 module, entry, bases[entry["basis"]], (manifest.get("quantization") or {}).get("scheme")
             )
-    failures += _check_groups(manifest.get("groups"), bases)
+    failures += _check_groups(manifest.get("groups"), manifest["modules"], bases)
     if version_path(version, LOADINGS) in manifest["files"]:
         failures += _check_loadings(store, version, manifest)
     failures += _check_catalog(store, version, manifest)
@@ -115,12 +113,12 @@ def verify(store: Store, version: str | None = None) -> dict:
     return report
 
 
-def _check_groups(groups: dict | None, bases: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+def _check_groups(groups: dict | None, modules: dict, bases: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     """A grouped version's sketch sums: one row per group, finite (the object's checksum is checked above)."""
     if not groups or groups["sketches"] not in bases:
         return []
     try:
-        read_groups(bases[groups["sketches"]], groups["count"], groups["sketches"])
+        read_groups(bases[groups["sketches"]], groups["count"], sketch_width(modules), groups["sketches"])
     except IntegrityError as exc:
         return [str(exc)]
     return []
@@ -185,10 +183,12 @@ def _drift(columns: torch.Tensor) -> float:
 
 def _check_loadings(store: Store, version: str, manifest: dict) -> list[str]:
     modules = manifest["modules"]
-    failures, rows = [], 0
+    failures, rows, groups_of = [], 0, {}
     try:
         for batch in read_batches(store.version_location(version), LOADINGS, ["task_id", "module", "a", "b", "error"]):
             rows += batch.num_rows
+            for task_id, module in zip(batch.column("task_id").to_pylist(), batch.column("module").to_pylist()):
+                groups_of.setdefault(task_id, set()).add(split_group(module)[0])
             failures += _unsafe_ids(LOADINGS, batch.column("task_id"))
             for column in ("a", "b"):
                 values = batch.column(column)
@@ -211,6 +211,9 @@ def _check_loadings(store: Store, version: str, manifest: dict) -> list[str]:
     expected_rows = manifest["adapters"]["ok"] * len(modules) // (manifest.get("groups") or {"count": 1})["count"]
     if rows != expected_rows:
         failures.append(f"{LOADINGS}: {rows} rows, the manifest implies {expected_rows}")
+    mixed = sorted(t for t, found in groups_of.items() if len(found) != 1)
+    if mixed:
+        failures.append(f"{LOADINGS}: {len(mixed)} adapter(s) with rows in several groups (e.g. {mixed[0]!r})")
     return failures
 
 

@@ -136,3 +136,72 @@ def test_unrelated_families_compress_better_with_groups_at_the_same_budget(runne
         # groups object add a little metadata.
         assert grouped["compression_ratio"] >= 0.8 * one["compression_ratio"]
     assert len(figures["four"]["groups"]) == 4 and len(figures["auto"]["groups"]) > 1
+
+
+def test_one_group_is_an_ungrouped_store_and_slashes_in_module_names_are_quarantined(runner, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from pipeline import peft_format
+
+    src = tmp_path / "src"
+    ids = _families(src, 3)
+    weights = src / ids[0] / peft_format.WEIGHTS_FILE  # a module path no PEFT model has: g0/...
+    tensors = load_file(str(weights))
+    save_file({k.replace("model.layers.0", "g0/layers.0"): v for k, v in tensors.items()}, str(weights))
+    assert run_cli("compress", src, "--out", tmp_path / "store", "--clusters", 1, "--components", 2) == 0
+    manifest = json.loads((tmp_path / "store/versions/v000001/manifest.json").read_text())
+    assert "groups" not in manifest and not any("/" in m for m in manifest["modules"])
+    assert manifest["adapters"] == {"ok": 8, "quarantined": 1, "in_basis": 8}
+    capsys.readouterr()
+    assert run_cli("info", tmp_path / "store") == 0
+    assert "holds '/', which no PEFT module path does" in capsys.readouterr().out
+
+
+def _rehash(store, version, name, data: bytes) -> None:
+    """Replace a version's object and its manifest entry, as a hostile writer would."""
+    import hashlib
+
+    (store / "versions" / version / name).write_bytes(data)
+    path = store / "versions" / version / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"][f"versions/{version}/{name}"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage", ["mixed-rows", "narrow-sketches", "garbage-sketches"])
+def test_a_tampered_grouped_store_is_named_in_one_line(runner, tmp_path, capsys, damage):
+    import io
+
+    import pyarrow as pa
+    import torch
+    from safetensors.torch import save
+
+    src, store = tmp_path / "src", tmp_path / "store"
+    ids = _families(src, 3)
+    assert run_cli("compress", src, "--out", store, "--clusters", FAMILIES, "--components", 2) == 0
+    if damage == "mixed-rows":  # one row of an adapter moved to another group's module
+        table = pq.read_table(store / "versions/v000001/loadings.parquet")
+        rows = table.to_pylist()
+        group = rows[0]["module"].split("/")[0]
+        other = next(r["module"].split("/")[0] for r in rows if not r["module"].startswith(group))
+        rows[0]["module"] = rows[0]["module"].replace(group, other, 1)
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), sink)
+        _rehash(store, "v000001", "loadings.parquet", sink.getvalue())
+        expected = "with rows in several groups"
+    elif damage == "narrow-sketches":
+        sums = torch.zeros(FAMILIES, 100, dtype=torch.float64)
+        data = save({"sums": sums, "counts": torch.zeros(FAMILIES, dtype=torch.int64)})
+        _rehash(store, "v000001", "groups.safetensors", data)
+        expected = "not the sketch sums"
+    else:
+        _rehash(store, "v000001", "groups.safetensors", b"\xff" * 8 + b"garbage")
+        expected = "versions/v000001/groups.safetensors: Error while deserializing"
+    capsys.readouterr()
+    assert run_cli("verify", store) == 1
+    assert expected in capsys.readouterr().out
+    make_collection(src, 1, seed=0, prefix="fam0", shared_dim=1, start=50)
+    command = ["export", store, ids[0], "--out", tmp_path / "out"] if damage == "mixed-rows" else ["rebase", store, src]
+    assert run_cli(*command) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lora-subspace: error: ") and "unexpected" not in err, err

@@ -83,9 +83,18 @@ def _manifest(modules, groups_entry=None):
     "modules, entry, problem",
     [
         (["g0/m", "g1/m"], None, "modules are grouped (g<N>/...) but the manifest has no groups"),
-        (["g0/m", "g2/m"], 2, "a module name is not g<N>/... with N below the 2 groups"),
+        (["g0/m", "g2/m"], 2, "the module names are not g<N>/... for each of the 2 groups"),
         (["g0/m", "g1/n"], 2, "the groups do not all hold the same modules"),
-        (["g0/m"], {"count": "1"}, "groups is {'count': '1'}, not {count, sketches}"),
+        (["g0/m"], {"count": "1"}, "groups is {'count': '1'}, not {count (at least 2), sketches}"),
+        (["g0/m", "g1/m"], {"count": True}, "groups is {'count': True}, not {count (at least 2), sketches}"),
+        # A count far above the modules' is refused without counting up to it.
+        (["g0/m", "g1/m"], 10**12, "the module names are not g<N>/... for each of the 1000000000000 groups"),
+        (
+            ["g0/m", "g1/m"],
+            {"count": 2, "sketches": "versions/v000001/basis/shard-00000.safetensors"},
+            "groups.sketches 'versions/v000001/basis/shard-00000.safetensors' is not the version's "
+            "groups.safetensors among the files",
+        ),
     ],
 )
 def test_a_manifest_with_unsound_groups_is_refused(modules, entry, problem):
