@@ -204,7 +204,10 @@ BAD = {
         lambda f: _rewrite(f, lambda t: {k.replace("lora_A", "lora_down"): v for k, v in t.items()}),
         "tensors that are not LoRA factors",
     ),
-    "key-traversal": (lambda f: _rewrite(f, _key_traversal), "module '../../../etc.self_attn.q_proj' has no lora_B"),
+    "key-traversal": (
+        lambda f: _rewrite(f, _key_traversal),
+        "module name '../../../etc.self_attn.q_proj' holds '/', which no PEFT module path does",
+    ),
     "odd name;rm -rf": (lambda f: None, "is not a safe relative path"),
     **HOSTILE,
 }
