@@ -205,3 +205,16 @@ def test_a_tampered_grouped_store_is_named_in_one_line(runner, tmp_path, capsys,
     assert run_cli(*command) == 1
     err = capsys.readouterr().err
     assert err.startswith("lora-subspace: error: ") and "unexpected" not in err, err
+
+
+def test_evaluate_builds_a_grouped_store_as_the_store_was_built(runner, tmp_path, capsys):
+    """evaluate compresses the rest with the store's --clusters and reads errors per PEFT module."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    _families(src, 8)
+    assert run_cli("compress", src, "--out", store, "--clusters", FAMILIES, "--components", 2) == 0
+    capsys.readouterr()
+    assert run_cli("evaluate", store, src, "--holdout", "0.25", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["held_out"] == 6 and len(result["held_out_ids"]) == 6
+    basis = result["error"]["basis"]
+    assert 0 <= basis["mean"] <= basis["max"] < 1  # each held-out adapter projected on its family's group
