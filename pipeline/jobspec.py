@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline import cli, commands
-from pipeline.config import ComponentRule, Options, parse_max_error, parse_size, step_problems
+from pipeline.config import SVD_ROUTES, ComponentRule, Options, parse_max_error, parse_size, step_problems
 from pipeline.errors import PipelineError
 from pipeline.io.location import Location
 from pipeline.io.store import Store
@@ -101,6 +101,7 @@ JOBS: dict[str, dict[str, Field]] = {
         "repeats": Field(int),
         "task_memory": Field((str, int)),
         "chunk_size": Field(int),
+        "svd_route": Field(str, choices=SVD_ROUTES),
         "num_cpus": Field(int),
         "seed": Field(int),
         "floors": Field(bool),

@@ -26,8 +26,8 @@ def read_floor(fs, paths: list[str], local: bool) -> dict:
     return {"seconds": time.perf_counter() - started, "bytes": size}
 
 
-def math_floor(fs, paths: list[str], components: int) -> dict:
-    """Seconds of centred_svd over every module side, one module's stacks in memory at a time."""
+def math_floor(fs, paths: list[str], components: int, route: str = "auto") -> dict:
+    """Seconds of centred_svd over every module side by `route`, one module's stacks in memory at a time."""
     layout = {path: read_tensor_table(path, fs.size(path), fs) for path in paths}
     modules = sorted({parsed[0] for parsed in map(peft_format.parse_key, layout[paths[0]]) if parsed})
     seconds, routes = 0.0, Counter()
@@ -37,6 +37,6 @@ def math_floor(fs, paths: list[str], components: int) -> dict:
         for side, key in enumerate(keys):
             x = torch.stack([decode(b[side], layout[p][key]).reshape(-1).float() for p, b in zip(paths, blobs)])
             started = time.perf_counter()
-            routes[centred_svd(x, components).route] += 1
+            routes[centred_svd(x, components, route=route).route] += 1
             seconds += time.perf_counter() - started
     return {"seconds": seconds, "routes": dict(routes)}

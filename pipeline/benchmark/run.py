@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "repeats": 3,
     "task_memory": "256MiB",
     "chunk_size": None,
+    "svd_route": "auto",
     "num_cpus": 2,
     "seed": 0,
     "floors": True,
@@ -168,6 +169,8 @@ def _compress_options(config: dict, endpoint: list) -> list:
         config["components"],
         "--task-memory",
         config["task_memory"],
+        "--svd-route",
+        config["svd_route"],
         "--num-cpus",
         config["num_cpus"],
         *endpoint,
@@ -182,7 +185,7 @@ def _floor(source: Location, paths: list[str], read: dict, config: dict) -> dict
     log.info("floors: the bare math, a Ray start")
     floor = {
         "read": read,
-        "math": math_floor(source.fs, paths, config["components"]),
+        "math": math_floor(source.fs, paths, config["components"], config["svd_route"]),
         "ray_start": _ray_start(config),
     }
     floor["seconds"] = read["seconds"] + floor["math"]["seconds"] + floor["ray_start"]["seconds"]

@@ -538,11 +538,13 @@ def _written_errors(
             index = torch.tensor(members[begin : begin + ERROR_ROWS], device=device)
             a, b = written(index, rank)
             cast = DTYPES[dtype]
-            a, b = pad_rank(a.to(cast).to(torch.float64), b.to(cast).to(torch.float64), r)
-            # float64: a cut adapter's factors are in another gauge than its own, so the terms
-            # of product_error's expansion are large and cancel (float32 left ~1e-3 of noise)
+            # float64 for a cut adapter: its factors are in another gauge than its own, so the
+            # terms of product_error's expansion are large and cancel (float32 left ~1e-3 of
+            # noise); uncut, every term is as small as the error and float32 keeps its precision
+            exact = torch.float64 if rank < r else torch.float32
+            a, b = pad_rank(a.to(cast).to(exact), b.to(cast).to(exact), r)
             diff, size = product_error(
-                xa[index].view(-1, r, d_in).double(), xb[index].view(-1, d_out, r).double(), a, b
+                xa[index].view(-1, r, d_in).to(exact), xb[index].view(-1, d_out, r).to(exact), a, b
             )
             error[index], norm[index] = relative(diff, size), size
             rows_own = (own[0][index].to(device).view(-1, r, d_in), own[1][index].to(device).view(-1, d_out, r))

@@ -18,10 +18,15 @@ centring's rounding (~2u |||X - mean|||_2); its square is below the true one by 
 min(2 eta, eta^2 / gap), gap its distance to the (k + OVERSAMPLE + 1)-th. Directions whose
 variance is below eta (a noise floor under a dominant structure) are therefore not resolved: the
 kept ones then miss at most their own variance more than the optimum.
-`--svd-route svd` is the float64 reference.
 
-Randomized SVD (Halko et al. 2011) serves k << min(N, D) when both are too large to form either
-square matrix; a direct SVD is there as the reference.
+With an explicit k and many rows (choose_route), `auto` takes the randomized route (Halko et al.
+2011: a sketch, power iterations, Rayleigh-Ritz), linear in N instead of quadratic, and keeps its
+result when randomized_loss estimates that it misses at most RANDOMIZED_LOSS of the variance the
+optimum captures; a flat spectrum, where the power iterations would not have converged, is
+decomposed again by the exact route. tests/unit/test_linalg.py checks the stated accuracy (under
+1e-4 of the total variance against a float64 SVD) on the benchmark's structures, at 1 and 2
+threads. `--svd-route gram|covariance` forces an exact route; `--svd-route svd` is the float64
+reference.
 """
 
 from __future__ import annotations
@@ -35,12 +40,17 @@ import torch
 
 Route = Literal["auto", "gram", "covariance", "svd", "randomized"]
 
-# Exact routes stay affordable up to this many rows of the small Gram/covariance side.
-EXACT_LIMIT = 8192
 # Extra eigenvectors the Rayleigh-Ritz step looks at beyond the kept ones.
 OVERSAMPLE = 10
+# Power iterations of the randomized route (each one pass over X; see _randomized).
+POWER_ITERATIONS = 2
+# The most captured variance (a fraction of the total) `auto` lets the randomized route miss, as
+# randomized_loss estimates it; above it, auto takes the exact route (flat spectra).
+RANDOMIZED_LOSS = 1e-5
 # Bytes of one float32 working block of X (its columns for the Gram route, its rows for covariance).
 BLOCK_BYTES = 32 << 20
+# The fewest columns of X per block of the randomized route's products.
+SKETCH_COLUMNS = 128
 # Bytes of one float64 block of X - mean in the Rayleigh-Ritz step (cache-sized: the float64 pass
 # then costs about what a float32 one did).
 RITZ_BLOCK_BYTES = 1 << 20
@@ -60,10 +70,32 @@ class Decomposition:
     count: int
 
 
-def choose_route(n: int, d: int, k: int | None) -> str:
-    if min(n, d) <= EXACT_LIMIT or k is None or 4 * k > min(n, d):
-        return "gram" if n <= d else "covariance"
-    return "randomized"
+def choose_route(n: int, d: int, k: int | None, niter: int = POWER_ITERATIONS) -> str:
+    """The exact route for the shape, or with an explicit k the randomized one where the Gram (or
+    covariance) matrix costs several times its passes: min(n, d) n d flops against about
+    (2 niter + 3) n d (k + OVERSAMPLE). The factor 3 is measured (one thread, D = 14,336, k = 16):
+    at the threshold (N = 546) the randomized route takes 0.6 of the Gram route's time, at
+    N = 1,000 a third, at 2,000 a fifth; below it, a flat spectrum's fall back to the exact route
+    (centred_svd) would cost more than the randomized route saves."""
+    if k is not None and min(n, d) >= 3 * (2 * niter + 3) * (k + OVERSAMPLE):
+        return "randomized"
+    return _exact_route(n, d)
+
+
+def _exact_route(n: int, d: int) -> str:
+    return "gram" if n <= d else "covariance"
+
+
+def randomized_loss(spectrum: torch.Tensor, total: float, k: int | None, niter: int = POWER_ITERATIONS) -> float:
+    """Estimated captured variance the randomized route misses, as a fraction of the total: the
+    i-th direction converges as (s_l / s_i)^(2 niter + 1) (Halko et al. 2011, Sec. 10.4), so its
+    variance is missed up to (s_l / s_i)^(4 niter + 2), with s_l the smallest Ritz value, which
+    stands for the first direction the sketch cannot hold."""
+    kept = spectrum[: len(spectrum) if k is None else min(k, len(spectrum))].to(torch.float64)
+    if total <= 0 or not len(kept) or float(kept[0]) == 0.0:
+        return 0.0
+    ratio = (float(spectrum[-1]) / kept.clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=1.0)
+    return float((kept.pow(2) * ratio.pow(4 * niter + 2)).sum()) / total
 
 
 def sign_flip(components: torch.Tensor) -> torch.Tensor:
@@ -78,7 +110,11 @@ def sign_flip(components: torch.Tensor) -> torch.Tensor:
 
 
 def centred_svd(
-    x: torch.Tensor, k: int | None = None, threshold: float | None = None, route: Route = "auto", niter: int = 8
+    x: torch.Tensor,
+    k: int | None = None,
+    threshold: float | None = None,
+    route: Route = "auto",
+    niter: int = POWER_ITERATIONS,
 ) -> Decomposition:
     """Top principal directions of the rows of x (N, D), in float32: at most k (all when None),
     and with a variance threshold, the fewest that explain that fraction.
@@ -91,12 +127,16 @@ def centred_svd(
     # A float32 mean (10x faster than float64 sums); each route corrects it by the mean of the
     # residuals, so its error (~u |mean|) does not reach the centred blocks.
     base = x.mean(dim=0)
+    wanted = None if threshold is not None else k  # with a threshold the whole spectrum decides k
+    chosen = route
     if route == "auto":
-        route = choose_route(n, d, None if threshold is not None else k)
+        route = choose_route(n, d, wanted, niter)
     if route not in _ROUTES:
         raise ValueError(f"unknown SVD route {route!r} (expected auto or one of {sorted(_ROUTES)})")
-    # With a threshold the whole spectrum decides k; otherwise only its top is needed.
-    estimate, total, leading, mean = _ROUTES[route](x, base, None if threshold is not None else k, niter)
+    estimate, total, leading, mean = _ROUTES[route](x, base, wanted, niter)
+    if chosen == "auto" and route == "randomized" and randomized_loss(estimate, total, k, niter) > RANDOMIZED_LOSS:
+        route = _exact_route(n, d)  # a flat spectrum: power iterations would not have converged
+        estimate, total, leading, mean = _ROUTES[route](x, base, wanted, niter)
     keep = components_to_keep(estimate, total, k, threshold)
     spectrum, directions = leading(keep)
     keep = _significant(spectrum, keep)
@@ -135,21 +175,26 @@ def _gram(x, base, wanted, niter):
     row = gram.mean(dim=1, keepdim=True)
     gram = gram - row - row.T + row.mean()
     estimate, top = _spectrum(gram, wanted)
+    mean = base.to(torch.float64) + shift.to(torch.float64)
 
     def leading(keep):
-        # Rayleigh-Ritz: the SVD of U^T J (X - mean) for the leading eigenvectors U of the Gram
-        # matrix, in float64 (J again through the blocks' float64 column means: one more row of U).
-        u = top(keep + OVERSAMPLE)
-        weights = torch.cat(
-            [u, torch.full((n, 1), 1.0 / max(n, 1), dtype=torch.float64, device=x.device)], dim=1
-        ).T.contiguous()
-        projected = torch.cat([weights @ block for block in _float64_blocks(x, mean, dim=1)], dim=1)
-        projected = projected[:-1] - u.sum(dim=0)[:, None] * projected[-1:]
-        spectrum, rotation = _eig_desc(projected @ projected.T)
-        return spectrum, (rotation.T @ projected) / spectrum.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+        return _ritz(x, mean, top(keep + OVERSAMPLE))
 
-    mean = base.to(torch.float64) + shift.to(torch.float64)
     return estimate, float(gram.trace()), leading, mean
+
+
+def _ritz(x, mean, u):
+    """Rayleigh-Ritz on the rows' side: the SVD of U^T J (X - mean), in float64, for orthonormal
+    columns U (n, l) that span (nearly) the leading left singular vectors; J = I - 11^T/n again,
+    through the blocks' float64 column means (one more row of U). Singular values (l,) descending
+    and the right singular vectors (rows)."""
+    n = x.shape[0]
+    weights = torch.cat([u, torch.full((n, 1), 1.0 / max(n, 1), dtype=torch.float64, device=x.device)], dim=1)
+    weights = weights.T.contiguous()
+    projected = torch.cat([weights @ block for block in _float64_blocks(x, mean, dim=1)], dim=1)
+    projected = projected[:-1] - u.sum(dim=0)[:, None] * projected[-1:]
+    spectrum, rotation = _eig_desc(projected @ projected.T)
+    return spectrum, (rotation.T @ projected) / spectrum.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
 
 
 def _covariance(x, base, wanted, niter):
@@ -186,25 +231,65 @@ def _svd(x, base, wanted, niter):
 
 
 def _randomized(x, base, wanted, niter):
+    """Halko, Martinsson & Tropp (2011), Alg. 4.4, on the centred column blocks of the Gram route:
+    the range Q of (X - mean) Omega for a Gaussian Omega (D, k + OVERSAMPLE), refined by `niter`
+    power iterations (X - mean)(X - mean)^T Q, then Rayleigh-Ritz: the SVD of Q^T (X - mean). Each
+    step is one pass over X in cache-sized blocks, float32 products summed in float64: about
+    2 (2 niter + 2) N D (k + OVERSAMPLE) flops against the Gram route's 2 N^2 D, and nothing of
+    size N^2 held. Omega is drawn on the CPU from a seed fixed by the shape, so a basis is the
+    same bytes on every run and device."""
     if wanted is None:
         raise ValueError("the randomized route needs an explicit k and no variance threshold")
-    x64 = x.to(torch.float64)
-    mean = x64.mean(dim=0)
-    centred = x64 - mean
-    _, s, v = torch.svd_lowrank(centred, q=min(wanted + OVERSAMPLE, *centred.shape), niter=niter)
-    return s, float(centred.pow(2).sum()), lambda keep: (s[:keep], v[:, :keep].T), mean
+    n, d = x.shape
+    width = min(wanted + OVERSAMPLE, n, d)
+    # Cache-sized blocks, yet wide enough for the products to run at their full rate.
+    size = max(RITZ_BLOCK_BYTES, 4 * n * SKETCH_COLUMNS)
+    omega = torch.randn(d, width, generator=torch.Generator().manual_seed(n * 1_000_003 + d)).to(x.device)
+    sketch = torch.zeros(n, width, dtype=torch.float64, device=x.device)
+    shifts, total, start = [], 0.0, 0
+    for block in _centred_blocks(x, base, None, dim=1, size=size):
+        shift = block.mean(dim=0)
+        block -= shift
+        shifts.append(shift)
+        total += float(block.pow(2).sum())  # a cascade sum: relative error ~u log(size)
+        sketch += (block @ omega[start : start + block.shape[1]]).to(torch.float64)
+        start += block.shape[1]
+    shift = torch.cat(shifts) if shifts else torch.zeros_like(base)
+    for _ in range(niter):
+        q = _orthonormal(sketch).to(torch.float32)
+        sketch.zero_()
+        for block in _centred_blocks(x, base, shift, dim=1, size=size):
+            sketch += (block @ (block.T @ q)).to(torch.float64)
+    q = _orthonormal(sketch).to(torch.float32)
+    projected = torch.cat(
+        [(q.T @ block).to(torch.float64) for block in _centred_blocks(x, base, shift, dim=1, size=size)],
+        dim=1,
+    )
+    spectrum, rotation = _eig_desc(projected @ projected.T)
+    rows = (rotation.T @ projected) / spectrum.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+    mean = base.to(torch.float64) + shift.to(torch.float64)
+    return spectrum, total, lambda keep: (spectrum[:keep], rows[:keep]), mean
+
+
+def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns (float64) spanning `columns`, without the ones vector's direction: the
+    rows are centred, so it holds only rounding."""
+    centred = columns - columns.mean(dim=0)
+    return torch.linalg.qr(centred)[0]
 
 
 _ROUTES: dict[str, Callable] = {"gram": _gram, "covariance": _covariance, "svd": _svd, "randomized": _randomized}
 
 
-def _centred_blocks(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor | None, dim: int) -> Iterator[torch.Tensor]:
-    """float32 blocks of (x - hi) - lo: column blocks (dim=1) or row blocks (dim=0) of ~BLOCK_BYTES.
+def _centred_blocks(
+    x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor | None, dim: int, size: int = BLOCK_BYTES
+) -> Iterator[torch.Tensor]:
+    """float32 blocks of (x - hi) - lo: column blocks (dim=1) or row blocks (dim=0) of ~`size` bytes.
     hi is the float32 mean, lo (or None) the small correction to it; x - hi cancels exactly where
     x is within a factor 2 of hi (Sterbenz), so a block's rounding error is ~2u of its entries,
     whatever the mean's size."""
     other = x.shape[1 - dim]
-    step = max(BLOCK_BYTES // (4 * max(other, 1)), 1)
+    step = max(size // (4 * max(other, 1)), 1)
     for start in range(0, x.shape[dim], step):
         if dim == 1:
             block = x[:, start : start + step] - hi[start : start + step]

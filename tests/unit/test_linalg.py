@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from pipeline import synthetic
 from pipeline.linalg.decompose import (
     centred_svd,
+    choose_route,
     components_for_variance,
     explained_variance,
     project,
@@ -248,3 +250,68 @@ def test_drift_from_loadings_equals_the_drift_of_rebuilt_products():
         Drift(old_basis, FactorBasis(*new, (r, d_in), (d_out, r)))(*loadings), expected, rtol=1e-5, atol=0
     )
     assert Drift(old_basis, old_basis)(*loadings[:2], *loadings[:2]).max() < 1e-5 * expected.min()  # no move, no drift
+
+
+def _structure_stacks(n):
+    """lora_A and lora_B stacks (n, 2048) of one module of the benchmark's synthetic structures."""
+    spec = synthetic.Preset(1, {"q_proj": (128, 128)}, 16, 32)
+    stacks = {}
+    for structure in synthetic.STRUCTURES:
+        sides = synthetic._collection_sides(spec, structure, torch.Generator().manual_seed(0), 6)
+        rows = []
+        for i in range(n):
+            own = torch.Generator().manual_seed(i)
+            weights = synthetic._adapter_weights(sides, structure, 0.05, own)
+            if structure == "gauge":
+                synthetic._rotate(weights, sides, spec.rank, own)
+            rows.append([w.flatten() for w in weights.values()])
+        for side, name in enumerate(weights):
+            stacks[structure, name.split(".")[-2]] = torch.stack([r[side] for r in rows])
+    return stacks
+
+
+def _missed_variance(x, dec):
+    """Captured variance of the float64 optimum minus that of `dec`'s components, over the total."""
+    centred = x.double() - x.double().mean(0)
+    s = torch.linalg.svdvals(centred)
+    captured = (centred @ dec.components.double().T).pow(2).sum()
+    return float((s[: len(dec.singular_values)].pow(2).sum() - captured) / s.pow(2).sum())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_auto_takes_the_randomized_route_for_many_rows_and_misses_under_1e_4_of_the_variance(threads):
+    """The stated accuracy of `auto` (decompose.RANDOMIZED_LOSS): on the benchmark's structures the
+    randomized route is taken where the factors share structure and captures within 1e-4 of the
+    optimum; flat spectra (the gauge collection's factors, plain noise) go to the exact route."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stacks = _structure_stacks(800)
+        stacks["noise", "A"] = torch.randn(800, 2048, generator=torch.Generator().manual_seed(1))
+        routes = {}
+        for key, x in stacks.items():
+            dec = centred_svd(x, k=16)
+            routes[key] = dec.route
+            assert len(dec.singular_values) == 16 and _missed_variance(x, dec) < 1e-4, (key, dec.route)
+    finally:
+        torch.set_num_threads(before)
+    assert {key for key, route in routes.items() if route == "randomized"} >= {
+        ("shared", "lora_A"),
+        ("shared", "lora_B"),
+        ("same-init", "lora_A"),
+    }, routes
+    assert routes["noise", "A"] == "gram" and routes["gauge", "lora_A"] == "gram", routes
+
+
+def test_randomized_route_is_the_same_bytes_on_every_run_and_needs_a_k():
+    x = _low_rank(900, 400, rank=8)
+    first, second = centred_svd(x, k=4, route="randomized"), centred_svd(x.clone(), k=4, route="randomized")
+    assert first.route == "randomized" and torch.equal(first.components, second.components)
+    with pytest.raises(ValueError, match="explicit k"):
+        centred_svd(x, threshold=0.9, route="randomized")
+
+
+def test_auto_keeps_the_exact_route_for_few_rows_a_threshold_or_a_large_k():
+    assert choose_route(545, 14336, 16) == "gram" and choose_route(546, 14336, 16) == "randomized"
+    assert choose_route(20000, 14336, None) == "covariance" and choose_route(20000, 512, 16) == "covariance"
+    assert choose_route(20000, 20000, 16) == "randomized" and choose_route(1500, 14336, 64) == "gram"
