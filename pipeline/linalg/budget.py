@@ -52,10 +52,18 @@ def candidates(method: str) -> tuple[str, ...]:
     return {"auto": ("flat", "joint"), "aligned": ("flat",)}.get(method, (method,))
 
 
+def joint_widths(budget: float, n: int, r: int, d_in: int, d_out: int) -> dict[int, int]:
+    """Core rank q -> the widest c within `budget` floats, for the q tried (core_ranks) that have a
+    c of at least q (a core's rank is at most c)."""
+    widths = {q: joint_width(budget, n, q, d_in, d_out) for q in core_ranks(r)}
+    return {q: c for q, c in widths.items() if c >= q}
+
+
 def fits(budget: float, n: int, r: int, d_in: int, d_out: int, methods: tuple[str, ...] = ("flat", "joint")) -> bool:
-    """Whether one of `methods` fits `budget` floats (flat k=1 or joint c=q=1)."""
+    """Whether one of `methods` fits `budget` floats: what fit_within tries (flat k >= 1, or joint
+    at one of the core ranks tried)."""
     return ("flat" in methods and flat_components(budget, n, r, d_in, d_out) > 0) or (
-        "joint" in methods and joint_width(budget, n, 1, d_in, d_out) > 0
+        "joint" in methods and bool(joint_widths(budget, n, r, d_in, d_out))
     )
 
 
@@ -113,8 +121,7 @@ def fit_within(
     k = flat_components(budget, n, r, d_in, d_out)
     if "flat" in methods and k:
         found.append(fit_flat(xa, xb, shapes, k, route))
-    widths = {q: joint_width(budget, n, q, d_in, d_out) for q in core_ranks(r)}
-    widths = {q: c for q, c in widths.items() if c >= q}  # a core's rank is at most c
+    widths = joint_widths(budget, n, r, d_in, d_out)
     if "joint" in methods and widths:
         a, b = xa.view(n, r, d_in), xb.view(n, d_out, r)
         # Screen the core ranks on a short fit at the widest c, then fit the winner in full,

@@ -2,8 +2,10 @@
 Replacing each adapter's factors by R A, B R^-1 (random invertible R, condition numbers up to 50)
 must not change what they rebuild."""
 
+import pytest
 import torch
 
+from pipeline.linalg.budget import fit_within, fits
 from pipeline.linalg.gauge import align, canonical_factors, fit_joint, joint_cores, joint_rebuild, pad_rank
 
 
@@ -117,3 +119,19 @@ def test_mixed_ranks_by_zero_padding():
     basis = fit_joint(mixed_a, mixed_b, c=6)
     error = joint_cores(basis, mixed_a, mixed_b, q=4)[2]
     assert float(error.max()) < 0.1
+
+
+def test_the_budget_check_agrees_with_what_a_fit_within_the_budget_tries():
+    """plan refuses a budget up front with `fits`; a budget it lets through must fit in the task
+    (the groups of 2 adapters of the trained step once reached fit_within with 102 floats, which
+    `fits` passed at a core rank fit_within does not try)."""
+    gen = torch.Generator().manual_seed(0)
+    n, (r, d_in, d_out) = 2, (8, 32, 32)
+    xa, xb = torch.randn(n, r * d_in, generator=gen), torch.randn(n, d_out * r, generator=gen)
+    for budget in range(1, 700, 7):
+        for methods in (("flat",), ("joint",), ("flat", "joint")):
+            if fits(budget, n, r, d_in, d_out, methods):
+                fit_within(xa, xb, ((r, d_in), (d_out, r)), budget, methods)
+            else:
+                with pytest.raises(ValueError, match="no method"):
+                    fit_within(xa, xb, ((r, d_in), (d_out, r)), budget, methods)
