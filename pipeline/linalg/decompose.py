@@ -380,5 +380,8 @@ def project(x: torch.Tensor, components: torch.Tensor, mean: torch.Tensor) -> to
 
 
 def reconstruct(loadings: torch.Tensor, components: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Rows (N, D) back from loadings (N, k)."""
-    return loadings @ components + mean
+    """Rows (N, D) back from loadings (N, k) (a row (D,) from (k,)), float32. The product runs in float64: float32
+    products round differently with the number of rows at once, and an adapter must rebuild to
+    the same bytes whether it is exported alone, in a batch, or measured in compute."""
+    rows = loadings.to(torch.float64) @ components.to(torch.float64)
+    return rows.add_(mean.to(torch.float64)).to(torch.float32)

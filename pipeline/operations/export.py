@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.torch import save as save_safetensors
 
 from pipeline import peft_format
 from pipeline.errors import IntegrityError, PipelineError
@@ -39,6 +38,7 @@ from pipeline.io.format import (
 )
 from pipeline.io.location import Location
 from pipeline.io.safetensors_ranges import DTYPES
+from pipeline.io.safetensors_ranges import encode as encode_safetensors
 from pipeline.io.store import Store
 from pipeline.io.targets import check_writable, holding_files
 from pipeline.linalg.decompose import reconstruct
@@ -50,6 +50,7 @@ SHOWN_IDS = 10  # ids named in one error line
 # Adapters per batch task: about two tasks per CPU (each reads the basis once), within bounds
 # that keep a task's loadings small and its count of basis reads low.
 BATCH_LEAST, BATCH_MOST, BATCHES_PER_CPU = 16, 256, 2
+REBUILD_ROWS = 32  # adapters rebuilt at once: one product per module side (a few MiB of float32 each)
 WRITE_THREADS = 4  # folders of a batch serialized and written at once: writes wait on storage
 
 
@@ -149,7 +150,8 @@ def _names(ids: list[str]) -> str:
 
 
 def export_batch(task: ExportTask) -> list[str]:
-    """Write each adapter of the batch to its folder; returns the folders written."""
+    """Write each adapter of the batch to its folder; returns the folders written. A group's
+    adapters are rebuilt together (rebuild), then written on WRITE_THREADS threads."""
     store = Store(task.store)
     manifest = store.manifest(task.version)
     catalog = {row["task_id"]: row for row in store.read_table(task.version, CATALOG, task.task_ids).to_pylist()}
@@ -164,33 +166,47 @@ def export_batch(task: ExportTask) -> list[str]:
     for path in sorted({entry["basis"] for entry in manifest["modules"].values()}):
         basis.update(store.read_basis(path, manifest["files"][path]))
     residuals = read_residuals(store, task.version, manifest, task.task_ids)
-    views = {}  # group -> its modules and basis under PEFT names (one view of an ungrouped version)
+    members: dict[int | None, list[int]] = {}  # group -> the batch's positions of its adapters
+    for position, task_id in enumerate(task.task_ids):
+        members.setdefault(group_of(loadings[task_id]), []).append(position)
     with ThreadPoolExecutor(WRITE_THREADS) as writers:
         pending = []
-        for task_id, out in zip(task.task_ids, task.outs):
-            group = group_of(loadings[task_id])
-            if group not in views:
-                views[group] = (in_group(manifest["modules"], group), in_group(basis, group))
-            modules, group_basis = views[group]
-            if set(in_group(loadings[task_id], group)) != set(modules) or len(loadings[task_id]) != len(modules):
-                raise IntegrityError(
-                    f"{store} {task.version}: adapter {task_id!r} lacks one loadings row per module of one group"
-                )
-            ranks = adapter_ranks(catalog[task_id], modules)
-            dtype = DTYPES[catalog[task_id]["dtype"]]
-            weights = rebuild(modules, group_basis, in_group(loadings[task_id], group), dtype, ranks)
-            text = catalog[task_id]["config_json"]
-            if task_id in residuals:
-                own = in_group(residuals[task_id], group)
-                weights, extra = add_residuals(weights, own, modules, ranks, dtype)
-                ranks = {m: r + extra for m, r in ranks.items()}
-                if text:
-                    text = json.dumps(widened_config(json.loads(text), list(modules), extra), indent=2)
-            text = text or json.dumps(peft_format.minimal_config(ranks, manifest.get("base_model")), indent=2)
-            pending.append(writers.submit(write_peft_folder, out, weights, text))
+        for group, positions in members.items():
+            modules, group_basis = in_group(manifest["modules"], group), in_group(basis, group)
+            for start in range(0, len(positions), REBUILD_ROWS):  # writes of one slice overlap the next's rebuild
+                part = positions[start : start + REBUILD_ROWS]
+                ids = [task.task_ids[p] for p in part]
+                rows = [_module_rows(store, task.version, t, loadings[t], group, modules) for t in ids]
+                ranks = [adapter_ranks(catalog[t], modules) for t in ids]
+                dtypes = [DTYPES[catalog[t]["dtype"]] for t in ids]
+                rebuilt = rebuild(modules, group_basis, rows, dtypes, ranks)
+                for position, task_id, weights, rank, dtype in zip(part, ids, rebuilt, ranks, dtypes):
+                    own = in_group(residuals[task_id], group) if task_id in residuals else None
+                    weights, text = _with_residuals(weights, own, catalog[task_id], modules, rank, dtype, manifest)
+                    pending.append(writers.submit(write_peft_folder, task.outs[position], weights, text))
         for done in pending:
             done.result()  # a failed write is the batch's error
     return [str(out) for out in task.outs]
+
+
+def _module_rows(store: Store, version: str, task_id: str, rows: dict, group: int | None, modules: dict) -> dict:
+    """An adapter's loadings rows under PEFT module names: one per module of its group, or the store is damaged."""
+    named = in_group(rows, group)
+    if set(named) != set(modules) or len(rows) != len(modules):
+        raise IntegrityError(f"{store} {version}: adapter {task_id!r} lacks one loadings row per module of one group")
+    return named
+
+
+def _with_residuals(weights, own: dict | None, row: dict, modules: dict, ranks: dict, dtype, manifest: dict):
+    """An adapter's state dict with its residuals (own: its residual rows, or None) and the config
+    text for it: its original config, widened by the residuals' rank, or a minimal one."""
+    text = row["config_json"]
+    if own is not None:
+        weights, extra = add_residuals(weights, own, modules, ranks, dtype)
+        ranks = {m: r + extra for m, r in ranks.items()}
+        if text:
+            text = json.dumps(widened_config(json.loads(text), list(modules), extra), indent=2)
+    return weights, text or json.dumps(peft_format.minimal_config(ranks, manifest.get("base_model")), indent=2)
 
 
 def batch_loadings(store: Store, task: ExportTask) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -222,34 +238,65 @@ def adapter_ranks(row: dict, modules: dict[str, dict]) -> dict[str, int]:
 def rebuild(
     modules: dict[str, dict],
     basis: dict[str, torch.Tensor],
-    loadings: dict[str, tuple[list, list]],
-    dtype: torch.dtype,
-    ranks: dict[str, int] | None = None,
-) -> dict[str, torch.Tensor]:
-    """PEFT state dict of one adapter from its loadings: lora_A (r, d_in), lora_B (d_out, r) at
-    its own rank r (`ranks`; default the collection's). A flat rebuild of a lower-rank adapter
-    is cut to its best rank-r factors; a joint one keeps its core's leading r columns (its rank
-    is at most r)."""
-    weights = {}
+    loadings: list[dict[str, tuple]],
+    dtypes: list[torch.dtype],
+    ranks: list[dict[str, int]] | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """PEFT state dicts of adapters of one group from their loadings (module -> (a, b) arrays):
+    lora_A (r, d_in), lora_B (d_out, r) at each one's own rank r (`ranks`; default the
+    collection's), in its dtype. A flat rebuild of a lower-rank adapter is cut to its best rank-r
+    factors; a joint one keeps its core's leading r columns (its rank is at most r). The same
+    bytes for an adapter whatever the others rebuilt with it (reconstruct runs in float64)."""
+    ranks = ranks or [{} for _ in loadings]
+    weights: list[dict[str, torch.Tensor]] = [{} for _ in loadings]
     for module, entry in modules.items():
-        values_a, values_b = (torch.tensor(v, dtype=torch.float32) for v in loadings[module])
-        rank = (ranks or {}).get(module, entry["a_shape"][0])
+        values = [
+            torch.from_numpy(np.stack([rows[module][side] for rows in loadings]).astype(np.float32, copy=False))
+            for side in (0, 1)
+        ]
+        own_ranks = [r.get(module, entry["a_shape"][0]) for r in ranks]
         joint = read_joint(basis, module)
-        if joint is not None:
-            c, q = entry["width"], entry["core_rank"]
-            a, b = joint_rebuild(joint, values_a.view(1, q, c)[:, :rank], values_b.view(1, c, q)[:, :, :rank], rank)
-        else:
-            a, b = (
-                reconstruct(
-                    values, basis[basis_key(module, side, "components")], basis[basis_key(module, side, "mean")]
-                ).view(1, *shape)
-                for values, side, shape in ((values_a, "A", entry["a_shape"]), (values_b, "B", entry["b_shape"]))
+        if joint is None:
+            factors = _flat_factors(
+                entry, [_side_basis(basis, module, side) for side in "AB"], values, dtypes, own_ranks
             )
-            if rank < entry["a_shape"][0]:
-                a, b = cut_rank(a, b, rank)
-        weights[peft_format.weight_key(module, "A")] = a[0].to(dtype)
-        weights[peft_format.weight_key(module, "B")] = b[0].to(dtype)
+        else:
+            c, q = entry["width"], entry["core_rank"]
+            factors = [
+                joint_rebuild(
+                    joint, values[0][i].view(1, q, c)[:, :rank], values[1][i].view(1, c, q)[:, :, :rank], rank
+                )
+                for i, rank in enumerate(own_ranks)
+            ]
+        for i, (a, b) in enumerate(factors):
+            weights[i][peft_format.weight_key(module, "A")] = _as(a[0], dtypes[i])
+            weights[i][peft_format.weight_key(module, "B")] = _as(b[0], dtypes[i])
     return weights
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)  # .to costs ~10 us even as a no-op
+
+
+def _side_basis(basis: dict, module: str, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A flat module side's components and mean, float64 (converted once for all the adapters)."""
+    return tuple(basis[basis_key(module, side, field)].to(torch.float64) for field in ("components", "mean"))
+
+
+def _flat_factors(entry: dict, sides, values, dtypes, ranks) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(a, b) of each adapter, (1, r, d_in) and (1, d_out, r), from its loadings on one flat
+    module's bases, in one product per side; cast at once where the dtypes agree (an adapter's
+    factors are then views of its rows); a cut is made in float32, then cast."""
+    a, b = (
+        reconstruct(v, components, mean).view(-1, *shape)
+        for v, (components, mean), shape in zip(values, sides, (entry["a_shape"], entry["b_shape"]))
+    )
+    cast_a, cast_b = (a.to(dtypes[0]), b.to(dtypes[0])) if len(set(dtypes)) == 1 else (a, b)
+    full = entry["a_shape"][0]
+    return [
+        cut_rank(a[i : i + 1], b[i : i + 1], rank) if rank < full else (cast_a[i : i + 1], cast_b[i : i + 1])
+        for i, rank in enumerate(ranks)
+    ]
 
 
 def read_residuals(store: Store, version: str, manifest: dict, task_ids: list[str]) -> dict[str, dict[str, dict]]:
@@ -331,5 +378,5 @@ def widened_config(config: dict, modules: list[str], extra: int) -> dict:
 
 def write_peft_folder(out: Location, weights: dict[str, torch.Tensor], config_text: str) -> None:
     """Weights first, config last: a folder with a config always has its weights complete."""
-    out.write_atomic(save_safetensors(weights, metadata={"format": "pt"}), peft_format.WEIGHTS_FILE)
+    out.write_atomic(encode_safetensors(weights, metadata={"format": "pt"}), peft_format.WEIGHTS_FILE)
     out.write_atomic(config_text.encode(), peft_format.CONFIG_FILE)

@@ -3,10 +3,10 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from pipeline.errors import AdapterError
-from pipeline.io.safetensors_ranges import coalesce, decode, parse_full_header, parse_header
+from pipeline.io.safetensors_ranges import coalesce, decode, encode, parse_full_header, parse_header
 
 
 def _file(tensors):
@@ -71,3 +71,26 @@ def test_huge_declared_shape_is_refused_before_any_allocation():
 
 def test_coalesce_merges_touching_and_near_ranges_only():
     assert coalesce([(10, 20), (0, 10), (5000, 6000), (20, 30)], max_gap=100) == [(0, 30), (5000, 6000)]
+
+
+def test_encode_writes_what_the_library_writes_and_loads():
+    """encode (export's writer) against safetensors.torch: the same bytes for an adapter's
+    tensors, every dtype read back equal, views of larger tensors written as their own values."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 4, 6, generator=gen)
+    tensors = {
+        "b.lora_B.weight": torch.randn(6, 4, generator=gen).to(torch.bfloat16),
+        "a.lora_A.weight": rows[1].to(torch.bfloat16),  # a view of the middle of a batch
+        "c": torch.randn(5, generator=gen).to(torch.float16),
+        "d": torch.randn(2, 3, generator=gen, dtype=torch.float64),
+        "e": torch.randn(3, 2, generator=gen).T,  # not contiguous
+    }
+    same_dtype = {k: v for k, v in tensors.items() if v.dtype == torch.bfloat16}
+    assert encode(same_dtype, {"format": "pt"}) == save(
+        {k: v.contiguous() for k, v in same_dtype.items()}, {"format": "pt"}
+    )
+    loaded = load(encode(tensors, {"format": "pt"}))
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
+    assert load(encode({})) == {}
