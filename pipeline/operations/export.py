@@ -1,8 +1,9 @@
 """Export: rebuild adapters from the store as PEFT folders that peft, vLLM, LoRAX and TGI load.
 
 Several adapters are written in batches (`export_all`): each batch task reads the version's
-basis objects once and only its adapters' rows of the loadings and catalog tables, and writes
-its folders on a few threads. A small export runs in-process, a large one on Ray
+basis objects once and only its adapters' rows of the loadings and catalog tables, rebuilds its
+adapters a slice at a time (one product per module side) and writes their folders on a few
+threads while the next slice is rebuilt. A small export runs in-process, a large one on Ray
 (pipeline.runners.for_work). Each adapter keeps its original config file and dtype.
 
 Everything that can be checked is checked before any adapter is rebuilt (`plan_export`): the
@@ -151,7 +152,7 @@ def _names(ids: list[str]) -> str:
 
 def export_batch(task: ExportTask) -> list[str]:
     """Write each adapter of the batch to its folder; returns the folders written. A group's
-    adapters are rebuilt together (rebuild), then written on WRITE_THREADS threads."""
+    adapters are rebuilt REBUILD_ROWS at a time (rebuild) and written on WRITE_THREADS threads."""
     store = Store(task.store)
     manifest = store.manifest(task.version)
     catalog = {row["task_id"]: row for row in store.read_table(task.version, CATALOG, task.task_ids).to_pylist()}
