@@ -232,6 +232,11 @@ def _combination_problems(options: Options, spell: Spell) -> list[str]:
             f"{spell('clusters')} auto chooses the number of groups for a budget: give {spell('ratio')} or "
             f"{spell('budget_bytes')}, or a number of groups"
         )
+    if options.route == "randomized" and options.rule.components is None and not options.budgeted:
+        problems.append(
+            f"{spell('svd_route')} randomized needs {spell('components')} or a budget: a variance threshold "
+            "needs the whole spectrum, which only an exact route gives"
+        )
     if options.method == "joint" and options.rule.components is None and not options.budgeted:
         problems.append(
             f"{spell('method')} joint needs {spell('components')} (the width of U and V) "

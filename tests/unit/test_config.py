@@ -46,6 +46,7 @@ def test_every_problem_is_reported_together():
         ),
         (Options(ComponentRule(adaptive=True), ratio=4), "--adaptive and --ratio exclude each other"),
         (Options(ComponentRule(adaptive=True), budget_bytes=10), "--adaptive and --budget-bytes exclude each other"),
+        (Options(route="randomized"), "--svd-route randomized needs --components or a budget: a variance threshold"),
     ],
 )
 def test_each_rule_names_the_flags(options, message):
@@ -59,7 +60,9 @@ def test_sound_options_pass():
         Options(ComponentRule(4), method="aligned", quantize="nf4"),
         Options(method="joint", ratio=3),
         Options(method="joint", budget_bytes=2**20),
-        Options(ComponentRule(None, 0.9, True), route="randomized", max_error=0.0),
+        Options(ComponentRule(None, 0.9, True), route="svd", max_error=0.0),
+        Options(ComponentRule(8), route="randomized"),
+        Options(route="randomized", ratio=4),
     ):
         assert options.validated() is options
 
