@@ -72,11 +72,11 @@ class Decomposition:
 
 def choose_route(n: int, d: int, k: int | None, niter: int = POWER_ITERATIONS) -> str:
     """The exact route for the shape, or with an explicit k the randomized one where the Gram (or
-    covariance) matrix costs several times its passes: min(n, d) n d flops against about
-    (2 niter + 3) n d (k + OVERSAMPLE). The factor 3 is measured (one thread, D = 14,336, k = 16):
-    at the threshold (N = 546) the randomized route takes 0.6 of the Gram route's time, at
-    N = 1,000 a third, at 2,000 a fifth; below it, a flat spectrum's fall back to the exact route
-    (centred_svd) would cost more than the randomized route saves."""
+    covariance) matrix costs several times its passes: min(n, d) n d multiply-adds against
+    (2 niter + 2) n d (k + OVERSAMPLE), plus the centring of every pass. The factor 3 (2 niter + 3)
+    is measured (one thread, D = 14,336, k = 16): at the threshold (N = 546) the randomized route
+    takes 0.6 of the Gram route's time, at N = 1,000 a third, at 2,000 a fifth; below it, a flat
+    spectrum's fall back to the exact route (centred_svd) would cost more than it saves."""
     if k is not None and min(n, d) >= 3 * (2 * niter + 3) * (k + OVERSAMPLE):
         return "randomized"
     return _exact_route(n, d)
@@ -192,7 +192,12 @@ def _ritz(x, mean, u):
     weights = torch.cat([u, torch.full((n, 1), 1.0 / max(n, 1), dtype=torch.float64, device=x.device)], dim=1)
     weights = weights.T.contiguous()
     projected = torch.cat([weights @ block for block in _float64_blocks(x, mean, dim=1)], dim=1)
-    projected = projected[:-1] - u.sum(dim=0)[:, None] * projected[-1:]
+    return _row_svd(projected[:-1] - u.sum(dim=0)[:, None] * projected[-1:])
+
+
+def _row_svd(projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and right singular vectors (rows) of a short, wide float64
+    matrix, from the eigenpairs of its small square."""
     spectrum, rotation = _eig_desc(projected @ projected.T)
     return spectrum, (rotation.T @ projected) / spectrum.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
 
@@ -265,8 +270,7 @@ def _randomized(x, base, wanted, niter):
         [(q.T @ block).to(torch.float64) for block in _centred_blocks(x, base, shift, dim=1, size=size)],
         dim=1,
     )
-    spectrum, rotation = _eig_desc(projected @ projected.T)
-    rows = (rotation.T @ projected) / spectrum.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+    spectrum, rows = _row_svd(projected)
     mean = base.to(torch.float64) + shift.to(torch.float64)
     return spectrum, total, lambda keep: (spectrum[:keep], rows[:keep]), mean
 

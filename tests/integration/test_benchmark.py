@@ -60,6 +60,8 @@ def test_local_run_measures_every_step_and_compares_with_vlora(tmp_path):
     assert f["rebase"]["absorbed"] == 3 and f["rebase"]["adapters"] == 15
     assert f["full_compress"]["adapters"] == 15
     assert 0 < f["export"]["seconds"] < f["export"]["wall_seconds"]
+    assert f["export"]["all"]["adapters"] == 12 and f["export"]["all"]["seconds"] > 0
+    assert f["ratios"]["export_all_adapters_per_second"] == pytest.approx(12 / f["export"]["all"]["seconds"], rel=1e-3)
     assert f["floor"]["read"]["bytes"] == 12 * adapter_bytes and f["floor"]["math"]["routes"] == {"gram": 4}
     # Same algorithm, same adapters: the same delta-W error as vlora-dev.
     assert f["vlora"]["error"]["mean"] == pytest.approx(c["error"]["mean"], rel=1e-4)
