@@ -224,8 +224,8 @@ def _add_compress(sub, parents: list[argparse.ArgumentParser]) -> None:
     c.add_argument(
         "--chunk-size",
         type=_positive,
-        help="adapters per step: the first chunk is compressed, the rest absorbed "
-        "incrementally, each publishing a version (bounds memory whatever the collection's size)",
+        help="adapters each task reads at a time: the first chunk is fitted, the rest absorbed "
+        "incrementally, in one version (bounds memory whatever the collection's size)",
     )
 
 

@@ -108,6 +108,7 @@ JOBS: dict[str, dict[str, Field]] = {
         "rebase": Field(bool),
         "vlora": Field(bool),
         "quantize": Field(bool),
+        "export_all": Field(bool),
         "library": Field(bool),
         "methods": Field(int),
         "trained": Field(int),

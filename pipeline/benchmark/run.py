@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "rebase": True,
     "vlora": True,
     "quantize": True,
+    "export_all": True,
     "library": True,
     "methods": 100,
     "trained": 0,
@@ -318,11 +319,18 @@ def _store_figures(location: Location, versions: list[str]) -> dict:
         "requests_per_adapter": sum(s["requests"] for s in shards) / max(adapters, 1),
         "shards": len(shards),
         "largest_stack_bytes": max(s["stack_bytes"] for s in shards),
+        "chunk_seconds": _per_chunk([s.get("chunk_seconds", []) for s in shards]),
         "objects_written": len(manifest["files"]) + 2,  # + manifest.json and LATEST
         "store_bytes": sum(f["bytes"] for f in manifest["files"].values()),
         "svd_routes": sorted({m["svd_route"] for m in manifest["modules"].values()}),
         "error": manifest["error"],
     }
+
+
+def _per_chunk(shards: list[list[float]]) -> list[float]:
+    """Task seconds of each chunk (read and fit), summed over the shards (--chunk-size; else [])."""
+    count = max(map(len, shards), default=0)
+    return [round(sum(s[i] for s in shards if i < len(s)), 3) for i in range(count)]
 
 
 def _rebase(store: Location, uploads: Location, config: dict, endpoint: list) -> dict:
@@ -381,14 +389,19 @@ def _export(store: Location, root: Location, endpoint: list, config: dict) -> di
         )
         inside.append(time.perf_counter() - started)
     startup = run_with_peaks([sys.executable, "-c", "import pipeline.cli"]).seconds
+    figures = {
+        "seconds": statistics.median(inside),
+        "wall_seconds": statistics.median(walls),
+        "interpreter_and_imports_seconds": startup,
+    }
+    if not config["export_all"]:
+        return figures
     every = root.child("export", "all")
     argv = cli_argv("export", store.uri, "--all", "--out", every.uri, "--num-cpus", config["num_cpus"], *endpoint)
     everything = _require(run_with_peaks(argv), "export --all")
     every.remove()
     return {
-        "seconds": statistics.median(inside),
-        "wall_seconds": statistics.median(walls),
-        "interpreter_and_imports_seconds": startup,
+        **figures,
         "all": {"adapters": config["adapters"], "seconds": everything.seconds, "peak_rss_mib": everything.peaks},
     }
 

@@ -284,6 +284,7 @@ def _shard_report(r) -> dict:
         "stack_bytes": r.stack_bytes,
         "resumed": r.resumed,
         "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
+        **({"chunk_seconds": r.chunk_seconds} if r.chunk_seconds else {}),
     }
 
 

@@ -43,8 +43,11 @@ class StoredAdapters:
     residuals: dict[tuple[str, str], dict] = field(default_factory=dict)
     catalog: dict[str, dict] = field(default_factory=dict)
     unbounded: int = 0  # rows above the bound that could not be brought within it
+    ranks: dict[tuple[str, str], int] = field(default_factory=dict)  # (task id, module) -> rank, where known
 
     def rank(self, task_id: str, module: str, collection_rank: int) -> int:
+        if (task_id, module) in self.ranks:
+            return min(self.ranks[task_id, module], collection_rank)
         row = self.catalog[task_id]
         config = json.loads(row["config_json"]) if row["config_json"] else {}
         if "r" in config:
@@ -136,6 +139,27 @@ def keep_bound(
         kept.append(_row(task_id, module, kind, (ra, rb), float(errors[i]) + shift))
         errors[i] += diff / norm
     return errors, kept
+
+
+def bounded_flat(found, module, rows, moved, old, new, task, estimate) -> tuple[torch.Tensor, list[dict]]:
+    """keep_bound for a flat module's rows moved from the bases `old` to `new` ((A, B) each)."""
+    shapes = task.shapes[module]
+    exporters = flat_exporter(*old, shapes), flat_exporter(*new, shapes)
+    return keep_bound(found, module, rows, moved, exporters, task.spec.max_error, shapes, estimate)
+
+
+def bounded_joint(found, module, rows, moved: pa.Table, old: JointBasis, new: JointBasis, q: int, task):
+    """(moved rows with errors that keep the bound, residuals) for a joint module's rows refitted
+    from the bases `old` to `new` (`rows`: as they were; `moved`: as refitted, errors estimated)."""
+    c = old.u.shape[1]
+    cores = (_matrix(moved, "a"), _matrix(moved, "b"))
+    estimate = torch.tensor(moved.column("error").to_numpy().astype("float64"))
+    exporters = joint_exporter(old, q, c), joint_exporter(new, q, c)
+    error, residuals = keep_bound(
+        found, module, rows, cores, exporters, task.spec.max_error, task.shapes[module], estimate
+    )
+    index = moved.schema.get_field_index("error")
+    return moved.set_column(index, "error", pa.array(error.numpy().astype("float32"))), residuals
 
 
 def _row(task_id: str, module: str, kind: str, factors, shared_error: float) -> dict:

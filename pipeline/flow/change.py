@@ -32,6 +32,7 @@ class Change:
     scan_seconds: float = 0.0
     catalog: list[dict] = field(default_factory=list)  # catalog rows of adapters not scanned (vlora-import)
     groups: Any = None  # the new version's groups (pipeline.flow.grouping.Groups), None when ungrouped
+    chunk: int | None = None  # fit: the adapters a shard task reads and fits at a time (flow.chunked)
 
 
 @dataclass

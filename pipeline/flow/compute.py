@@ -23,7 +23,8 @@ import torch
 
 from pipeline import failpoints
 from pipeline.errors import PipelineError
-from pipeline.flow.bounded import StoredAdapters, flat_exporter, joint_exporter, keep_bound, stored_adapters
+from pipeline.flow import chunked
+from pipeline.flow.bounded import StoredAdapters, bounded_flat, bounded_joint, stored_adapters
 from pipeline.flow.change import good_adapters
 from pipeline.flow.grouping import group_adapters
 from pipeline.flow.plan import (
@@ -93,24 +94,17 @@ def compute_shard(task: ShardTask) -> ShardResult:
     # First: a crashed run's record for this shard (other inputs, or it would not be recomputed)
     # must not outlive the objects this task is about to overwrite.
     store.unfinish_shard(task.version, task.shard.name)
-    clock = time.perf_counter()
-    stacks = _read_stacks(task, result) if task.new else {}
-    if result.nonfinite:
-        return result
     ctx = Context(task, "cuda" if torch.cuda.is_available() else "cpu", k=task.spec.fixed_k)
-    if task.parent:
-        ctx.parents, ctx.parent_joint = _parent_bases(store, task)
-        if task.parent.refit:
-            _add_parent_rows(store, task, ctx.parents, ctx.parent_joint, stacks, result)
-    result.seconds["read"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    outcomes = _apply_strategies(store, ctx, stacks)
+    if task.chunk and len(task.new) > task.chunk:
+        outcomes = chunked.compute(ctx, result, lambda part: _read_stacks(part, result), _apply_strategies)
+    else:
+        outcomes = _compute_at_once(store, ctx, result)
+    if outcomes is None:
+        return result  # rows with NaN or Inf: the driver quarantines them and runs the shard again
     result.modules = [o.summary for o in outcomes]
     result.decided_k = ctx.decided_k
     if task.spec.method == "aligned":
         result.seconds["align"] = ctx.align_seconds
-    result.seconds["compute"] = time.perf_counter() - clock - ctx.align_seconds
 
     clock = time.perf_counter()
     _write_shard(store, ctx, outcomes, result)
@@ -123,12 +117,30 @@ def compute_shard(task: ShardTask) -> ShardResult:
     return result
 
 
-def _apply_strategies(store: Store, ctx: Context, stacks: dict[str, list[torch.Tensor]]) -> list[Outcome]:
+def _compute_at_once(store: Store, ctx: Context, result: ShardResult) -> list[Outcome] | None:
+    """Every adapter of the shard in one stack per module side (None: some hold NaN or Inf)."""
+    task = ctx.task
+    clock = time.perf_counter()
+    stacks = _read_stacks(task, result) if task.new else {}
+    if result.nonfinite:
+        return None
+    if task.parent:
+        ctx.parents, ctx.parent_joint = _parent_bases(store, task)
+        if task.parent.refit:
+            _add_parent_rows(store, task, ctx.parents, ctx.parent_joint, stacks, result)
+    result.seconds["read"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    outcomes = _apply_strategies(ctx, stacks, store)
+    result.seconds["compute"] = time.perf_counter() - clock - ctx.align_seconds
+    return outcomes
+
+
+def _apply_strategies(ctx: Context, stacks: dict[str, list[torch.Tensor]], store: Store | None = None) -> list[Outcome]:
     """Each module's outcome, in shard order. The parent's rows of the modules a joint re-base
-    refits are read first, in one pass."""
+    refits are read from the store first, in one pass, unless the context holds them."""
     task = ctx.task
     chosen = {m: strategy_for(task.spec, task.mode, m in ctx.parent_joint) for m in task.shard.modules}
-    refitted = sorted(m for m, strategy in chosen.items() if strategy is absorb_joint)
+    refitted = sorted(m for m, strategy in chosen.items() if strategy is absorb_joint and m not in ctx.joint_rows)
     if refitted:
         ctx.joint_rows = _rows_by_module(store, task, refitted)
     return [strategy(ctx, module, stacks.pop(module, None)) for module, strategy in chosen.items()]
@@ -174,18 +186,13 @@ def _bounded_joint(ctx: Context, found: StoredAdapters | None, outcome: Outcome,
     """A joint re-base's moved rows, with errors and residuals that keep the bound (if any)."""
     if found is None:
         return outcome.moved
-    task, module = ctx.task, outcome.summary.module
-    parent, fitted = ctx.parent_joint[module], outcome.joint[0]
-    q, c = task.parent.modules[module]["core_rank"], parent.u.shape[1]
-    moved = (loadings_matrix(outcome.moved, "a", q * c), loadings_matrix(outcome.moved, "b", q * c))
-    exporters = (joint_exporter(parent, q, c), joint_exporter(fitted, q, c))
-    estimate = _column(outcome.moved, "error")
-    error, extra = keep_bound(
-        found, module, ctx.joint_rows[module], moved, exporters, task.spec.max_error, task.shapes[module], estimate
+    module = outcome.summary.module
+    q = ctx.task.parent.modules[module]["core_rank"]
+    table, extra = bounded_joint(
+        found, module, ctx.joint_rows[module], outcome.moved, ctx.parent_joint[module], outcome.joint[0], q, ctx.task
     )
     residuals += extra
-    index = outcome.moved.schema.get_field_index("error")
-    return outcome.moved.set_column(index, "error", pa.array(error.numpy().astype("float32")))
+    return table
 
 
 def _write_residuals(
@@ -220,7 +227,7 @@ def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, list[torch.T
     """[(N, r*d_in), (N, d_out*r)] float32 stacks per module; non-finite rows are reported."""
     n = len(task.new)
     stacks = {m: [torch.empty(n, math.prod(shape)) for shape in task.shapes[m]] for m in task.shard.modules}
-    result.stack_bytes = sum(4 * x.numel() for pair in stacks.values() for x in pair)
+    result.stack_bytes = max(result.stack_bytes, sum(4 * x.numel() for pair in stacks.values() for x in pair))
     for begin, batch in _read_batches(task):
         requests = [(path, [info for m in task.shard.modules for info in infos[m]]) for _, path, infos in batch]
         blobs, ranges = read_ranges(task.source.fs, requests)
@@ -363,12 +370,8 @@ def _moved_parent_rows(
 
 
 def _bounded_flat(ctx: Context, found: StoredAdapters, module: str, rows, moved, bases, estimate) -> tuple:
-    shapes = ctx.task.shapes[module]
-    exporters = (
-        flat_exporter(ctx.parents[module, "A"], ctx.parents[module, "B"], shapes),
-        flat_exporter(bases["A"], bases["B"], shapes),
-    )
-    return keep_bound(found, module, rows, moved, exporters, ctx.task.spec.max_error, shapes, estimate)
+    old = (ctx.parents[module, "A"], ctx.parents[module, "B"])
+    return bounded_flat(found, module, rows, moved, old, (bases["A"], bases["B"]), ctx.task, estimate)
 
 
 def _moves(ctx: Context, bases: dict, modules: list[str]) -> dict[str, Move]:
@@ -434,8 +437,9 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     shapes = module_shapes(change, good)
     rows = _row_counts(change, good, shapes)
     floats = floats_per_adapter(change, good, shapes, rows, options)
-    shards = version_shards(change, shapes, rows, options, runner.num_cpus)
-    memory = _shard_memory(shards, shapes, max(rows.values(), default=0), len(good), options)
+    held = {m: min(n, change.chunk or n) for m, n in rows.items()}  # the rows a task holds at once
+    shards = version_shards(change, shapes, held, options, runner.num_cpus)
+    memory = _shard_memory(shards, shapes, max(held.values(), default=0), len(good), options)
     spec = FitSpec(options.rule, options.route, options.quantize, options.method, floats, max_error=options.bound)
     parent = _parent(change, good)
     inputs = _digest(
@@ -444,6 +448,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
             change.mode,
             change.parent,
             change.refit,
+            change.chunk,
             dataclasses.asdict(options.rule),
             options.route,
             options.quantize,
@@ -466,7 +471,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
         fixed = dataclasses.replace(spec, fixed_k=fixed_k)
         # A group that gets no new adapter keeps its bases: an absorb of nothing is a projection.
         mode = "project" if change.mode == "absorb" and not new else change.mode
-        return ShardTask(shard, mode, fixed, store.location, version, reader, new, shapes, parent, key)
+        return ShardTask(shard, mode, fixed, store.location, version, reader, new, shapes, parent, key, change.chunk)
 
     progress = Progress("compute", len(shards), "shards")
     results: list[ShardResult | None] = [None] * len(shards)

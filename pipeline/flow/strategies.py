@@ -81,6 +81,7 @@ class ShardTask:
     shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]]  # module -> lora_A and lora_B shapes
     parent: Parent | None = None
     key: str = ""  # digest of everything the result depends on: a resumed run reuses a matching shard
+    chunk: int | None = None  # fit mode: the adapters read and fitted at a time (flow.chunked)
 
 
 @dataclass
@@ -118,6 +119,7 @@ class ShardResult:
     added_rows: int = 0
     residual_rows: int = 0  # rows of the staged residuals (none staged: 0)
     unbounded: int = 0  # the parent's rows above the error bound, which could not be brought within it
+    chunk_seconds: list[float] = field(default_factory=list)  # compress --chunk-size: each chunk's read and fit
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,6 +146,7 @@ class ShardResult:
             data.get("added_rows", 0),
             data.get("residual_rows", 0),
             data.get("unbounded", 0),
+            data.get("chunk_seconds", []),
         )
 
 

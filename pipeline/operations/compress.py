@@ -1,9 +1,10 @@
-"""Compress: discover -> scan -> (per chunk) compute -> assemble -> publish (see DESIGN.md).
+"""Compress: discover -> scan -> compute -> assemble -> publish (see DESIGN.md), one version.
 
-Without --chunk-size every adapter goes into one SVD per module. With it, the first chunk is
-compressed and every further chunk absorbed by the incremental update, each publishing a
-version: no process ever holds more than one chunk of factors, and a crashed run resumes with
-`rebase`, which absorbs whatever the store does not hold yet.
+Without --chunk-size every shard task stacks all its adapters for one SVD per module. With it,
+each task reads its adapters that many at a time (flow.chunked): the first chunk is fitted, every
+further one absorbed by the incremental update, and each chunk's rows are moved once to the final
+bases; no process holds more than one chunk of factors. A crashed run resumes from the shards it
+finished when the same command is run again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import time
 from pipeline.config import DEFAULT_MAX_ERROR, Options, raise_problems, step_problems
 from pipeline.errors import PipelineError
 from pipeline.flow.change import Change, Summary
-from pipeline.flow.discover import chunks
 from pipeline.flow.publish import write_version
 from pipeline.flow.scan import scan
 from pipeline.io.adapters import discover
@@ -58,20 +58,11 @@ def compress(
     summaries: list[Summary] = []
     try:
         with store.lock("compress") as lock:
-            for part in chunks(refs, chunk_size):
-                started = time.perf_counter()
-                if not summaries:
-                    change = Change(
-                        "compress", "fit", scan(part, runner, strict=options.strict), store.current_version()
-                    )
-                else:
-                    parent = summaries[-1].version
-                    manifest = store.manifest(parent)
-                    change = Change(
-                        "compress", "absorb", scan(part, runner, manifest, options.strict), parent, manifest
-                    )
-                change.scan_seconds = time.perf_counter() - started
-                summaries.append(write_version(change, source, store, runner, options, lock))
+            started = time.perf_counter()
+            adapters = scan(refs, runner, strict=options.strict)
+            change = Change("compress", "fit", adapters, store.current_version(), chunk=chunk_size)
+            change.scan_seconds = time.perf_counter() - started
+            summaries.append(write_version(change, source, store, runner, options, lock))
     except PipelineError:
         if new_folder and not summaries:
             _remove_empty_folders(store.location.root)  # a refused first run leaves no trace

@@ -218,3 +218,27 @@ def test_a_killed_compress_resumes_and_a_rerun_with_other_inputs_recomputes(runn
     assert run_cli("rebase", store, other, *full, *args) == 0
     assert run_cli("compress", other, "--out", place.uri("reference-all"), "--components", 4, *SHARDED, *args) == 0
     _assert_same(_snapshot(s), _snapshot(place.store("reference-all")))
+
+
+def test_a_killed_chunked_compress_resumes_its_finished_shards(runner, place, tmp_path):
+    """compress --chunk-size is one version: killed mid-compute, the rerun takes the shards that
+    finished all their chunks and equals an undisturbed run; another chunk size recomputes them."""
+    pool = tmp_path / "pool"
+    for name in make_collection(pool, 12, shared_dim=6, noise=0.3):
+        place.add(pool / name, name)
+    src, store, args = place.uri("src"), place.uri("store"), place.args
+    chunked = ["--components", 4, "--chunk-size", 5, *SHARDED]
+    _killed(place, "compress", src, "--out", store, *chunked, failpoint="shard-done:3")
+    assert run_cli("compress", src, "--out", store, *chunked, *args) == 0
+    s = place.store()
+    report = json.loads(s.version_location("v000001").read_bytes("report.json"))
+    assert s.current_version() == "v000001" and sum(r["resumed"] for r in report["shards"]) >= 3
+    assert run_cli("compress", src, "--out", place.uri("reference"), *chunked, *args) == 0
+    _assert_same(_snapshot(s), _snapshot(place.store("reference")))
+
+    _killed(place, "compress", src, "--out", place.uri("other"), *chunked, failpoint="shard-done:3")
+    other = ["--components", 4, "--chunk-size", 4, *SHARDED]
+    assert run_cli("compress", src, "--out", place.uri("other"), *other, *args) == 0
+    report = json.loads(place.store("other").version_location("v000001").read_bytes("report.json"))
+    assert not any(r["resumed"] for r in report["shards"])
+    assert all(len(r["chunk_seconds"]) == 3 for r in report["shards"])
