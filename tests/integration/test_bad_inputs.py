@@ -228,9 +228,10 @@ def _collection(tmp_path):
     return src
 
 
-def test_each_bad_adapter_gets_its_reason_and_the_rest_compress(runner, tmp_path, capsys):
+@pytest.mark.parametrize("chunks", [[], ["--chunk-size", 3]], ids=["whole", "chunked"])
+def test_each_bad_adapter_gets_its_reason_and_the_rest_compress(runner, tmp_path, capsys, chunks):
     src = _collection(tmp_path)
-    assert run_cli("compress", src, "--out", tmp_path / "store", "--components", 4) == 0
+    assert run_cli("compress", src, "--out", tmp_path / "store", "--components", 4, *chunks) == 0
     summary = capsys.readouterr().out
     store = Store(Location(str(tmp_path / "store")))
     catalog = {r["task_id"]: r for r in pq.read_table(tmp_path / "store/versions/v000001/catalog.parquet").to_pylist()}
