@@ -1,7 +1,8 @@
 """Compute: one task per shard of modules. It finds each module's basis (a fresh SVD, an
 incremental update of the parent's, or the parent's as it is), writes the shard's basis object,
 and stages the shard's loadings for every adapter of the new version: the new adapters, projected
-from their files, and the parent's, moved to the new basis from their stored loadings.
+from their files, and the parent's, moved to the new basis from their stored loadings. A chunked
+compress reads the new adapters a chunk at a time (flow.chunked).
 
 Only small summaries go back to the driver; what grows with the number of adapters is written to
 storage, in row batches.
@@ -356,7 +357,11 @@ def _moved_parent_rows(
                 loadings_matrix(rows, "a"), loadings_matrix(rows, "b"), error, norm
             )
             if found is not None:
-                error, extra = _bounded_flat(ctx, found, module, rows, (new_a, new_b), bases[module], error)
+                old, new = (
+                    (ctx.parents[module, "A"], ctx.parents[module, "B"]),
+                    (bases[module]["A"], bases[module]["B"]),
+                )
+                error, extra = bounded_flat(found, module, rows, (new_a, new_b), old, new, ctx.task, error)
                 residuals += extra
             measured = False
             if moves[module].keep:
@@ -367,11 +372,6 @@ def _moved_parent_rows(
             ids = rows.column("task_id").to_pylist()
             tables.append(loadings_rows(ids, module, new_a, new_b, error, norm, measured=measured))
         yield from _sorted_rows(tables)
-
-
-def _bounded_flat(ctx: Context, found: StoredAdapters, module: str, rows, moved, bases, estimate) -> tuple:
-    old = (ctx.parents[module, "A"], ctx.parents[module, "B"])
-    return bounded_flat(found, module, rows, moved, old, (bases["A"], bases["B"]), ctx.task, estimate)
 
 
 def _moves(ctx: Context, bases: dict, modules: list[str]) -> dict[str, Move]:
