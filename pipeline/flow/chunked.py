@@ -46,6 +46,7 @@ def compute(
     every chunk is still read, so that all of them are reported at once, and None is returned);
     `apply(ctx, stacks)` runs the modules' strategies."""
     task = ctx.task
+    ctx.adapters = len(task.new)  # a byte budget pays for every adapter's loadings, not a chunk's
     found = _adapters(task)  # what keeping a bound needs: residuals so far, ranks and dtypes
     parent = Parent({}, {}, "")  # the bases so far, as the absorb strategies read a parent's
     steps: list[Step] = []

@@ -164,6 +164,7 @@ class Context:
     k: int | None = None
     decided_k: int | None = None
     align_seconds: float = 0.0
+    adapters: int | None = None  # a chunked fit: the shard's adapters, of which the stacks hold a chunk
     # module -> the adapters' own factors where a fit sees them in another gauge (aligned), kept
     # for their residuals (an error bound only)
     originals: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -284,7 +285,7 @@ def pack_parent(ctx: Context, module: str, stack) -> Outcome:
 def _fit_within(ctx: Context, module: str, stack) -> Outcome:
     """A byte budget's fit: the method and parameters of lowest error (flat or joint)."""
     spec = ctx.task.spec
-    n = len(stack[0])
+    n = ctx.adapters or len(stack[0])  # the adapters the bases carry: more than a chunk's rows
     fit = fit_within(
         stack[0].to(ctx.device),
         stack[1].to(ctx.device),
@@ -292,9 +293,10 @@ def _fit_within(ctx: Context, module: str, stack) -> Outcome:
         spec.floats_per_adapter[module] * n,
         candidates(spec.method),
         spec.route,
+        n,
     )
     if isinstance(fit, JointFit):
-        return _joint_outcome(ctx, module, stack, fit, n)
+        return _joint_outcome(ctx, module, stack, fit, len(stack[0]))
     return _flat_outcome(ctx, module, stack, {"A": fit.a, "B": fit.b})
 
 

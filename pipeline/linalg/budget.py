@@ -112,16 +112,18 @@ def fit_within(
     budget: float,
     methods: tuple[str, ...] = ("flat", "joint"),
     route: str = "auto",
+    count: int | None = None,
 ) -> FlatFit | JointFit:
     """The fit of the lowest mean delta-W error among `methods` within `budget` floats, for one
-    module's flattened factors xa (n, r*d_in), xb (n, d_out*r)."""
+    module's flattened factors xa (n, r*d_in), xb (n, d_out*r); the budget pays for the loadings
+    of `count` adapters (default n: a chunked fit sees the first of them)."""
     (r, d_in), (d_out, _) = shapes
     n = len(xa)
     found: list[FlatFit | JointFit] = []
-    k = flat_components(budget, n, r, d_in, d_out)
+    k = flat_components(budget, count or n, r, d_in, d_out)
     if "flat" in methods and k:
         found.append(fit_flat(xa, xb, shapes, k, route))
-    widths = joint_widths(budget, n, r, d_in, d_out)
+    widths = joint_widths(budget, count or n, r, d_in, d_out)
     if "joint" in methods and widths:
         a, b = xa.view(n, r, d_in), xb.view(n, d_out, r)
         # Screen the core ranks on a short fit at the widest c, then fit the winner in full,
@@ -134,5 +136,7 @@ def fit_within(
             fit_joint_module(a, b, c, q, init=JointBasis(widest.u[:, :c], widest.v[:, :c], 0.0, widest.total, 0))
         )
     if not found:
-        raise ValueError(f"no method among {methods} fits {budget:.0f} floats for {n} adapters of shapes {shapes}")
+        raise ValueError(
+            f"no method among {methods} fits {budget:.0f} floats for {count or n} adapters of shapes {shapes}"
+        )
     return min(found, key=lambda f: f.error)
