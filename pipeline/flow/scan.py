@@ -94,6 +94,9 @@ def scan_batch(refs: list[AdapterRef]) -> list[ScannedAdapter]:
 
 def scan_adapter(ref: AdapterRef) -> ScannedAdapter:
     scanned = ScannedAdapter(ref.task_id, ref.location)
+    listed = (ref.files or {}).get(peft_format.WEIGHTS_FILE)
+    if listed is not None:  # a file quarantined unread is recorded too, or every re-base reads it again
+        scanned.weights_bytes, scanned.weights_tag = listed.size, listed.tag
     try:
         check_task_id(ref.task_id)
         raw = read_adapter(ref)

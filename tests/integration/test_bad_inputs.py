@@ -259,6 +259,19 @@ def test_each_bad_adapter_gets_its_reason_and_the_rest_compress(runner, tmp_path
     assert config["r"] == 8 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
 
 
+def test_a_store_with_quarantined_uploads_is_up_to_date_with_them(runner, tmp_path, capsys):
+    """An upload quarantined when scanned (its header unreadable) is not taken for a replaced one
+    by the next re-base: with nothing new, no version is written."""
+    src = tmp_path / "src"
+    make_collection(src, 4)
+    _variant(src / "adapter-00000", src, "truncated", BAD["truncated"][0])
+    assert run_cli("compress", src, "--out", tmp_path / "store", "--components", 2) == 0
+    capsys.readouterr()
+    assert run_cli("rebase", tmp_path / "store", src, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["versions"] == [] and result["diff"]["replaced"] == [], result
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
