@@ -38,8 +38,8 @@ STORES = {
     "joint": (["--method", "joint", "--components", 8], {Q_PROJ: "joint", V_PROJ: "joint"}),
     "auto": (["--ratio", 4], {Q_PROJ: "joint", V_PROJ: "flat"}),
     "auto-int8": (["--ratio", 4, "--quantize", "int8"], {Q_PROJ: "joint", V_PROJ: "flat"}),
-    # the first chunk chooses per module: 16 adapters' budget leaves v_proj joint too
-    "auto-chunked": (["--ratio", 4, "--chunk-size", 16], {Q_PROJ: "joint", V_PROJ: "joint"}),
+    # the first chunk chooses per module, for every adapter's budget: as one fit does
+    "auto-chunked": (["--ratio", 4, "--chunk-size", 16], {Q_PROJ: "joint", V_PROJ: "flat"}),
 }
 
 
