@@ -20,7 +20,7 @@ import torch
 from pipeline.flow.bounded import StoredAdapters, bounded_flat, bounded_joint
 from pipeline.flow.memory import release_freed_memory
 from pipeline.flow.strategies import Context, Outcome, Parent, ShardResult, ShardTask, _column
-from pipeline.io.format import loadings_matrix, loadings_rows, residual_table
+from pipeline.io.format import loadings_matrix, loadings_rows, residual_factors, residual_table
 from pipeline.linalg.decompose import Decomposition
 from pipeline.linalg.loadings import Move
 
@@ -134,7 +134,12 @@ def _moved(ctx: Context, found: StoredAdapters, steps: list[Step], outcomes: lis
         module = o.summary.module
         if o.joint is not None:
             rows = ctx.joint_rows[module]
-            residuals = [_tensors(r) for (_, m), r in found.residuals.items() if m == module]
+            shapes = ctx.task.shapes[module]
+            residuals = [
+                {**r, **dict(zip("ab", residual_factors(r, *shapes)))}
+                for (_, m), r in found.residuals.items()
+                if m == module
+            ]
         else:
             tables, residuals = [steps[-1].rows[module]], list(o.residuals)
             new = steps[-1].bases[module]
@@ -165,10 +170,3 @@ def _move_flat(ctx: Context, found: StoredAdapters, module: str, rows: pa.Table,
 def _by_key(residuals: list[dict]) -> dict[tuple[str, str], dict]:
     """Residual rows as flow.bounded reads a parent's (format.residual_table's row form)."""
     return {(r["task_id"], r["module"]): r for r in residual_table(residuals).to_pylist()}
-
-
-def _tensors(row: dict) -> dict:
-    """A residual row (format.residual_table's row form) as the strategies return it."""
-    rank = row["rank"]
-    a, b = torch.tensor(row["a"], dtype=torch.float32), torch.tensor(row["b"], dtype=torch.float32)
-    return {**row, "a": a.view(rank, -1), "b": b.view(-1, rank)}

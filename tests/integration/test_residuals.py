@@ -436,3 +436,14 @@ def test_a_tighter_bound_on_a_store_made_without_one(runner, tmp_path, capsys, c
     assert run_cli("info", store) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("residuals"))
     assert line.startswith("residuals    0 adapter(s), 0 module(s), 0 bytes") and "bound 10 " in line
+
+
+def test_joint_residuals_move_with_their_rows_in_a_chunked_compress(runner, tmp_path):
+    """A joint module's earlier chunks are refitted at each step: their residuals are kept or
+    dropped by the bound as they move, and every adapter exports within it."""
+    src, store = tmp_path / "src", tmp_path / "store"
+    ids = make_collection(src, 12, preset="micro", structure="gauge", shared_dim=3)
+    args = ["--method", "joint", "--components", 4, "--max-error", BOUND, "--chunk-size", 5]
+    assert run_cli("compress", src, "--out", store, *args) == 0
+    assert run_cli("verify", store, "--all") == 0
+    _within_bound(src, store, ids, tmp_path / "out")
