@@ -118,6 +118,22 @@ JOBS: dict[str, dict[str, Field]] = {
         "endpoint_url": Field(str),
         "out": Field(str),
     },
+    # python -m jobs.gpu_check: its own runner (pipeline.benchmark.gpu), defaults there.
+    "gpu-check": {
+        "preset": Field(str),
+        "structure": Field(str),
+        "dtype": Field(str),
+        "adapters": Field(int),
+        "components": Field(int, least=1),
+        "svd_route": Field(str, choices=SVD_ROUTES),
+        "task_memory": Field((str, int)),
+        "device": Field(str, choices=("cuda", "cpu")),
+        "fp32_peak_tflops": Field(float),
+        "exported": Field(int),
+        "seed": Field(int),
+        "workdir": Field(str),
+        "out": Field(str),
+    },
 }
 
 

@@ -24,10 +24,10 @@ class Run:
     seconds: float  # wall time, process start to exit
 
 
-def run_with_peaks(argv: list[str], timeout: float = 3600) -> Run:
+def run_with_peaks(argv: list[str], timeout: float = 3600, env: dict[str, str] | None = None) -> Run:
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # files: a pipe could fill and block
         started = time.perf_counter()
-        child = subprocess.Popen(argv, stdout=out, stderr=err, text=True)
+        child = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=env)
         peaks = _sample(psutil.Process(child.pid), child, time.time() + timeout)
         if child.poll() is None:
             child.kill()

@@ -130,11 +130,11 @@ def _check_trained(config: dict) -> None:
 
 def benchmark(config: dict) -> dict:
     root = Location(config["workdir"], config["endpoint_url"])
-    source, uploads = _collection(root, config)
+    source, uploads = collection(root, config)
     paths = [source.path(f"adapter-{i:05d}", WEIGHTS_FILE) for i in range(config["adapters"])]
     endpoint = ["--endpoint-url", config["endpoint_url"]] if config["endpoint_url"] else []
     common = _compress_options(config, endpoint)
-    figures: dict[str, Any] = {"config": config, "machine": _machine()}
+    figures: dict[str, Any] = {"config": config, "machine": machine()}
     read = read_floor(source.fs, paths, source.is_local)
     figures["collection"] = {
         "adapters": config["adapters"],
@@ -233,7 +233,7 @@ def cli_argv(*args) -> list[str]:
 # -- steps -----------------------------------------------------------------------------------
 
 
-def _collection(root: Location, config: dict) -> tuple[Location, Location]:
+def collection(root: Location, config: dict) -> tuple[Location, Location]:
     """The adapters and the uploads, generated unless a previous run left the same ones."""
     stamp = {k: config[k] for k in ("preset", "structure", "dtype", "adapters", "uploads", "seed")}
     name = "-".join(str(stamp[k]) for k in ("preset", "structure", "dtype", "seed"))
@@ -279,7 +279,7 @@ def _ray_start(config: dict) -> dict:
         "logging_level='ERROR'); ray.shutdown()"
     )
     run = run_with_peaks([sys.executable, "-c", code])
-    _require(run, "a bare Ray start")
+    require(run, "a bare Ray start")
     return {"seconds": run.seconds}
 
 
@@ -288,9 +288,9 @@ def _measure(argvs: list[list[str]], stores: list[Location]) -> dict:
     runs, results = [], []
     for argv, store in zip(argvs, stores):
         store.remove()
-        run = _require(run_with_peaks(argv), argv[3])
+        run = require(run_with_peaks(argv), argv[3])
         runs.append(run)
-        results.append(_last_json(run.stdout))
+        results.append(last_json(run.stdout))
     stages = {
         key: statistics.median(sum(v.get(key, 0.0) for v in r["seconds_per_version"]) for r in results)
         for key in STAGES
@@ -338,7 +338,7 @@ def _rebase(store: Location, uploads: Location, config: dict, endpoint: list) ->
     runs, outputs = [], []
     for _ in range(config["repeats"]):
         _cli_in_process("rollback", store.uri, base, *endpoint)
-        run = _require(
+        run = require(
             run_with_peaks(
                 cli_argv(
                     "rebase",
@@ -354,7 +354,7 @@ def _rebase(store: Location, uploads: Location, config: dict, endpoint: list) ->
             "rebase",
         )
         runs.append(run)
-        outputs.append(_last_json(run.stdout))
+        outputs.append(last_json(run.stdout))
     results = [o["versions"][-1] for o in outputs]
     return {
         "seconds": statistics.median(r.seconds for r in runs),
@@ -372,7 +372,7 @@ def _export(store: Location, root: Location, endpoint: list, config: dict) -> di
     walls, inside = [], []
     for r in range(config["repeats"]):
         out = root.child("export", f"process-{r}")
-        run = _require(
+        run = require(
             run_with_peaks(cli_argv("export", store.uri, "adapter-00000", "--out", out.uri, "--overwrite", *endpoint)),
             "export",
         )
@@ -398,7 +398,7 @@ def _export(store: Location, root: Location, endpoint: list, config: dict) -> di
         return figures
     every = root.child("export", "all")
     argv = cli_argv("export", store.uri, "--all", "--out", every.uri, "--num-cpus", config["num_cpus"], *endpoint)
-    everything = _require(run_with_peaks(argv), "export --all")
+    everything = require(run_with_peaks(argv), "export --all")
     every.remove()
     return {
         **figures,
@@ -412,8 +412,8 @@ def _quantize(store: Location, endpoint: list) -> dict:
     base = Store(store).current_version()
     figures = {}
     for bits in (8, 4):
-        run = _require(run_with_peaks(cli_argv("quantize", store.uri, "--bits", bits, *endpoint)), "quantize")
-        result = _last_json(run.stdout)
+        run = require(run_with_peaks(cli_argv("quantize", store.uri, "--bits", bits, *endpoint)), "quantize")
+        result = last_json(run.stdout)
         figures[result["quantization"]["scheme"]] = {
             "seconds": run.seconds,
             "peak_rss_mib": run.peaks,
@@ -435,7 +435,7 @@ def _library(source: Location, config: dict) -> dict:
         log.info("Subspace build, %s, on the same %d adapters", mode, config["adapters"])
         out = os.path.abspath(f"{config['out']}.library-{mode}.json")
         endpoint = [config["endpoint_url"]] if config["endpoint_url"] else []
-        run = _require(
+        run = require(
             run_with_peaks(
                 [
                     sys.executable,
@@ -483,7 +483,7 @@ def _trained(root: Location, config: dict) -> dict:
     out = os.path.abspath(f"{config['out']}.trained.json")
     where = root.path(f"trained-{os.path.basename(model.rstrip('/'))}-{config['trained']}-{config['trained_steps']}")
     log.info("peft training of %d adapters on %s, then %d configurations", config["trained"], model, len(ROWS))
-    run = _require(
+    run = require(
         run_with_peaks(
             [
                 sys.executable,
@@ -519,7 +519,7 @@ def _vlora(source: Location, config: dict) -> dict:
         handle.write("\n".join(source.path(f"adapter-{i:05d}") for i in range(config["adapters"])))
     out = os.path.abspath(f"{config['out']}.vlora.json")
     log.info("vlora-dev load_adapter + from_adapters on the same %d adapters", config["adapters"])
-    run = _require(
+    run = require(
         run_with_peaks(
             [sys.executable, "-m", "pipeline.benchmark.vlora_side", listing, str(config["components"]), out]
         ),
@@ -533,13 +533,13 @@ def _vlora(source: Location, config: dict) -> dict:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _require(run: Run, what: str) -> Run:
+def require(run: Run, what: str) -> Run:
     if run.status != 0:
         raise PipelineError(f"benchmark: {what} failed (exit {run.status}): {run.stderr.strip()[-1500:]}")
     return run
 
 
-def _last_json(stdout: str) -> dict:
+def last_json(stdout: str) -> dict:
     start = stdout.index("{")
     return json.loads(stdout[start:])
 
@@ -557,7 +557,7 @@ def _max_peaks(runs: list[Run]) -> dict[str, int]:
     return {k: max(r.peaks.get(k, 0) for r in runs) for k in sorted(kinds)}
 
 
-def _machine() -> dict:
+def machine() -> dict:
     return {
         "cpus": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),

@@ -283,6 +283,7 @@ def _shard_report(r) -> dict:
         "requests": r.requests,
         "stack_bytes": r.stack_bytes,
         "resumed": r.resumed,
+        **({"device": r.device} if r.device else {}),
         "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
         **({"chunk_seconds": r.chunk_seconds} if r.chunk_seconds else {}),
     }

@@ -96,6 +96,7 @@ def compute_shard(task: ShardTask) -> ShardResult:
     # must not outlive the objects this task is about to overwrite.
     store.unfinish_shard(task.version, task.shard.name)
     ctx = Context(task, "cuda" if torch.cuda.is_available() else "cpu", k=task.spec.fixed_k)
+    result.device = ctx.device
     if task.chunk and len(task.new) > task.chunk:
         outcomes = chunked.compute(ctx, result, lambda part: _read_stacks(part, result), _apply_strategies)
     else:

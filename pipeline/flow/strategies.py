@@ -120,6 +120,7 @@ class ShardResult:
     residual_rows: int = 0  # rows of the staged residuals (none staged: 0)
     unbounded: int = 0  # the parent's rows above the error bound, which could not be brought within it
     chunk_seconds: list[float] = field(default_factory=list)  # compress --chunk-size: each chunk's read and fit
+    device: str = ""  # where the task's arithmetic ran: cpu, or cuda where its worker has a GPU
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,6 +148,7 @@ class ShardResult:
             data.get("residual_rows", 0),
             data.get("unbounded", 0),
             data.get("chunk_seconds", []),
+            data.get("device", ""),
         )
 
 

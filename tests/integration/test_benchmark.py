@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pipeline.config import DEFAULT_MAX_ERROR
 from pipeline.synthetic import PRESETS
@@ -219,3 +220,46 @@ def test_the_trained_step_without_its_model_is_refused_before_any_step(tmp_path)
     assert done.returncode == 1
     assert "pip install '.[bench]'" in json.loads(done.stdout.splitlines()[-1])["error"]
     assert "compress:" not in done.stderr  # no step ran
+
+
+def _gpu_check(tmp_path, *settings):
+    sets = [f"workdir={tmp_path / 'work'}", f"out={tmp_path / 'gpu.json'}", *settings]
+    argv = [sys.executable, "-m", "jobs.gpu_check", "--config", "jobs/configs/gpu-check.yaml"]
+    done = subprocess.run(argv + [a for s in sets for a in ("--set", s)], capture_output=True, text=True, timeout=600)
+    out = tmp_path / "gpu.json"
+    return done, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
+    """device=cpu: the check's two in-process compresses, their comparison and the counted math,
+    through the same dispatch a CUDA worker takes (each shard records where it ran)."""
+    done, f = _gpu_check(tmp_path, "device=cpu", "preset=micro", "adapters=12", "components=3", "exported=2")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "job": "gpu-check",
+        "status": "ok",
+        "out": str(tmp_path / "gpu.json"),
+        "parity": True,
+    }
+    assert f["cpu"]["device"] == f["device"]["device"] == "cpu"
+    assert f["parity"]["delta_w_gap"] < f["parity"]["bound"] == 1e-4
+    assert f["cpu"]["error"]["mean"] == pytest.approx(f["device"]["error"]["mean"], rel=1e-4)
+    assert f["device"]["stages"]["compute"] > 0 and f["device"]["task_seconds"]["compute"] > 0
+    # The Gram route's products alone are 2 N^2 D flops per module side.
+    preset = PRESETS["micro"]
+    sides = [preset.rank * width for d_in, d_out in preset.modules.values() for width in (d_in, d_out)]
+    math = f["device"]["math"]
+    assert math["routes"] == {"gram": len(sides)} and math["flops"] >= sum(2 * 12**2 * d for d in sides)
+    assert math["share_of_fp32_peak"] == pytest.approx(math["flops"] / math["seconds"] / 67e12)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_the_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
+    done, f = _gpu_check(tmp_path, "preset=micro", "adapters=4")
+    assert done.returncode == 1 and f is None
+    assert json.loads(done.stdout) == {
+        "job": "gpu-check",
+        "status": "error",
+        "error": "gpu-check: torch sees no CUDA device here (set device=cpu to run the check's steps on the CPU)",
+    }
+    assert "Traceback" not in done.stderr

@@ -109,6 +109,7 @@ def test_every_example_config_is_valid():
         "monthly-full-compress.yaml": "compress",
         "bulk-export.yaml": "export",
         "benchmark.yaml": "benchmark",
+        "gpu-check.yaml": "gpu-check",
     }
     assert sorted(p.name for p in configs.glob("*.yaml")) == sorted(jobs)
     for name, job in jobs.items():
@@ -117,11 +118,16 @@ def test_every_example_config_is_valid():
             assert options(job, config).problems() == []
 
 
-def test_the_benchmark_schema_and_defaults_name_the_same_keys():
-    from pipeline.benchmark.run import DEFAULTS
+def test_the_benchmark_schemas_and_defaults_name_the_same_keys():
+    from pathlib import Path
+
+    from pipeline.benchmark import gpu, run
     from pipeline.jobspec import JOBS
 
-    assert set(JOBS["benchmark"]) == set(DEFAULTS)
+    assert set(JOBS["benchmark"]) == set(run.DEFAULTS)
+    assert set(JOBS["gpu-check"]) == set(gpu.DEFAULTS)
+    example = Path(__file__).parents[2] / "jobs" / "configs" / "gpu-check.yaml"
+    assert load("gpu-check", str(example), []) == gpu.DEFAULTS  # the example writes out the defaults
 
 
 def test_values_the_config_refuses_still_give_the_status_line(tmp_path, capsys):
