@@ -13,10 +13,11 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	# An old pip's resolver fails on s3fs's exact fsspec pin; a current one resolves it.
-	$(BIN)/pip install -q --upgrade pip
+	# An old pip's resolver fails on s3fs's exact fsspec pin; a current one resolves it. uv installs
+	# the rest in seconds (pip takes minutes over ray's many dependencies); pip where uv cannot.
+	$(BIN)/pip install -q --upgrade pip uv
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/uv pip install -q --python $(BIN)/python -e ".[test]" || $(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 demo: setup

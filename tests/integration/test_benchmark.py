@@ -89,14 +89,17 @@ def test_local_run_measures_every_step_and_compares_with_vlora(tmp_path):
         assert gauge[method]["error"] == pytest.approx(shared[method]["error"], rel=1e-3)
     assert "methods at equal bytes" in done.stdout
 
-    # A second run reuses the generated collection.
-    done, _ = _benchmark(tmp_path, f"workdir={tmp_path / 'work'}", "vlora=false")
+    # A second run reuses the generated collection (its steps are those above: only the compress runs).
+    steps_off = ("floors", "rebase", "vlora", "quantize", "export_all", "library")
+    done, _ = _benchmark(tmp_path, f"workdir={tmp_path / 'work'}", "methods=0", *(f"{s}=false" for s in steps_off))
     assert done.returncode == 0 and "reusing the collection" in done.stderr
 
 
 @pytest.mark.s3
 def test_s3_run_reads_by_ranges_and_skips_vlora(tmp_path, s3_endpoint, bucket):
-    done, f = _benchmark(tmp_path, f"workdir=s3://{bucket}/bench", f"endpoint_url={s3_endpoint}", "repeats=1")
+    # The steps that read the store or the collection on S3; the others are the local run's.
+    settings = ("repeats=1", "methods=0", "quantize=false")
+    done, f = _benchmark(tmp_path, f"workdir=s3://{bucket}/bench", f"endpoint_url={s3_endpoint}", *settings)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert f["vlora"] == {"skipped": "vlora reads local folders only"}
     # One shard per module here: one coalesced range per adapter and shard.
