@@ -12,11 +12,9 @@ fp32 peak.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,10 +22,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from pipeline import jobspec, peft_format
+from pipeline import peft_format
 from pipeline.benchmark.floors import math_floor
 from pipeline.benchmark.peaks import run_with_peaks
-from pipeline.benchmark.run import DTYPES, cli_argv, collection, last_json, machine, require
+from pipeline.benchmark.run import DTYPES, cli_argv, collection, job_main, last_json, machine, require
 from pipeline.errors import PipelineError
 from pipeline.io.format import LOADINGS, REPORT
 from pipeline.io.location import Location
@@ -57,24 +55,11 @@ PARITY = 1e-4  # relative delta-W difference, as tests/integration/test_vlora_pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.gpu_check", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (see jobs/configs/gpu-check.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    try:
-        loaded = jobspec.load("gpu-check", args.config, args.set)
-        config = {**DEFAULTS, **{k: v for k, v in loaded.items() if v is not None}}
-        _check(config)
-        figures = gpu_check(config)
-    except (PipelineError, OSError) as exc:
-        print(json.dumps({"job": "gpu-check", "status": "error", "error": str(exc)}))
-        return 1
-    with open(config["out"], "w", encoding="utf-8") as handle:
-        json.dump(figures, handle, indent=1)
-    print(format_figures(figures))
-    print(json.dumps({"job": "gpu-check", "status": "ok", "out": config["out"], "parity": figures["parity"]["met"]}))
-    return 0
+    return job_main("gpu-check", __doc__, argv, DEFAULTS, _check, gpu_check, format_figures, _verdict)
+
+
+def _verdict(figures: dict) -> dict:
+    return {"parity": figures["parity"]["met"]}
 
 
 def _check(config: dict) -> None:

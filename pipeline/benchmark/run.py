@@ -75,34 +75,35 @@ STAGES = ("scan", "compute", "assemble", "publish")  # of each version a run wri
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML config (see jobs/configs/benchmark.yaml)")
+    return job_main("benchmark", __doc__, argv, DEFAULTS, _check, benchmark, format_table, _verdict)
+
+
+def _verdict(figures: dict) -> dict:
+    return {"targets_met": all(t["met"] for t in figures["targets"])}
+
+
+def job_main(job: str, doc: str, argv, defaults: dict, check, measure, table, verdict) -> int:
+    """A benchmark job's entry (`python -m jobs.<job>`): its config (--config, then --set, over
+    `defaults`) checked, `measure(config)`'s figures written as JSON to `out`, printed as
+    `table(figures)`, then one status line with `verdict(figures)`; any error is that line."""
+    module = job.replace("-", "_")
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{module}", description=doc.splitlines()[0])
+    parser.add_argument("--config", help=f"YAML config (see jobs/configs/{job}.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        config = {
-            **DEFAULTS,
-            **{k: v for k, v in jobspec.load("benchmark", args.config, args.set).items() if v is not None},
-        }
-        _check(config)
-        figures = benchmark(config)
+        loaded = jobspec.load(job, args.config, args.set)
+        config = {**defaults, **{k: v for k, v in loaded.items() if v is not None}}
+        check(config)
+        figures = measure(config)
+        with open(config["out"], "w", encoding="utf-8") as handle:
+            json.dump(figures, handle, indent=1)
     except (PipelineError, OSError) as exc:
-        print(json.dumps({"job": "benchmark", "status": "error", "error": str(exc)}))
+        print(json.dumps({"job": job, "status": "error", "error": str(exc)}))
         return 1
-    with open(config["out"], "w", encoding="utf-8") as handle:
-        json.dump(figures, handle, indent=1)
-    print(format_table(figures))
-    print(
-        json.dumps(
-            {
-                "job": "benchmark",
-                "status": "ok",
-                "out": config["out"],
-                "targets_met": all(t["met"] for t in figures["targets"]),
-            }
-        )
-    )
+    print(table(figures))
+    print(json.dumps({"job": job, "status": "ok", "out": config["out"], **verdict(figures)}))
     return 0
 
 
