@@ -1,5 +1,5 @@
 """GPU check: `python -m jobs.gpu_check [--config jobs/configs/gpu-check.yaml] [--set key=value]`.
-What it runs is pipeline.benchmark.gpu's; see docs/benchmarks.md, "The GPU check"."""
+What it runs is pipeline.benchmark.gpu's; see the README's paragraph on it."""
 
 import sys
 

@@ -25,14 +25,22 @@ from safetensors.torch import load_file
 from pipeline import peft_format
 from pipeline.benchmark.floors import math_floor
 from pipeline.benchmark.peaks import run_with_peaks
-from pipeline.benchmark.run import DTYPES, cli_argv, collection, job_main, last_json, machine, require
+from pipeline.benchmark.run import (
+    cli_argv,
+    collection,
+    collection_problems,
+    job_main,
+    last_json,
+    machine,
+    raise_problems,
+    require,
+)
 from pipeline.errors import PipelineError
 from pipeline.io.format import LOADINGS, REPORT
 from pipeline.io.location import Location
 from pipeline.io.store import Store
 from pipeline.io.tables import read_batches
 from pipeline.peft_format import WEIGHTS_FILE
-from pipeline.synthetic import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +71,22 @@ def _verdict(figures: dict) -> dict:
 
 
 def _check(config: dict) -> None:
-    for key, choices in (("preset", PRESETS), ("dtype", DTYPES)):
-        if config[key] not in choices:
-            raise PipelineError(f"gpu-check: {key} must be one of {', '.join(choices)}, got {config[key]!r}")
+    problems = collection_problems(config)
+    if config["adapters"] == 1:
+        problems.append("adapters must be at least 2")
+    if config["exported"] < 1:
+        problems.append("exported must be at least 1")
+    if config["fp32_peak_tflops"] <= 0:
+        problems.append(f"fp32_peak_tflops must be positive, got {config['fp32_peak_tflops']!r}")
+    if not Location(config["workdir"]).is_local:
+        problems.append("workdir must be a local folder")
     if config["device"] == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(
-            "gpu-check: torch sees no CUDA device here (set device=cpu to run the check's steps on the CPU)"
-        )
-    if config["adapters"] < 2 or config["exported"] < 1:
-        raise PipelineError("gpu-check: adapters must be at least 2 and exported at least 1")
+        problems.append("torch sees no CUDA device here (set device=cpu to run the check's steps on the CPU)")
+    raise_problems("gpu-check", problems)
 
 
 def gpu_check(config: dict) -> dict:
     root = Location(config["workdir"])
-    if not root.is_local:
-        raise PipelineError("gpu-check: workdir must be a local folder")
     source, _ = collection(root, {**config, "uploads": 0})
     paths = [source.path(f"adapter-{i:05d}", WEIGHTS_FILE) for i in range(config["adapters"])]
     figures: dict[str, Any] = {"config": config, "machine": machine()}
@@ -127,9 +136,9 @@ def _parity(root: Location, figures: dict, config: dict) -> dict:
     """How far the device's store is from the CPU's: each row's recorded error, and the delta W
     of the first `exported` adapters as export writes them (relative, per module)."""
     errors = [_row_errors(Location(figures[name]["store"])) for name in ("cpu", "device")]
-    error_gap = max(abs(errors[0][key] - errors[1][key]) for key in errors[0])
     if errors[0].keys() != errors[1].keys():
         raise PipelineError("gpu-check: the two stores hold different rows")
+    error_gap = max(abs(errors[0][key] - errors[1][key]) for key in errors[0])
     task_ids = [f"adapter-{i:05d}" for i in range(min(config["exported"], config["adapters"]))]
     with tempfile.TemporaryDirectory(dir=root.path()) as scratch:
         cpu, device = (_export(figures[name]["store"], task_ids, Path(scratch, name)) for name in ("cpu", "device"))
@@ -174,14 +183,14 @@ def format_figures(f: dict) -> str:
     lines = [
         f"{f['config']['adapters']} {f['config']['preset']} adapters, k = {f['config']['components']}, "
         f"route {f['config']['svd_route']}; device: {f['machine']['gpu'] or 'cpu'}",
-        f"{'':34}{'cpu':>12}{dev['device']:>12}",
+        f"{'':34}{'cpu pass':>12}{dev['device'] + ' pass':>12}",
         f"{'compress, end to end (s)':34}{cpu['seconds']:12.2f}{dev['seconds']:12.2f}",
         f"{'compute stage (s)':34}{cpu['stages'].get('compute', 0):12.2f}{dev['stages'].get('compute', 0):12.2f}",
         f"{'task seconds: compute':34}{cpu['task_seconds']['compute']:12.2f}{dev['task_seconds']['compute']:12.2f}",
         f"{'bare math, every module side (s)':34}{cpu['math']['seconds']:12.2f}{math['seconds']:12.2f}",
         f"{'delta-W error mean':34}{cpu['error']['mean']:12.6f}{dev['error']['mean']:12.6f}",
-        f"bare math on {dev['device']}: {math['flops'] / 1e12:.2f} TFLOP of matrix products, "
-        f"{math['tflops_per_second']:.2f} TFLOP/s, {100 * math['share_of_fp32_peak']:.1f}% of "
+        f"bare math on {dev['device']}: {math['flops'] / 1e9:.4g} GFLOP of matrix products, "
+        f"{math['tflops_per_second']:.4g} TFLOP/s, {100 * math['share_of_fp32_peak']:.3g}% of "
         f"{f['config']['fp32_peak_tflops']} TFLOP/s fp32",
         f"parity: largest delta-W gap {f['parity']['delta_w_gap']:.2e} (bound {PARITY:g}), "
         f"largest row error gap {f['parity']['row_error_gap']:.2e}",

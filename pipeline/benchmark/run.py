@@ -96,28 +96,46 @@ def job_main(job: str, doc: str, argv, defaults: dict, check, measure, table, ve
         loaded = jobspec.load(job, args.config, args.set)
         config = {**defaults, **{k: v for k, v in loaded.items() if v is not None}}
         check(config)
+        out = os.path.abspath(config["out"])
+        if os.path.isdir(out) or not os.path.isdir(os.path.dirname(out)):
+            raise PipelineError(f"{job}: out must be a file in an existing folder, got {config['out']!r}")
         figures = measure(config)
         with open(config["out"], "w", encoding="utf-8") as handle:
             json.dump(figures, handle, indent=1)
     except (PipelineError, OSError) as exc:
         print(json.dumps({"job": job, "status": "error", "error": str(exc)}))
         return 1
+    except KeyboardInterrupt:
+        print(json.dumps({"job": job, "status": "interrupted"}))
+        return 130
     print(table(figures))
     print(json.dumps({"job": job, "status": "ok", "out": config["out"], **verdict(figures)}))
     return 0
 
 
 def _check(config: dict) -> None:
-    for key, choices in (("preset", PRESETS), ("structure", STRUCTURES), ("dtype", DTYPES)):
-        if config[key] not in choices:
-            raise PipelineError(f"benchmark: {key} must be one of {', '.join(choices)}, got {config[key]!r}")
-    for key in ("adapters", "repeats", "components"):
-        if config[key] < 1:
-            raise PipelineError(f"benchmark: {key} must be at least 1")
+    problems = collection_problems(config, ("repeats",))
     if config["methods"] and config["methods"] < 2:
-        raise PipelineError("benchmark: methods must be 0 (skip) or at least 2 adapters")
+        problems.append("methods must be 0 (skip) or at least 2 adapters")
+    raise_problems("benchmark", problems)
     if config["trained"]:
         _check_trained(config)
+
+
+def collection_problems(config: dict, counts: tuple[str, ...] = ()) -> list[str]:
+    """What is wrong with the keys of a benchmark job's collection (and its `counts`, each at least 1)."""
+    problems = [
+        f"{key} must be one of {', '.join(choices)}, got {config[key]!r}"
+        for key, choices in (("preset", PRESETS), ("structure", STRUCTURES), ("dtype", DTYPES))
+        if config[key] not in choices
+    ]
+    problems += [f"{key} must be at least 1" for key in ("adapters", "components", *counts) if config[key] < 1]
+    return problems
+
+
+def raise_problems(job: str, problems: list[str]) -> None:
+    if problems:
+        raise PipelineError(f"{job}: {'; '.join(problems)}")
 
 
 def _check_trained(config: dict) -> None:

@@ -266,3 +266,16 @@ def test_the_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
         "error": "gpu-check: torch sees no CUDA device here (set device=cpu to run the check's steps on the CPU)",
     }
     assert "Traceback" not in done.stderr
+
+
+def test_the_gpu_checks_bad_settings_are_named_together_before_any_step(tmp_path):
+    bad = ("device=cpu", "preset=nope", "structure=bogus", "adapters=1", "fp32_peak_tflops=0", "workdir=s3://b/p")
+    done, f = _gpu_check(tmp_path, *bad)
+    error = json.loads(done.stdout.splitlines()[-1])["error"]
+    assert done.returncode == 1 and f is None and "Traceback" not in done.stderr
+    for key in ("preset", "structure", "adapters", "fp32_peak_tflops", "workdir"):
+        assert key in error, (key, error)
+    assert not (tmp_path / "work").exists()  # refused before anything was generated
+    done, _ = _gpu_check(tmp_path, "device=cpu", f"out={tmp_path / 'missing' / 'gpu.json'}")
+    assert "out must be a file in an existing folder" in json.loads(done.stdout.splitlines()[-1])["error"]
+    assert not (tmp_path / "work").exists()
