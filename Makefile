@@ -15,9 +15,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# An old pip's resolver fails on s3fs's exact fsspec pin; a current one resolves it. uv installs
 	# the rest in seconds (pip takes minutes over ray's many dependencies); pip where uv cannot.
+	# Bytecode is compiled at install, as pip does: with PYTHONDONTWRITEBYTECODE set (CI images),
+	# every process would otherwise compile Ray from source on import.
 	$(BIN)/pip install -q --upgrade pip uv
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/uv pip install -q --python $(BIN)/python -e ".[test]" || $(BIN)/pip install -q -e ".[test]"
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e ".[test]" || $(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 demo: setup

@@ -124,7 +124,7 @@ def _compress(source: Location, store: Location, device: str, config: dict) -> d
     return {
         "device": device,
         "seconds": run.seconds,
-        "stages": {k: v for k, v in result["seconds_per_version"][-1].items()},
+        "stages": dict(result["seconds_per_version"][-1]),
         "task_seconds": {k: sum(s.get(k, 0.0) for s in shard_seconds) for k in ("read", "compute", "write")},
         "peak_rss_mib": run.peaks,
         "error": Store(store).manifest()["error"],
