@@ -51,6 +51,9 @@ _WRITING = {
     "strict": Field(bool),
 }
 
+# The benchmark jobs' seeded synthetic collection (pipeline.synthetic), checked by their runners.
+_COLLECTION = {"preset": Field(str), "structure": Field(str), "dtype": Field(str), "adapters": Field(int)}
+
 JOBS: dict[str, dict[str, Field]] = {
     "compress": {
         "source": Field(str, required=True),
@@ -92,10 +95,7 @@ JOBS: dict[str, dict[str, Field]] = {
     },
     # python -m jobs.benchmark: its own runner (pipeline.benchmark.run), defaults there.
     "benchmark": {
-        "preset": Field(str),
-        "structure": Field(str),
-        "dtype": Field(str),
-        "adapters": Field(int),
+        **_COLLECTION,
         "uploads": Field(int),
         "components": Field(int),
         "repeats": Field(int),
@@ -120,10 +120,7 @@ JOBS: dict[str, dict[str, Field]] = {
     },
     # python -m jobs.gpu_check: its own runner (pipeline.benchmark.gpu), defaults there.
     "gpu-check": {
-        "preset": Field(str),
-        "structure": Field(str),
-        "dtype": Field(str),
-        "adapters": Field(int),
+        **_COLLECTION,
         "components": Field(int, least=1),
         "svd_route": Field(str, choices=SVD_ROUTES),
         "task_memory": Field((str, int)),

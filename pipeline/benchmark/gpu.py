@@ -26,6 +26,9 @@ from pipeline import peft_format
 from pipeline.benchmark.floors import math_floor
 from pipeline.benchmark.peaks import run_with_peaks
 from pipeline.benchmark.run import (
+    DEFAULTS as BENCHMARK_DEFAULTS,
+)
+from pipeline.benchmark.run import (
     cli_argv,
     collection,
     collection_problems,
@@ -45,17 +48,14 @@ from pipeline.peft_format import WEIGHTS_FILE
 log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
-    "preset": "qwen0.5b",
-    "structure": "shared",
-    "dtype": "bf16",
-    "adapters": 1000,
-    "components": 16,
+    **{
+        key: BENCHMARK_DEFAULTS[key]
+        for key in ("preset", "structure", "dtype", "adapters", "components", "task_memory", "seed")
+    },
     "svd_route": "gram",
-    "task_memory": "256MiB",
     "device": "cuda",
     "fp32_peak_tflops": 67.0,
     "exported": 16,
-    "seed": 0,
     "workdir": "gpu-check-data",
     "out": "gpu-check.json",
 }

@@ -2,6 +2,7 @@
 vlora-dev in its own process, S3 through moto) and the figures it writes hang together."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -279,3 +280,17 @@ def test_the_gpu_checks_bad_settings_are_named_together_before_any_step(tmp_path
     done, _ = _gpu_check(tmp_path, "device=cpu", f"out={tmp_path / 'missing' / 'gpu.json'}")
     assert "out must be a file in an existing folder" in json.loads(done.stdout.splitlines()[-1])["error"]
     assert not (tmp_path / "work").exists()
+
+
+def test_an_interrupted_benchmark_job_ends_with_its_status_line(tmp_path):
+    sets = ["device=cpu", "preset=tiny", "adapters=400", f"workdir={tmp_path / 'work'}", f"out={tmp_path / 'gpu.json'}"]
+    argv = [sys.executable, "-m", "jobs.gpu_check", *[a for s in sets for a in ("--set", s)]]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in child.stderr:  # interrupted once the run has started its steps
+        if "compress on cpu" in line:
+            child.send_signal(signal.SIGINT)
+            break
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 130 and "Traceback" not in err
+    assert json.loads(out.splitlines()[-1]) == {"job": "gpu-check", "status": "interrupted"}
+    assert not (tmp_path / "gpu.json").exists()
