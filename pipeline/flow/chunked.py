@@ -51,10 +51,10 @@ def compute(
     parent = Parent({}, {}, "")  # the bases so far, as the absorb strategies read a parent's
     steps: list[Step] = []
     outcomes: list[Outcome] = []
-    for number, begin in enumerate(range(0, len(task.new), task.chunk)):
+    for number, new in enumerate(parts(task)):
         part = dataclasses.replace(
             task,
-            new=task.new[begin : begin + task.chunk],
+            new=new,
             mode="absorb" if number else "fit",
             parent=parent if number else None,
             chunk=None,
@@ -81,6 +81,11 @@ def compute(
     result.seconds["move"] = time.perf_counter() - clock
     result.seconds["compute"] = sum(result.chunk_seconds) - result.seconds["read"] - ctx.align_seconds
     return final
+
+
+def parts(task: ShardTask) -> list[list]:
+    """The task's adapters, a chunk at a time, in the order they are read."""
+    return [task.new[begin : begin + task.chunk] for begin in range(0, len(task.new), task.chunk)]
 
 
 def _adapters(task: ShardTask) -> StoredAdapters:

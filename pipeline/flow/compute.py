@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 
@@ -35,6 +34,7 @@ from pipeline.flow.plan import (
     module_shapes,
     version_shards,
 )
+from pipeline.flow.reading import StackReader
 from pipeline.flow.strategies import (
     Context,
     FitSpec,
@@ -49,7 +49,6 @@ from pipeline.flow.strategies import (
     explained,
     strategy_for,
 )
-from pipeline.io.adapters import read_ranges
 from pipeline.io.format import (
     LOADINGS,
     LOADINGS_KEYS,
@@ -71,7 +70,6 @@ from pipeline.io.format import (
     version_path,
 )
 from pipeline.io.location import printable
-from pipeline.io.safetensors_ranges import decode
 from pipeline.io.store import Store
 from pipeline.io.tables import merge_sorted, read_batches, without, write_tables
 from pipeline.linalg.decompose import Decomposition, reconstruct
@@ -82,8 +80,6 @@ from pipeline.progress import Progress
 __all__ = ["ModuleResult", "Parent", "ShardResult", "ShardTask", "compute_all", "compute_shard", "explained"]
 
 log = logging.getLogger(__name__)
-
-READ_BYTES = 64 << 20  # raw tensor bytes per cat_ranges call: bounds what reading holds at once
 
 
 def compute_shard(task: ShardTask) -> ShardResult:
@@ -98,7 +94,8 @@ def compute_shard(task: ShardTask) -> ShardResult:
     ctx = Context(task, "cuda" if torch.cuda.is_available() else "cpu", k=task.spec.fixed_k)
     result.device = ctx.device
     if task.chunk and len(task.new) > task.chunk:
-        outcomes = chunked.compute(ctx, result, lambda part: _read_stacks(part, result), _apply_strategies)
+        with StackReader(task, result, chunked.parts(task)) as reader:
+            outcomes = chunked.compute(ctx, result, lambda part: reader.read(part.new), _apply_strategies)
     else:
         outcomes = _compute_at_once(store, ctx, result)
     if outcomes is None:
@@ -123,7 +120,10 @@ def _compute_at_once(store: Store, ctx: Context, result: ShardResult) -> list[Ou
     """Every adapter of the shard in one stack per module side (None: some hold NaN or Inf)."""
     task = ctx.task
     clock = time.perf_counter()
-    stacks = _read_stacks(task, result) if task.new else {}
+    stacks = {}
+    if task.new:
+        with StackReader(task, result, [task.new]) as reader:
+            stacks = reader.read(task.new)
     if result.nonfinite:
         return None
     if task.parent:
@@ -223,52 +223,6 @@ def _parent_residuals(store: Store, task: ShardTask) -> pa.Table:
 
 
 # -- reading ---------------------------------------------------------------------------------
-
-
-def _read_stacks(task: ShardTask, result: ShardResult) -> dict[str, list[torch.Tensor]]:
-    """[(N, r*d_in), (N, d_out*r)] float32 stacks per module; non-finite rows are reported."""
-    n = len(task.new)
-    stacks = {m: [torch.empty(n, math.prod(shape)) for shape in task.shapes[m]] for m in task.shard.modules}
-    result.stack_bytes = max(result.stack_bytes, sum(4 * x.numel() for pair in stacks.values() for x in pair))
-    for begin, batch in _read_batches(task):
-        requests = [(path, [info for m in task.shard.modules for info in infos[m]]) for _, path, infos in batch]
-        blobs, ranges = read_ranges(task.source.fs, requests)
-        result.requests += ranges
-        for offset, (request, buffers) in enumerate(zip(requests, blobs)):
-            for position, (info, buffer) in enumerate(zip(request[1], buffers)):
-                module, side = task.shard.modules[position // 2], position % 2
-                stacks[module][side][begin + offset] = _padded(decode(buffer, info), side, task.shapes[module][0][0])
-                result.bytes_read += len(buffer)
-    for module, pair in stacks.items():
-        for side, stack in enumerate(pair):
-            # A row's sum is NaN or Inf when any entry is (or, rarely, when finite ones overflow:
-            # those rows are checked entry by entry); ten times cheaper than isfinite on all.
-            for row in (~torch.isfinite(stack.sum(dim=1))).nonzero().flatten().tolist():
-                if not torch.isfinite(stack[row]).all():
-                    result.nonfinite.setdefault(task.new[row][0], f"NaN or Inf in {module} lora_{'AB'[side]}")
-    return stacks
-
-
-def _padded(factor: torch.Tensor, side: int, rank: int) -> torch.Tensor:
-    """A flattened factor zero-padded to the collection's rank (lora_A rows, lora_B columns): B A
-    is unchanged."""
-    extra = rank - factor.shape[side]
-    if extra:
-        factor = torch.nn.functional.pad(factor, (0, 0, 0, extra) if side == 0 else (0, extra))
-    return factor.reshape(-1)
-
-
-def _read_batches(task: ShardTask) -> Iterator[tuple[int, list]]:
-    """(first row, adapters) batches of at most READ_BYTES of this shard's tensors (at least one)."""
-    begin, size = 0, 0
-    for row, (_, _, infos) in enumerate(task.new):
-        need = sum(info.end - info.start for m in task.shard.modules for info in infos[m])
-        if row > begin and size + need > READ_BYTES:
-            yield begin, task.new[begin:row]
-            begin, size = row, 0
-        size += need
-    if begin < len(task.new):
-        yield begin, task.new[begin:]
 
 
 def _parent_bases(store: Store, task: ShardTask) -> tuple[dict[tuple[str, str], Decomposition], dict[str, JointBasis]]:
