@@ -35,10 +35,14 @@ class Cluster:
         if self.runner == "local" and self.address:
             raise PipelineError("--runner local runs in-process: it joins no cluster (--address)")
 
+    @property
+    def joins(self) -> bool:
+        """Whether Ray is joined at an address (--address or RAY_ADDRESS), not started here."""
+        return bool(self.address or os.environ.get("RAY_ADDRESS"))
+
     def mode(self) -> str:
-        """The runner mode: an address (--address or RAY_ADDRESS) makes "auto" Ray's."""
-        joins = self.address or os.environ.get("RAY_ADDRESS")
-        return "ray" if self.runner == "auto" and joins else self.runner
+        """The runner mode: an address makes "auto" Ray's."""
+        return "ray" if self.runner == "auto" and self.joins else self.runner
 
 
 def store_at(uri: str, endpoint_url: str | None):
@@ -62,7 +66,7 @@ def runner(cluster: Cluster, *locations: Location):
             log.info("Ray dashboard: %s", ray.dashboard_url)
         return ray
 
-    return RunnerChoice(start, cluster.mode(), cluster.num_cpus)
+    return RunnerChoice(start, cluster.mode(), cluster.num_cpus, embedded=not cluster.joins)
 
 
 def compress_collection(

@@ -24,7 +24,7 @@ from pipeline.io.format import LOCK, POINTER
 from pipeline.io.location import Location
 from pipeline.io.store import Store
 from pipeline.io.targets import holding_files
-from pipeline.runners import Runner
+from pipeline.runners import Runner, while_starting
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def compress(
     try:
         with store.lock("compress") as lock:
             started = time.perf_counter()
-            adapters = scan(refs, runner, strict=options.strict)
+            # The scan runs while an embedded Ray starts for the compute stage.
+            adapters = while_starting(runner, lambda scanner: scan(refs, scanner, strict=options.strict))
             change = Change("compress", "fit", adapters, store.current_version(), chunk=chunk_size)
             change.scan_seconds = time.perf_counter() - started
             summaries.append(write_version(change, source, store, runner, options, lock))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ LOCAL_BYTES = 512 << 20
 # error is not.
 MAX_RETRIES = 3
 PERMANENT = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)
+
+T = TypeVar("T")
 
 
 class Runner(Protocol):
@@ -110,6 +112,13 @@ class LazyRunner:
             self._runner = self._make()
         return self._runner
 
+    def start(self) -> Runner:
+        return self.runner
+
+    @property
+    def made(self) -> bool:
+        return self._runner is not None
+
     @property
     def has_gpus(self) -> bool:
         return self.runner.has_gpus
@@ -129,12 +138,31 @@ class RunnerChoice:
     in-process the stages that say their work is small (`for_work`) and on Ray the others. Ray is
     made (started or joined) once, on the first task that needs it."""
 
-    def __init__(self, make_ray: Callable[[], Runner], mode: str = "auto", num_cpus: int | None = None):
+    def __init__(
+        self, make_ray: Callable[[], Runner], mode: str = "auto", num_cpus: int | None = None, embedded: bool = True
+    ):
         if mode not in RUNNERS:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {mode!r}")
         self.mode = mode
         self.ray = LazyRunner(make_ray)
         self.local = LocalRunner(num_cpus)
+        self.embedded = embedded  # make_ray starts a Ray of its own (seconds), rather than join one
+
+    def while_starting(self, work: Callable[[Runner], T]) -> T:
+        """work(runner), a stage before the default runner's: when that runner is an embedded Ray
+        still to start, Ray starts on this thread (ray.init wants the main one) while `work` runs
+        in-process on another, so neither waits for the other. A joined cluster (its many
+        workers, no start to wait for) or a started one runs `work` itself."""
+        if self.default is not self.ray or self.ray.made or not self.embedded:
+            return work(self)
+        with ThreadPoolExecutor(1, thread_name_prefix="while-starting") as pool:
+            done = pool.submit(work, self.local)
+            try:
+                self.ray.start()
+            except BaseException:
+                wait([done])  # the start's error, once the work has stopped
+                raise
+            return done.result()
 
     def for_work(self, adapters: int, nbytes: int = 0) -> Runner:
         small = adapters <= LOCAL_ADAPTERS and nbytes <= LOCAL_BYTES
@@ -158,6 +186,12 @@ class RunnerChoice:
 
     def map_unordered(self, fn, items, **options):
         return self.default.map_unordered(fn, items, **options)
+
+
+def while_starting(runner: Runner, work: Callable[[Runner], T]) -> T:
+    """work(runner), overlapping the start of the runner's Ray where it has one to start
+    (RunnerChoice.while_starting)."""
+    return runner.while_starting(work) if isinstance(runner, RunnerChoice) else work(runner)
 
 
 def for_work(runner: Runner, adapters: int, nbytes: int = 0) -> Runner:

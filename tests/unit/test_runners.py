@@ -9,7 +9,15 @@ import pytest
 
 from pipeline.commands import Cluster
 from pipeline.errors import PipelineError
-from pipeline.runners import LOCAL_ADAPTERS, LOCAL_BYTES, MAX_RETRIES, LocalRunner, RunnerChoice, for_work
+from pipeline.runners import (
+    LOCAL_ADAPTERS,
+    LOCAL_BYTES,
+    MAX_RETRIES,
+    LocalRunner,
+    RunnerChoice,
+    for_work,
+    while_starting,
+)
 
 
 def test_tasks_without_a_memory_bound_run_on_threads():
@@ -100,3 +108,47 @@ def test_transient_storage_errors_are_retried_as_on_ray_and_permanent_ones_are_n
     with pytest.raises(PermissionError):
         list(runner.map_unordered(flaky, [1, 2], memory=memory))
     assert calls[1] == 1
+
+
+def test_work_before_an_embedded_ray_runs_in_process_while_it_starts():
+    together = threading.Barrier(2, timeout=10)  # passes only if the start and the work overlap
+    seen = {}
+
+    def start():
+        seen["start"] = threading.current_thread() is threading.main_thread()
+        together.wait()
+        return LocalRunner(num_cpus=1)
+
+    def work(runner):
+        seen["work"] = threading.current_thread() is threading.main_thread()
+        together.wait()
+        return runner
+
+    choice = RunnerChoice(start, "auto", num_cpus=2)
+    assert choice.while_starting(work) is choice.local
+    assert seen == {"start": True, "work": False} and choice.ray.made
+    assert choice.while_starting(lambda runner: runner) is choice  # started: the work runs on it
+
+
+def test_work_runs_on_the_runner_itself_where_nothing_is_to_start():
+    joined = RunnerChoice(_never, "ray", embedded=False)  # a cluster to join: its workers scan
+    assert joined.while_starting(lambda runner: runner) is joined and not joined.ray.made
+    local = RunnerChoice(_never, "local")
+    assert local.while_starting(lambda runner: runner) is local
+    plain = LocalRunner()
+    assert while_starting(plain, lambda runner: runner) is plain
+
+
+def test_a_failed_start_is_the_error_once_the_work_has_stopped():
+    finished = threading.Event()
+
+    def start():
+        raise PipelineError("no Ray")
+
+    def work(runner):
+        time.sleep(0.2)
+        finished.set()
+
+    with pytest.raises(PipelineError, match="no Ray"):
+        RunnerChoice(start, "auto").while_starting(work)
+    assert finished.is_set()
