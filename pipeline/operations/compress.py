@@ -59,8 +59,10 @@ def compress(
     try:
         with store.lock("compress") as lock:
             started = time.perf_counter()
-            # The scan runs while an embedded Ray starts for the compute stage.
-            adapters = while_starting(runner, lambda scanner: scan(refs, scanner, strict=options.strict))
+            # The scan runs while an embedded Ray starts for the compute stage, and its workers import it.
+            adapters = while_starting(
+                runner, lambda scanner: scan(refs, scanner, strict=options.strict), warm="pipeline.flow.compute"
+            )
             change = Change("compress", "fit", adapters, store.current_version(), chunk=chunk_size)
             change.scan_seconds = time.perf_counter() - started
             summaries.append(write_version(change, source, store, runner, options, lock))

@@ -148,17 +148,20 @@ class RunnerChoice:
         self.local = LocalRunner(num_cpus)
         self.embedded = embedded  # make_ray starts a Ray of its own (seconds), rather than join one
 
-    def while_starting(self, work: Callable[[Runner], T]) -> T:
+    def while_starting(self, work: Callable[[Runner], T], warm: str | None = None) -> T:
         """work(runner), a stage before the default runner's: when that runner is an embedded Ray
         still to start, Ray starts on this thread (ray.init wants the main one) while `work` runs
-        in-process on another, so neither waits for the other. A joined cluster (its many
-        workers, no start to wait for) or a started one runs `work` itself."""
+        in-process on another, so neither waits for the other; then its workers import the
+        module `warm` (the next stage's tasks). A joined cluster (its many workers, no start to
+        wait for) or a started one runs `work` itself."""
         if self.default is not self.ray or self.ray.made or not self.embedded:
             return work(self)
         with ThreadPoolExecutor(1, thread_name_prefix="while-starting") as pool:
             done = pool.submit(work, self.local)
             try:
-                self.ray.start()
+                ray = self.ray.start()
+                if warm and hasattr(ray, "warm_up"):
+                    ray.warm_up(warm)
             except BaseException:
                 wait([done])  # the start's error, once the work has stopped
                 raise
@@ -188,10 +191,10 @@ class RunnerChoice:
         return self.default.map_unordered(fn, items, **options)
 
 
-def while_starting(runner: Runner, work: Callable[[Runner], T]) -> T:
+def while_starting(runner: Runner, work: Callable[[Runner], T], warm: str | None = None) -> T:
     """work(runner), overlapping the start of the runner's Ray where it has one to start
     (RunnerChoice.while_starting)."""
-    return runner.while_starting(work) if isinstance(runner, RunnerChoice) else work(runner)
+    return runner.while_starting(work, warm) if isinstance(runner, RunnerChoice) else work(runner)
 
 
 def for_work(runner: Runner, adapters: int, nbytes: int = 0) -> Runner:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 from collections import Counter
@@ -68,6 +69,11 @@ class RayRunner:
                     f"use s3://..., or a file system every node mounts at the same path, declared in {SHARED_PATHS_ENV}"
                 )
 
+    def warm_up(self, module: str) -> None:
+        """Import `module` in one worker per CPU now, so that the first tasks of the stage that
+        needs it do not each wait for its imports (torch: seconds)."""
+        ray.get([_import.remote(module) for _ in range(self.num_cpus)])
+
     def map_unordered(self, fn, items, *, num_cpus=1, use_gpu=False, memory=None):
         options = {"num_cpus": num_cpus, "max_retries": MAX_RETRIES, "retry_exceptions": [OSError]}
         if use_gpu and self.has_gpus:
@@ -115,6 +121,11 @@ def _other_hosts() -> list[str]:
         n["NodeManagerAddress"] for n in nodes if any(n.get("Resources", {}).get(r, 0) > 0 for r in ("CPU", "GPU"))
     }
     return sorted(workers - mine)
+
+
+@ray.remote(num_cpus=1)
+def _import(module: str) -> None:
+    importlib.import_module(module)
 
 
 @functools.cache
