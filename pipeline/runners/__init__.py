@@ -112,9 +112,6 @@ class LazyRunner:
             self._runner = self._make()
         return self._runner
 
-    def start(self) -> Runner:
-        return self.runner
-
     @property
     def made(self) -> bool:
         return self._runner is not None
@@ -159,7 +156,7 @@ class RunnerChoice:
         with ThreadPoolExecutor(1, thread_name_prefix="while-starting") as pool:
             done = pool.submit(work, self.local)
             try:
-                ray = self.ray.start()
+                ray = self.ray.runner
                 if warm and hasattr(ray, "warm_up"):
                     ray.warm_up(warm)
             except BaseException:

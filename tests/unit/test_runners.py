@@ -114,10 +114,14 @@ def test_work_before_an_embedded_ray_runs_in_process_while_it_starts():
     together = threading.Barrier(2, timeout=10)  # passes only if the start and the work overlap
     seen = {}
 
+    class Started(LocalRunner):
+        def warm_up(self, module):
+            seen["warmed"] = module
+
     def start():
         seen["start"] = threading.current_thread() is threading.main_thread()
         together.wait()
-        return LocalRunner(num_cpus=1)
+        return Started(num_cpus=1)
 
     def work(runner):
         seen["work"] = threading.current_thread() is threading.main_thread()
@@ -125,8 +129,8 @@ def test_work_before_an_embedded_ray_runs_in_process_while_it_starts():
         return runner
 
     choice = RunnerChoice(start, "auto", num_cpus=2)
-    assert choice.while_starting(work) is choice.local
-    assert seen == {"start": True, "work": False} and choice.ray.made
+    assert choice.while_starting(work, warm="pipeline.flow.compute") is choice.local
+    assert seen == {"start": True, "work": False, "warmed": "pipeline.flow.compute"} and choice.ray.made
     assert choice.while_starting(lambda runner: runner) is choice  # started: the work runs on it
 
 
