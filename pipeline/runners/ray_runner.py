@@ -6,6 +6,7 @@ import functools
 import importlib
 import logging
 import os
+import socket
 from collections import Counter
 
 import ray
@@ -15,6 +16,10 @@ from pipeline.errors import PipelineError
 from pipeline.runners import MAX_RETRIES, PERMANENT
 
 log = logging.getLogger(__name__)
+
+# Seconds to wait for a joined cluster's port to answer: Ray itself retries an address that does
+# not answer for minutes before it gives up.
+JOIN_TIMEOUT = 10
 
 # Local folders that every node of the cluster mounts at the same path (os.pathsep-separated).
 SHARED_PATHS_ENV = "LORA_SUBSPACE_SHARED_PATHS"
@@ -42,7 +47,12 @@ class RayRunner:
                 # workers' output stays in Ray's session logs instead of being printed here raw.
                 logging.getLogger("ray").handlers.clear()
                 logging.getLogger("ray").propagate = True
-            context = ray.init(address=address, logging_level=logging.WARNING, log_to_driver=not quiet, **local)
+            if address != "local":
+                check_reachable(address)
+            try:
+                context = ray.init(address=address, logging_level=logging.WARNING, log_to_driver=not quiet, **local)
+            except ConnectionError as exc:  # an OSError, which users would otherwise read as a storage fault
+                raise PipelineError(f"Ray: cannot join the cluster at {address}: {exc}") from None
             self.dashboard_url = context.dashboard_url or None
         else:
             self.dashboard_url = None
@@ -110,6 +120,21 @@ def application_error(exc: RayTaskError) -> BaseException:
     if isinstance(cause, (PipelineError, OSError)):
         return cause
     return exc.as_instanceof_cause()
+
+
+def check_reachable(address: str) -> None:
+    """Fail in seconds when nothing listens at a cluster's `host:port` (or `ray://host:port`);
+    "auto" (the cluster that `ray start` left on this machine) is Ray's to find."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        if address == "auto":
+            return
+        raise PipelineError(f"Ray: {address!r} is not a cluster address: use host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT).close()
+    except OSError as exc:
+        reason = f"no answer in {JOIN_TIMEOUT} s" if isinstance(exc, TimeoutError) else exc.strerror or repr(exc)
+        raise PipelineError(f"Ray: nothing answers at {address} ({reason}): check --address or RAY_ADDRESS") from None
 
 
 def _other_hosts() -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -119,6 +120,23 @@ def test_input_errors_fail_before_ray_starts(command, tmp_path):
     result = _cli(*[a.format(tmp=tmp_path) for a in command], probe=True)
     _one_error_line(result)
     assert "RAY_IMPORTED False" in result.stderr
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("form", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
+def test_an_address_where_nothing_listens_is_one_ray_line(form, tmp_path):
+    """Ray itself retries such an address for minutes, and its ConnectionError read as storage's."""
+    address = form.format(port=_closed_port())
+    result = _cli("compress", str(MINILM), "--out", str(tmp_path / "store"), "--address", address)
+    assert _one_error_line(result).endswith(
+        f"Ray: nothing answers at {address} (Connection refused): check --address or RAY_ADDRESS"
+    )
+    assert not (tmp_path / "store").exists()
 
 
 def test_empty_s3_prefix_fails_before_ray_starts(s3_endpoint, bucket):

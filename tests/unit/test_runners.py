@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -18,6 +19,7 @@ from pipeline.runners import (
     for_work,
     while_starting,
 )
+from pipeline.runners.ray_runner import check_reachable
 
 
 def test_tasks_without_a_memory_bound_run_on_threads():
@@ -156,3 +158,17 @@ def test_a_failed_start_is_the_error_once_the_work_has_stopped():
     with pytest.raises(PipelineError, match="no Ray"):
         RunnerChoice(start, "auto").while_starting(work)
     assert finished.is_set()
+
+
+def test_a_cluster_address_is_checked_before_ray_is_asked():
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        check_reachable(f"127.0.0.1:{port}")
+        check_reachable(f"ray://127.0.0.1:{port}")
+    check_reachable("auto")  # Ray finds the cluster that `ray start` left on this machine
+    with pytest.raises(PipelineError, match=f"Ray: nothing answers at 127.0.0.1:{port} "):
+        check_reachable(f"127.0.0.1:{port}")
+    with pytest.raises(PipelineError, match="'head' is not a cluster address"):
+        check_reachable("head")
