@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline import peft_format
 from pipeline.errors import AdapterError, PipelineError
-from pipeline.io.location import Location, storage_error
+from pipeline.io.location import Location, printable, storage_error
 from pipeline.io.safetensors_ranges import (
     HEADER_PROBE_BYTES,
     TensorInfo,
@@ -227,6 +227,8 @@ def _slice(chunks: list[tuple[tuple[int, int], bytes]], info: TensorInfo, path: 
     for (start, end), blob in chunks:
         if start <= info.start and info.end <= end:
             if len(blob) != end - start:
-                raise OSError(f"short read of {path}: {len(blob)} of {end - start} bytes (file changed or truncated?)")
+                # Not an OSError: reading the same file again would fail again, so it is not retried.
+                read = f"{len(blob)} of {end - start} bytes read"
+                raise PipelineError(f"{printable(path)} changed after it was scanned: {read}; run again")
             return memoryview(blob)[info.start - start : info.end - start]
     raise AssertionError("range not covered by its coalesced chunks")

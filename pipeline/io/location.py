@@ -21,12 +21,13 @@ if TYPE_CHECKING:
     import fsspec
 
 _USERINFO_RE = re.compile(r"(?<=://)[^/@]+@")
-_QUERY_RE = re.compile(r"\?.*$")
+# A URI's query string (signatures, tokens) runs to the next blank or quote; a "?" elsewhere is text.
+_QUERY_RE = re.compile(r"(?<=://)([^\s?'\"]*)\?[^\s'\"]*")
 
 
 def redact(text: str) -> str:
     """Strip user info and query strings (signatures, tokens) from any URI in text."""
-    return _QUERY_RE.sub("", _USERINFO_RE.sub("", text))
+    return _QUERY_RE.sub(r"\1", _USERINFO_RE.sub("", text))
 
 
 def printable(text: str, limit: int = 256) -> str:

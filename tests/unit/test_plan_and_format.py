@@ -4,6 +4,7 @@ from pipeline import peft_format
 from pipeline.cli import parse_size
 from pipeline.flow.plan import plan_shards, shard_bytes
 from pipeline.io.format import manifest_problems
+from pipeline.io.location import redact
 
 
 def test_shards_cover_every_module_once_within_budget():
@@ -85,6 +86,21 @@ def test_json_log_lines_are_objects_without_secrets(capsys):
     entry = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert entry["level"] == "WARNING" and entry["logger"] == "pipeline.test" and entry["time"]
     assert entry["message"] == "reading s3://bucket/x"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("GET s3://key:secret@bucket/x?X-Amz-Signature=abc failed: why?", "GET s3://bucket/x failed: why?"),
+        ("'https://h/p?token=1' and http://q/r?a=b\nthen s3://b/k", "'https://h/p' and http://q/r\nthen s3://b/k"),
+        (
+            "short read of /a/b (changed or truncated?) after 3 tries",
+            "short read of /a/b (changed or truncated?) after 3 tries",
+        ),
+    ],
+)
+def test_redaction_strips_credentials_and_query_strings_of_uris_only(text, shown):
+    assert redact(text) == shown
 
 
 @pytest.mark.parametrize("basis", [["a"], {"b": 1}, None, 3])

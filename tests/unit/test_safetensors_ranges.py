@@ -1,11 +1,13 @@
 import json
 import struct
 
+import fsspec
 import pytest
 import torch
 from safetensors.torch import load, save
 
-from pipeline.errors import AdapterError
+from pipeline.errors import AdapterError, PipelineError
+from pipeline.io.adapters import read_ranges
 from pipeline.io.safetensors_ranges import coalesce, decode, encode, parse_full_header, parse_header
 
 
@@ -94,3 +96,16 @@ def test_encode_writes_what_the_library_writes_and_loads():
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
     assert load(encode({})) == {}
+
+
+def test_a_file_cut_short_after_its_scan_is_named_once_not_retried(tmp_path):
+    blob = _file({"a": torch.ones(64), "b": torch.ones(64)})
+    _, infos = parse_header(blob, len(blob))
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(blob)
+    fs = fsspec.filesystem("file")
+    (stacks,), requests = read_ranges(fs, [(str(path), [infos["a"], infos["b"]])])
+    assert requests == 1 and torch.equal(decode(stacks[1], infos["b"]), torch.ones(64))
+    path.write_bytes(blob[:-10])
+    with pytest.raises(PipelineError, match=r"adapter_model.safetensors changed after it was scanned: .* run again"):
+        read_ranges(fs, [(str(path), [infos["a"], infos["b"]])])
