@@ -446,7 +446,7 @@ def _compute_shards(change, good, source, store, version, runner, options) -> li
     progress.close()
     resumed = sum(r.resumed for r in results)
     if resumed:
-        log.info("%d of %d shards taken from the crashed run", resumed, len(results))
+        log.info("%d of %d shards taken from the unfinished run", resumed, len(results))
     return results
 
 

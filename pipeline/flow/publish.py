@@ -79,9 +79,9 @@ def _claim_version(store: Store, change: Change) -> str:
             change.parent,
         ):
             resumed = version
-            log.info("resuming %s: a crashed %s from %s", version, change.operation, change.parent)
+            log.info("resuming %s: an unfinished %s from %s", version, change.operation, change.parent)
         else:
-            log.info("removing %s: leftovers of a crashed run", version)
+            log.info("removing %s: leftovers of an unfinished run", version)
             store.discard(version)
     version = resumed or store.new_version()
     store.start_run(
