@@ -1,10 +1,10 @@
 """compress --chunk-size: one shard task reads its adapters a chunk at a time (by task id), so it
 holds one chunk of factors whatever the collection's size. The first chunk is fitted; each further
 one is absorbed into the bases so far (flat: the exact incremental update; joint: a refit with the
-earlier chunks' cores, which it moves). A chunk's rows are made on the bases of its own step and
-moved once, at the end, straight to the final ones (linalg.loadings.Move; under an error bound,
-flow.bounded keeps it from what they rebuilt at their step). So every row is moved and written
-once, and a chunk costs the same however many came before it.
+earlier chunks' cores, which it moves). Then the earlier chunks are read once more and projected
+on the final flat bases, as `project` would add them: their loadings are the best the final bases
+allow and their errors (and residuals, under an error bound) are measured, not estimated. So each
+chunk costs the same however many came before it, and every adapter is read twice at most.
 """
 
 from __future__ import annotations
@@ -12,27 +12,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
 
-from pipeline.flow.bounded import StoredAdapters, bounded_flat, bounded_joint
+from pipeline.flow.bounded import StoredAdapters, bounded_joint
 from pipeline.flow.memory import release_freed_memory
-from pipeline.flow.strategies import Context, Outcome, Parent, ShardResult, ShardTask, _column
-from pipeline.io.format import loadings_matrix, loadings_rows, residual_factors, residual_table
-from pipeline.linalg.decompose import Decomposition
-from pipeline.linalg.loadings import Move
+from pipeline.flow.strategies import Context, Outcome, Parent, ShardResult, ShardTask, keep_parent
+from pipeline.io.format import residual_factors, residual_table
 
 Stacks = dict[str, list[torch.Tensor]]
-
-
-@dataclass
-class Step:
-    """One chunk's rows of the flat modules and the bases they were made on."""
-
-    bases: dict[str, tuple[Decomposition, Decomposition]]
-    rows: dict[str, pa.Table]
 
 
 def compute(
@@ -42,14 +31,13 @@ def compute(
     apply: Callable[[Context, Stacks], list[Outcome]],
 ) -> list[Outcome] | None:
     """The shard's outcomes, each holding the rows and residuals of every adapter on its final
-    bases. `read(task)` reads a task's stacks (reporting rows with NaN or Inf in `result`: then
-    every chunk is still read, so that all of them are reported at once, and None is returned);
-    `apply(ctx, stacks)` runs the modules' strategies."""
+    bases. `read(task)` reads a task's stacks, the parts of `reads(task)` in order (reporting rows
+    with NaN or Inf in `result`: then every chunk is still read, so that all of them are reported
+    at once, and None is returned); `apply(ctx, stacks)` runs the modules' strategies."""
     task = ctx.task
     ctx.adapters = len(task.new)  # a byte budget pays for every adapter's loadings, not a chunk's
     found = _adapters(task)  # what keeping a bound needs: residuals so far, ranks and dtypes
     parent = Parent({}, {}, "")  # the bases so far, as the absorb strategies read a parent's
-    steps: list[Step] = []
     outcomes: list[Outcome] = []
     for number, new in enumerate(parts(task)):
         part = dataclasses.replace(
@@ -69,23 +57,29 @@ def compute(
         ctx.task, ctx.originals = part, {}
         outcomes = apply(ctx, stacks)
         del stacks
-        steps.append(_step(ctx, found, outcomes))
+        _carry_joint(ctx, found, outcomes)
         release_freed_memory()
         result.chunk_seconds.append(round(time.perf_counter() - clock, 3))
         result.seconds["read"] = result.seconds.get("read", 0.0) + read_seconds
     ctx.task = task
     if result.nonfinite:
         return None
-    clock = time.perf_counter()
-    final = _moved(ctx, found, steps, outcomes)
-    result.seconds["move"] = time.perf_counter() - clock
     result.seconds["compute"] = sum(result.chunk_seconds) - result.seconds["read"] - ctx.align_seconds
+    clock = time.perf_counter()
+    final = _on_final_bases(ctx, result, found, outcomes, read)
+    result.seconds["remeasure"] = time.perf_counter() - clock
     return final
 
 
 def parts(task: ShardTask) -> list[list]:
-    """The task's adapters, a chunk at a time, in the order they are read."""
+    """The task's adapters, a chunk at a time."""
     return [task.new[begin : begin + task.chunk] for begin in range(0, len(task.new), task.chunk)]
+
+
+def reads(task: ShardTask) -> list[list]:
+    """The parts in the order `compute` reads them: every chunk, then all but the last once more."""
+    chunks = parts(task)
+    return chunks + chunks[:-1]
 
 
 def _adapters(task: ShardTask) -> StoredAdapters:
@@ -105,17 +99,12 @@ def _carry(ctx: Context, parent: Parent, outcomes: list[Outcome]) -> None:
     parent.modules = {o.summary.module: {"core_rank": o.summary.core_rank, "count": o.summary.count} for o in outcomes}
 
 
-def _step(ctx: Context, found: StoredAdapters, outcomes: list[Outcome]) -> Step:
-    """Book one chunk's outcomes: its flat rows stay on this step's bases (moved at the end); a
-    joint module's rows so far, refitted by this step, are carried on with their bound kept."""
-    step = Step({}, {})
+def _carry_joint(ctx: Context, found: StoredAdapters, outcomes: list[Outcome]) -> None:
+    """A joint module's rows so far, refitted by this chunk, carried on with their bound kept."""
     for o in outcomes:
-        module = o.summary.module
         if o.joint is None:
-            step.bases[module] = (o.flat["A"], o.flat["B"])
-            step.rows[module] = o.rows
-            found.residuals.update(_by_key(o.residuals))
             continue
+        module = o.summary.module
         rows, residuals = o.rows, o.residuals
         if o.moved is not None:
             moved, kept = o.moved, []
@@ -129,47 +118,46 @@ def _step(ctx: Context, found: StoredAdapters, outcomes: list[Outcome]) -> Step:
         ctx.joint_rows[module] = rows
         found.residuals = {key: r for key, r in found.residuals.items() if key[1] != module}
         found.residuals.update(_by_key(residuals))
-    return step
 
 
-def _moved(ctx: Context, found: StoredAdapters, steps: list[Step], outcomes: list[Outcome]) -> list[Outcome]:
-    """The last step's outcomes with every chunk's rows and residuals on the final bases."""
+def _on_final_bases(
+    ctx: Context, result: ShardResult, found: StoredAdapters, outcomes: list[Outcome], read
+) -> list[Outcome] | None:
+    """The last chunk's outcomes with every chunk's rows and residuals on the final bases: the
+    earlier chunks' flat rows projected there from their factors, read again; joint rows as the
+    last refit left them."""
+    task = ctx.task
+    flat = [o for o in outcomes if o.joint is None]
+    tables = {o.summary.module: [] for o in flat}
+    residuals = {o.summary.module: [] for o in flat}
+    ctx.parents = {(o.summary.module, side): dec for o in flat for side, dec in o.flat.items()}
+    for new in parts(task)[:-1]:
+        stacks = read(dataclasses.replace(task, new=new))
+        if result.nonfinite:  # changed since its first read: the driver quarantines the rows
+            return None
+        ctx.task, ctx.originals = dataclasses.replace(task, new=new, mode="project", chunk=None), {}
+        for module in tables:
+            projected = keep_parent(ctx, module, stacks.pop(module))
+            tables[module].append(projected.rows)
+            residuals[module] += projected.residuals
+        del stacks
+        release_freed_memory()
+    ctx.task = task
     final = []
     for o in outcomes:
         module = o.summary.module
-        if o.joint is not None:
-            rows = ctx.joint_rows[module]
-            shapes = ctx.task.shapes[module]
-            residuals = [
+        if o.joint is None:
+            rows = pa.concat_tables([*tables[module], o.rows])
+            kept = residuals[module] + o.residuals
+        else:
+            rows, shapes = ctx.joint_rows[module], task.shapes[module]
+            kept = [
                 {**r, **dict(zip("ab", residual_factors(r, *shapes)))}
                 for (_, m), r in found.residuals.items()
                 if m == module
             ]
-        else:
-            tables, residuals = [steps[-1].rows[module]], list(o.residuals)
-            new = steps[-1].bases[module]
-            for step in steps[:-1]:
-                table, extra = _move_flat(ctx, found, module, step.rows[module], step.bases[module], new)
-                tables.append(table)
-                residuals += extra
-            rows = pa.concat_tables(tables)  # sorted as the shard's rows are written
-        final.append(dataclasses.replace(o, rows=rows, moved=None, residuals=residuals))
+        final.append(dataclasses.replace(o, rows=rows, moved=None, residuals=kept))
     return final
-
-
-def _move_flat(ctx: Context, found: StoredAdapters, module: str, rows: pa.Table, old, new) -> tuple:
-    """One step's rows of a flat module moved from its bases `old` to the final `new`, with their
-    errors estimated, or bounded (and residuals) under an error bound."""
-    task = ctx.task
-    norm, error = _column(rows, "norm"), _column(rows, "error")
-    new_a, new_b, error, _ = Move(old, new, task.shapes[module])(
-        loadings_matrix(rows, "a"), loadings_matrix(rows, "b"), error, norm
-    )
-    residuals = []
-    if task.spec.max_error is not None:
-        error, residuals = bounded_flat(found, module, rows, (new_a, new_b), old, new, task, error)
-    ids = rows.column("task_id").to_pylist()
-    return loadings_rows(ids, module, new_a, new_b, error, norm, measured=False), residuals
 
 
 def _by_key(residuals: list[dict]) -> dict[tuple[str, str], dict]:

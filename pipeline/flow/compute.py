@@ -94,7 +94,7 @@ def compute_shard(task: ShardTask) -> ShardResult:
     ctx = Context(task, "cuda" if torch.cuda.is_available() else "cpu", k=task.spec.fixed_k)
     result.device = ctx.device
     if task.chunk and len(task.new) > task.chunk:
-        with StackReader(task, result, chunked.parts(task)) as reader:
+        with StackReader(task, result, chunked.reads(task)) as reader:
             outcomes = chunked.compute(ctx, result, lambda part: reader.read(part.new), _apply_strategies)
     else:
         outcomes = _compute_at_once(store, ctx, result)
