@@ -39,7 +39,8 @@ def compute(
     found = _adapters(task)  # what keeping a bound needs: residuals so far, ranks and dtypes
     parent = Parent({}, {}, "")  # the bases so far, as the absorb strategies read a parent's
     outcomes: list[Outcome] = []
-    for number, new in enumerate(parts(task)):
+    chunks = parts(task)
+    for number, new in enumerate(chunks):
         part = dataclasses.replace(
             task,
             new=new,
@@ -55,6 +56,7 @@ def compute(
         if outcomes:
             _carry(ctx, parent, outcomes)
         ctx.task, ctx.originals = part, {}
+        ctx.rows = number == len(chunks) - 1  # the earlier chunks' rows are made on the final bases
         outcomes = apply(ctx, stacks)
         del stacks
         _carry_joint(ctx, found, outcomes)

@@ -167,6 +167,9 @@ class Context:
     decided_k: int | None = None
     align_seconds: float = 0.0
     adapters: int | None = None  # a chunked fit: the shard's adapters, of which the stacks hold a chunk
+    # flat modules: the new adapters' rows are made (a chunked fit skips it for the chunks that it
+    # projects on the final bases at the end)
+    rows: bool = True
     # module -> the adapters' own factors where a fit sees them in another gauge (aligned), kept
     # for their residuals (an error bound only)
     originals: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -360,7 +363,8 @@ def _flat_outcome(ctx: Context, module: str, stack, fitted: dict[str, Decomposit
         a.count,
     )
     own = ctx.originals.get(module, stack)
-    rows, residuals = _project_new(task, module, stack, own, a, b, ctx.device) if task.new else (None, [])
+    made = task.new and ctx.rows
+    rows, residuals = _project_new(task, module, stack, own, a, b, ctx.device) if made else (None, [])
     return Outcome(_budgeted(task, summary), bases, codes, rows=rows, residuals=residuals)
 
 
