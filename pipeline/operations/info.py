@@ -22,7 +22,7 @@ WORST_PRINTED = 5
 def describe(store: Store, version: str | None = None) -> dict:
     version = store.require_version(version)
     manifest = store.manifest(version)
-    errors = store.read_table(version, LOADINGS, columns=["task_id", "module", "error"])
+    errors = store.read_table(version, LOADINGS, columns=["task_id", "module", "error", "measured"])
     catalog = store.read_table(version, CATALOG, columns=["task_id", "status", "reason"])
     stored = version_bytes(store, version, manifest)
     modules = manifest["modules"]
@@ -145,11 +145,13 @@ def _error_figures(errors: pa.Table) -> dict:
     per_adapter = _grouped(task_ids, values)
     means = np.array([e["mean"] for e in per_adapter.values()])
     ranked = sorted(per_adapter, key=lambda t: (-per_adapter[t]["mean"], t))
+    estimated = pc.unique(errors.filter(pc.invert(errors.column("measured"))).column("task_id"))
     return {
         "error": {
             "mean": float(means.mean()),
             "max": max(e["max"] for e in per_adapter.values()),
             "worst": ranked[:WORST_PRINTED],
+            "estimated_adapters": len(estimated),  # of which a module's error is an estimate
         },
         "error_distribution": {
             "adapters": len(means),
@@ -256,7 +258,7 @@ def format_info(info: dict) -> str:
         f"stored       components {b['components']:,}{q}, means {b['means']:,}, "
         f"other basis fields {b['basis_other']:,}, loadings {b['loadings']:,}, metadata {b['metadata']:,}",
         f"delta-W err  mean {info['error']['mean']:.4f}, max {info['error']['max']:.4f} "
-        "(relative ||dW - dW'|| / ||dW||; estimated for adapters moved by incremental updates)",
+        f"(relative ||dW - dW'|| / ||dW||; {_measured(info['error']['estimated_adapters'])})",
         f"per adapter  {distribution_line(info)}",
         f"worst        {_worst_line(info['worst_adapters'][:WORST_PRINTED])}",
     ]
@@ -316,6 +318,15 @@ def distribution_line(info: dict) -> str:
     figures = ", ".join(f"{name} {d[name]:.4f}" for name in ("min", "p50", "p90", "p99", "max"))
     left_out = f" ({quarantined} quarantined, without errors)" if quarantined else ""
     return f"{figures} of {d['adapters']} adapters' mean error over modules{left_out}"
+
+
+def _measured(estimated: int) -> str:
+    if not estimated:
+        return "measured for every adapter"
+    return (
+        f"estimated for {estimated} adapter(s) that incremental updates moved without reading them; "
+        "`rebase --full --from-source` measures them"
+    )
 
 
 def _worst_line(worst: list[dict]) -> str:

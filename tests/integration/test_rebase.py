@@ -80,7 +80,13 @@ def _basis(store_path):
     return merged
 
 
-def test_untruncated_incremental_rebase_equals_a_full_recompute(runner, uploads, tmp_path):
+def _info(store, capsys) -> dict:
+    capsys.readouterr()
+    assert run_cli("info", store, "--json") == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_untruncated_incremental_rebase_equals_a_full_recompute(runner, uploads, tmp_path, capsys):
     uploads(*uploads.ids[:12])
     assert run_cli("compress", "--max-error", "none", uploads.src, "--out", tmp_path / "store", "--components", 64) == 0
     uploads(*uploads.ids[12:20])
@@ -104,6 +110,11 @@ def test_untruncated_incremental_rebase_equals_a_full_recompute(runner, uploads,
     assert (
         manifest["operation"] == "rebase" and manifest["parent"] == "v000001" and manifest["adapters"]["in_basis"] == 20
     )
+    # info names how many errors are estimates: the 12 moved without being read
+    assert _info(tmp_path / "full", capsys)["error"]["estimated_adapters"] == 0
+    assert _info(tmp_path / "store", capsys)["error"]["estimated_adapters"] == 12
+    assert run_cli("info", tmp_path / "store") == 0
+    assert "estimated for 12 adapter(s) that incremental updates moved" in capsys.readouterr().out
 
 
 def test_truncated_rebase_stays_within_one_percent_of_a_full_recompute_and_beats_vlora(runner, uploads, tmp_path):
@@ -302,6 +313,7 @@ def test_chunked_compress_holds_one_chunk_at_a_time(runner, uploads, tmp_path, c
     # delta W, a few ulps of ||B A|| per element, far below 1e-4 of ||B A|| in all.
     for task_id, true in zip(uploads.ids[:24], chunked.tolist()):
         assert recorded[task_id] == pytest.approx(true, abs=1e-4), task_id
+    assert _info(tmp_path / "store", capsys)["error"]["estimated_adapters"] == 0
 
     assert (
         run_cli(

@@ -447,3 +447,22 @@ def test_joint_residuals_move_with_their_rows_in_a_chunked_compress(runner, tmp_
     assert run_cli("compress", src, "--out", store, *args) == 0
     assert run_cli("verify", store, "--all") == 0
     _within_bound(src, store, ids, tmp_path / "out")
+
+
+def test_a_chunked_aligned_compress_records_what_export_writes(runner, tmp_path):
+    """The earlier chunks are aligned and projected again on the final bases: every recorded
+    error, residuals included, is the exported file's (both rebuild the same float32 factors in
+    other orders, cast to the adapter's dtype: they differ by rounding far below 1e-4)."""
+    src, store, out = tmp_path / "src", tmp_path / "store", tmp_path / "out"
+    ids = make_collection(src, 12, shared_dim=3, noise=0.1, structure="gauge")
+    mixed_ranks(src, ids, torch.bfloat16)
+    args = ["--method", "aligned", "--components", 3, "--max-error", BOUND, "--chunk-size", 4]
+    assert run_cli("compress", src, "--out", store, *args) == 0
+    assert run_cli("export", store, "--all", "--out", out) == 0
+    errors = exported_errors(src, out, ids, _modules(src / ids[0]))
+    assert max(errors.values()) <= BOUND, max(errors.items(), key=lambda e: e[1])
+    assert _residual_rows(store, "v000001"), "the collection was meant to need residuals beside the shared factors"
+    table = pq.read_table(store / "versions/v000001/loadings.parquet").to_pylist()
+    assert len(table) == len(errors) and all(row["measured"] for row in table)
+    for row in table:
+        assert row["error"] == pytest.approx(errors[row["task_id"], row["module"]], abs=1e-4), row["task_id"]
