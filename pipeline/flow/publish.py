@@ -79,7 +79,8 @@ def _claim_version(store: Store, change: Change) -> str:
             change.parent,
         ):
             resumed = version
-            log.info("resuming %s: an unfinished %s from %s", version, change.operation, change.parent)
+            since = f" from {change.parent}" if change.parent else ""
+            log.info("resuming %s: an unfinished %s%s", version, change.operation, since)
         else:
             log.info("removing %s: leftovers of an unfinished run", version)
             store.discard(version)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 _USERINFO_RE = re.compile(r"(?<=://)[^/@]+@")
 # A URI's query string (signatures, tokens) runs to the next blank or quote; a "?" elsewhere is text.
-_QUERY_RE = re.compile(r"(?<=://)([^\s?'\"]*)\?[^\s'\"]*")
+_QUERY_RE = re.compile(r"(?<=://)([^\s?'\"`]*)\?[^\s'\"`]*")
 
 
 def redact(text: str) -> str:
@@ -51,6 +51,12 @@ class Location:
             raise PipelineError(
                 f"{redact(self.uri)}: credentials in a URI are not accepted; "
                 "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or an instance role"
+            )
+        if _QUERY_RE.search(self.uri):
+            # A signed URL's signature would end up in task ids, messages and the store's catalog.
+            raise PipelineError(
+                f"{redact(self.uri)}?...: a query string in a URI is not accepted (signed URLs are not read); "
+                "name the object or folder by its plain URI, with credentials in the environment"
             )
         if self.protocol == "file":
             # Made absolute where the Location is built (the driver): a task gets the pickled

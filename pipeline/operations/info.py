@@ -324,8 +324,8 @@ def _measured(estimated: int) -> str:
     if not estimated:
         return "measured for every adapter"
     return (
-        f"estimated for {estimated} adapter(s) that incremental updates moved without reading them; "
-        "`rebase --full --from-source` measures them"
+        f"estimated for {estimated} adapter(s) moved to new bases without being read; "
+        "`rebase --full --from-source` measures those whose files are in the source"
     )
 
 

@@ -122,19 +122,41 @@ def application_error(exc: RayTaskError) -> BaseException:
     return exc.as_instanceof_cause()
 
 
+# What an HTTP/2 (gRPC) client sends first: the preface and an empty SETTINGS frame. A Ray head's
+# GCS and Ray client ports answer with a SETTINGS frame (type 4, the fourth byte of its header).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_FRAME_HEADER = 9
+
+
 def check_reachable(address: str) -> None:
-    """Fail in seconds when nothing listens at a cluster's `host:port` (or `ray://host:port`);
-    "auto" (the cluster that `ray start` left on this machine) is Ray's to find."""
+    """Fail in seconds when nothing, or something other than gRPC, answers at a cluster's
+    `host:port` (or `ray://host:port`); "auto" (the cluster that `ray start` left on this machine)
+    is Ray's to find. With RAY_USE_TLS the port speaks TLS first, and only the connection is checked."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         if address == "auto":
             return
         raise PipelineError(f"Ray: {address!r} is not a cluster address: use host:port, ray://host:port or auto")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
+                sock.sendall(_HTTP2_PREFACE)
+                head = _received(sock, _FRAME_HEADER)
+                if len(head) < _FRAME_HEADER or head[3] != 4:
+                    raise PipelineError(
+                        f"Ray: {address} answers, but not as a Ray cluster does (no gRPC there): check --address "
+                        "or RAY_ADDRESS (a head's GCS port, 6379 by default, or ray://HEAD:10001)"
+                    )
     except OSError as exc:
         reason = f"no answer in {JOIN_TIMEOUT} s" if isinstance(exc, TimeoutError) else exc.strerror or repr(exc)
         raise PipelineError(f"Ray: nothing answers at {address} ({reason}): check --address or RAY_ADDRESS") from None
+
+
+def _received(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size and (chunk := sock.recv(size - len(data))):
+        data += chunk
+    return data
 
 
 def _other_hosts() -> list[str]:

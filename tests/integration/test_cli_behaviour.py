@@ -4,11 +4,13 @@ credentials, a missing bucket, a bug), failures before any Ray start, JSON-only 
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import MINILM, run_cli
@@ -136,6 +138,19 @@ def test_an_address_where_nothing_listens_is_one_ray_line(form, tmp_path):
     assert _one_error_line(result).endswith(
         f"Ray: nothing answers at {address} (Connection refused): check --address or RAY_ADDRESS"
     )
+    assert not (tmp_path / "store").exists()
+
+
+def test_an_address_where_another_service_listens_is_one_ray_line(tmp_path):
+    """Ray retries a port that is not its own for minutes, printing raw lines of its C++ client."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        result = _cli("compress", str(MINILM), "--out", str(tmp_path / "store"), "--address", address)
+    finally:
+        server.shutdown()
+    assert f"Ray: {address} answers, but not as a Ray cluster does" in _one_error_line(result)
     assert not (tmp_path / "store").exists()
 
 

@@ -114,7 +114,7 @@ def test_untruncated_incremental_rebase_equals_a_full_recompute(runner, uploads,
     assert _info(tmp_path / "full", capsys)["error"]["estimated_adapters"] == 0
     assert _info(tmp_path / "store", capsys)["error"]["estimated_adapters"] == 12
     assert run_cli("info", tmp_path / "store") == 0
-    assert "estimated for 12 adapter(s) that incremental updates moved" in capsys.readouterr().out
+    assert "estimated for 12 adapter(s) moved to new bases without being read" in capsys.readouterr().out
 
 
 def test_truncated_rebase_stays_within_one_percent_of_a_full_recompute_and_beats_vlora(runner, uploads, tmp_path):

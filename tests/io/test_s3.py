@@ -192,9 +192,14 @@ def test_no_secret_reaches_logs_outputs_or_objects(runner, s3_endpoint, bucket, 
     ]
     for command in commands:
         assert run_cli(*command, *common) == 0, command
+    signed = "X-Amz-Credential=testing-key-id&X-Amz-Signature=testing-secret-key"
+    listing = tmp_path / "signed.txt"  # a manifest of signed URLs: its task ids would carry them
+    listing.write_text(f"s3://{bucket}/adapters/a1?{signed}\ns3://{bucket}/adapters/a2\n")
     leaky = [
         ["compress", f"s3://testing-key-id:testing-secret-key@{bucket}/nothing/", "--out", f"s3://{bucket}/x"],
-        ["info", f"s3://{bucket}/missing?X-Amz-Credential=testing-key-id&X-Amz-Signature=testing-secret-key"],
+        ["info", f"s3://{bucket}/missing?{signed}"],
+        ["compress", listing, "--out", tmp_path / "signed-store"],
+        ["compress", f"file://{tmp_path / 'pool'}?{signed}", "--out", tmp_path / "signed-store"],
     ]
     for command in leaky:
         assert run_cli(*command, *common) == 1, command
@@ -205,6 +210,7 @@ def test_no_secret_reaches_logs_outputs_or_objects(runner, s3_endpoint, bucket, 
         s3.get_object(Bucket=bucket, Key=k)["Body"].read().decode("latin-1") for k in keys
     ]
     assert keys and not [t for t in texts if "testing-secret-key" in t or "testing-key-id" in t]
+    assert not (tmp_path / "signed-store").exists()
 
 
 def test_a_local_manifest_of_s3_adapters(runner, s3_endpoint, bucket, tmp_path, capsys):

@@ -97,6 +97,10 @@ def test_json_log_lines_are_objects_without_secrets(capsys):
             "short read of /a/b (changed or truncated?) after 3 tries",
             "short read of /a/b (changed or truncated?) after 3 tries",
         ),
+        (
+            "Custom endpoint `http://h:9/?q=secret` was not a valid URI",
+            "Custom endpoint `http://h:9/` was not a valid URI",
+        ),
     ],
 )
 def test_redaction_strips_credentials_and_query_strings_of_uris_only(text, shown):

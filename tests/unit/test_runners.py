@@ -160,15 +160,38 @@ def test_a_failed_start_is_the_error_once_the_work_has_stopped():
     assert finished.is_set()
 
 
-def test_a_cluster_address_is_checked_before_ray_is_asked():
-    with socket.socket() as listening:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen()
-        port = listening.getsockname()[1]
-        check_reachable(f"127.0.0.1:{port}")
-        check_reachable(f"ray://127.0.0.1:{port}")
+def _serve_once(reply: bytes) -> tuple[socket.socket, threading.Thread]:
+    """A listener on a free port that answers its first connection with `reply` once it has read
+    what the client sent (for gRPC: the HTTP/2 preface and a SETTINGS frame)."""
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+
+    def answer():
+        conn, _ = listening.accept()
+        with conn:
+            conn.recv(64)
+            conn.sendall(reply)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    return listening, thread
+
+
+@pytest.mark.parametrize("form", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
+def test_a_cluster_address_is_checked_before_ray_is_asked(form):
+    settings = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # what a gRPC server (a Ray head's GCS) answers first
+    listening, thread = _serve_once(settings)
+    address = form.format(port=listening.getsockname()[1])
+    with listening:
+        check_reachable(address)
+        thread.join()
+    with pytest.raises(PipelineError, match="Ray: nothing answers at .*Connection refused"):
+        check_reachable(address)  # closed now
+    listening, thread = _serve_once(b"HTTP/1.0 400 Bad Request\r\n\r\n")  # some other service
+    with listening, pytest.raises(PipelineError, match="answers, but not as a Ray cluster does"):
+        check_reachable(form.format(port=listening.getsockname()[1]))
     check_reachable("auto")  # Ray finds the cluster that `ray start` left on this machine
-    with pytest.raises(PipelineError, match=f"Ray: nothing answers at 127.0.0.1:{port} "):
-        check_reachable(f"127.0.0.1:{port}")
-    with pytest.raises(PipelineError, match="'head' is not a cluster address"):
-        check_reachable("head")
+    for bad in ("head", "head:99999", "head:port"):
+        with pytest.raises(PipelineError, match=f"'{bad}' is not a cluster address"):
+            check_reachable(bad)
