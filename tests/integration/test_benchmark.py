@@ -286,11 +286,15 @@ def test_an_interrupted_benchmark_job_ends_with_its_status_line(tmp_path):
     sets = ["device=cpu", "preset=tiny", "adapters=400", f"workdir={tmp_path / 'work'}", f"out={tmp_path / 'gpu.json'}"]
     argv = [sys.executable, "-m", "jobs.gpu_check", *[a for s in sets for a in ("--set", s)]]
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    running, seen = False, []
     for line in child.stderr:  # interrupted once the run has started its steps
-        if "compress on cpu" in line:
+        seen.append(line)
+        if "generated" in line or "compress on cpu" in line:
+            running = child.poll() is None
             child.send_signal(signal.SIGINT)
             break
     out, err = child.communicate(timeout=300)
-    assert child.returncode == 130 and "Traceback" not in err
+    assert running, f"the job ended before it was interrupted (rc {child.returncode}): {''.join(seen)[-2000:]}"
+    assert child.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert json.loads(out.splitlines()[-1]) == {"job": "gpu-check", "status": "interrupted"}
     assert not (tmp_path / "gpu.json").exists()
