@@ -55,7 +55,7 @@ class Location:
         if _QUERY_RE.search(self.uri):
             # A signed URL's signature would end up in task ids, messages and the store's catalog.
             raise PipelineError(
-                f"{redact(self.uri)}?...: a query string in a URI is not accepted (signed URLs are not read); "
+                f"{redact(self.uri)}: a query string in a URI is not accepted (signed URLs are not read); "
                 "name the object or folder by its plain URI, with credentials in the environment"
             )
         if self.protocol == "file":
