@@ -285,7 +285,15 @@ def test_the_gpu_checks_bad_settings_are_named_together_before_any_step(tmp_path
 def test_an_interrupted_benchmark_job_ends_with_its_status_line(tmp_path):
     sets = ["device=cpu", "preset=tiny", "adapters=400", f"workdir={tmp_path / 'work'}", f"out={tmp_path / 'gpu.json'}"]
     argv = [sys.executable, "-m", "jobs.gpu_check", *[a for s in sets for a in ("--set", s)]]
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A runner started in the background by a shell ignores SIGINT, and so would the job (Python
+    # then installs no KeyboardInterrupt handler): it starts with the default disposition.
+    child = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     running, seen = False, []
     for line in child.stderr:  # interrupted once the run has started its steps
         seen.append(line)
