@@ -133,7 +133,7 @@ def _on_final_bases(
     tables = {o.summary.module: [] for o in flat}
     residuals = {o.summary.module: [] for o in flat}
     ctx.parents = {(o.summary.module, side): dec for o in flat for side, dec in o.flat.items()}
-    for new in parts(task)[:-1]:
+    for new in parts(task)[:-1] if flat else []:  # a shard of joint modules only reads nothing again
         stacks = read(dataclasses.replace(task, new=new))
         if result.nonfinite:  # changed since its first read: the driver quarantines the rows
             return None
